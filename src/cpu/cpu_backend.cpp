@@ -1,0 +1,253 @@
+// CPU backend: f32 compute over f32/bf16/f16 weights. Work is split by output rows (or heads),
+// never inside a reduction, so results are bit-identical for any thread count.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "engine/backend.h"
+#include "util/error.h"
+#include "util/thread_pool.h"
+
+namespace moeflux {
+
+namespace {
+
+inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
+inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(int threads) : pool_(threads) {}
+
+  const char* name() const override { return "cpu"; }
+  int threads() const override { return pool_.size(); }
+
+  float* alloc(size_t n) override {
+    return static_cast<float*>(std::calloc(std::max<size_t>(n, 1), sizeof(float)));
+  }
+  void release(float* p) override { std::free(p); }
+  void upload(float* dst, const float* host, size_t n) override {
+    std::memcpy(dst, host, n * sizeof(float));
+  }
+  void download(float* host, const float* src, size_t n) override {
+    std::memcpy(host, src, n * sizeof(float));
+  }
+  void copy(float* dst, const float* src, size_t n) override {
+    std::memmove(dst, src, n * sizeof(float));
+  }
+
+  void embed(const Mat& E, const int32_t* tokens, int T, float* out) override {
+    const size_t es = dtype_size(E.dtype);
+    for (int t = 0; t < T; t++) {
+      const auto* row = static_cast<const uint8_t*>(E.data) + size_t(tokens[t]) * E.cols * es;
+      to_f32(E.dtype, row, out + size_t(t) * E.cols, size_t(E.cols));
+    }
+  }
+
+  void matmul(const Mat& W, const float* x, float* y, int T) override {
+    const int64_t rows = W.rows, cols = W.cols;
+    pool_.parallel_for(rows, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; r++)
+        for (int t = 0; t < T; t++)
+          y[size_t(t) * rows + r] = dot_row(W, r, x + size_t(t) * cols);
+    }, 8);
+  }
+
+  void rmsnorm(const float* x, const float* w, float* y, int rows, int n, int stride,
+               float eps) override {
+    for (int r = 0; r < rows; r++) {
+      const float* xr = x + size_t(r) * stride;
+      float* yr = y + size_t(r) * stride;
+      double ss = 0;
+      for (int i = 0; i < n; i++) ss += double(xr[i]) * xr[i];
+      const float inv = float(1.0 / std::sqrt(ss / n + eps));
+      for (int i = 0; i < n; i++) yr[i] = xr[i] * inv * (w ? w[i] : 1.0f);
+    }
+  }
+
+  void rope(float* x, int T, int n_heads, int row_stride, int head_stride, int rot_dim, int pos0,
+            double theta) override {
+    const int half = rot_dim / 2;
+    std::vector<float> cs(static_cast<size_t>(half)), sn(static_cast<size_t>(half));
+    for (int t = 0; t < T; t++) {
+      // As HF computes it: f32 inverse frequencies times an f32 position, then cos/sin.
+      for (int i = 0; i < half; i++) {
+        float inv = 1.0f / std::pow(float(theta), float(2 * i) / float(rot_dim));
+        float ang = inv * float(pos0 + t);
+        cs[size_t(i)] = float(std::cos(double(ang)));
+        sn[size_t(i)] = float(std::sin(double(ang)));
+      }
+      for (int h = 0; h < n_heads; h++) {
+        float* v = x + size_t(t) * row_stride + size_t(h) * head_stride;
+        for (int i = 0; i < half; i++) {
+          float a = v[i], b = v[i + half];
+          v[i] = a * cs[size_t(i)] - b * sn[size_t(i)];
+          v[i + half] = b * cs[size_t(i)] + a * sn[size_t(i)];
+        }
+      }
+    }
+  }
+
+  void attention(const float* q, const float* k, const float* v, float* out, int T, int pos0,
+                 const AttentionParams& p) override {
+    const int group = p.n_heads / p.n_kv_heads, d = p.head_dim;
+    pool_.parallel_for(int64_t(T) * p.n_heads, [&](int64_t i0, int64_t i1) {
+      std::vector<float> sc;
+      for (int64_t i = i0; i < i1; i++) {
+        const int t = int(i / p.n_heads), h = int(i % p.n_heads), kvh = h / group;
+        const int n = pos0 + t + 1;
+        const float* qv = q + size_t(t) * p.q_stride + size_t(h) * p.q_head_stride;
+        sc.resize(size_t(n));
+        float mx = -INFINITY;
+        for (int j = 0; j < n; j++) {
+          const float* kv = k + size_t(j) * p.kv_stride + size_t(kvh) * d;
+          float s = dot_f32(qv, kv, d) * p.scale;
+          sc[size_t(j)] = s;
+          mx = std::max(mx, s);
+        }
+        float sum = 0;
+        for (int j = 0; j < n; j++) sum += (sc[size_t(j)] = std::exp(sc[size_t(j)] - mx));
+        const float inv = 1.0f / sum;
+        float* o = out + size_t(t) * p.n_heads * d + size_t(h) * d;
+        std::fill(o, o + d, 0.0f);
+        for (int j = 0; j < n; j++) {
+          const float* vv = v + size_t(j) * p.kv_stride + size_t(kvh) * d;
+          axpy(sc[size_t(j)] * inv, vv, o, d);
+        }
+      }
+    });
+  }
+
+  void mul_sigmoid_gate(float* out, const float* gate, int T, int n_heads, int d, int gate_stride,
+                        int gate_head_stride) override {
+    for (int t = 0; t < T; t++)
+      for (int h = 0; h < n_heads; h++) {
+        float* o = out + size_t(t) * n_heads * d + size_t(h) * d;
+        const float* g = gate + size_t(t) * gate_stride + size_t(h) * gate_head_stride;
+        for (int i = 0; i < d; i++) o[i] *= sigmoid(g[i]);
+      }
+  }
+
+  void conv1d_silu(const float* x, float* state, const float* w, float* y, int T, int C,
+                   int K) override {
+    pool_.parallel_for(C, [&](int64_t c0, int64_t c1) {
+      std::vector<float> win(static_cast<size_t>(K));
+      for (int64_t c = c0; c < c1; c++) {
+        const float* wc = w + size_t(c) * K;
+        // window = the last K-1 inputs then the current one, oldest first
+        for (int i = 0; i < K - 1; i++) win[size_t(i)] = state[size_t(i) * C + c];
+        for (int t = 0; t < T; t++) {
+          win[size_t(K - 1)] = x[size_t(t) * C + c];
+          float s = 0;
+          for (int i = 0; i < K; i++) s += wc[i] * win[size_t(i)];
+          y[size_t(t) * C + c] = silu(s);
+          for (int i = 0; i + 1 < K; i++) win[size_t(i)] = win[size_t(i + 1)];
+        }
+        for (int i = 0; i < K - 1; i++) state[size_t(i) * C + c] = win[size_t(i)];
+      }
+    });
+  }
+
+  void deltanet_gates(float* a, float* b, const float* A_log, const float* dt_bias, int T,
+                      int nv) override {
+    for (int t = 0; t < T; t++)
+      for (int h = 0; h < nv; h++) {
+        float& av = a[size_t(t) * nv + h];
+        av = -std::exp(A_log[h]) * softplus(av + dt_bias[h]);
+        float& bv = b[size_t(t) * nv + h];
+        bv = sigmoid(bv);
+      }
+  }
+
+  void deltanet(const float* qkv, const float* g, const float* beta, float* state, float* out,
+                int T, const DeltaNetParams& p) override {
+    const int nk = p.k_heads, nv = p.v_heads, dk = p.k_dim, dv = p.v_dim;
+    const int C = 2 * nk * dk + nv * dv, ratio = nv / nk;
+    const float scale = 1.0f / std::sqrt(float(dk));
+    pool_.parallel_for(nv, [&](int64_t h0, int64_t h1) {
+      std::vector<float> qn(static_cast<size_t>(dk)), kn(static_cast<size_t>(dk)), delta(static_cast<size_t>(dv));
+      for (int64_t h = h0; h < h1; h++) {
+        const int kh = int(h) / ratio;
+        float* S = state + size_t(h) * dk * dv;  // [dk, dv]
+        for (int t = 0; t < T; t++) {
+          const float* row = qkv + size_t(t) * C;
+          l2norm(row + size_t(kh) * dk, qn.data(), dk);
+          l2norm(row + size_t(nk + kh) * dk, kn.data(), dk);
+          for (auto& x : qn) x *= scale;
+          const float* vv = row + size_t(2 * nk) * dk + size_t(h) * dv;
+          const float decay = std::exp(g[size_t(t) * nv + h]);
+          const float bt = beta[size_t(t) * nv + h];
+          for (size_t i = 0; i < size_t(dk) * dv; i++) S[i] *= decay;
+          // delta = (v - S^T k) * beta
+          for (int j = 0; j < dv; j++) delta[size_t(j)] = 0;
+          for (int i = 0; i < dk; i++) axpy(kn[size_t(i)], S + size_t(i) * dv, delta.data(), dv);
+          for (int j = 0; j < dv; j++) delta[size_t(j)] = (vv[j] - delta[size_t(j)]) * bt;
+          // S += k (outer) delta
+          for (int i = 0; i < dk; i++) axpy(kn[size_t(i)], delta.data(), S + size_t(i) * dv, dv);
+          // o = S^T q
+          float* o = out + size_t(t) * nv * dv + size_t(h) * dv;
+          std::fill(o, o + dv, 0.0f);
+          for (int i = 0; i < dk; i++) axpy(qn[size_t(i)], S + size_t(i) * dv, o, dv);
+        }
+      }
+    });
+  }
+
+  void gated_rmsnorm(float* x, const float* z, const float* w, int rows, int n,
+                     float eps) override {
+    for (int r = 0; r < rows; r++) {
+      float* xr = x + size_t(r) * n;
+      const float* zr = z + size_t(r) * n;
+      double ss = 0;
+      for (int i = 0; i < n; i++) ss += double(xr[i]) * xr[i];
+      const float inv = float(1.0 / std::sqrt(ss / n + eps));
+      for (int i = 0; i < n; i++) xr[i] = xr[i] * inv * w[i] * silu(zr[i]);
+    }
+  }
+
+  void add(float* y, const float* x, size_t n) override {
+    for (size_t i = 0; i < n; i++) y[i] += x[i];
+  }
+  void silu_mul(float* gate, const float* up, size_t n) override {
+    for (size_t i = 0; i < n; i++) gate[i] = silu(gate[i]) * up[i];
+  }
+  void gather_rows(const float* src, const int32_t* idx, int rows, int n, float* dst) override {
+    for (int r = 0; r < rows; r++)
+      std::memcpy(dst + size_t(r) * n, src + size_t(idx[r]) * n, size_t(n) * sizeof(float));
+  }
+  void scatter_rows_scaled(const float* src, const int32_t* idx, const float* scale, int rows,
+                           int n, float* dst) override {
+    for (int r = 0; r < rows; r++) {
+      float* d = dst + size_t(idx[r]) * n;
+      const float* s = src + size_t(r) * n;
+      for (int i = 0; i < n; i++) d[i] = s[i] * scale[r];
+    }
+  }
+  void sum_slots(const float* slots, int T, int k, int n, float* out) override {
+    for (int t = 0; t < T; t++) {
+      float* o = out + size_t(t) * n;
+      std::memcpy(o, slots + size_t(t) * k * n, size_t(n) * sizeof(float));
+      for (int j = 1; j < k; j++) add(o, slots + (size_t(t) * k + j) * n, size_t(n));
+    }
+  }
+  void scale_rows_sigmoid(float* y, const float* s, int T, int n) override {
+    for (int t = 0; t < T; t++) {
+      const float g = sigmoid(s[t]);
+      for (int i = 0; i < n; i++) y[size_t(t) * n + i] *= g;
+    }
+  }
+
+ private:
+  ThreadPool pool_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend(int threads) {
+  return std::make_unique<CpuBackend>(threads);
+}
+
+}  // namespace moeflux

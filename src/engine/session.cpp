@@ -1,0 +1,264 @@
+#include "engine/session.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "util/error.h"
+
+namespace moeflux {
+
+namespace {
+// Scratch slots; each op's temporaries get a fixed slot so buffers are reused across layers.
+enum Slot : size_t {
+  kX, kXn, kAttnOut, kFfnOut, kA, kB, kC, kD, kE, kF, kG, kHost, kSlots, kNumSlots
+};
+}  // namespace
+
+Session::Session(const Model& model, Backend& backend, ExpertStore& store, SessionParams params)
+    : model_(model), spec_(model.spec()), be_(backend), store_(store) {
+  ctx_ = params.ctx > 0 ? params.ctx : std::min(spec_.ctx_train > 0 ? spec_.ctx_train : 4096, 4096);
+  const ModelSpec& s = spec_;
+  for (int l = 0; l < s.n_layers; l++) {
+    size_t na, nb;
+    if (s.attn[size_t(l)] == AttnKind::kFull) {
+      na = nb = size_t(ctx_) * s.n_kv_heads * s.head_dim;
+    } else {
+      na = size_t(s.conv_kernel - 1) * s.lin_qkv_dim();
+      nb = size_t(s.lin_v_heads) * s.lin_k_dim * s.lin_v_dim;
+    }
+    state_a_.push_back(be_.alloc(na));
+    state_b_.push_back(be_.alloc(nb));
+    state_a_n_.push_back(na);
+    state_b_n_.push_back(nb);
+  }
+  scratch_.assign(kNumSlots, nullptr);
+  scratch_n_.assign(kNumSlots, 0);
+}
+
+Session::~Session() {
+  for (float* p : state_a_) be_.release(p);
+  for (float* p : state_b_) be_.release(p);
+  for (float* p : scratch_) if (p) be_.release(p);
+}
+
+void Session::clear() {
+  pos_ = 0;
+  // Linear-attention state must start from zero; KV entries past pos are never read.
+  std::vector<float> zeros;
+  for (size_t l = 0; l < state_a_.size(); l++) {
+    if (spec_.attn[l] != AttnKind::kLinear) continue;
+    zeros.assign(std::max(state_a_n_[l], state_b_n_[l]), 0.0f);
+    be_.upload(state_a_[l], zeros.data(), state_a_n_[l]);
+    be_.upload(state_b_[l], zeros.data(), state_b_n_[l]);
+  }
+}
+
+float* Session::buf(size_t slot, size_t n) {
+  if (scratch_n_[slot] < n) {
+    if (scratch_[slot]) be_.release(scratch_[slot]);
+    scratch_[slot] = be_.alloc(n);
+    scratch_n_[slot] = n;
+  }
+  return scratch_[slot];
+}
+
+void Session::eval(const int32_t* tokens, int T, float* logits, bool all_logits,
+                   const HiddenSink& hidden) {
+  const ModelSpec& s = spec_;
+  if (T <= 0) fail(ErrorKind::kInvalidArgument, "no tokens to evaluate");
+  for (int t = 0; t < T; t++)
+    if (tokens[t] < 0 || tokens[t] >= s.vocab_size)
+      fail(ErrorKind::kInvalidArgument, "token id {} at position {} is out of range [0, {})",
+           tokens[t], pos_ + t, s.vocab_size);
+  if (int64_t(pos_) + T > ctx_)
+    fail(ErrorKind::kInvalidArgument,
+         "context full: {} tokens at position {} exceed the context of {} positions", T, pos_,
+         ctx_);
+  const int H = s.hidden_size;
+  const size_t TH = size_t(T) * H;
+  float* x = buf(kX, TH);
+  float* xn = buf(kXn, TH);
+  float* attn_out = buf(kAttnOut, TH);
+  float* ffn_out = buf(kFfnOut, TH);
+  std::vector<float> host;
+  auto emit = [&](int index, const float* v) {
+    if (!hidden) return;
+    host.resize(TH);
+    be_.download(host.data(), v, TH);
+    hidden(index, host.data(), T);
+  };
+
+  be_.embed(model_.embed, tokens, T, x);
+  for (int l = 0; l < s.n_layers; l++) {
+    emit(l, x);
+    const LayerWeights& w = model_.layers[size_t(l)];
+    be_.rmsnorm(x, w.attn_norm, xn, T, H, H, s.rms_eps);
+    if (w.attn == AttnKind::kFull) full_attention(l, xn, attn_out, T);
+    else linear_attention(l, xn, attn_out, T);
+    be_.add(x, attn_out, TH);
+    be_.rmsnorm(x, w.ffn_norm, xn, T, H, H, s.rms_eps);
+    if (w.ffn == FfnKind::kMoe) moe(l, xn, ffn_out, T);
+    else dense_ffn(l, xn, ffn_out, T);
+    be_.add(x, ffn_out, TH);
+  }
+  be_.rmsnorm(x, model_.final_norm, xn, T, H, H, s.rms_eps);
+  emit(s.n_layers, xn);
+  pos_ += T;
+  if (logits) {
+    const int rows = all_logits ? T : 1;
+    const float* src = all_logits ? xn : xn + size_t(T - 1) * H;
+    float* out = buf(kA, size_t(rows) * s.vocab_size);
+    be_.matmul(model_.lm_head, src, out, rows);
+    be_.download(logits, out, size_t(rows) * s.vocab_size);
+  }
+}
+
+void Session::full_attention(int l, const float* xn, float* out, int T) {
+  const ModelSpec& s = spec_;
+  const LayerWeights& w = model_.layers[size_t(l)];
+  const int hd = s.head_dim, nh = s.n_heads, nkv = s.n_kv_heads;
+  const int kvd = nkv * hd, q_rows = s.q_rows(), qhs = s.attn_output_gate ? 2 * hd : hd;
+  float* q = buf(kA, size_t(T) * q_rows);  // [T, nh * (hd | 2hd)]
+  float* k = buf(kB, size_t(T) * kvd);
+  float* v = buf(kC, size_t(T) * kvd);
+  float* o = buf(kD, size_t(T) * nh * hd);
+  be_.matmul(w.q, xn, q, T);
+  be_.matmul(w.k, xn, k, T);
+  be_.matmul(w.v, xn, v, T);
+  if (w.q_norm) be_.rmsnorm(q, w.q_norm, q, T * nh, hd, qhs, s.rms_eps);
+  if (w.k_norm) be_.rmsnorm(k, w.k_norm, k, T * nkv, hd, hd, s.rms_eps);
+  if (s.rope_dim > 0) {
+    be_.rope(q, T, nh, q_rows, qhs, s.rope_dim, pos_, s.rope_theta);
+    be_.rope(k, T, nkv, kvd, hd, s.rope_dim, pos_, s.rope_theta);
+  }
+  float* kc = state_a_[size_t(l)];
+  float* vc = state_b_[size_t(l)];
+  be_.copy(kc + size_t(pos_) * kvd, k, size_t(T) * kvd);
+  be_.copy(vc + size_t(pos_) * kvd, v, size_t(T) * kvd);
+  AttentionParams p{nh, nkv, hd, q_rows, qhs, kvd, 1.0f / std::sqrt(float(hd))};
+  be_.attention(q, kc, vc, o, T, pos_, p);
+  if (s.attn_output_gate) be_.mul_sigmoid_gate(o, q + hd, T, nh, hd, q_rows, qhs);
+  be_.matmul(w.o, o, out, T);
+}
+
+void Session::linear_attention(int l, const float* xn, float* out, int T) {
+  const ModelSpec& s = spec_;
+  const LayerWeights& w = model_.layers[size_t(l)];
+  const int C = s.lin_qkv_dim(), vd = s.lin_value_dim(), nv = s.lin_v_heads;
+  float* qkv = buf(kA, size_t(T) * C);
+  float* z = buf(kB, size_t(T) * vd);
+  float* b = buf(kC, size_t(T) * nv);
+  float* a = buf(kD, size_t(T) * nv);
+  float* conv = buf(kE, size_t(T) * C);
+  float* core = buf(kF, size_t(T) * vd);
+  be_.matmul(w.lin_qkv, xn, qkv, T);
+  be_.matmul(w.lin_z, xn, z, T);
+  be_.matmul(w.lin_b, xn, b, T);
+  be_.matmul(w.lin_a, xn, a, T);
+  be_.conv1d_silu(qkv, state_a_[size_t(l)], w.conv, conv, T, C, s.conv_kernel);
+  be_.deltanet_gates(a, b, w.A_log, w.dt_bias, T, nv);
+  DeltaNetParams p{s.lin_k_heads, nv, s.lin_k_dim, s.lin_v_dim};
+  be_.deltanet(conv, a, b, state_b_[size_t(l)], core, T, p);
+  be_.gated_rmsnorm(core, z, w.lin_norm, T * nv, s.lin_v_dim, s.rms_eps);
+  be_.matmul(w.lin_out, core, out, T);
+}
+
+void Session::moe(int l, const float* xn, float* out, int T) {
+  const ModelSpec& s = spec_;
+  const LayerWeights& w = model_.layers[size_t(l)];
+  const int H = s.hidden_size, E = s.n_experts, K = s.top_k, I = s.moe_ffn;
+
+  // Routing on the host: softmax over all experts, top-k (ties to the lower index),
+  // renormalised over the k when norm_topk_prob.
+  float* rl = buf(kA, size_t(T) * E);
+  be_.matmul(w.router, xn, rl, T);
+  std::vector<float> logits(size_t(T) * E);
+  be_.download(logits.data(), rl, logits.size());
+  std::vector<int> sel(size_t(T) * K);
+  std::vector<float> wts(size_t(T) * K);
+  std::vector<int> order(static_cast<size_t>(E));
+  std::vector<double> prob(static_cast<size_t>(E));
+  for (int t = 0; t < T; t++) {
+    const float* lg = logits.data() + size_t(t) * E;
+    const float mx = *std::max_element(lg, lg + E);
+    double sum = 0;
+    for (int e = 0; e < E; e++) sum += (prob[size_t(e)] = std::exp(double(lg[e]) - mx));
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + K, order.end(), [&](int a, int b) {
+      return lg[a] != lg[b] ? lg[a] > lg[b] : a < b;
+    });
+    double top = 0;
+    for (int j = 0; j < K; j++) top += prob[size_t(order[size_t(j)])];
+    for (int j = 0; j < K; j++) {
+      const int e = order[size_t(j)];
+      sel[size_t(t) * K + j] = e;
+      wts[size_t(t) * K + j] =
+          float(s.norm_topk_prob ? prob[size_t(e)] / top : prob[size_t(e)] / sum);
+    }
+  }
+
+  // Group by expert so each routed expert is fetched once and applied to all its tokens.
+  std::vector<std::vector<int>> slots_of(static_cast<size_t>(E));
+  for (int i = 0; i < T * K; i++) slots_of[size_t(sel[size_t(i)])].push_back(i);
+  std::vector<int> used;
+  for (int e = 0; e < E; e++)
+    if (!slots_of[size_t(e)].empty()) used.push_back(e);
+  auto batch = store_.fetch(w.moe_index, used);
+
+  float* slots = buf(kSlots, size_t(T) * K * H);
+  float* xe = buf(kB, size_t(T) * H);
+  float* g = buf(kC, size_t(T) * I);
+  float* u = buf(kD, size_t(T) * I);
+  float* y = buf(kE, size_t(T) * H);
+  std::vector<int32_t> rows, dst;
+  std::vector<float> scale;
+  for (size_t i = 0; i < used.size(); i++) {
+    const auto& sl = slots_of[size_t(used[i])];
+    const int n = int(sl.size());
+    rows.clear();
+    dst.clear();
+    scale.clear();
+    for (int slot : sl) {
+      rows.push_back(slot / K);
+      dst.push_back(slot);
+      scale.push_back(wts[size_t(slot)]);
+    }
+    const ExpertWeights& ew = batch->wait(i);
+    be_.gather_rows(xn, rows.data(), n, H, xe);
+    be_.matmul(ew.gate, xe, g, n);
+    be_.matmul(ew.up, xe, u, n);
+    be_.silu_mul(g, u, size_t(n) * I);
+    be_.matmul(ew.down, g, y, n);
+    be_.scatter_rows_scaled(y, dst.data(), scale.data(), n, H, slots);
+  }
+  be_.sum_slots(slots, T, K, H, out);
+
+  if (s.shared_ffn > 0) {
+    const int S = s.shared_ffn;
+    float* sg = buf(kC, size_t(T) * S);
+    float* su = buf(kD, size_t(T) * S);
+    float* sy = buf(kE, size_t(T) * H);
+    float* sr = buf(kF, size_t(T));
+    be_.matmul(w.sh_gate, xn, sg, T);
+    be_.matmul(w.sh_up, xn, su, T);
+    be_.silu_mul(sg, su, size_t(T) * S);
+    be_.matmul(w.sh_down, sg, sy, T);
+    be_.matmul(w.sh_router, xn, sr, T);
+    be_.scale_rows_sigmoid(sy, sr, T, H);
+    be_.add(out, sy, size_t(T) * H);
+  }
+}
+
+void Session::dense_ffn(int l, const float* xn, float* out, int T) {
+  const LayerWeights& w = model_.layers[size_t(l)];
+  const int I = spec_.dense_ffn;
+  float* g = buf(kC, size_t(T) * I);
+  float* u = buf(kD, size_t(T) * I);
+  be_.matmul(w.ffn_gate, xn, g, T);
+  be_.matmul(w.ffn_up, xn, u, T);
+  be_.silu_mul(g, u, size_t(T) * I);
+  be_.matmul(w.ffn_down, g, out, T);
+}
+
+}  // namespace moeflux

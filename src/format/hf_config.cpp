@@ -1,0 +1,240 @@
+#include "format/hf_config.h"
+
+#include <algorithm>
+#include <cmath>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "util/error.h"
+#include "util/mapped_file.h"
+
+namespace moeflux {
+
+using json = nlohmann::json;
+
+namespace {
+
+json parse_json_file(const std::string& path) {
+  try {
+    return json::parse(read_text_file(path));
+  } catch (const json::parse_error& e) {
+    fail(ErrorKind::kFormat, "{}: malformed JSON at byte {}: {}", path, e.byte, e.what());
+  }
+}
+
+// Field access on one config object with errors that name the file and the field.
+struct Fields {
+  const json& j;
+  std::string where;
+
+  bool has(const char* k) const { return j.contains(k) && !j[k].is_null(); }
+  int64_t get_int(const char* k) const {
+    if (!has(k)) fail(ErrorKind::kFormat, "{}: missing field '{}'", where, k);
+    const json& v = j[k];
+    if (!v.is_number_integer())
+      fail(ErrorKind::kFormat, "{}: field '{}' must be an integer, got {}", where, k, v.dump());
+    return v.get<int64_t>();
+  }
+  int get_size(const char* k) const {
+    int64_t v = get_int(k);
+    if (v < 0 || v > (1ll << 30))
+      fail(ErrorKind::kFormat, "{}: field '{}' = {} is out of range", where, k, v);
+    return int(v);
+  }
+  int get_size_or(const char* k, int def) const { return has(k) ? get_size(k) : def; }
+  double get_num_or(const char* k, double def) const {
+    if (!has(k)) return def;
+    if (!j[k].is_number())
+      fail(ErrorKind::kFormat, "{}: field '{}' must be a number, got {}", where, k, j[k].dump());
+    return j[k].get<double>();
+  }
+  bool get_bool_or(const char* k, bool def) const {
+    if (!has(k)) return def;
+    if (!j[k].is_boolean())
+      fail(ErrorKind::kFormat, "{}: field '{}' must be true or false, got {}", where, k,
+           j[k].dump());
+    return j[k].get<bool>();
+  }
+  std::string get_str_or(const char* k, const std::string& def) const {
+    if (!has(k)) return def;
+    if (!j[k].is_string())
+      fail(ErrorKind::kFormat, "{}: field '{}' must be a string, got {}", where, k, j[k].dump());
+    return j[k].get<std::string>();
+  }
+};
+
+void add_ids(const json& v, std::vector<int>* out, const std::string& where, const char* k) {
+  if (v.is_null()) return;
+  auto add = [&](const json& x) {
+    if (!x.is_number_integer())
+      fail(ErrorKind::kFormat, "{}: field '{}' must hold token ids, got {}", where, k, x.dump());
+    int id = x.get<int>();
+    for (int e : *out)
+      if (e == id) return;
+    out->push_back(id);
+  };
+  if (v.is_array()) {
+    for (const auto& x : v) add(x);
+  } else {
+    add(v);
+  }
+}
+
+}  // namespace
+
+HfConfig read_hf_config(const std::string& dir) {
+  const std::string path = dir + "/config.json";
+  const json root = parse_json_file(path);
+  if (!root.is_object()) fail(ErrorKind::kFormat, "{}: not a JSON object", path);
+  HfConfig out;
+  Fields top{root, path};
+  out.model_type = top.get_str_or("model_type", "");
+  if (out.model_type.empty()) fail(ErrorKind::kFormat, "{}: missing field 'model_type'", path);
+
+  static const std::set<std::string> kSupported = {"qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next",
+                                                   "qwen3_moe", "mixtral"};
+  if (!kSupported.count(out.model_type))
+    fail(ErrorKind::kUnsupported,
+         "{}: model_type '{}' is not supported (supported: qwen3_5_moe, qwen3_5_moe_text, "
+         "qwen3_next, qwen3_moe, mixtral)",
+         path, out.model_type);
+
+  const json* cfg = &root;
+  std::string where = path;
+  if (out.model_type == "qwen3_5_moe" && root.contains("text_config")) {
+    if (!root["text_config"].is_object())
+      fail(ErrorKind::kFormat, "{}: field 'text_config' must be an object", path);
+    cfg = &root["text_config"];
+    where = path + " (text_config)";
+    out.nested_text_config = true;
+  }
+  Fields f{*cfg, where};
+  ModelSpec& s = out.spec;
+  const std::string& mt = out.model_type;
+  const bool qwen35 = mt == "qwen3_5_moe" || mt == "qwen3_5_moe_text";
+  const bool next = mt == "qwen3_next";
+  const bool hybrid = qwen35 || next;
+  s.arch = qwen35 ? "qwen3_5_moe" : mt;
+  out.norm_one_plus = hybrid;
+  out.source_dtype = f.get_str_or("dtype", f.get_str_or("torch_dtype", top.get_str_or("dtype", "")));
+
+  if (f.get_str_or("hidden_act", "silu") != "silu")
+    fail(ErrorKind::kUnsupported, "{}: hidden_act '{}' is not supported (only silu)", where,
+         f.get_str_or("hidden_act", ""));
+  if (f.get_bool_or("attention_bias", false))
+    fail(ErrorKind::kUnsupported, "{}: attention_bias = true is not supported", where);
+  if (f.has("sliding_window") && (mt == "mixtral" || f.get_bool_or("use_sliding_window", false)))
+    fail(ErrorKind::kUnsupported, "{}: sliding-window attention (sliding_window = {}) is not supported",
+         where, (*cfg)["sliding_window"].dump());
+
+  s.vocab_size = f.get_size("vocab_size");
+  s.hidden_size = f.get_size("hidden_size");
+  s.n_layers = f.get_size("num_hidden_layers");
+  s.rms_eps = float(f.get_num_or("rms_norm_eps", 1e-6));
+  s.ctx_train = f.get_size_or("max_position_embeddings", 4096);
+
+  // Layer kinds: layer_types when present (never assume a pattern when the file gives one).
+  if (f.has("layer_types")) {
+    const json& lt = (*cfg)["layer_types"];
+    if (!lt.is_array() || int(lt.size()) != s.n_layers)
+      fail(ErrorKind::kFormat, "{}: field 'layer_types' must list {} layer kinds", where,
+           s.n_layers);
+    for (size_t i = 0; i < lt.size(); i++) {
+      if (lt[i] == "full_attention") s.attn.push_back(AttnKind::kFull);
+      else if (lt[i] == "linear_attention" && hybrid) s.attn.push_back(AttnKind::kLinear);
+      else
+        fail(ErrorKind::kUnsupported, "{}: layer_types[{}] = {} is not supported for {}", where, i,
+             lt[i].dump(), mt);
+    }
+  } else if (hybrid) {
+    int interval = f.get_size_or("full_attention_interval", 4);
+    if (interval <= 0)
+      fail(ErrorKind::kFormat, "{}: field 'full_attention_interval' must be positive", where);
+    for (int i = 0; i < s.n_layers; i++)
+      s.attn.push_back((i + 1) % interval == 0 ? AttnKind::kFull : AttnKind::kLinear);
+  } else {
+    s.attn.assign(size_t(s.n_layers), AttnKind::kFull);
+  }
+
+  // Attention.
+  s.n_heads = f.get_size("num_attention_heads");
+  s.n_kv_heads = f.get_size_or("num_key_value_heads", s.n_heads);
+  s.head_dim = f.get_size_or("head_dim", s.n_heads ? s.hidden_size / s.n_heads : 0);
+  s.attn_output_gate = hybrid;
+  s.qk_norm = mt != "mixtral";
+  const json* rope = f.has("rope_parameters") ? &(*cfg)["rope_parameters"]
+                     : f.has("rope_scaling")  ? &(*cfg)["rope_scaling"]
+                                              : nullptr;
+  double theta = f.get_num_or("rope_theta", 10000.0);
+  double partial = f.get_num_or("partial_rotary_factor", 1.0);
+  if (rope) {
+    if (!rope->is_object())
+      fail(ErrorKind::kFormat, "{}: field 'rope_parameters' must be an object", where);
+    Fields r{*rope, where + " rope_parameters"};
+    theta = r.get_num_or("rope_theta", theta);
+    partial = r.get_num_or("partial_rotary_factor", partial);
+    std::string type = r.get_str_or("rope_type", r.get_str_or("type", "default"));
+    if (type != "default")
+      fail(ErrorKind::kUnsupported, "{}: rope_type '{}' is not supported (only default)", where,
+           type);
+  }
+  s.rope_theta = theta;
+  if (!(partial > 0 && partial <= 1))
+    fail(ErrorKind::kFormat, "{}: partial_rotary_factor {} must be in (0, 1]", where, partial);
+  s.rope_dim = int(s.head_dim * partial);  // as HF: int(head_dim * factor)
+
+  // Linear attention.
+  if (hybrid) {
+    s.lin_k_heads = f.get_size("linear_num_key_heads");
+    s.lin_v_heads = f.get_size("linear_num_value_heads");
+    s.lin_k_dim = f.get_size("linear_key_head_dim");
+    s.lin_v_dim = f.get_size("linear_value_head_dim");
+    s.conv_kernel = f.get_size("linear_conv_kernel_dim");
+  }
+
+  // Feed-forward.
+  // Expert count: transformers 5 writes num_local_experts for qwen3_moe too.
+  s.n_experts = f.has("num_experts") ? f.get_size("num_experts") : f.get_size("num_local_experts");
+  s.moe_ffn = mt == "mixtral" ? f.get_size("intermediate_size") : f.get_size("moe_intermediate_size");
+  s.top_k = f.get_size("num_experts_per_tok");
+  s.norm_topk_prob = (qwen35 || mt == "mixtral") ? true : f.get_bool_or("norm_topk_prob", next);
+  if (hybrid) s.shared_ffn = f.get_size("shared_expert_intermediate_size");
+  std::vector<int> mlp_only;
+  int sparse_step = 1;
+  if (mt == "qwen3_moe" || next) {
+    if (f.has("mlp_only_layers")) add_ids((*cfg)["mlp_only_layers"], &mlp_only, where, "mlp_only_layers");
+    sparse_step = f.get_size_or("decoder_sparse_step", 1);
+    if (sparse_step <= 0)
+      fail(ErrorKind::kFormat, "{}: field 'decoder_sparse_step' must be positive", where);
+  }
+  for (int i = 0; i < s.n_layers; i++) {
+    bool dense = std::find(mlp_only.begin(), mlp_only.end(), i) != mlp_only.end() ||
+                 s.n_experts == 0 || (i + 1) % sparse_step != 0;
+    s.ffn.push_back(dense ? FfnKind::kDense : FfnKind::kMoe);
+  }
+  if (s.n_moe_layers() < s.n_layers) s.dense_ffn = f.get_size("intermediate_size");
+
+  s.tie_embeddings = f.has("tie_word_embeddings") ? f.get_bool_or("tie_word_embeddings", false)
+                                                  : top.get_bool_or("tie_word_embeddings", false);
+
+  // Special ids: config (text_config first, then top level), then generation_config.json.
+  if (f.has("eos_token_id")) add_ids((*cfg)["eos_token_id"], &s.eos_ids, where, "eos_token_id");
+  if (top.has("eos_token_id")) add_ids(root["eos_token_id"], &s.eos_ids, path, "eos_token_id");
+  std::vector<int> bos;
+  if (f.has("bos_token_id")) add_ids((*cfg)["bos_token_id"], &bos, where, "bos_token_id");
+  const std::string gen_path = dir + "/generation_config.json";
+  if (file_exists(gen_path)) {
+    const json gen = parse_json_file(gen_path);
+    if (gen.is_object()) {
+      if (gen.contains("eos_token_id"))
+        add_ids(gen["eos_token_id"], &s.eos_ids, gen_path, "eos_token_id");
+      if (gen.contains("bos_token_id") && bos.empty())
+        add_ids(gen["bos_token_id"], &bos, gen_path, "bos_token_id");
+    }
+  }
+  s.bos_id = bos.empty() ? -1 : bos[0];
+  s.validate(where);
+  return out;
+}
+
+}  // namespace moeflux

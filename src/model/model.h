@@ -1,0 +1,68 @@
+// A loaded package: the manifest, resident.bin mapped read-only, and per-layer weight views
+// bound by name with dtype and shape checked (errors say expected vs actual).
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "format/package.h"
+#include "util/mapped_file.h"
+
+namespace moeflux {
+
+// A row-major matrix [rows, cols] in package memory (f32, bf16 or f16).
+struct Mat {
+  DType dtype = DType::kF32;
+  int64_t rows = 0, cols = 0;
+  const void* data = nullptr;
+  explicit operator bool() const { return data != nullptr; }
+};
+
+struct LayerWeights {
+  AttnKind attn;
+  FfnKind ffn;
+  const float* attn_norm = nullptr;  // [H], 1+w already folded in by the converter
+  const float* ffn_norm = nullptr;   // [H]
+  // full attention
+  Mat q, k, v, o;
+  const float* q_norm = nullptr;  // [head_dim] or null
+  const float* k_norm = nullptr;
+  // linear attention (Gated DeltaNet)
+  Mat lin_qkv, lin_z, lin_b, lin_a, lin_out;
+  const float* conv = nullptr;     // [qkv_dim, conv_kernel]
+  const float* A_log = nullptr;    // [v_heads]
+  const float* dt_bias = nullptr;  // [v_heads]
+  const float* lin_norm = nullptr;  // [v_dim]
+  // MoE
+  Mat router;  // [E, H] f32
+  Mat sh_gate, sh_up, sh_down, sh_router;  // shared expert; sh_router [1, H] f32
+  int moe_index = -1;  // index of this layer's expert file
+  // dense FFN
+  Mat ffn_gate, ffn_up, ffn_down;
+};
+
+class Model {
+ public:
+  // Reads and validates the package; throws Error naming the file/tensor/field.
+  static std::unique_ptr<Model> load(const std::string& dir);
+
+  const ModelSpec& spec() const { return manifest_.spec; }
+  const Manifest& manifest() const { return manifest_; }
+  const std::string& dir() const { return dir_; }
+
+  Mat embed, lm_head;  // lm_head aliases embed when tied
+  const float* final_norm = nullptr;
+  std::vector<LayerWeights> layers;
+
+ private:
+  Mat bind_mat(const std::string& name, int64_t rows, int64_t cols, bool f32_only = false);
+  const float* bind_vec(const std::string& name, std::vector<int64_t> shape);
+  const PackedTensor& find(const std::string& name);
+
+  std::string dir_;
+  Manifest manifest_;
+  MappedFile resident_;
+};
+
+}  // namespace moeflux

@@ -1,0 +1,57 @@
+// Read-only memory map of a whole file, and a small writer with checked writes.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+
+namespace moeflux {
+
+class MappedFile {
+ public:
+  MappedFile() = default;
+  explicit MappedFile(const std::string& path);
+  ~MappedFile();
+  MappedFile(MappedFile&& o) noexcept;
+  MappedFile& operator=(MappedFile&& o) noexcept;
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+
+  const uint8_t* data() const { return data_; }
+  size_t size() const { return size_; }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  const uint8_t* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+// Sequential writer; every failure throws an Error naming the file.
+class FileWriter {
+ public:
+  explicit FileWriter(const std::string& path);
+  ~FileWriter();
+  FileWriter(const FileWriter&) = delete;
+  FileWriter& operator=(const FileWriter&) = delete;
+
+  void write(const void* data, size_t n);
+  void pad_to(uint64_t alignment);  // zero bytes up to the next multiple of alignment
+  void seek(uint64_t offset);       // absolute; the gap reads as zeros
+  uint64_t offset() const { return offset_; }
+  void close();
+
+ private:
+  std::string path_;
+  std::FILE* f_ = nullptr;
+  uint64_t offset_ = 0;
+};
+
+std::string read_text_file(const std::string& path);
+void write_text_file(const std::string& path, const std::string& text);
+bool file_exists(const std::string& path);
+
+inline uint64_t align_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
+
+}  // namespace moeflux

@@ -1,0 +1,45 @@
+// A fixed pool of worker threads. parallel_for cuts [0, n) into one contiguous range per
+// thread; callers put each output element in exactly one range, so results never depend on
+// the thread count (no cross-thread reductions).
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace moeflux {
+
+class ThreadPool {
+ public:
+  explicit ThreadPool(int n_threads);  // n_threads <= 0: one per core
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int size() const { return n_threads_; }
+
+  // fn(begin, end) over disjoint ranges covering [0, n); returns when all are done. Ranges are
+  // multiples of `grain` (except the last) so SIMD-friendly blocks are not split.
+  void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn,
+                    int64_t grain = 1);
+
+ private:
+  void worker(int index);
+  void run_chunk(int index);
+
+  int n_threads_;
+  std::vector<std::thread> threads_;
+  std::mutex mu_;
+  std::condition_variable cv_start_, cv_done_;
+  uint64_t generation_ = 0;
+  int pending_ = 0;
+  bool stop_ = false;
+  // current job
+  const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
+  int64_t n_ = 0, grain_ = 1;
+};
+
+}  // namespace moeflux
