@@ -180,6 +180,64 @@ def load_saved(M, d):
     return m
 
 
+def reference(model, CASES, meta):
+    """Float64 reference outputs of `model` (already float64, eval) for each case."""
+    import transformers
+    meta.update({"transformers_version": transformers.__version__, "cases": {},
+                 "note": "logits_<case>[t] is the next-token distribution after tokens[0..t]; hidden_<case>_<i> is HF output_hidden_states[i] (0 = embeddings); computed in float64 on the checkpoint reloaded from disk"})
+    ref = {}
+    with torch.no_grad():
+        for cname, toks in CASES.items():
+            ids = torch.tensor([toks], dtype=torch.long)
+            out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+            ref[f"tokens_{cname}"] = ids[0].to(torch.int32)
+            ref[f"logits_{cname}"] = out.logits[0].to(torch.float32).contiguous()
+            for i, h in enumerate(out.hidden_states):
+                ref[f"hidden_{cname}_{i}"] = h[0].to(torch.float32).contiguous()
+            # An explicit all-ones mask: without it generate() masks every prompt token equal
+            # to pad_token_id (token 0 occurs in the chunk prompts of the small vocabularies).
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0,
+                                 output_scores=True, return_dict_in_generate=True)
+            seq = gen.sequences
+            margins = [float(t[0] - t[1]) for t in (s[0].topk(2).values for s in gen.scores)]
+            ref[f"greedy_{cname}"] = seq[0, len(toks):].to(torch.int32).contiguous()
+            meta["cases"][cname] = {"n_tokens": len(toks), "n_hidden": len(out.hidden_states),
+                                    "greedy": seq[0, len(toks):].tolist(),
+                                    "greedy_min_top2_margin": min(margins)}
+    return ref
+
+
+BASE_CLASSES = {"qwen3_5_moe": ("transformers.models.qwen3_5_moe", "Qwen3_5MoeForCausalLM"),
+                "qwen3_next": ("transformers.models.qwen3_next", "Qwen3NextForCausalLM"),
+                "qwen3_moe": ("transformers.models.qwen3_moe", "Qwen3MoeForCausalLM"),
+                "mixtral": ("transformers.models.mixtral", "MixtralForCausalLM")}
+BASE_CASES = {"single": [7], "short": [3, 17, 250, 999, 4, 4, 512],
+              "chunk": [(i * 37 + 11) % 1024 for i in range(100)]}
+
+
+def rebase(src_root, arch):
+    """Recomputes the reference of a shared fixture (../shared/fixtures/<arch>, copied into
+    tests/data) on its checkpoint as saved: shared/tools/make_fixtures.py computed it on the
+    in-memory model after .to(bfloat16), whose rotary inv_freq buffers were rounded to bf16."""
+    import importlib
+    mod, cls = BASE_CLASSES[arch]
+    M = getattr(importlib.import_module(mod), cls)
+    src = os.path.join(src_root, arch)
+    model = load_saved(M, src).to(torch.float64).eval()
+    d = os.path.join(OUT, arch)
+    os.makedirs(d, exist_ok=True)
+    meta = {"arch": arch, "hf_class": cls, "source": "shared/fixtures/" + arch + " checkpoint, reference recomputed"}
+    ref = reference(model, BASE_CASES, meta)
+    old = json.load(open(os.path.join(src, "reference.json")))
+    for c in BASE_CASES:
+        same = old["cases"][c]["greedy"] == meta["cases"][c]["greedy"]
+        print(f"{arch} {c}: greedy same as shared reference: {same}; min top2 margin {meta['cases'][c]['greedy_min_top2_margin']:.3f}")
+    save_file(ref, os.path.join(d, "reference.safetensors"))
+    json.dump(meta, open(os.path.join(d, "reference.json"), "w"), indent=1)
+    return True
+
+
 def run(variant):
     d = os.path.join(OUT, variant)
     os.makedirs(d, exist_ok=True)
@@ -220,29 +278,10 @@ def run(variant):
         if k in fresh and not torch.equal(v, fresh[k].to(torch.float64)):
             bad.append(f"buffer differs {k} ({fresh[k].dtype})")
 
-    import transformers
-    ref = {}
-    meta = {"arch": arch, "variant": variant, "hf_class": M.__name__,
-            "transformers_version": transformers.__version__, "cases": {},
-            "note": "logits_<case>[t] is the next-token distribution after tokens[0..t]; hidden_<case>_<i> is HF output_hidden_states[i] (0 = embeddings); computed in float64 on the checkpoint reloaded from disk"}
+    meta = {"arch": arch, "variant": variant, "hf_class": M.__name__}
     if notes:
         meta["adaptations"] = notes
-    with torch.no_grad():
-        for cname, toks in CASES.items():
-            ids = torch.tensor([toks], dtype=torch.long)
-            out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
-            ref[f"tokens_{cname}"] = ids[0].to(torch.int32)
-            ref[f"logits_{cname}"] = out.logits[0].to(torch.float32).contiguous()
-            for i, h in enumerate(out.hidden_states):
-                ref[f"hidden_{cname}_{i}"] = h[0].to(torch.float32).contiguous()
-            gen = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0,
-                                 output_scores=True, return_dict_in_generate=True)
-            seq = gen.sequences
-            margins = [float(t[0] - t[1]) for t in (s[0].topk(2).values for s in gen.scores)]
-            ref[f"greedy_{cname}"] = seq[0, len(toks):].to(torch.int32).contiguous()
-            meta["cases"][cname] = {"n_tokens": len(toks), "n_hidden": len(out.hidden_states),
-                                    "greedy": seq[0, len(toks):].tolist(),
-                                    "greedy_min_top2_margin": min(margins)}
+    ref = reference(model, CASES, meta)
     save_file(ref, os.path.join(d, "reference.safetensors"))
     json.dump(meta, open(os.path.join(d, "reference.json"), "w"), indent=1)
     from safetensors import safe_open
@@ -277,6 +316,12 @@ if __name__ == "__main__":
     import transformers
     print("torch", torch.__version__, "transformers", transformers.__version__)
     results = {}
+    if sys.argv[2:3] == ["--rebase"]:
+        # make_variant_fixtures.py OUT --rebase SRC_ROOT [arch ...]
+        for a in (sys.argv[4:] or list(BASE_CLASSES)):
+            results[a] = "ok" if rebase(sys.argv[3], a) else "FAILED"
+        print("SUMMARY", json.dumps(results))
+        sys.exit(0)
     for v in (sys.argv[2:] or ALL):
         try:
             results[v] = "ok" if run(v) else "round-trip mismatch"

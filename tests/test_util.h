@@ -1,0 +1,65 @@
+// Shared helpers for the tests: fixture paths, temporary directories, one-call model runs.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "convert/convert.h"
+#include "engine/backend.h"
+#include "engine/session.h"
+#include "experts/expert_store.h"
+#include "format/safetensors.h"
+#include "model/model.h"
+
+namespace moeflux::test {
+
+inline std::string data_dir() { return MOEFLUX_TEST_DATA; }
+inline std::string fixture_dir(const std::string& name) { return data_dir() + "/" + name; }
+
+// A fresh directory under the system temp dir, removed with the object.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  const std::string& path() const { return path_; }
+  std::string operator/(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+// Converts a fixture once per test process and returns the package path.
+const std::string& converted_fixture(const std::string& name);
+
+struct RunResult {
+  std::vector<float> logits;                  // [T, vocab]
+  std::map<int, std::vector<float>> hidden;   // HF-numbered [T, hidden]
+};
+
+// Evaluates `tokens` in one call (prefill path) on a fresh session.
+RunResult run_tokens(const std::string& package, const std::vector<int32_t>& tokens, int threads,
+                     bool want_hidden = false);
+
+// Reads an F32 or I32 tensor of a reference file as floats / ints.
+std::vector<float> read_f32(const SafetensorsFile& f, const std::string& name);
+std::vector<int32_t> read_i32(const SafetensorsFile& f, const std::string& name);
+
+double cosine(const float* a, const float* b, size_t n);
+float max_abs(const float* a, size_t n);
+float max_abs_diff(const float* a, const float* b, size_t n);
+int argmax(const float* v, int n);
+
+// Runs the moeflux CLI; returns the exit code, stdout and stderr.
+struct CliResult {
+  int code;
+  std::string out, err;
+};
+CliResult run_cli(const std::string& args);
+
+}  // namespace moeflux::test
