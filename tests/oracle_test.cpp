@@ -12,6 +12,8 @@ struct Case {
   std::string fixture, name;
 };
 
+void PrintTo(const Case& c, std::ostream* os) { *os << c.fixture << "/" << c.name; }
+
 std::vector<Case> all_cases() {
   std::vector<Case> out;
   for (const char* f : {"qwen3_5_moe", "qwen3_next", "qwen3_moe", "mixtral", "qwen3_5_moe_v2",
@@ -75,6 +77,43 @@ TEST_P(Oracle, LogitsHiddenAndGreedyMatchReference) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, Oracle, ::testing::ValuesIn(all_cases()),
                          [](const auto& info) { return info.param.fixture + "_" + info.param.name; });
+
+}  // namespace
+}  // namespace moeflux::test
+
+namespace moeflux::test {
+namespace {
+
+// The CLI's dump is the same data the oracle checks: F32 logits [T, vocab] and hidden_<i>.
+TEST(EvalCli, DumpLogitsAndHiddenMatchReference) {
+  const std::string fixture = "qwen3_next";
+  SafetensorsFile ref(fixture_dir(fixture) + "/reference.safetensors");
+  const auto tokens = read_i32(ref, "tokens_short");
+  std::string toks;
+  for (size_t t = 0; t < tokens.size(); t++) toks += (t ? "," : "") + std::to_string(tokens[t]);
+  TempDir tmp;
+  const std::string out = tmp / "dump.safetensors";
+  CliResult cli = run_cli(fmt::format("eval -m {} --tokens {} --dump-logits {} --dump-hidden",
+                                      converted_fixture(fixture), toks, out));
+  ASSERT_EQ(cli.code, 0) << cli.err;
+  SafetensorsFile dump(out);
+  const TensorInfo* logits = dump.find("logits");
+  ASSERT_NE(logits, nullptr);
+  EXPECT_EQ(logits->dtype, DType::kF32);
+  const auto want = read_f32(ref, "logits_short");
+  ASSERT_EQ(logits->shape, (std::vector<int64_t>{int64_t(tokens.size()), int64_t(want.size() / tokens.size())}));
+  const auto got = read_f32(dump, "logits");
+  EXPECT_LE(max_abs_diff(got.data(), want.data(), want.size()), 1e-3f * max_abs(want.data(), want.size()));
+  int n_hidden = 0;
+  for (int i = 0; ref.find(fmt::format("hidden_short_{}", i)); i++, n_hidden++) {
+    const auto h = read_f32(dump, fmt::format("hidden_{}", i));
+    const auto r = read_f32(ref, fmt::format("hidden_short_{}", i));
+    ASSERT_EQ(h.size(), r.size()) << i;
+    EXPECT_GE(cosine(h.data(), r.data(), h.size()), 0.99999) << "hidden_" << i;
+  }
+  EXPECT_EQ(n_hidden, 9);
+  EXPECT_EQ(dump.find(fmt::format("hidden_{}", n_hidden)), nullptr);
+}
 
 }  // namespace
 }  // namespace moeflux::test

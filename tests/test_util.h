@@ -16,6 +16,7 @@
 #include "experts/expert_store.h"
 #include "format/safetensors.h"
 #include "model/model.h"
+#include "util/error.h"
 
 namespace moeflux::test {
 

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs what building moeflux needs on Debian 12 (only what is missing; needs root or sudo).
+set -euo pipefail
+pkgs=(build-essential cmake ninja-build pkg-config nlohmann-json3-dev libfmt-dev libcli11-dev
+      libgtest-dev)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  sudo_cmd=()
+  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -q
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
