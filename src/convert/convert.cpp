@@ -3,16 +3,17 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
-#include <filesystem>
 #include <array>
-#include <functional>
+#include <filesystem>
 #include <map>
 #include <set>
 
 #include "format/hf_config.h"
 #include "format/package.h"
+#include "format/quant.h"
 #include "format/safetensors.h"
 #include "util/error.h"
+#include "util/half.h"
 #include "util/mapped_file.h"
 #include "util/progress.h"
 
@@ -20,18 +21,61 @@ namespace moeflux {
 
 namespace fs = std::filesystem;
 
+QuantRecipe quant_recipe(const std::string& name) {
+  QuantRecipe r;
+  r.name = name;
+  using C = TensorClass;
+  const C all[] = {C::kEmbed, C::kLmHead, C::kAttn, C::kLinearAttn, C::kSharedExpert, C::kDenseFfn, C::kExperts};
+  if (name == "none") return r;
+  if (name == "q8") {
+    for (C c : all) r.dtype[c] = DType::kQ8;
+  } else if (name == "q4" || name == "q2") {
+    for (C c : all) r.dtype[c] = DType::kQ4;
+    r.dtype[C::kLmHead] = DType::kQ8;  // the output projection is the most sensitive matrix
+    if (name == "q2") r.dtype[C::kExperts] = DType::kQ2;
+  } else {
+    fail(ErrorKind::kInvalidArgument, "--quant: unknown recipe '{}' (none, q8, q4, q2)", name);
+  }
+  return r;
+}
+
+void override_recipe(QuantRecipe& r, const std::string& cls, const std::string& dtype) {
+  std::vector<TensorClass> classes;
+  if (cls == "experts") classes = {TensorClass::kExperts};
+  else if (cls == "attn") classes = {TensorClass::kAttn, TensorClass::kLinearAttn};
+  else if (cls == "shared") classes = {TensorClass::kSharedExpert};
+  else if (cls == "dense") classes = {TensorClass::kDenseFfn};
+  else if (cls == "embed") classes = {TensorClass::kEmbed};
+  else if (cls == "lm-head") classes = {TensorClass::kLmHead};
+  else fail(ErrorKind::kInvalidArgument, "unknown tensor class '{}'", cls);
+  DType t;
+  const bool none = dtype == "none";
+  if (!none && (!dtype_from_name(dtype, &t) || !is_quant_dtype(t)))
+    fail(ErrorKind::kInvalidArgument, "--{}: '{}' is not one of q8, q4, q2, none", cls, dtype);
+  for (auto c : classes) {
+    if (none) r.dtype.erase(c);
+    else r.dtype[c] = t;
+  }
+  r.name = "custom";
+}
+
 namespace {
 
-// A matrix (or vector) assembled from rows of checkpoint tensors.
+// A run of rows of a checkpoint tensor. For MLX-quantised sources `src` holds the packed u32
+// words and scales/biases the bf16 groups; rows index [E*rows, ...] views of 3-D tensors.
 struct RowSlice {
   const TensorInfo* src;
-  int64_t row0, n_rows;  // rows of src viewed as [rows, cols]; for 3-D sources, [E*rows, cols]
+  int64_t row0, n_rows;
+  const TensorInfo* scales = nullptr;
+  const TensorInfo* biases = nullptr;
 };
 
 struct Source {
   std::vector<RowSlice> slices;
-  int64_t cols = 0;
+  int64_t cols = 0;  // logical columns
   enum Kind { kMatrix, kVectorF32, kNormF32 } kind = kMatrix;
+  TensorClass cls = TensorClass::kAttn;
+  int bits = 0, group = 0;  // > 0: the checkpoint stores it quantised
 };
 
 class Converter {
@@ -45,32 +89,38 @@ class Converter {
  private:
   const TensorInfo& need(const std::string& name, std::vector<int64_t> shape);
   const TensorInfo* find_any(const std::vector<std::string>& names);
+  PackedTensor plan(const std::string& name, std::vector<int64_t> shape, const Source& src);
   void add_resident(const std::string& name, std::vector<int64_t> shape, Source src);
-  Source matrix(const std::string& hf_name, int64_t rows, int64_t cols);
+  Source matrix(const std::string& hf_name, int64_t rows, int64_t cols, TensorClass cls);
+  Source stacked(const std::string& hf_name, int64_t n, int64_t rows, int64_t cols,
+                 TensorClass cls);
   Source vec(const std::string& hf_name, int64_t n, Source::Kind kind);
   void plan_layer(int l);
   void plan_experts(int l);
-  void write_tensor(FileWriter& w, const PackedTensor& t, const Source& src,
-                    std::vector<uint8_t>& buf);
+  void write_tensor(FileWriter& w, const PackedTensor& t, const Source& src);
   void check_leftovers();
-  DType matrix_dtype(const TensorInfo& t) const;
+  DType float_dtype(const Source& s) const;
 
   std::string hf_dir_, out_dir_;
   ConvertOptions opt_;
   HfConfig cfg_;
   Checkpoint ckpt_;
-  std::string prefix_;  // "model." or "model.language_model."
+  std::string prefix_;  // "model.", "model.language_model." or MLX's "language_model.model."
+  std::string lm_head_name_ = "lm_head.weight";
+  bool mlx_ = false;  // MLX-sanitised checkpoint: norms already hold 1 + w, conv1d [C, K, 1]
   std::set<std::string> used_;
   Manifest m_;
   std::vector<Source> resident_src_;
-  // per MoE layer: gate, up, down sources for each expert
-  std::vector<std::vector<std::array<Source, 3>>> expert_src_;
+  std::vector<std::vector<std::array<Source, 3>>> expert_src_;  // [moe layer][expert][part]
   ConvertReport report_;
+  std::vector<float> f32_;
+  std::vector<uint8_t> buf_;
 };
 
-DType Converter::matrix_dtype(const TensorInfo& t) const {
+DType Converter::float_dtype(const Source& s) const {
   if (opt_.dtype) return *opt_.dtype;
-  if (t.dtype == DType::kBF16 || t.dtype == DType::kF16 || t.dtype == DType::kF32) return t.dtype;
+  const DType t = s.slices[0].src->dtype;
+  if (s.bits == 0 && (t == DType::kBF16 || t == DType::kF16 || t == DType::kF32)) return t;
   return DType::kBF16;
 }
 
@@ -92,23 +142,107 @@ const TensorInfo* Converter::find_any(const std::vector<std::string>& names) {
   return nullptr;
 }
 
-Source Converter::matrix(const std::string& hf_name, int64_t rows, int64_t cols) {
-  const TensorInfo& t = need(hf_name, {rows, cols});
-  return Source{{{&t, 0, rows}}, cols, Source::kMatrix};
+// `n` stacked matrices [rows, cols] (n = 0: one plain 2-D matrix), float or MLX-quantised
+// (`<base>.weight` u32 [.., rows, cols*bits/32] + `.scales` / `.biases` [.., rows, cols/group]).
+Source Converter::stacked(const std::string& hf_name, int64_t n, int64_t rows, int64_t cols,
+                          TensorClass cls) {
+  Source s;
+  s.cols = cols;
+  s.cls = cls;
+  std::vector<int64_t> lead;
+  if (n > 0) lead.push_back(n);
+  const TensorInfo* w = ckpt_.find(hf_name);
+  const std::string base = hf_name.ends_with(".weight") ? hf_name.substr(0, hf_name.size() - 7) : hf_name;
+  const TensorInfo* sc = ckpt_.find(base + ".scales");
+  if (w && w->dtype == DType::kU32 && sc) {
+    const TensorInfo* bi = ckpt_.find(base + ".biases");
+    if (!bi) fail(ErrorKind::kFormat, "{}: missing tensor '{}.biases'", hf_dir_, base);
+    const int64_t packed_cols = w->shape.empty() ? 0 : w->shape.back();
+    const int64_t n_groups = sc->shape.empty() ? 0 : sc->shape.back();
+    const int bits = cols > 0 ? int(packed_cols * 32 / cols) : 0;
+    const int group = n_groups > 0 ? int(cols / n_groups) : 0;
+    auto shape = lead;
+    shape.push_back(rows);
+    auto expect = [&](const TensorInfo* t, int64_t last, DType dt) {
+      auto want = shape;
+      want.push_back(last);
+      if (t->shape != want)
+        fail(ErrorKind::kFormat, "{}: tensor '{}' has shape {}, expected [{}] ({}-bit groups of {})",
+             t->file, t->name, t->shape_str(), fmt::join(want, ", "), bits, group);
+      if (t->dtype != dt)
+        fail(ErrorKind::kUnsupported, "{}: tensor '{}' has dtype {}, expected {}", t->file, t->name,
+             dtype_st_name(t->dtype), dtype_st_name(dt));
+      used_.insert(t->name);
+    };
+    if (!(bits == 8 || bits == 4 || bits == 2) || !quantisable(cols, bits, group))
+      fail(ErrorKind::kUnsupported, "{}: tensor '{}' [{} cols] packs {}-bit groups of {}: only 8/4/2-bit are supported",
+           hf_dir_, w->name, cols, packed_cols * 32.0 / double(cols), group);
+    expect(w, cols * bits / 32, DType::kU32);
+    expect(sc, cols / group, DType::kBF16);
+    expect(bi, cols / group, DType::kBF16);
+    s.bits = bits;
+    s.group = group;
+    s.slices.push_back({w, 0, std::max<int64_t>(n, 1) * rows, sc, bi});
+    return s;
+  }
+  auto shape = lead;
+  shape.push_back(rows);
+  shape.push_back(cols);
+  const TensorInfo& t = need(hf_name, shape);
+  s.slices.push_back({&t, 0, std::max<int64_t>(n, 1) * rows});
+  return s;
+}
+
+Source Converter::matrix(const std::string& hf_name, int64_t rows, int64_t cols, TensorClass cls) {
+  return stacked(hf_name, 0, rows, cols, cls);
 }
 
 Source Converter::vec(const std::string& hf_name, int64_t n, Source::Kind kind) {
   const TensorInfo& t = need(hf_name, {n});
-  return Source{{{&t, 0, 1}}, n, kind};
+  Source s;
+  s.slices.push_back({&t, 0, 1});
+  s.cols = n;
+  s.kind = kind;
+  return s;
 }
 
-void Converter::add_resident(const std::string& name, std::vector<int64_t> shape, Source src) {
+// Decides a tensor's dtype (and group) in the package.
+PackedTensor Converter::plan(const std::string& name, std::vector<int64_t> shape, const Source& src) {
   PackedTensor t;
   t.name = name;
   t.shape = std::move(shape);
-  t.dtype = src.kind == Source::kMatrix ? matrix_dtype(*src.slices[0].src) : DType::kF32;
-  t.nbytes = uint64_t(t.numel()) * dtype_size(t.dtype);
-  m_.resident.push_back(t);
+  if (src.kind != Source::kMatrix) {
+    t.dtype = DType::kF32;
+  } else {
+    auto want = opt_.quant.dtype.find(src.cls);
+    if (src.bits > 0 && want != opt_.quant.dtype.end()) {
+      // Already quantised by MLX: imported as is, never requantised.
+      t.dtype = src.bits == 8 ? DType::kQ8 : src.bits == 4 ? DType::kQ4 : DType::kQ2;
+      t.group = src.group;
+    } else if (want != opt_.quant.dtype.end()) {
+      const int bits = quant_bits(want->second);
+      for (int g : {opt_.quant.group, 128, 64, 32})
+        if (quantisable(src.cols, bits, g)) {
+          t.dtype = want->second;
+          t.group = g;
+          break;
+        }
+      if (t.group == 0) {
+        t.dtype = float_dtype(src);
+        report_.notes.push_back(fmt::format(
+            "{}: input dimension {} is divisible by no group size (32, 64, 128); kept {}", name,
+            src.cols, dtype_name(t.dtype)));
+      }
+    } else {
+      t.dtype = float_dtype(src);
+    }
+  }
+  t.nbytes = t.expected_bytes();
+  return t;
+}
+
+void Converter::add_resident(const std::string& name, std::vector<int64_t> shape, Source src) {
+  m_.resident.push_back(plan(name, std::move(shape), src));
   resident_src_.push_back(std::move(src));
 }
 
@@ -118,20 +252,22 @@ void Converter::plan_layer(int l) {
   const std::string hp = fmt::format("{}layers.{}.", prefix_, l);
   const std::string pp = fmt::format("blk.{}.", l);
   const auto norm = Source::kNormF32;
+  using C = TensorClass;
 
   add_resident(pp + "attn_norm", {H}, vec(hp + "input_layernorm.weight", H, norm));
   add_resident(pp + "ffn_norm", {H}, vec(hp + "post_attention_layernorm.weight", H, norm));
 
   if (s.attn[size_t(l)] == AttnKind::kFull) {
     const int64_t hd = s.head_dim, kv = int64_t(s.n_kv_heads) * hd;
-    add_resident(pp + "attn_q", {s.q_rows(), H}, matrix(hp + "self_attn.q_proj.weight", s.q_rows(), H));
-    add_resident(pp + "attn_k", {kv, H}, matrix(hp + "self_attn.k_proj.weight", kv, H));
-    add_resident(pp + "attn_v", {kv, H}, matrix(hp + "self_attn.v_proj.weight", kv, H));
+    const std::string a = hp + "self_attn.";
+    add_resident(pp + "attn_q", {s.q_rows(), H}, matrix(a + "q_proj.weight", s.q_rows(), H, C::kAttn));
+    add_resident(pp + "attn_k", {kv, H}, matrix(a + "k_proj.weight", kv, H, C::kAttn));
+    add_resident(pp + "attn_v", {kv, H}, matrix(a + "v_proj.weight", kv, H, C::kAttn));
     const int64_t o_in = int64_t(s.n_heads) * hd;
-    add_resident(pp + "attn_o", {H, o_in}, matrix(hp + "self_attn.o_proj.weight", H, o_in));
+    add_resident(pp + "attn_o", {H, o_in}, matrix(a + "o_proj.weight", H, o_in, C::kAttn));
     if (s.qk_norm) {
-      add_resident(pp + "attn_q_norm", {hd}, vec(hp + "self_attn.q_norm.weight", hd, norm));
-      add_resident(pp + "attn_k_norm", {hd}, vec(hp + "self_attn.k_norm.weight", hd, norm));
+      add_resident(pp + "attn_q_norm", {hd}, vec(a + "q_norm.weight", hd, norm));
+      add_resident(pp + "attn_k_norm", {hd}, vec(a + "k_norm.weight", hd, norm));
     }
   } else {
     const int64_t nk = s.lin_k_heads, nv = s.lin_v_heads, dk = s.lin_k_dim, dv = s.lin_v_dim;
@@ -141,54 +277,72 @@ void Converter::plan_layer(int l) {
       // Qwen3-Next packs [q k v z] per key-head group and [b a] per group; reorder the rows
       // into the Qwen3.5 layout ([q all | k all | v all], z, b, a).
       const int64_t grp = 2 * dk + 2 * r * dv;
-      const TensorInfo& t = need(la + "in_proj_qkvz.weight", {nk * grp, H});
-      const TensorInfo& ba = need(la + "in_proj_ba.weight", {nk * 2 * r, H});
-      Source q{{}, H, Source::kMatrix}, z{{}, H, Source::kMatrix};
-      for (int64_t g = 0; g < nk; g++) q.slices.push_back({&t, g * grp, dk});
-      for (int64_t g = 0; g < nk; g++) q.slices.push_back({&t, g * grp + dk, dk});
-      for (int64_t g = 0; g < nk; g++) q.slices.push_back({&t, g * grp + 2 * dk, r * dv});
-      for (int64_t g = 0; g < nk; g++) z.slices.push_back({&t, g * grp + 2 * dk + r * dv, r * dv});
-      Source b{{}, H, Source::kMatrix}, a{{}, H, Source::kMatrix};
-      for (int64_t g = 0; g < nk; g++) b.slices.push_back({&ba, g * 2 * r, r});
-      for (int64_t g = 0; g < nk; g++) a.slices.push_back({&ba, g * 2 * r + r, r});
-      add_resident(pp + "lin_qkv", {qkv, H}, q);
-      add_resident(pp + "lin_z", {vd, H}, z);
-      add_resident(pp + "lin_b", {nv, H}, b);
-      add_resident(pp + "lin_a", {nv, H}, a);
+      Source qkvz = matrix(la + "in_proj_qkvz.weight", nk * grp, H, C::kLinearAttn);
+      Source ba = matrix(la + "in_proj_ba.weight", nk * 2 * r, H, C::kLinearAttn);
+      auto pick = [](const Source& from, std::vector<std::pair<int64_t, int64_t>> runs) {
+        Source out = from;
+        out.slices.clear();
+        for (auto [row0, n] : runs) {
+          RowSlice sl = from.slices[0];
+          sl.row0 = row0;
+          sl.n_rows = n;
+          out.slices.push_back(sl);
+        }
+        return out;
+      };
+      std::vector<std::pair<int64_t, int64_t>> q, z, b, a;
+      for (int64_t g = 0; g < nk; g++) q.push_back({g * grp, dk});
+      for (int64_t g = 0; g < nk; g++) q.push_back({g * grp + dk, dk});
+      for (int64_t g = 0; g < nk; g++) q.push_back({g * grp + 2 * dk, r * dv});
+      for (int64_t g = 0; g < nk; g++) z.push_back({g * grp + 2 * dk + r * dv, r * dv});
+      for (int64_t g = 0; g < nk; g++) b.push_back({g * 2 * r, r});
+      for (int64_t g = 0; g < nk; g++) a.push_back({g * 2 * r + r, r});
+      add_resident(pp + "lin_qkv", {qkv, H}, pick(qkvz, q));
+      add_resident(pp + "lin_z", {vd, H}, pick(qkvz, z));
+      add_resident(pp + "lin_b", {nv, H}, pick(ba, b));
+      add_resident(pp + "lin_a", {nv, H}, pick(ba, a));
     } else {
-      add_resident(pp + "lin_qkv", {qkv, H}, matrix(la + "in_proj_qkv.weight", qkv, H));
-      add_resident(pp + "lin_z", {vd, H}, matrix(la + "in_proj_z.weight", vd, H));
-      add_resident(pp + "lin_b", {nv, H}, matrix(la + "in_proj_b.weight", nv, H));
-      add_resident(pp + "lin_a", {nv, H}, matrix(la + "in_proj_a.weight", nv, H));
+      add_resident(pp + "lin_qkv", {qkv, H}, matrix(la + "in_proj_qkv.weight", qkv, H, C::kLinearAttn));
+      add_resident(pp + "lin_z", {vd, H}, matrix(la + "in_proj_z.weight", vd, H, C::kLinearAttn));
+      add_resident(pp + "lin_b", {nv, H}, matrix(la + "in_proj_b.weight", nv, H, C::kLinearAttn));
+      add_resident(pp + "lin_a", {nv, H}, matrix(la + "in_proj_a.weight", nv, H, C::kLinearAttn));
     }
-    const TensorInfo& conv = need(la + "conv1d.weight", {qkv, 1, K});
-    add_resident(pp + "lin_conv", {qkv, K}, Source{{{&conv, 0, 1}}, qkv * K, Source::kVectorF32});
+    // HF stores the depthwise conv as [C, 1, K], MLX as [C, K, 1]: the same bytes.
+    const TensorInfo* conv = ckpt_.find(la + "conv1d.weight");
+    const bool mlx_conv = conv && conv->shape == std::vector<int64_t>{qkv, K, 1} && K != 1;
+    const TensorInfo& cw = need(la + "conv1d.weight", mlx_conv ? std::vector<int64_t>{qkv, K, 1}
+                                                                : std::vector<int64_t>{qkv, 1, K});
+    Source cs;
+    cs.slices.push_back({&cw, 0, 1});
+    cs.cols = qkv * K;
+    cs.kind = Source::kVectorF32;
+    add_resident(pp + "lin_conv", {qkv, K}, cs);
     add_resident(pp + "lin_A_log", {nv}, vec(la + "A_log", nv, Source::kVectorF32));
     add_resident(pp + "lin_dt_bias", {nv}, vec(la + "dt_bias", nv, Source::kVectorF32));
     // The gated norm inside the DeltaNet scales by plain w (not 1 + w) in every arch.
     add_resident(pp + "lin_norm", {dv}, vec(la + "norm.weight", dv, Source::kVectorF32));
-    add_resident(pp + "lin_out", {H, vd}, matrix(la + "out_proj.weight", H, vd));
+    add_resident(pp + "lin_out", {H, vd}, matrix(la + "out_proj.weight", H, vd, C::kLinearAttn));
   }
 
   if (s.ffn[size_t(l)] == FfnKind::kDense) {
     const int64_t I = s.dense_ffn;
-    add_resident(pp + "ffn_gate", {I, H}, matrix(hp + "mlp.gate_proj.weight", I, H));
-    add_resident(pp + "ffn_up", {I, H}, matrix(hp + "mlp.up_proj.weight", I, H));
-    add_resident(pp + "ffn_down", {H, I}, matrix(hp + "mlp.down_proj.weight", H, I));
+    add_resident(pp + "ffn_gate", {I, H}, matrix(hp + "mlp.gate_proj.weight", I, H, C::kDenseFfn));
+    add_resident(pp + "ffn_up", {I, H}, matrix(hp + "mlp.up_proj.weight", I, H, C::kDenseFfn));
+    add_resident(pp + "ffn_down", {H, I}, matrix(hp + "mlp.down_proj.weight", H, I, C::kDenseFfn));
     return;
   }
-  const std::string mp = hp + (s.arch == "mixtral" && ckpt_.find(hp + "block_sparse_moe.gate.weight")
-                                   ? "block_sparse_moe."
-                                   : "mlp.");
-  Source router = matrix(mp + "gate.weight", s.n_experts, H);
-  router.kind = Source::kVectorF32;  // routers stay f32: they decide which experts run
+  const std::string mp = hp + (ckpt_.find(hp + "block_sparse_moe.gate.weight") ? "block_sparse_moe." : "mlp.");
+  // Routers stay f32: they decide which experts run (an MLX 8-bit router is dequantised).
+  Source router = matrix(mp + "gate.weight", s.n_experts, H, C::kAttn);
+  router.kind = Source::kVectorF32;
   add_resident(pp + "moe_router", {s.n_experts, H}, router);
   if (s.shared_ffn > 0) {
     const int64_t S = s.shared_ffn;
-    add_resident(pp + "shexp_gate", {S, H}, matrix(mp + "shared_expert.gate_proj.weight", S, H));
-    add_resident(pp + "shexp_up", {S, H}, matrix(mp + "shared_expert.up_proj.weight", S, H));
-    add_resident(pp + "shexp_down", {H, S}, matrix(mp + "shared_expert.down_proj.weight", H, S));
-    Source g = matrix(mp + "shared_expert_gate.weight", 1, H);
+    const std::string se = mp + "shared_expert.";
+    add_resident(pp + "shexp_gate", {S, H}, matrix(se + "gate_proj.weight", S, H, C::kSharedExpert));
+    add_resident(pp + "shexp_up", {S, H}, matrix(se + "up_proj.weight", S, H, C::kSharedExpert));
+    add_resident(pp + "shexp_down", {H, S}, matrix(se + "down_proj.weight", H, S, C::kSharedExpert));
+    Source g = matrix(mp + "shared_expert_gate.weight", 1, H, C::kAttn);
     g.kind = Source::kVectorF32;
     add_resident(pp + "shexp_router", {1, H}, g);
   }
@@ -199,30 +353,44 @@ void Converter::plan_experts(int l) {
   const ModelSpec& s = cfg_.spec;
   const int64_t H = s.hidden_size, I = s.moe_ffn, E = s.n_experts;
   const std::string hp = fmt::format("{}layers.{}.", prefix_, l);
+  const auto X = TensorClass::kExperts;
   std::vector<std::array<Source, 3>> experts(static_cast<size_t>(E));
-  const std::string mp = hp + (ckpt_.find(hp + "block_sparse_moe.experts.0.w1.weight")
-                                   ? "block_sparse_moe."
-                                   : "mlp.");
+  const std::string mp = hp + (ckpt_.find(hp + "block_sparse_moe.gate.weight") ? "block_sparse_moe." : "mlp.");
+  // Row runs of stacked [E, rows, ...] sources: expert e's block of `rows` starting at `first`.
+  auto expert_rows = [](const Source& all, int64_t e, int64_t per_expert, int64_t first, int64_t n) {
+    Source out = all;
+    out.slices[0].row0 = e * per_expert + first;
+    out.slices[0].n_rows = n;
+    return out;
+  };
   const TensorInfo* gate_up = find_any({mp + "experts.gate_up_proj", mp + "experts.gate_up_proj.weight"});
-  if (gate_up) {
+  if (ckpt_.find(mp + "switch_mlp.gate_proj.weight") || ckpt_.find(mp + "switch_mlp.w1.weight")) {
+    // MLX: stacked [E, out, in] (possibly quantised), one tensor per projection.
+    const bool mixtral_names = ckpt_.find(mp + "switch_mlp.w1.weight") != nullptr;
+    const std::string sm = mp + "switch_mlp.";
+    Source g = stacked(sm + (mixtral_names ? "w1" : "gate_proj") + ".weight", E, I, H, X);
+    Source u = stacked(sm + (mixtral_names ? "w3" : "up_proj") + ".weight", E, I, H, X);
+    Source d = stacked(sm + (mixtral_names ? "w2" : "down_proj") + ".weight", E, H, I, X);
+    for (int64_t e = 0; e < E; e++)
+      experts[size_t(e)] = {expert_rows(g, e, I, 0, I), expert_rows(u, e, I, 0, I),
+                            expert_rows(d, e, H, 0, H)};
+  } else if (gate_up) {
     // Fused 3-D spelling: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I].
-    const TensorInfo& gu = need(gate_up->name, {E, 2 * I, H});
+    Source gu = stacked(gate_up->name, E, 2 * I, H, X);
     const TensorInfo* dp = find_any({mp + "experts.down_proj", mp + "experts.down_proj.weight"});
     if (!dp) fail(ErrorKind::kFormat, "{}: missing tensor '{}experts.down_proj'", hf_dir_, mp);
-    const TensorInfo& d = need(dp->name, {E, H, I});
-    for (int64_t e = 0; e < E; e++) {
-      experts[size_t(e)][0] = Source{{{&gu, e * 2 * I, I}}, H, Source::kMatrix};
-      experts[size_t(e)][1] = Source{{{&gu, e * 2 * I + I, I}}, H, Source::kMatrix};
-      experts[size_t(e)][2] = Source{{{&d, e * H, H}}, I, Source::kMatrix};
-    }
+    Source d = stacked(dp->name, E, H, I, X);
+    for (int64_t e = 0; e < E; e++)
+      experts[size_t(e)] = {expert_rows(gu, e, 2 * I, 0, I), expert_rows(gu, e, 2 * I, I, I),
+                            expert_rows(d, e, H, 0, H)};
   } else {
-    const bool mixtral_names = mp.ends_with("block_sparse_moe.");
+    const bool mixtral_names = ckpt_.find(mp + "experts.0.w1.weight") != nullptr;
     const char* names[3] = {"gate_proj", "up_proj", "down_proj"};
     const char* mnames[3] = {"w1", "w3", "w2"};
     for (int64_t e = 0; e < E; e++)
       for (int p = 0; p < 3; p++) {
         std::string n = fmt::format("{}experts.{}.{}.weight", mp, e, mixtral_names ? mnames[p] : names[p]);
-        experts[size_t(e)][size_t(p)] = p < 2 ? matrix(n, I, H) : matrix(n, H, I);
+        experts[size_t(e)][size_t(p)] = p < 2 ? matrix(n, I, H, X) : matrix(n, H, I, X);
       }
   }
   expert_src_.push_back(std::move(experts));
@@ -233,12 +401,12 @@ void Converter::check_leftovers() {
   for (const auto& name : ckpt_.names()) {
     if (used_.count(name)) continue;
     if (name.starts_with("model.visual.") || name.starts_with("visual.") ||
-        name.starts_with("model.vision_tower.")) {
+        name.starts_with("vision_tower.") || name.starts_with("model.vision_tower.")) {
       skipped_vision++;
     } else if (name.starts_with("mtp.") || name.starts_with("model.mtp.")) {
       skipped_mtp++;
-    } else if (name == "lm_head.weight" && cfg_.spec.tie_embeddings) {
-      report_.notes.push_back("lm_head.weight skipped: tie_word_embeddings uses the embedding");
+    } else if ((name == "lm_head.weight" || name == lm_head_name_) && cfg_.spec.tie_embeddings) {
+      report_.notes.push_back(name + " skipped: tie_word_embeddings uses the embedding");
     } else if (name.ends_with("rotary_emb.inv_freq")) {
       // a buffer some exporters save; recomputed from rope_theta
     } else {
@@ -253,44 +421,112 @@ void Converter::check_leftovers() {
     report_.notes.push_back(fmt::format("skipped {} mtp (multi-token prediction) tensors", skipped_mtp));
 }
 
-void Converter::write_tensor(FileWriter& w, const PackedTensor& t, const Source& src,
-                             std::vector<uint8_t>& buf) {
-  // Rows are converted one source slice at a time so no tensor is held whole in memory twice.
-  std::vector<float> tmp;
+// Writes `src` as package tensor `t` at the writer's current offset. Rows are processed one
+// slice at a time, so no tensor is held whole in memory.
+void Converter::write_tensor(FileWriter& w, const PackedTensor& t, const Source& src) {
+  const uint64_t base = w.offset();
+  const int64_t cols = src.cols;
+  const bool out_q = is_quant_dtype(t.dtype);
+  const int bits = out_q ? quant_bits(t.dtype) : 0;
+  QuantLayout ql{};
+  if (out_q) ql = quant_layout(t.shape[0], cols, bits, t.group);
+  const uint64_t wpr = out_q ? uint64_t(cols) * bits / 32 : 0, gpr = out_q ? uint64_t(cols / t.group) : 0;
+  int64_t out_row = 0;
+  constexpr int64_t kChunkRows = 256;
+  std::vector<uint32_t> packed;
+  std::vector<uint16_t> sc, bi;
   for (const auto& sl : src.slices) {
-    const TensorInfo& in = *sl.src;
-    const int64_t cols = src.cols;
-    const int64_t n = sl.n_rows * cols;
-    const uint8_t* p = in.data + uint64_t(sl.row0 * cols) * dtype_size(in.dtype);
-    MF_CHECK(uint64_t((sl.row0 + sl.n_rows) * cols) * dtype_size(in.dtype) <= in.nbytes);
-    if (in.dtype == t.dtype && src.kind != Source::kNormF32) {
-      w.write(p, uint64_t(n) * dtype_size(t.dtype));
-      continue;
+    for (int64_t r0 = 0; r0 < sl.n_rows; r0 += kChunkRows) {
+      const int64_t n = std::min(kChunkRows, sl.n_rows - r0), row = sl.row0 + r0;
+      const TensorInfo& in = *sl.src;
+      if (src.bits > 0 && out_q) {
+        // Quantised in, quantised out (MLX import): copy words, scales and biases.
+        MF_CHECK(src.bits == bits && src.group == t.group);
+        w.seek(base + uint64_t(out_row) * wpr * 4);
+        w.write(in.data + uint64_t(row) * wpr * 4, uint64_t(n) * wpr * 4);
+        w.seek(base + ql.packed_bytes + uint64_t(out_row) * gpr * 2);
+        w.write(sl.scales->data + uint64_t(row) * gpr * 2, uint64_t(n) * gpr * 2);
+        w.seek(base + ql.packed_bytes + ql.scales_bytes + uint64_t(out_row) * gpr * 2);
+        w.write(sl.biases->data + uint64_t(row) * gpr * 2, uint64_t(n) * gpr * 2);
+        out_row += n;
+        continue;
+      }
+      // Anything else goes through f32.
+      f32_.resize(size_t(n * cols));
+      if (src.bits > 0) {
+        const int64_t swpr = cols * src.bits / 32, sgpr = cols / src.group;
+        for (int64_t i = 0; i < n; i++)
+          dequantize_row(reinterpret_cast<const uint32_t*>(in.data) + (row + i) * swpr,
+                         reinterpret_cast<const uint16_t*>(sl.scales->data) + (row + i) * sgpr,
+                         reinterpret_cast<const uint16_t*>(sl.biases->data) + (row + i) * sgpr,
+                         cols, src.bits, src.group, f32_.data() + i * cols);
+      } else {
+        MF_CHECK(uint64_t((row + n) * cols) * dtype_size(in.dtype) <= in.nbytes);
+        if (!out_q && in.dtype == t.dtype && src.kind != Source::kNormF32) {
+          w.write(in.data + uint64_t(row * cols) * dtype_size(in.dtype), uint64_t(n * cols) * dtype_size(in.dtype));
+          out_row += n;
+          continue;
+        }
+        to_f32(in.dtype, in.data + uint64_t(row * cols) * dtype_size(in.dtype), f32_.data(), size_t(n * cols));
+      }
+      if (src.kind == Source::kNormF32 && cfg_.norm_one_plus && !mlx_)
+        for (auto& x : f32_) x += 1.0f;  // zero-centred norm: scale = 1 + w, folded here
+      if (out_q) {
+        packed.resize(size_t(uint64_t(n) * wpr));
+        sc.resize(size_t(uint64_t(n) * gpr));
+        bi.resize(size_t(uint64_t(n) * gpr));
+        quantize_rows(f32_.data(), n, cols, bits, t.group, packed.data(), sc.data(), bi.data());
+        w.seek(base + uint64_t(out_row) * wpr * 4);
+        w.write(packed.data(), packed.size() * 4);
+        w.seek(base + ql.packed_bytes + uint64_t(out_row) * gpr * 2);
+        w.write(sc.data(), sc.size() * 2);
+        w.seek(base + ql.packed_bytes + ql.scales_bytes + uint64_t(out_row) * gpr * 2);
+        w.write(bi.data(), bi.size() * 2);
+      } else {
+        buf_.resize(size_t(n * cols) * dtype_size(t.dtype));
+        from_f32(t.dtype, f32_.data(), buf_.data(), size_t(n * cols));
+        w.write(buf_.data(), buf_.size());
+      }
+      out_row += n;
     }
-    tmp.resize(size_t(n));
-    to_f32(in.dtype, p, tmp.data(), size_t(n));
-    if (src.kind == Source::kNormF32 && cfg_.norm_one_plus)
-      for (auto& x : tmp) x += 1.0f;  // zero-centred norm: scale = 1 + w, folded here
-    buf.resize(size_t(n) * dtype_size(t.dtype));
-    from_f32(t.dtype, tmp.data(), buf.data(), size_t(n));
-    w.write(buf.data(), buf.size());
   }
+  w.seek(base + t.nbytes);
 }
 
 ConvertReport Converter::run() {
   const ModelSpec& s = cfg_.spec;
-  if (ckpt_.find("model.language_model.embed_tokens.weight")) prefix_ = "model.language_model.";
-  else prefix_ = "model.";
+  if (ckpt_.find("language_model.model.embed_tokens.weight")) {
+    prefix_ = "language_model.model.";
+    lm_head_name_ = "language_model.lm_head.weight";
+  } else if (ckpt_.find("model.language_model.embed_tokens.weight")) {
+    prefix_ = "model.language_model.";
+  } else {
+    prefix_ = "model.";
+  }
+  // mlx-lm's sanitize stacks experts into switch_mlp, moves conv1d to [C, K, 1] and adds 1 to
+  // the zero-centred norms; a checkpoint it wrote must not be shifted again.
+  for (const auto& n : ckpt_.names()) {
+    const TensorInfo* t = ckpt_.find(n);
+    if (n.find(".switch_mlp.") != std::string::npos ||
+        (n.ends_with("conv1d.weight") && t->shape.size() == 3 && t->shape[2] == 1 && t->shape[1] != 1)) {
+      mlx_ = true;
+      break;
+    }
+  }
+  if (mlx_ && cfg_.norm_one_plus)
+    report_.notes.push_back("MLX checkpoint: norm weights already hold 1 + w");
   const int64_t V = s.vocab_size, H = s.hidden_size;
 
   m_.spec = s;
-  add_resident("embed", {V, H}, matrix(prefix_ + "embed_tokens.weight", V, H));
+  add_resident("embed", {V, H}, matrix(prefix_ + "embed_tokens.weight", V, H, TensorClass::kEmbed));
   for (int l = 0; l < s.n_layers; l++) plan_layer(l);
   add_resident("final_norm", {H}, vec(prefix_ + "norm.weight", H, Source::kNormF32));
-  if (!s.tie_embeddings) add_resident("lm_head", {V, H}, matrix("lm_head.weight", V, H));
+  if (!s.tie_embeddings)
+    add_resident("lm_head", {V, H},
+                 matrix(ckpt_.find(lm_head_name_) ? lm_head_name_ : "lm_head.weight", V, H,
+                        TensorClass::kLmHead));
   check_leftovers();
 
-  // Offsets.
   uint64_t off = 0;
   for (auto& t : m_.resident) {
     off = align_up(off, kFileAlign);
@@ -302,17 +538,18 @@ ConvertReport Converter::run() {
 
   ExpertLayout& ex = m_.experts;
   if (!expert_src_.empty()) {
-    const auto& e0 = expert_src_[0][0];
     const char* part_names[3] = {"gate", "up", "down"};
     const int64_t I = s.moe_ffn;
-    std::vector<int64_t> shapes[3] = {{I, H}, {I, H}, {H, I}};
+    const std::vector<int64_t> shapes[3] = {{I, H}, {I, H}, {H, I}};
     uint64_t poff = 0;
-    for (int p = 0; p < 3; p++) {
-      PackedTensor t;
-      t.name = part_names[p];
-      t.shape = shapes[p];
-      t.dtype = matrix_dtype(*e0[size_t(p)].slices[0].src);
-      t.nbytes = uint64_t(t.numel()) * dtype_size(t.dtype);
+    for (size_t p = 0; p < 3; p++) {
+      PackedTensor t = plan(part_names[p], shapes[p], expert_src_[0][0][p]);
+      for (const auto& layer : expert_src_)  // one layout for all experts of all layers
+        for (const auto& e : layer) {
+          PackedTensor other = plan(part_names[p], shapes[p], e[p]);
+          if (other.dtype != t.dtype || other.group != t.group)
+            fail(ErrorKind::kUnsupported, "{}: experts are stored with different dtypes or groups", hf_dir_);
+        }
       poff = align_up(poff, kPartAlign);
       t.offset = poff;
       poff += t.nbytes;
@@ -329,16 +566,15 @@ ConvertReport Converter::run() {
   fs::create_directories(out_dir_ + "/experts");
   uint64_t total = report_.resident_bytes + report_.expert_bytes, done = 0;
   Progress bar("convert", total, opt_.progress);
-  std::vector<uint8_t> buf;
   {
     FileWriter w(resident_path(out_dir_));
     for (size_t i = 0; i < m_.resident.size(); i++) {
       w.seek(m_.resident[i].offset);
-      write_tensor(w, m_.resident[i], resident_src_[i], buf);
+      write_tensor(w, m_.resident[i], resident_src_[i]);
       done += m_.resident[i].nbytes;
       bar.update(done);
     }
-    w.pad_to(kFileAlign);
+    w.pad_to(kFileAlign);  // the writer stands at the end of the last tensor
     MF_CHECK(w.offset() == m_.resident_bytes);
     w.close();
   }
@@ -347,8 +583,9 @@ ConvertReport Converter::run() {
     for (int e = 0; e < ex.count; e++) {
       for (size_t p = 0; p < 3; p++) {
         w.seek(uint64_t(e) * ex.stride + ex.parts[p].offset);
-        write_tensor(w, ex.parts[p], expert_src_[li][size_t(e)][p], buf);
+        write_tensor(w, ex.parts[p], expert_src_[li][size_t(e)][p]);
       }
+      w.seek(uint64_t(e) * ex.stride + ex.bytes);
       w.pad_to(kFileAlign);
       done += ex.bytes;
       bar.update(done);
@@ -365,11 +602,22 @@ ConvertReport Converter::run() {
       m_.tokenizer_files.push_back(f);
     }
   }
+  nlohmann::json recipe = nullptr;
+  if (opt_.quant.name != "none") {
+    recipe = nlohmann::json::object();
+    const std::map<TensorClass, const char*> names = {
+        {TensorClass::kEmbed, "embed"}, {TensorClass::kLmHead, "lm_head"}, {TensorClass::kAttn, "attn"},
+        {TensorClass::kLinearAttn, "linear_attn"}, {TensorClass::kSharedExpert, "shared_expert"},
+        {TensorClass::kDenseFfn, "dense_ffn"}, {TensorClass::kExperts, "experts"}};
+    for (auto [c, d] : opt_.quant.dtype) recipe[names.at(c)] = dtype_name(d);
+    recipe = {{"name", opt_.quant.name}, {"group_size", opt_.quant.group}, {"classes", recipe}};
+  }
   m_.provenance = {{"source", fs::absolute(hf_dir_).string()},
                    {"source_model_type", cfg_.model_type},
                    {"source_dtype", cfg_.source_dtype},
+                   {"source_format", mlx_ ? "mlx" : "hf"},
                    {"converter", std::string("moeflux ") + MOEFLUX_VERSION},
-                   {"quantisation", nullptr},
+                   {"quantisation", recipe},
                    {"notes", report_.notes}};
   write_manifest(out_dir_, m_);
   return report_;

@@ -2,6 +2,7 @@
 // runtime reads one normalised form (see format/package.h for the layout and README for names).
 #pragma once
 
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -10,13 +11,31 @@
 
 namespace moeflux {
 
+// What a matrix is for; a quantisation recipe picks a dtype per class. Routers, norms, conv
+// weights, A_log and dt_bias are never quantised (they are stored f32).
+enum class TensorClass { kEmbed, kLmHead, kAttn, kLinearAttn, kSharedExpert, kDenseFfn, kExperts };
+
+struct QuantRecipe {
+  std::string name = "none";
+  std::map<TensorClass, DType> dtype;  // absent: unquantised (the float dtype of the package)
+  int group = 64;                      // preferred group size; 128 and 32 are tried when it doesn't fit
+};
+
+// Named recipes: "none", "q8", "q4" (experts, attention, linear attention, shared expert,
+// embedding q4; lm_head q8 — 4.5 / 8.5 bits per weight), "q2" (experts q2, the rest as q4).
+QuantRecipe quant_recipe(const std::string& name);
+// Per-class override: cls is one of experts, attn (full and linear attention), shared, dense,
+// embed, lm-head; dtype one of q8, q4, q2, none.
+void override_recipe(QuantRecipe& r, const std::string& cls, const std::string& dtype);
+
 struct ConvertOptions {
-  std::optional<DType> dtype;  // matrices; default: the checkpoint's own float dtype
+  std::optional<DType> dtype;  // unquantised matrices; default: the checkpoint's own float dtype
+  QuantRecipe quant;           // ignored for tensors an MLX checkpoint already quantised
   bool progress = true;
 };
 
 struct ConvertReport {
-  std::vector<std::string> notes;  // skipped tensors, ties, ... (one line each)
+  std::vector<std::string> notes;  // skipped tensors, ties, unquantisable matrices (one line each)
   uint64_t resident_bytes = 0;
   uint64_t expert_bytes = 0;  // all layers, all experts (used bytes, not padding)
 };

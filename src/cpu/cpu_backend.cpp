@@ -1,11 +1,12 @@
-// CPU backend: f32 compute over f32/bf16/f16 weights. Work is split by output rows (or heads),
-// never inside a reduction, so results are bit-identical for any thread count.
+// CPU backend: f32 compute over f32/bf16/f16 and q8/q4/q2 weights. Work is split by output rows
+// (or heads), never inside a reduction, so results are bit-identical for any thread count.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/matmul.h"
 #include "engine/backend.h"
 #include "util/error.h"
 #include "util/thread_pool.h"
@@ -26,7 +27,10 @@ class CpuBackend final : public Backend {
   int threads() const override { return pool_.size(); }
 
   float* alloc(size_t n) override {
-    return static_cast<float*>(std::calloc(std::max<size_t>(n, 1), sizeof(float)));
+    void* p = std::calloc(std::max<size_t>(n, 1), sizeof(float));
+    if (!p) fail(ErrorKind::kIo, "out of memory: cannot allocate {} floats ({} bytes)", n,
+                 n * sizeof(float));
+    return static_cast<float*>(p);
   }
   void release(float* p) override { std::free(p); }
   void upload(float* dst, const float* host, size_t n) override {
@@ -40,20 +44,15 @@ class CpuBackend final : public Backend {
   }
 
   void embed(const Mat& E, const int32_t* tokens, int T, float* out) override {
-    const size_t es = dtype_size(E.dtype);
-    for (int t = 0; t < T; t++) {
-      const auto* row = static_cast<const uint8_t*>(E.data) + size_t(tokens[t]) * E.cols * es;
-      to_f32(E.dtype, row, out + size_t(t) * E.cols, size_t(E.cols));
-    }
+    for (int t = 0; t < T; t++) mat_row_f32(E, tokens[t], out + size_t(t) * E.cols);
   }
 
   void matmul(const Mat& W, const float* x, float* y, int T) override {
-    const int64_t rows = W.rows, cols = W.cols;
-    pool_.parallel_for(rows, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; r++)
-        for (int t = 0; t < T; t++)
-          y[size_t(t) * rows + r] = dot_row(W, r, x + size_t(t) * cols);
-    }, 8);
+    // Rows split over threads in blocks of 16 (the kernels take rows 4 at a time); each
+    // output's bits do not depend on the split or on T (cpu/matmul.h).
+    pool_.parallel_for(W.rows, [&](int64_t r0, int64_t r1) {
+      matmul_rows(W, r0, r1, x, T, y, W.rows);
+    }, 16);
   }
 
   void rmsnorm(const float* x, const float* w, float* y, int rows, int n, int stride,

@@ -2,8 +2,6 @@
 
 #include <cmath>
 
-#include "util/half.h"
-
 // Vectorised by the compiler per target (target_clones); the loops are written with explicit
 // independent partial sums so vectorising does not reorder any addition.
 #define MF_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
@@ -26,14 +24,6 @@ inline float dot_impl(const Load& load, const float* x, int64_t n) {
 
 MF_CLONES float dot_f32(const float* a, const float* b, int64_t n) {
   return dot_impl([a](int64_t i) { return a[i]; }, b, n);
-}
-
-MF_CLONES float dot_bf16(const uint16_t* w, const float* x, int64_t n) {
-  return dot_impl([w](int64_t i) { return bf16_to_f32(w[i]); }, x, n);
-}
-
-MF_CLONES float dot_f16(const uint16_t* w, const float* x, int64_t n) {
-  return dot_impl([w](int64_t i) { return f16_to_f32(w[i]); }, x, n);
 }
 
 MF_CLONES void axpy(float a, const float* x, float* y, int64_t n) {

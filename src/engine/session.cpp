@@ -19,18 +19,25 @@ Session::Session(const Model& model, Backend& backend, ExpertStore& store, Sessi
     : model_(model), spec_(model.spec()), be_(backend), store_(store) {
   ctx_ = params.ctx > 0 ? params.ctx : std::min(spec_.ctx_train > 0 ? spec_.ctx_train : 4096, 4096);
   const ModelSpec& s = spec_;
-  for (int l = 0; l < s.n_layers; l++) {
-    size_t na, nb;
-    if (s.attn[size_t(l)] == AttnKind::kFull) {
-      na = nb = size_t(ctx_) * s.n_kv_heads * s.head_dim;
-    } else {
-      na = size_t(s.conv_kernel - 1) * s.lin_qkv_dim();
-      nb = size_t(s.lin_v_heads) * s.lin_k_dim * s.lin_v_dim;
+  try {
+    for (int l = 0; l < s.n_layers; l++) {
+      size_t na, nb;
+      if (s.attn[size_t(l)] == AttnKind::kFull) {
+        na = nb = size_t(ctx_) * s.n_kv_heads * s.head_dim;
+      } else {
+        na = size_t(s.conv_kernel - 1) * s.lin_qkv_dim();
+        nb = size_t(s.lin_v_heads) * s.lin_k_dim * s.lin_v_dim;
+      }
+      state_a_.push_back(be_.alloc(na));
+      state_b_.push_back(be_.alloc(nb));
+      state_a_n_.push_back(na);
+      state_b_n_.push_back(nb);
     }
-    state_a_.push_back(be_.alloc(na));
-    state_b_.push_back(be_.alloc(nb));
-    state_a_n_.push_back(na);
-    state_b_n_.push_back(nb);
+  } catch (...) {
+    // The destructor does not run for a throwing constructor: give back what was allocated.
+    for (float* p : state_a_) be_.release(p);
+    for (float* p : state_b_) be_.release(p);
+    throw;
   }
   scratch_.assign(kNumSlots, nullptr);
   scratch_n_.assign(kNumSlots, 0);

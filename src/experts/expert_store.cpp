@@ -59,9 +59,7 @@ std::unique_ptr<ExpertBatch> ExpertStore::fetch(int moe_index, const std::vector
   if (!mem) fail(ErrorKind::kIo, "out of memory for {} expert buffers", experts.size());
   b->storage_ = std::unique_ptr<uint8_t, void (*)(void*)>(static_cast<uint8_t*>(mem), std::free);
   const auto& parts = layout_.parts;
-  auto view = [&](const PackedTensor& p, const uint8_t* base) {
-    return Mat{p.dtype, p.shape[0], p.shape[1], base + p.offset};
-  };
+  auto view = [&](const PackedTensor& p, const uint8_t* base) { return mat_view(p, base + p.offset); };
   for (size_t i = 0; i < experts.size(); i++) {
     MF_CHECK(experts[i] >= 0 && experts[i] < layout_.count);
     uint8_t* dst = b->storage_.get() + i * stride;

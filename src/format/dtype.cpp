@@ -20,6 +20,8 @@ constexpr Entry kTable[] = {
     {DType::kI32, 4, "I32", "i32"},  {DType::kI64, 8, "I64", "i64"},
     {DType::kU8, 1, "U8", "u8"},     {DType::kF64, 8, "F64", "f64"},
     {DType::kBool, 1, "BOOL", "bool"},
+    {DType::kQ8, 0, "", "q8"},       {DType::kQ4, 0, "", "q4"},
+    {DType::kQ2, 0, "", "q2"},
 };
 const Entry& entry(DType t) { return kTable[size_t(t)]; }
 }  // namespace
@@ -30,7 +32,7 @@ std::string_view dtype_name(DType t) { return entry(t).name; }
 
 bool dtype_from_st_name(std::string_view s, DType* out) {
   for (const auto& e : kTable)
-    if (s == e.st) return *out = e.t, true;
+    if (!s.empty() && s == e.st) return *out = e.t, true;
   return false;
 }
 

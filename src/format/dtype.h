@@ -7,9 +7,10 @@
 
 namespace moeflux {
 
-enum class DType : uint8_t { kF32, kBF16, kF16, kU32, kI32, kI64, kU8, kF64, kBool };
+// kQ8/kQ4/kQ2 exist only in packages: MLX-style affine group quantisation (format/quant.h).
+enum class DType : uint8_t { kF32, kBF16, kF16, kU32, kI32, kI64, kU8, kF64, kBool, kQ8, kQ4, kQ2 };
 
-// Bytes per element.
+// Bytes per element (0 for the quantised dtypes: use format/quant.h for their sizes).
 size_t dtype_size(DType t);
 // Safetensors spelling: "F32", "BF16", ...
 std::string_view dtype_st_name(DType t);
@@ -17,6 +18,11 @@ bool dtype_from_st_name(std::string_view s, DType* out);
 // Lower-case spelling used in the package manifest and on the command line: "f32", "bf16", ...
 std::string_view dtype_name(DType t);
 bool dtype_from_name(std::string_view s, DType* out);
+
+inline bool is_quant_dtype(DType t) {
+  return t == DType::kQ8 || t == DType::kQ4 || t == DType::kQ2;
+}
+inline int quant_bits(DType t) { return t == DType::kQ8 ? 8 : t == DType::kQ4 ? 4 : 2; }
 
 inline bool is_float_dtype(DType t) {
   return t == DType::kF32 || t == DType::kBF16 || t == DType::kF16 || t == DType::kF64;

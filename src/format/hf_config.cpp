@@ -19,6 +19,8 @@ json parse_json_file(const std::string& path) {
     return json::parse(read_text_file(path));
   } catch (const json::parse_error& e) {
     fail(ErrorKind::kFormat, "{}: malformed JSON at byte {}: {}", path, e.byte, e.what());
+  } catch (const json::exception& e) {  // e.g. a number that overflows a double
+    fail(ErrorKind::kFormat, "{}: malformed JSON: {}", path, e.what());
   }
 }
 
@@ -137,8 +139,9 @@ HfConfig read_hf_config(const std::string& dir) {
   if (f.has("layer_types")) {
     const json& lt = (*cfg)["layer_types"];
     if (!lt.is_array() || int(lt.size()) != s.n_layers)
-      fail(ErrorKind::kFormat, "{}: field 'layer_types' must list {} layer kinds", where,
-           s.n_layers);
+      fail(ErrorKind::kFormat,
+           "{}: field 'layer_types' must list {} layer kinds (num_hidden_layers), got {}", where,
+           s.n_layers, lt.is_array() ? fmt::format("{} entries", lt.size()) : lt.dump());
     for (size_t i = 0; i < lt.size(); i++) {
       if (lt[i] == "full_attention") s.attn.push_back(AttnKind::kFull);
       else if (lt[i] == "linear_attention" && hybrid) s.attn.push_back(AttnKind::kLinear);

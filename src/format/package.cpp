@@ -19,6 +19,12 @@ int64_t PackedTensor::numel() const {
   return n;
 }
 
+uint64_t PackedTensor::expected_bytes() const {
+  if (is_quant_dtype(dtype))
+    return shape.size() == 2 ? quant_layout(shape[0], shape[1], quant_bits(dtype), group).total() : 0;
+  return uint64_t(numel()) * dtype_size(dtype);
+}
+
 const PackedTensor* Manifest::find(const std::string& name) const {
   for (const auto& t : resident)
     if (t.name == name) return &t;
@@ -34,8 +40,10 @@ std::string expert_file_path(const std::string& dir, int layer) {
 namespace {
 
 json tensor_to_json(const PackedTensor& t) {
+  json q = nullptr;
+  if (is_quant_dtype(t.dtype)) q = json{{"group_size", t.group}};
   return json{{"name", t.name},   {"offset", t.offset}, {"nbytes", t.nbytes},
-              {"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"quant", t.quant}};
+              {"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"quant", q}};
 }
 
 struct Reader {
@@ -67,7 +75,8 @@ struct Reader {
     t.offset = get_u64(j, "offset", c);
     t.nbytes = get_u64(j, "nbytes", c);
     std::string dt = get_str(j, "dtype", c);
-    if (!dtype_from_name(dt, &t.dtype) || !is_float_dtype(t.dtype) || t.dtype == DType::kF64)
+    if (!dtype_from_name(dt, &t.dtype) ||
+        !((is_float_dtype(t.dtype) && t.dtype != DType::kF64) || is_quant_dtype(t.dtype)))
       fail(ErrorKind::kFormat, "{}: {}unsupported dtype '{}'", where, c, dt);
     const json& shape = field(j, "shape", c);
     if (!shape.is_array() || shape.empty() || shape.size() > 4)
@@ -76,15 +85,24 @@ struct Reader {
     for (const auto& d : shape) {
       if (!d.is_number_unsigned() || d.get<uint64_t>() == 0 || d.get<uint64_t>() > (1ull << 32))
         fail(ErrorKind::kFormat, "{}: {}bad dimension {} in shape", where, c, d.dump());
+      // Four dims of up to 2^32 overflow 64 bits (numel() and the byte count would wrap).
+      if (numel > (uint64_t(1) << 48) / d.get<uint64_t>())
+        fail(ErrorKind::kFormat, "{}: {}shape {} is implausibly large", where, c, shape.dump());
       numel *= d.get<uint64_t>();
       t.shape.push_back(d.get<int64_t>());
     }
-    if (j.contains("quant") && !j["quant"].is_null())
-      fail(ErrorKind::kUnsupported,
-           "{}: {}quantised tensors are not supported by this version of moeflux", where, c);
-    if (numel * dtype_size(t.dtype) != t.nbytes)
+    if (is_quant_dtype(t.dtype)) {
+      const json& q = field(j, "quant", c);
+      t.group = int(get_u64(q, "group_size", c + "quant: "));
+      if (t.shape.size() != 2 || !quantisable(t.shape[1], quant_bits(t.dtype), t.group))
+        fail(ErrorKind::kFormat, "{}: {}{} with group_size {} does not fit shape [{}]", where, c, dt,
+             t.group, fmt::join(t.shape, ", "));
+    } else if (j.contains("quant") && !j["quant"].is_null()) {
+      fail(ErrorKind::kFormat, "{}: {}field 'quant' must be null for dtype {}", where, c, dt);
+    }
+    if (t.expected_bytes() != t.nbytes)
       fail(ErrorKind::kFormat, "{}: {}{} x {} needs {} bytes, manifest says {}", where, c, dt,
-           fmt::format("[{}]", fmt::join(t.shape, ", ")), numel * dtype_size(t.dtype), t.nbytes);
+           fmt::format("[{}]", fmt::join(t.shape, ", ")), t.expected_bytes(), t.nbytes);
     return t;
   }
 };
@@ -140,6 +158,8 @@ Manifest read_manifest(const std::string& dir) {
     j = json::parse(read_text_file(path));
   } catch (const json::parse_error& e) {
     fail(ErrorKind::kFormat, "{}: malformed JSON at byte {}: {}", path, e.byte, e.what());
+  } catch (const json::exception& e) {  // e.g. a number that overflows a double
+    fail(ErrorKind::kFormat, "{}: malformed JSON: {}", path, e.what());
   }
   Reader r{path};
   if (!j.is_object() || !j.contains("format") || j["format"] != "moeflux")
@@ -163,9 +183,10 @@ Manifest read_manifest(const std::string& dir) {
     if (t.offset % kFileAlign)
       fail(ErrorKind::kFormat, "{}: resident tensor '{}' offset {} is not {}-byte aligned", path,
            t.name, t.offset, kFileAlign);
-    if (t.offset + t.nbytes > m.resident_bytes)
-      fail(ErrorKind::kFormat, "{}: resident tensor '{}' [{}, {}) runs past resident.bin ({} bytes)",
-           path, t.name, t.offset, t.offset + t.nbytes, m.resident_bytes);
+    if (t.nbytes > m.resident_bytes || t.offset > m.resident_bytes - t.nbytes)  // no wrap-around
+      fail(ErrorKind::kFormat,
+           "{}: resident tensor '{}' ({} bytes at offset {}) runs past resident.bin ({} bytes)",
+           path, t.name, t.nbytes, t.offset, m.resident_bytes);
     all.push_back(&t);
   }
   check_no_overlap(all, path + " resident");
@@ -175,7 +196,10 @@ Manifest read_manifest(const std::string& dir) {
         fail(ErrorKind::kFormat, "{}: resident tensor '{}' listed twice", path, m.resident[i].name);
 
   const json& ex = r.field(j, "experts", "");
-  m.experts.count = int(r.get_u64(ex, "count", "experts: "));
+  const uint64_t count = r.get_u64(ex, "count", "experts: ");
+  if (count > (1u << 20))
+    fail(ErrorKind::kFormat, "{}: experts.count {} is implausibly large", path, count);
+  m.experts.count = int(count);
   m.experts.bytes = r.get_u64(ex, "bytes", "experts: ");
   m.experts.stride = r.get_u64(ex, "stride", "experts: ");
   const json& parts = r.field(ex, "parts", "experts: ");
@@ -198,14 +222,19 @@ Manifest read_manifest(const std::string& dir) {
     if (m.experts.count != s.n_experts)
       fail(ErrorKind::kFormat, "{}: experts.count {} != model n_experts {}", path, m.experts.count,
            s.n_experts);
-    if (m.experts.stride % kFileAlign || m.experts.stride < m.experts.bytes)
-      fail(ErrorKind::kFormat, "{}: experts.stride {} must be a multiple of {} and >= bytes {}",
-           path, m.experts.stride, kFileAlign, m.experts.bytes);
+    if (m.experts.stride % kFileAlign || m.experts.stride < m.experts.bytes ||
+        m.experts.stride > (uint64_t(1) << 40))  // count x stride must not wrap
+      fail(ErrorKind::kFormat,
+           "{}: experts.stride {} must be a multiple of {}, >= bytes {} and at most 1 TiB", path,
+           m.experts.stride, kFileAlign, m.experts.bytes);
     std::vector<const PackedTensor*> ps;
     for (const auto& p : m.experts.parts) {
-      if (p.offset % kPartAlign || p.offset + p.nbytes > m.experts.bytes)
-        fail(ErrorKind::kFormat, "{}: expert part '{}' [{}, {}) is misaligned or outside the {}-byte record",
-             path, p.name, p.offset, p.offset + p.nbytes, m.experts.bytes);
+      if (p.offset % kPartAlign || p.nbytes > m.experts.bytes ||
+          p.offset > m.experts.bytes - p.nbytes)  // no wrap-around
+        fail(ErrorKind::kFormat,
+             "{}: expert part '{}' ({} bytes at offset {}) is misaligned or outside the "
+             "{}-byte record",
+             path, p.name, p.nbytes, p.offset, m.experts.bytes);
       ps.push_back(&p);
     }
     check_no_overlap(ps, path + " expert parts");

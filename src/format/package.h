@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "format/dtype.h"
+#include "format/quant.h"
 #include "model/spec.h"
 
 namespace moeflux {
@@ -27,10 +28,11 @@ struct PackedTensor {
   uint64_t nbytes = 0;
   DType dtype = DType::kF32;
   std::vector<int64_t> shape;
-  // Reserved for quantised dtypes (group size, scales/biases offsets); null when unquantised.
-  nlohmann::json quant;
+  int group = 0;  // quantised dtypes: group size (format/quant.h); 0 otherwise
 
   int64_t numel() const;
+  // Bytes the tensor's dtype and shape imply (for quantised dtypes: packed + scales + biases).
+  uint64_t expected_bytes() const;
 };
 
 struct ExpertLayout {

@@ -40,6 +40,8 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : file_(path) {
   } catch (const json::parse_error& e) {
     fail(ErrorKind::kFormat, "{}: malformed safetensors header JSON at byte {}: {}", path,
          e.byte, e.what());
+  } catch (const json::exception& e) {  // e.g. a number that overflows a double
+    fail(ErrorKind::kFormat, "{}: malformed safetensors header JSON: {}", path, e.what());
   }
   if (!j.is_object()) fail(ErrorKind::kFormat, "{}: safetensors header is not a JSON object", path);
   const uint64_t data_start = 8 + header_len;
@@ -127,6 +129,8 @@ Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
       j = json::parse(read_text_file(index_path));
     } catch (const json::parse_error& e) {
       fail(ErrorKind::kFormat, "{}: malformed JSON at byte {}: {}", index_path, e.byte, e.what());
+    } catch (const json::exception& e) {  // e.g. a number that overflows a double
+      fail(ErrorKind::kFormat, "{}: malformed JSON: {}", index_path, e.what());
     }
     if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
       fail(ErrorKind::kFormat, "{}: missing object 'weight_map'", index_path);

@@ -7,6 +7,29 @@
 
 namespace moeflux {
 
+Mat mat_view(const PackedTensor& t, const uint8_t* base) {
+  Mat m{t.dtype, t.shape[0], t.shape.size() > 1 ? t.shape[1] : 1, base};
+  if (is_quant_dtype(t.dtype)) {
+    const QuantLayout q = quant_layout(m.rows, m.cols, quant_bits(t.dtype), t.group);
+    m.scales = reinterpret_cast<const uint16_t*>(base + q.packed_bytes);
+    m.biases = reinterpret_cast<const uint16_t*>(base + q.packed_bytes + q.scales_bytes);
+    m.group = t.group;
+  }
+  return m;
+}
+
+void mat_row_f32(const Mat& m, int64_t r, float* out) {
+  if (is_quant_dtype(m.dtype)) {
+    const int bits = quant_bits(m.dtype);
+    const int64_t wpr = m.cols * bits / 32, gpr = m.cols / m.group;
+    dequantize_row(static_cast<const uint32_t*>(m.data) + r * wpr, m.scales + r * gpr,
+                   m.biases + r * gpr, m.cols, bits, m.group, out);
+  } else {
+    to_f32(m.dtype, static_cast<const uint8_t*>(m.data) + size_t(r * m.cols) * dtype_size(m.dtype),
+           out, size_t(m.cols));
+  }
+}
+
 const PackedTensor& Model::find(const std::string& name) {
   const PackedTensor* t = manifest_.find(name);
   if (!t) fail(ErrorKind::kFormat, "{}: missing tensor '{}'", manifest_path(dir_), name);
@@ -21,7 +44,7 @@ Mat Model::bind_mat(const std::string& name, int64_t rows, int64_t cols, bool f3
   if (f32_only && t.dtype != DType::kF32)
     fail(ErrorKind::kFormat, "{}: tensor '{}' has dtype {}, expected f32", manifest_path(dir_),
          name, dtype_name(t.dtype));
-  return Mat{t.dtype, rows, cols, resident_.data() + t.offset};
+  return mat_view(t, resident_.data() + t.offset);
 }
 
 const float* Model::bind_vec(const std::string& name, std::vector<int64_t> shape) {

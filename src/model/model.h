@@ -11,13 +11,23 @@
 
 namespace moeflux {
 
-// A row-major matrix [rows, cols] in package memory (f32, bf16 or f16).
+// A row-major matrix [rows, cols] in package memory: f32, bf16, f16, or quantised (q8/q4/q2:
+// `data` is the packed u32 words [rows, cols*bits/32], with bf16 scales and biases
+// [rows, cols/group]; see format/quant.h).
 struct Mat {
   DType dtype = DType::kF32;
   int64_t rows = 0, cols = 0;
   const void* data = nullptr;
+  const uint16_t* scales = nullptr;
+  const uint16_t* biases = nullptr;
+  int group = 0;
   explicit operator bool() const { return data != nullptr; }
 };
+
+// A view of a package tensor whose bytes start at `base`.
+Mat mat_view(const PackedTensor& t, const uint8_t* base);
+// Row r of m as f32 (dequantised for q8/q4/q2), out: [m.cols].
+void mat_row_f32(const Mat& m, int64_t r, float* out);
 
 struct LayerWeights {
   AttnKind attn;

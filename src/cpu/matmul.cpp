@@ -1,0 +1,969 @@
+// matmul_rows: a scalar reference, an AVX2+FMA+F16C path and an AVX-512 (F+BW) path, all with
+// the one summation order described in matmul.h, so they are bit-identical to each other.
+//
+// Every SIMD path has two drivers over the same arithmetic:
+//   * stream (small T, the decode case): R rows at a time; each 16-column chunk of each row is
+//     made f32 in registers (loaded, widened or dequantised) and FMA'd into the U tokens' lane
+//     accumulators. At T = 1 this is a pure streaming read of the weights; R independent rows
+//     give R independent FMA chains, which hide the FMA latency (one output's lanes are one
+//     serial chain by definition).
+//   * panel (larger T, prefill): a panel of rows is widened/dequantised once into an f32
+//     scratch that stays in L2, then a register-blocked R x U micro-kernel runs every token
+//     over it, so dequantisation is paid once per weight, not once per token.
+// Both produce, per (row, token, lane), the same FMA sequence on the same f32 weights, then the
+// same reduction tree, so which driver ran (which depends on T) never shows in the bits.
+#include "cpu/matmul.h"
+
+// GCC 12's AVX-512 headers build their "undefined" vectors as `__m512 __Y = __Y;`, which its own
+// -Wuninitialized then reports at every use (GCC PR 105593, fixed in 13).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "format/quant.h"
+#include "util/error.h"
+#include "util/half.h"
+
+namespace moeflux {
+
+namespace {
+
+constexpr int kLanes = 16;
+
+// Loops over the R rows / U tokens of a register block must be unrolled for their accumulators
+// to live in registers (-O2 does not do it by itself).
+#define MF_UNROLL _Pragma("GCC unroll 32")
+
+// The rows of a weight matrix, whatever its dtype. Row r of a quantised matrix: words
+// data + r*words_per_row, scales/biases + r*groups_per_row.
+struct WeightView {
+  DType dtype;
+  int bits;  // 8/4/2 for quantised, 0 for float dtypes
+  int group;
+  int64_t cols;
+  const void* data;
+  const uint16_t* scales;
+  const uint16_t* biases;
+  int64_t words_per_row, groups_per_row;
+
+  explicit WeightView(const Mat& W)
+      : dtype(W.dtype), bits(is_quant_dtype(W.dtype) ? quant_bits(W.dtype) : 0), group(W.group),
+        cols(W.cols), data(W.data), scales(W.scales), biases(W.biases) {
+    words_per_row = bits ? cols * bits / 32 : 0;
+    groups_per_row = bits ? cols / group : 0;
+  }
+  const float* f32_row(int64_t r) const { return static_cast<const float*>(data) + r * cols; }
+  const uint16_t* u16_row(int64_t r) const {
+    return static_cast<const uint16_t*>(data) + r * cols;
+  }
+  const uint32_t* q_row(int64_t r) const {
+    return static_cast<const uint32_t*>(data) + r * words_per_row;
+  }
+  const uint16_t* s_row(int64_t r) const { return scales + r * groups_per_row; }
+  const uint16_t* b_row(int64_t r) const { return biases + r * groups_per_row; }
+};
+
+// Exact f32 values of one row (dequantize_row for quantised dtypes: the definition).
+void widen_row_scalar(const WeightView& w, int64_t r, float* out) {
+  switch (w.dtype) {
+    case DType::kF32:
+      std::memcpy(out, w.f32_row(r), size_t(w.cols) * sizeof(float));
+      return;
+    case DType::kBF16:
+      for (int64_t c = 0; c < w.cols; c++) out[c] = bf16_to_f32(w.u16_row(r)[c]);
+      return;
+    case DType::kF16:
+      for (int64_t c = 0; c < w.cols; c++) out[c] = f16_to_f32(w.u16_row(r)[c]);
+      return;
+    default:
+      dequantize_row(w.q_row(r), w.s_row(r), w.b_row(r), w.cols, w.bits, w.group, out);
+  }
+}
+
+// Per-thread f32 scratch buffers: a row (scalar path) or a panel (SIMD mat-mul), and the f32
+// scales and biases of a block of quantised rows.
+enum ScratchSlot { kPanelScratch, kParamScratch };
+float* scratch(ScratchSlot slot, size_t n) {
+  thread_local std::vector<float> buf[2];
+  if (buf[slot].size() < n) buf[slot].resize(n);
+  return buf[slot].data();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalar reference.
+
+float reduce_lanes_scalar(float* a) {
+  for (int w = kLanes / 2; w >= 1; w /= 2)
+    for (int j = 0; j < w; j++) a[j] = a[j] + a[j + w];
+  return a[0];
+}
+
+float dot_lanes_scalar(const float* w, const float* x, int64_t n) {
+  float acc[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes)
+    for (int j = 0; j < kLanes; j++) acc[j] = std::fma(w[c + j], x[c + j], acc[j]);
+  for (int j = 0; c + j < n; j++) acc[j] = std::fma(w[c + j], x[c + j], acc[j]);
+  return reduce_lanes_scalar(acc);
+}
+
+void matmul_scalar(const Mat& W, int64_t r0, int64_t r1, const float* x, int T, float* y,
+                   int64_t ys) {
+  const WeightView wv(W);
+  float* row = W.dtype == DType::kF32 ? nullptr : scratch(kPanelScratch, size_t(W.cols));
+  for (int64_t r = r0; r < r1; r++) {
+    const float* w = row ? row : wv.f32_row(r);
+    if (row) widen_row_scalar(wv, r, row);
+    for (int t = 0; t < T; t++) y[t * ys + r] = dot_lanes_scalar(w, x + t * W.cols, W.cols);
+  }
+}
+
+// Rows per panel of the SIMD mat-mul drivers: the f32 panel (rows x cols) about 256 KiB so it
+// stays in L2 while every token block runs over it; a multiple of 4 (the micro-kernel's R).
+int64_t panel_rows(int64_t cols) {
+  const int64_t r = (int64_t(256) << 10) / (std::max<int64_t>(cols, 1) * 4);
+  return std::clamp<int64_t>(r / 4 * 4, 4, 64);
+}
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// ---------------------------------------------------------------------------------------------
+// Quantised weights on the SIMD paths.
+//
+// Code q of a group decodes to fl(fl(q * s) + b) (dequantize_row). q * s is exact in f32 (q has
+// at most 8 significant bits and s, a bf16, 8), so that equals fl(q * s + b) = fma(q, s, b): one
+// instruction, the same bits. (Only a q * s that overflows f32 would differ; no scale written by
+// quantize_rows comes near.) q4 and q2 go further: a group has only 16 (4) distinct weights, so
+// they are decoded once per group into a 16-lane table and each weight is a table lookup.
+
+// Scales and biases of a block of quantised rows as f32, [rows * groups_per_row] each, so the
+// kernels broadcast them straight from memory.
+struct GroupParams {
+  const float* s;
+  const float* b;
+};
+
+// Stream drivers take rows in blocks of this many for one GroupParams conversion.
+constexpr int64_t kParamRows = 64;
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512 (F + BW). One zmm = one output's 16 lanes.
+
+#define MF_AVX512 __attribute__((target("avx512f,avx512bw")))
+
+// 16 columns [c, c+16) of a float row as exact f32.
+struct F32x16 {
+  using Elem = float;
+  MF_AVX512 static __m512 load(const float* p, int64_t c) { return _mm512_loadu_ps(p + c); }
+  static float scalar(float v) { return v; }
+};
+struct Bf16x16 {
+  using Elem = uint16_t;
+  MF_AVX512 static __m512 load(const uint16_t* p, int64_t c) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + c));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static float scalar(uint16_t v) { return bf16_to_f32(v); }
+};
+struct F16x16 {
+  using Elem = uint16_t;
+  MF_AVX512 static __m512 load(const uint16_t* p, int64_t c) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + c)));
+  }
+  static float scalar(uint16_t v) { return f16_to_f32(v); }
+};
+
+// Decoders of the 16 columns [c, c+16) of a packed row (c a multiple of 16), given the group's
+// decoded state. kPermuted: lane j holds column pi(j) = 8 * (j % 2) + j / 2 of the chunk rather
+// than column j (see Q4x16); the kernels then permute x the same way and the sums back.
+struct Q8x16 {
+  static constexpr bool kPermuted = false;
+  struct Group {
+    __m512 s, b;
+  };
+  MF_AVX512 static Group group(float s, float b) { return {_mm512_set1_ps(s), _mm512_set1_ps(b)}; }
+  MF_AVX512 static __m512 weights(const uint32_t* p, int64_t c, const Group& g) {
+    const __m128i v = _mm_loadu_si128(
+        reinterpret_cast<const __m128i*>(reinterpret_cast<const uint8_t*>(p) + c));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)), g.s, g.b);
+  }
+};
+struct Q4x16 {
+  // The chunk's two words are broadcast to every qword; lane j takes word j % 2 shifted right
+  // by 4 * (j / 2): no cross-lane shuffle, and vpermps looks the code up in the group's table
+  // using only the low 4 bits of the lane, so no mask either.
+  static constexpr bool kPermuted = true;
+  struct Group {
+    __m512 table;
+  };
+  MF_AVX512 static Group group(float s, float b) {
+    const __m512 q = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    return {_mm512_fmadd_ps(q, _mm512_set1_ps(s), _mm512_set1_ps(b))};
+  }
+  MF_AVX512 static __m512 weights(const uint32_t* p, int64_t c, const Group& g) {
+    long long two;
+    std::memcpy(&two, p + uint64_t(c) / 8, sizeof two);
+    const __m512i sh = _mm512_set_epi32(28, 28, 24, 24, 20, 20, 16, 16, 12, 12, 8, 8, 4, 4, 0, 0);
+    return _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi64(two), sh), g.table);
+  }
+};
+struct Q2x16 {
+  // One word holds the chunk; lane j shifted by 2j has its code in bits 0-1 and the next code's
+  // in bits 2-3, so the table repeats its 4 values.
+  static constexpr bool kPermuted = false;
+  struct Group {
+    __m512 table;
+  };
+  MF_AVX512 static Group group(float s, float b) {
+    const __m512 q = _mm512_set_ps(3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0);
+    return {_mm512_fmadd_ps(q, _mm512_set1_ps(s), _mm512_set1_ps(b))};
+  }
+  MF_AVX512 static __m512 weights(const uint32_t* p, int64_t c, const Group& g) {
+    const __m512i sh =
+        _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    return _mm512_permutexvar_ps(
+        _mm512_srlv_epi32(_mm512_set1_epi32(int(p[uint64_t(c) / 16])), sh), g.table);
+  }
+};
+
+// x in pi order (lane j = column pi(j)), and a pi-ordered vector back to column order.
+MF_AVX512 inline __m512 to_pi_512(__m512 v) {
+  return _mm512_permutexvar_ps(
+      _mm512_set_epi32(15, 7, 14, 6, 13, 5, 12, 4, 11, 3, 10, 2, 9, 1, 8, 0), v);
+}
+MF_AVX512 inline __m512 from_pi_512(__m512 v) {
+  return _mm512_permutexvar_ps(
+      _mm512_set_epi32(15, 13, 11, 9, 7, 5, 3, 1, 14, 12, 10, 8, 6, 4, 2, 0), v);
+}
+
+// The lane tree of matmul.h on one vector.
+MF_AVX512 inline float reduce_512(__m512 a) {
+  const __m256 lo = _mm512_castps512_ps256(a);
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
+  const __m256 b = _mm256_add_ps(lo, hi);                                               // +8
+  const __m128 c = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));  // +4
+  const __m128 d = _mm_add_ps(c, _mm_movehl_ps(c, c));                                  // +2
+  return _mm_cvtss_f32(_mm_add_ss(d, _mm_shuffle_ps(d, d, 1)));                         // +1
+}
+
+// The same tree on 16 vectors at once (shuffles shared between outputs): out[k] = tree(v[k]).
+MF_AVX512 inline void reduce16_512(const __m512* v, float* out) {
+  __m512 l1[8], l2[4], l3[2];
+  MF_UNROLL
+  for (int k = 0; k < 8; k++) {  // [a0..7 | b0..7] + [a8..15 | b8..15]
+    const __m512 a = v[2 * k], b = v[2 * k + 1];
+    l1[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee));
+  }
+  MF_UNROLL
+  for (int k = 0; k < 4; k++) {  // quarters [a, b, c, d]: lanes 0-3 + lanes 4-7 of each
+    const __m512 a = l1[2 * k], b = l1[2 * k + 1];
+    l2[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xdd));
+  }
+  MF_UNROLL
+  for (int k = 0; k < 2; k++) {  // in each quarter: [x0+x2, x1+x3, y0+y2, y1+y3]
+    const __m512 a = l2[2 * k], b = l2[2 * k + 1];
+    l3[k] = _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xee));
+  }
+  const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(l3[0], l3[1], 0x88),
+                                 _mm512_shuffle_ps(l3[0], l3[1], 0xdd));
+  // Quarter q of r holds, in order, the outputs of v[q], v[q+4], v[q+8], v[q+12].
+  alignas(64) float tmp[16];
+  _mm512_store_ps(tmp, r);
+  MF_UNROLL
+  for (int q = 0; q < 4; q++)
+    MF_UNROLL
+    for (int i = 0; i < 4; i++) out[q + 4 * i] = tmp[4 * q + i];
+}
+
+// y[u*ys + i] = tree(acc[i*U + u]) for an R x U block.
+template <int R, int U>
+MF_AVX512 inline void store_block_512(const __m512* acc, float* y, int64_t ys) {
+  constexpr int N = R * U;
+  if constexpr (N >= 8) {
+    float out[16 * ((N + 15) / 16)];
+    MF_UNROLL
+    for (int k0 = 0; k0 < N; k0 += 16) {
+      __m512 v[16];
+      MF_UNROLL
+      for (int k = 0; k < 16; k++) v[k] = k0 + k < N ? acc[k0 + k] : _mm512_setzero_ps();
+      reduce16_512(v, out + k0);
+    }
+    MF_UNROLL
+    for (int i = 0; i < R; i++)
+      MF_UNROLL
+      for (int u = 0; u < U; u++) y[u * ys + i] = out[i * U + u];
+  } else {
+    MF_UNROLL
+    for (int i = 0; i < R; i++)
+      MF_UNROLL
+      for (int u = 0; u < U; u++) y[u * ys + i] = reduce_512(acc[i * U + u]);
+  }
+}
+
+// R float rows (row i at w + i*ld) times U tokens (token u at x + u*n).
+template <class D, int R, int U>
+MF_AVX512 void block_float_512(const typename D::Elem* w, int64_t ld, int64_t n, const float* x,
+                               float* y, int64_t ys) {
+  __m512 acc[R * U];
+  MF_UNROLL
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    __m512 xv[U];
+    MF_UNROLL
+    for (int u = 0; u < U; u++) xv[u] = _mm512_loadu_ps(x + u * n + c);
+    MF_UNROLL
+    for (int i = 0; i < R; i++) {
+      const __m512 wv = D::load(w + i * ld, c);
+      MF_UNROLL
+      for (int u = 0; u < U; u++) acc[i * U + u] = _mm512_fmadd_ps(wv, xv[u], acc[i * U + u]);
+    }
+  }
+  if (c < n) {  // masked lanes keep their sums untouched (a +0 term would turn -0 into +0)
+    const int m = int(n - c);
+    const __mmask16 k = __mmask16((1u << m) - 1);
+    __m512 xv[U];
+    MF_UNROLL
+    for (int u = 0; u < U; u++) xv[u] = _mm512_maskz_loadu_ps(k, x + u * n + c);
+    MF_UNROLL
+    for (int i = 0; i < R; i++) {
+      float wt[kLanes] = {};
+      for (int j = 0; j < m; j++) wt[j] = D::scalar(w[i * ld + c + j]);
+      const __m512 wv = _mm512_loadu_ps(wt);
+      MF_UNROLL
+      for (int u = 0; u < U; u++)
+        acc[i * U + u] = _mm512_mask3_fmadd_ps(wv, xv[u], acc[i * U + u], k);
+    }
+  }
+  store_block_512<R, U>(acc, y, ys);
+}
+
+MF_AVX512 void bf16_to_f32_512(const uint16_t* in, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) _mm512_storeu_ps(out + i, Bf16x16::load(in, i));
+  for (; i < n; i++) out[i] = bf16_to_f32(in[i]);
+}
+
+MF_AVX512 GroupParams group_params_512(const WeightView& wv, int64_t r, int64_t rows) {
+  const int64_t n = rows * wv.groups_per_row;
+  float* out = scratch(kParamScratch, size_t(2 * n));
+  bf16_to_f32_512(wv.s_row(r), n, out);
+  bf16_to_f32_512(wv.b_row(r), n, out + n);
+  return {out, out + n};
+}
+
+// R quantised rows from row r times U tokens, decoding in registers. gp: the f32 scales and
+// biases of these rows (row i at gp.s + i * groups_per_row).
+template <class Q, int R, int U>
+MF_AVX512 void block_quant_512(const WeightView& wv, int64_t r, GroupParams gp, const float* x,
+                               float* y, int64_t ys) {
+  const int64_t n = wv.cols, G = wv.group, gpr = wv.groups_per_row;
+  __m512 acc[R * U];
+  MF_UNROLL
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  const uint32_t* q = wv.q_row(r);
+  for (int64_t g = 0; g < gpr; g++) {
+    typename Q::Group grp[R];
+    MF_UNROLL
+    for (int i = 0; i < R; i++) grp[i] = Q::group(gp.s[i * gpr + g], gp.b[i * gpr + g]);
+    for (int64_t c = g * G; c < (g + 1) * G; c += kLanes) {
+      __m512 xv[U];
+      MF_UNROLL
+      for (int u = 0; u < U; u++) {
+        xv[u] = _mm512_loadu_ps(x + u * n + c);
+        if constexpr (Q::kPermuted) xv[u] = to_pi_512(xv[u]);
+      }
+      MF_UNROLL
+      for (int i = 0; i < R; i++) {
+        const __m512 w = Q::weights(q + i * wv.words_per_row, c, grp[i]);
+        MF_UNROLL
+        for (int u = 0; u < U; u++) acc[i * U + u] = _mm512_fmadd_ps(w, xv[u], acc[i * U + u]);
+      }
+    }
+  }
+  if constexpr (Q::kPermuted) {
+    MF_UNROLL
+    for (auto& a : acc) a = from_pi_512(a);
+  }
+  store_block_512<R, U>(acc, y, ys);
+}
+
+// Exact f32 rows into dst (row stride ld).
+template <class D>
+MF_AVX512 void widen_float_512(const typename D::Elem* w, int64_t n, int64_t rows, float* dst,
+                               int64_t ld) {
+  for (int64_t i = 0; i < rows; i++) {
+    const typename D::Elem* src = w + i * n;
+    float* d = dst + i * ld;
+    int64_t c = 0;
+    for (; c + kLanes <= n; c += kLanes) _mm512_storeu_ps(d + c, D::load(src, c));
+    for (; c < n; c++) d[c] = D::scalar(src[c]);
+  }
+}
+
+template <class Q>
+MF_AVX512 void widen_quant_512(const WeightView& wv, int64_t r, int64_t rows, float* dst,
+                               int64_t ld) {
+  const int64_t gpr = wv.groups_per_row;
+  const GroupParams gp = group_params_512(wv, r, rows);
+  for (int64_t i = 0; i < rows; i++) {
+    const uint32_t* q = wv.q_row(r + i);
+    float* d = dst + i * ld;
+    for (int64_t g = 0; g < gpr; g++) {
+      const typename Q::Group grp = Q::group(gp.s[i * gpr + g], gp.b[i * gpr + g]);
+      for (int64_t c = g * wv.group; c < (g + 1) * wv.group; c += kLanes) {
+        __m512 w = Q::weights(q, c, grp);
+        if constexpr (Q::kPermuted) w = from_pi_512(w);
+        _mm512_storeu_ps(d + c, w);
+      }
+    }
+  }
+}
+
+// Runtime U -> template U.
+template <class D, int R>
+MF_AVX512 void block_float_512_u(int U, const typename D::Elem* w, int64_t ld, int64_t n,
+                                 const float* x, float* y, int64_t ys) {
+  switch (U) {
+    case 1: return block_float_512<D, R, 1>(w, ld, n, x, y, ys);
+    case 2: return block_float_512<D, R, 2>(w, ld, n, x, y, ys);
+    case 3: return block_float_512<D, R, 3>(w, ld, n, x, y, ys);
+    case 4: return block_float_512<D, R, 4>(w, ld, n, x, y, ys);
+    case 5: return block_float_512<D, R, 5>(w, ld, n, x, y, ys);
+    default: return block_float_512<D, R, 6>(w, ld, n, x, y, ys);
+  }
+}
+
+template <class Q, int R>
+MF_AVX512 void block_quant_512_u(int U, const WeightView& wv, int64_t r, GroupParams gp,
+                                 const float* x, float* y, int64_t ys) {
+  switch (U) {
+    case 1: return block_quant_512<Q, R, 1>(wv, r, gp, x, y, ys);
+    case 2: return block_quant_512<Q, R, 2>(wv, r, gp, x, y, ys);
+    case 3: return block_quant_512<Q, R, 3>(wv, r, gp, x, y, ys);
+    default: return block_quant_512<Q, R, 4>(wv, r, gp, x, y, ys);
+  }
+}
+
+constexpr int kStreamMaxT512 = 4;  // tokens the stream driver takes at once
+constexpr int kPanelU512 = 6;      // micro-kernel: 4 rows x 6 tokens = 24 zmm accumulators
+
+// f32 rows (row i at w + i*ld, ld >= n) times all T tokens, in 4 x 6 blocks.
+MF_AVX512 void panel_f32_512(const float* w, int64_t ld, int64_t rows, int64_t n,
+                             const float* x, int T, float* y, int64_t ys) {
+  for (int t = 0; t < T; t += kPanelU512) {
+    const int U = std::min(kPanelU512, T - t);
+    int64_t i = 0;
+    for (; i + 4 <= rows; i += 4)
+      block_float_512_u<F32x16, 4>(U, w + i * ld, ld, n, x + t * n, y + t * ys + i, ys);
+    for (; i < rows; i++)
+      block_float_512_u<F32x16, 1>(U, w + i * ld, ld, n, x + t * n, y + t * ys + i, ys);
+  }
+}
+
+template <class D>
+MF_AVX512 void matmul_float_512(const WeightView& wv, int64_t r0, int64_t r1, const float* x,
+                                int T, float* y, int64_t ys) {
+  const int64_t n = wv.cols;
+  const auto* w = static_cast<const typename D::Elem*>(wv.data);
+  if (T <= kStreamMaxT512) {
+    int64_t r = r0;
+    if (T == 1)
+      for (; r + 8 <= r1; r += 8) block_float_512<D, 8, 1>(w + r * n, n, n, x, y + r, ys);
+    for (; r + 4 <= r1; r += 4) block_float_512_u<D, 4>(T, w + r * n, n, n, x, y + r, ys);
+    for (; r < r1; r++) block_float_512_u<D, 1>(T, w + r * n, n, n, x, y + r, ys);
+    return;
+  }
+  const int64_t P = panel_rows(n);
+  if constexpr (std::is_same_v<D, F32x16>) {
+    for (int64_t r = r0; r < r1; r += P)
+      panel_f32_512(w + r * n, n, std::min(P, r1 - r), n, x, T, y + r, ys);
+  } else {
+    const int64_t ld = round_up(n, kLanes);
+    float* buf = scratch(kPanelScratch, size_t(P * ld));
+    for (int64_t r = r0; r < r1; r += P) {
+      const int64_t rows = std::min(P, r1 - r);
+      widen_float_512<D>(w + r * n, n, rows, buf, ld);
+      panel_f32_512(buf, ld, rows, n, x, T, y + r, ys);
+    }
+  }
+}
+
+template <class Q>
+MF_AVX512 void matmul_quant_512(const WeightView& wv, int64_t r0, int64_t r1, const float* x,
+                                int T, float* y, int64_t ys) {
+  if (T <= kStreamMaxT512) {
+    const int64_t gpr = wv.groups_per_row;
+    for (int64_t rb = r0; rb < r1; rb += kParamRows) {
+      const int64_t rb1 = std::min(r1, rb + kParamRows);
+      const GroupParams gp = group_params_512(wv, rb, rb1 - rb);
+      auto at = [&](int64_t r) { return GroupParams{gp.s + (r - rb) * gpr, gp.b + (r - rb) * gpr}; };
+      int64_t r = rb;
+      if (T == 1)
+        for (; r + 8 <= rb1; r += 8) block_quant_512<Q, 8, 1>(wv, r, at(r), x, y + r, ys);
+      for (; r + 4 <= rb1; r += 4) block_quant_512_u<Q, 4>(T, wv, r, at(r), x, y + r, ys);
+      for (; r < rb1; r++) block_quant_512_u<Q, 1>(T, wv, r, at(r), x, y + r, ys);
+    }
+    return;
+  }
+  const int64_t n = wv.cols, P = panel_rows(n);
+  float* buf = scratch(kPanelScratch, size_t(P * n));
+  for (int64_t r = r0; r < r1; r += P) {
+    const int64_t rows = std::min(P, r1 - r);
+    widen_quant_512<Q>(wv, r, rows, buf, n);
+    panel_f32_512(buf, n, rows, n, x, T, y + r, ys);
+  }
+}
+
+MF_AVX512 void matmul_avx512(const Mat& W, int64_t r0, int64_t r1, const float* x, int T,
+                             float* y, int64_t ys) {
+  const WeightView wv(W);
+  switch (W.dtype) {
+    case DType::kF32: return matmul_float_512<F32x16>(wv, r0, r1, x, T, y, ys);
+    case DType::kBF16: return matmul_float_512<Bf16x16>(wv, r0, r1, x, T, y, ys);
+    case DType::kF16: return matmul_float_512<F16x16>(wv, r0, r1, x, T, y, ys);
+    case DType::kQ8: return matmul_quant_512<Q8x16>(wv, r0, r1, x, T, y, ys);
+    case DType::kQ4: return matmul_quant_512<Q4x16>(wv, r0, r1, x, T, y, ys);
+    default: return matmul_quant_512<Q2x16>(wv, r0, r1, x, T, y, ys);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX2 + FMA + F16C. One output's 16 lanes are two ymm: lanes 0-7 and 8-15.
+
+#define MF_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+// 8 columns [c, c+8) of a float row as exact f32.
+struct F32x8 {
+  using Elem = float;
+  MF_AVX2 static __m256 load(const float* p, int64_t c) { return _mm256_loadu_ps(p + c); }
+  static float scalar(float v) { return v; }
+};
+struct Bf16x8 {
+  using Elem = uint16_t;
+  MF_AVX2 static __m256 load(const uint16_t* p, int64_t c) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + c));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static float scalar(uint16_t v) { return bf16_to_f32(v); }
+};
+struct F16x8 {
+  using Elem = uint16_t;
+  MF_AVX2 static __m256 load(const uint16_t* p, int64_t c) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + c)));
+  }
+  static float scalar(uint16_t v) { return f16_to_f32(v); }
+};
+
+// Decoders of the 16 columns [c, c+16) of a packed row into lanes 0-7 (lo) and 8-15 (hi).
+struct Q8x8 {
+  struct Group {
+    __m256 s, b;
+  };
+  MF_AVX2 static Group group(float s, float b) { return {_mm256_set1_ps(s), _mm256_set1_ps(b)}; }
+  MF_AVX2 static void weights(const uint32_t* p, int64_t c, const Group& g, __m256& lo,
+                              __m256& hi) {
+    const uint8_t* b = reinterpret_cast<const uint8_t*>(p) + c;
+    const __m128i v0 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b));
+    const __m128i v1 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 8));
+    lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v0)), g.s, g.b);
+    hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v1)), g.s, g.b);
+  }
+};
+struct Q4x8 {
+  struct Group {
+    __m256 s, b;
+  };
+  MF_AVX2 static Group group(float s, float b) { return {_mm256_set1_ps(s), _mm256_set1_ps(b)}; }
+  MF_AVX2 static void weights(const uint32_t* p, int64_t c, const Group& g, __m256& lo,
+                              __m256& hi) {
+    const uint32_t* w = p + uint64_t(c) / 8;
+    const __m256i sh = _mm256_set_epi32(28, 24, 20, 16, 12, 8, 4, 0);
+    const __m256i m = _mm256_set1_epi32(0xf);
+    const __m256i q0 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(w[0])), sh), m);
+    const __m256i q1 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(w[1])), sh), m);
+    lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q0), g.s, g.b);
+    hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q1), g.s, g.b);
+  }
+};
+struct Q2x8 {
+  // Table lookup as Q2x16: vpermps reads the low 3 bits of each shifted word.
+  struct Group {
+    __m256 table;
+  };
+  MF_AVX2 static Group group(float s, float b) {
+    const __m256 q = _mm256_set_ps(3, 2, 1, 0, 3, 2, 1, 0);
+    return {_mm256_fmadd_ps(q, _mm256_set1_ps(s), _mm256_set1_ps(b))};
+  }
+  MF_AVX2 static void weights(const uint32_t* p, int64_t c, const Group& g, __m256& lo,
+                              __m256& hi) {
+    const __m256i w = _mm256_set1_epi32(int(p[uint64_t(c) / 16]));
+    const __m256i sh0 = _mm256_set_epi32(14, 12, 10, 8, 6, 4, 2, 0);
+    const __m256i sh1 = _mm256_set_epi32(30, 28, 26, 24, 22, 20, 18, 16);
+    lo = _mm256_permutevar8x32_ps(g.table, _mm256_srlv_epi32(w, sh0));
+    hi = _mm256_permutevar8x32_ps(g.table, _mm256_srlv_epi32(w, sh1));
+  }
+};
+
+// The lane tree on one output held as (lanes 0-7, lanes 8-15).
+MF_AVX2 inline float reduce_256(__m256 lo, __m256 hi) {
+  const __m256 b = _mm256_add_ps(lo, hi);                                               // +8
+  const __m128 c = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));  // +4
+  const __m128 d = _mm_add_ps(c, _mm_movehl_ps(c, c));                                  // +2
+  return _mm_cvtss_f32(_mm_add_ss(d, _mm_shuffle_ps(d, d, 1)));                         // +1
+}
+
+// The tree on 8 outputs at once: out[k] = tree(lo[k], hi[k]).
+MF_AVX2 inline void reduce8_256(const __m256* lo, const __m256* hi, float* out) {
+  __m256 l1[8], l2[4], l3[2];
+  MF_UNROLL
+  for (int k = 0; k < 8; k++) l1[k] = _mm256_add_ps(lo[k], hi[k]);
+  MF_UNROLL
+  for (int k = 0; k < 4; k++) {  // [a0..3 | b0..3] + [a4..7 | b4..7]
+    const __m256 a = l1[2 * k], b = l1[2 * k + 1];
+    l2[k] = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+  }
+  MF_UNROLL
+  for (int k = 0; k < 2; k++) {
+    const __m256 a = l2[2 * k], b = l2[2 * k + 1];
+    l3[k] = _mm256_add_ps(_mm256_shuffle_ps(a, b, 0x44), _mm256_shuffle_ps(a, b, 0xee));
+  }
+  const __m256 r = _mm256_add_ps(_mm256_shuffle_ps(l3[0], l3[1], 0x88),
+                                 _mm256_shuffle_ps(l3[0], l3[1], 0xdd));
+  // Half h of r holds the outputs of l1[h], l1[h+2], l1[h+4], l1[h+6].
+  alignas(32) float tmp[8];
+  _mm256_store_ps(tmp, r);
+  MF_UNROLL
+  for (int h = 0; h < 2; h++)
+    MF_UNROLL
+    for (int i = 0; i < 4; i++) out[h + 2 * i] = tmp[4 * h + i];
+}
+
+template <int R, int U>
+MF_AVX2 inline void store_block_256(const __m256* lo, const __m256* hi, float* y, int64_t ys) {
+  constexpr int N = R * U;
+  if constexpr (N >= 4) {
+    float out[8 * ((N + 7) / 8)];
+    MF_UNROLL
+    for (int k0 = 0; k0 < N; k0 += 8) {
+      __m256 l[8], h[8];
+      MF_UNROLL
+      for (int k = 0; k < 8; k++) {
+        l[k] = k0 + k < N ? lo[k0 + k] : _mm256_setzero_ps();
+        h[k] = k0 + k < N ? hi[k0 + k] : _mm256_setzero_ps();
+      }
+      reduce8_256(l, h, out + k0);
+    }
+    MF_UNROLL
+    for (int i = 0; i < R; i++)
+      MF_UNROLL
+      for (int u = 0; u < U; u++) y[u * ys + i] = out[i * U + u];
+  } else {
+    MF_UNROLL
+    for (int i = 0; i < R; i++)
+      MF_UNROLL
+      for (int u = 0; u < U; u++) y[u * ys + i] = reduce_256(lo[i * U + u], hi[i * U + u]);
+  }
+}
+
+template <class D, int R, int U>
+MF_AVX2 void block_float_256(const typename D::Elem* w, int64_t ld, int64_t n, const float* x,
+                             float* y, int64_t ys) {
+  __m256 lo[R * U], hi[R * U];
+  MF_UNROLL
+  for (int k = 0; k < R * U; k++) lo[k] = hi[k] = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    MF_UNROLL
+    for (int i = 0; i < R; i++) {
+      const __m256 w0 = D::load(w + i * ld, c), w1 = D::load(w + i * ld, c + 8);
+      MF_UNROLL
+      for (int u = 0; u < U; u++) {
+        lo[i * U + u] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + u * n + c), lo[i * U + u]);
+        hi[i * U + u] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + u * n + c + 8), hi[i * U + u]);
+      }
+    }
+  }
+  if (c < n) {  // padded copies; lanes past the end keep their sums (blend, not a +0 term)
+    const int m = int(n - c);
+    alignas(32) int32_t lane[kLanes];
+    for (int j = 0; j < kLanes; j++) lane[j] = j < m ? -1 : 0;
+    const __m256 k0 = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<__m256i*>(lane)));
+    const __m256 k1 =
+        _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<__m256i*>(lane + 8)));
+    MF_UNROLL
+    for (int u = 0; u < U; u++) {
+      float xt[kLanes] = {};
+      std::memcpy(xt, x + u * n + c, size_t(m) * sizeof(float));
+      const __m256 x0 = _mm256_loadu_ps(xt), x1 = _mm256_loadu_ps(xt + 8);
+      MF_UNROLL
+      for (int i = 0; i < R; i++) {
+        float wt[kLanes] = {};
+        for (int j = 0; j < m; j++) wt[j] = D::scalar(w[i * ld + c + j]);
+        __m256& a0 = lo[i * U + u];
+        __m256& a1 = hi[i * U + u];
+        a0 = _mm256_blendv_ps(a0, _mm256_fmadd_ps(_mm256_loadu_ps(wt), x0, a0), k0);
+        a1 = _mm256_blendv_ps(a1, _mm256_fmadd_ps(_mm256_loadu_ps(wt + 8), x1, a1), k1);
+      }
+    }
+  }
+  store_block_256<R, U>(lo, hi, y, ys);
+}
+
+MF_AVX2 void bf16_to_f32_256(const uint16_t* in, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, Bf16x8::load(in, i));
+  for (; i < n; i++) out[i] = bf16_to_f32(in[i]);
+}
+
+MF_AVX2 GroupParams group_params_256(const WeightView& wv, int64_t r, int64_t rows) {
+  const int64_t n = rows * wv.groups_per_row;
+  float* out = scratch(kParamScratch, size_t(2 * n));
+  bf16_to_f32_256(wv.s_row(r), n, out);
+  bf16_to_f32_256(wv.b_row(r), n, out + n);
+  return {out, out + n};
+}
+
+template <class Q, int R, int U>
+MF_AVX2 void block_quant_256(const WeightView& wv, int64_t r, GroupParams gp, const float* x,
+                             float* y, int64_t ys) {
+  const int64_t n = wv.cols, G = wv.group, gpr = wv.groups_per_row;
+  __m256 lo[R * U], hi[R * U];
+  MF_UNROLL
+  for (int k = 0; k < R * U; k++) lo[k] = hi[k] = _mm256_setzero_ps();
+  const uint32_t* q = wv.q_row(r);
+  for (int64_t g = 0; g < gpr; g++) {
+    typename Q::Group grp[R];
+    MF_UNROLL
+    for (int i = 0; i < R; i++) grp[i] = Q::group(gp.s[i * gpr + g], gp.b[i * gpr + g]);
+    for (int64_t c = g * G; c < (g + 1) * G; c += kLanes) {
+      MF_UNROLL
+      for (int i = 0; i < R; i++) {
+        __m256 w0, w1;
+        Q::weights(q + i * wv.words_per_row, c, grp[i], w0, w1);
+        MF_UNROLL
+        for (int u = 0; u < U; u++) {
+          lo[i * U + u] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + u * n + c), lo[i * U + u]);
+          hi[i * U + u] =
+              _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + u * n + c + 8), hi[i * U + u]);
+        }
+      }
+    }
+  }
+  store_block_256<R, U>(lo, hi, y, ys);
+}
+
+template <class D>
+MF_AVX2 void widen_float_256(const typename D::Elem* w, int64_t n, int64_t rows, float* dst,
+                             int64_t ld) {
+  for (int64_t i = 0; i < rows; i++) {
+    const typename D::Elem* src = w + i * n;
+    float* d = dst + i * ld;
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) _mm256_storeu_ps(d + c, D::load(src, c));
+    for (; c < n; c++) d[c] = D::scalar(src[c]);
+  }
+}
+
+template <class Q>
+MF_AVX2 void widen_quant_256(const WeightView& wv, int64_t r, int64_t rows, float* dst,
+                             int64_t ld) {
+  const int64_t gpr = wv.groups_per_row;
+  const GroupParams gp = group_params_256(wv, r, rows);
+  for (int64_t i = 0; i < rows; i++) {
+    const uint32_t* q = wv.q_row(r + i);
+    float* d = dst + i * ld;
+    for (int64_t g = 0; g < gpr; g++) {
+      const typename Q::Group grp = Q::group(gp.s[i * gpr + g], gp.b[i * gpr + g]);
+      for (int64_t c = g * wv.group; c < (g + 1) * wv.group; c += kLanes) {
+        __m256 w0, w1;
+        Q::weights(q, c, grp, w0, w1);
+        _mm256_storeu_ps(d + c, w0);
+        _mm256_storeu_ps(d + c + 8, w1);
+      }
+    }
+  }
+}
+
+constexpr int kPanelU256 = 3;  // micro-kernel: 2 rows x 3 tokens x 2 halves = 12 ymm
+
+template <class D, int R>
+MF_AVX2 void block_float_256_u(int U, const typename D::Elem* w, int64_t ld, int64_t n,
+                               const float* x, float* y, int64_t ys) {
+  switch (U) {
+    case 1: return block_float_256<D, R, 1>(w, ld, n, x, y, ys);
+    case 2: return block_float_256<D, R, 2>(w, ld, n, x, y, ys);
+    default: return block_float_256<D, R, 3>(w, ld, n, x, y, ys);
+  }
+}
+
+MF_AVX2 void panel_f32_256(const float* w, int64_t ld, int64_t rows, int64_t n, const float* x,
+                           int T, float* y, int64_t ys) {
+  for (int t = 0; t < T; t += kPanelU256) {
+    const int U = std::min(kPanelU256, T - t);
+    int64_t i = 0;
+    for (; i + 2 <= rows; i += 2)
+      block_float_256_u<F32x8, 2>(U, w + i * ld, ld, n, x + t * n, y + t * ys + i, ys);
+    for (; i < rows; i++)
+      block_float_256_u<F32x8, 1>(U, w + i * ld, ld, n, x + t * n, y + t * ys + i, ys);
+  }
+}
+
+template <class D>
+MF_AVX2 void matmul_float_256(const WeightView& wv, int64_t r0, int64_t r1, const float* x,
+                              int T, float* y, int64_t ys) {
+  const int64_t n = wv.cols;
+  const auto* w = static_cast<const typename D::Elem*>(wv.data);
+  if (T == 1) {
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) block_float_256<D, 4, 1>(w + r * n, n, n, x, y + r, ys);
+    for (; r < r1; r++) block_float_256<D, 1, 1>(w + r * n, n, n, x, y + r, ys);
+    return;
+  }
+  const int64_t P = panel_rows(n);
+  if constexpr (std::is_same_v<D, F32x8>) {
+    for (int64_t r = r0; r < r1; r += P)
+      panel_f32_256(w + r * n, n, std::min(P, r1 - r), n, x, T, y + r, ys);
+  } else {
+    const int64_t ld = round_up(n, kLanes);
+    float* buf = scratch(kPanelScratch, size_t(P * ld));
+    for (int64_t r = r0; r < r1; r += P) {
+      const int64_t rows = std::min(P, r1 - r);
+      widen_float_256<D>(w + r * n, n, rows, buf, ld);
+      panel_f32_256(buf, ld, rows, n, x, T, y + r, ys);
+    }
+  }
+}
+
+template <class Q>
+MF_AVX2 void matmul_quant_256(const WeightView& wv, int64_t r0, int64_t r1, const float* x,
+                              int T, float* y, int64_t ys) {
+  if (T <= 2) {
+    const int64_t gpr = wv.groups_per_row;
+    for (int64_t rb = r0; rb < r1; rb += kParamRows) {
+      const int64_t rb1 = std::min(r1, rb + kParamRows);
+      const GroupParams gp = group_params_256(wv, rb, rb1 - rb);
+      auto at = [&](int64_t r) { return GroupParams{gp.s + (r - rb) * gpr, gp.b + (r - rb) * gpr}; };
+      int64_t r = rb;
+      if (T == 1) {
+        for (; r + 4 <= rb1; r += 4) block_quant_256<Q, 4, 1>(wv, r, at(r), x, y + r, ys);
+        for (; r < rb1; r++) block_quant_256<Q, 1, 1>(wv, r, at(r), x, y + r, ys);
+      } else {
+        for (; r + 2 <= rb1; r += 2) block_quant_256<Q, 2, 2>(wv, r, at(r), x, y + r, ys);
+        for (; r < rb1; r++) block_quant_256<Q, 1, 2>(wv, r, at(r), x, y + r, ys);
+      }
+    }
+    return;
+  }
+  const int64_t n = wv.cols, P = panel_rows(n);
+  float* buf = scratch(kPanelScratch, size_t(P * n));
+  for (int64_t r = r0; r < r1; r += P) {
+    const int64_t rows = std::min(P, r1 - r);
+    widen_quant_256<Q>(wv, r, rows, buf, n);
+    panel_f32_256(buf, n, rows, n, x, T, y + r, ys);
+  }
+}
+
+MF_AVX2 void matmul_avx2(const Mat& W, int64_t r0, int64_t r1, const float* x, int T, float* y,
+                         int64_t ys) {
+  const WeightView wv(W);
+  switch (W.dtype) {
+    case DType::kF32: return matmul_float_256<F32x8>(wv, r0, r1, x, T, y, ys);
+    case DType::kBF16: return matmul_float_256<Bf16x8>(wv, r0, r1, x, T, y, ys);
+    case DType::kF16: return matmul_float_256<F16x8>(wv, r0, r1, x, T, y, ys);
+    case DType::kQ8: return matmul_quant_256<Q8x8>(wv, r0, r1, x, T, y, ys);
+    case DType::kQ4: return matmul_quant_256<Q4x8>(wv, r0, r1, x, T, y, ys);
+    default: return matmul_quant_256<Q2x8>(wv, r0, r1, x, T, y, ys);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch.
+
+using MatmulFn = void (*)(const Mat&, int64_t, int64_t, const float*, int, float*, int64_t);
+
+KernelPath detect_path() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
+    return KernelPath::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c"))
+    return KernelPath::kAvx2;
+  return KernelPath::kScalar;
+}
+
+MatmulFn path_fn(KernelPath p) {
+  switch (p) {
+    case KernelPath::kAvx512: return matmul_avx512;
+    case KernelPath::kAvx2: return matmul_avx2;
+    default: return matmul_scalar;
+  }
+}
+
+struct Active {
+  std::atomic<KernelPath> path{best_kernel_path()};
+  std::atomic<MatmulFn> fn{path_fn(best_kernel_path())};
+};
+
+Active& active() {
+  static Active a;
+  return a;
+}
+
+}  // namespace
+
+KernelPath best_kernel_path() {
+  static const KernelPath best = detect_path();
+  return best;
+}
+
+bool kernel_path_supported(KernelPath p) {
+  switch (p) {
+    case KernelPath::kAvx512: return best_kernel_path() == KernelPath::kAvx512;
+    case KernelPath::kAvx2: return best_kernel_path() != KernelPath::kScalar;
+    default: return true;
+  }
+}
+
+void set_kernel_path(KernelPath p) {
+  if (p == KernelPath::kAuto) p = best_kernel_path();
+  if (!kernel_path_supported(p))
+    fail(ErrorKind::kUnsupported, "kernel path {} is not supported by this CPU",
+         kernel_path_name(p));
+  active().path = p;
+  active().fn = path_fn(p);
+}
+
+KernelPath active_kernel_path() { return active().path; }
+
+const char* kernel_path_name(KernelPath p) {
+  switch (p) {
+    case KernelPath::kAuto: return "auto";
+    case KernelPath::kScalar: return "scalar";
+    case KernelPath::kAvx2: return "avx2";
+    case KernelPath::kAvx512: return "avx512";
+  }
+  return "?";
+}
+
+void matmul_rows(const Mat& W, int64_t r0, int64_t r1, const float* x, int T, float* y,
+                 int64_t y_stride) {
+  if (r0 >= r1 || T <= 0) return;
+  MF_CHECK(r0 >= 0 && r1 <= W.rows);
+  if (is_quant_dtype(W.dtype))
+    MF_CHECK(W.group > 0 && W.group % 32 == 0 && W.cols % W.group == 0 && W.scales && W.biases);
+  else
+    MF_CHECK(W.dtype == DType::kF32 || W.dtype == DType::kBF16 || W.dtype == DType::kF16);
+  active().fn.load(std::memory_order_relaxed)(W, r0, r1, x, T, y, y_stride);
+}
+
+}  // namespace moeflux
