@@ -241,6 +241,9 @@ TEST_P(MlxImport, ByteIdenticalToConvertingTheOriginalWithTheSameRecipe) {
   EXPECT_EQ(ja, jb);
   EXPECT_EQ(mb.provenance["source_format"], "mlx");
   EXPECT_TRUE(is_quant_dtype(mb.experts.parts[0].dtype));
+  // Without --quant the quantised tensors are still imported as they are, not dequantised.
+  const std::string c = convert_with(tmp, mlx, "from_mlx_none", "none");
+  EXPECT_TRUE(slurp(resident_path(c)) == slurp(resident_path(b))) << "--quant none changed the import";
 }
 
 TEST_P(MlxImport, EightBitRoutersAreDequantisedAndRun) {

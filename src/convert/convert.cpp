@@ -215,8 +215,8 @@ PackedTensor Converter::plan(const std::string& name, std::vector<int64_t> shape
     t.dtype = DType::kF32;
   } else {
     auto want = opt_.quant.dtype.find(src.cls);
-    if (src.bits > 0 && want != opt_.quant.dtype.end()) {
-      // Already quantised by MLX: imported as is, never requantised.
+    if (src.bits > 0) {
+      // Already quantised (MLX): imported as is whatever the recipe, never requantised.
       t.dtype = src.bits == 8 ? DType::kQ8 : src.bits == 4 ? DType::kQ4 : DType::kQ2;
       t.group = src.group;
     } else if (want != opt_.quant.dtype.end()) {

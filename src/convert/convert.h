@@ -30,7 +30,7 @@ void override_recipe(QuantRecipe& r, const std::string& cls, const std::string& 
 
 struct ConvertOptions {
   std::optional<DType> dtype;  // unquantised matrices; default: the checkpoint's own float dtype
-  QuantRecipe quant;           // ignored for tensors an MLX checkpoint already quantised
+  QuantRecipe quant;           // float tensors only: MLX-quantised matrices are kept as they are
   bool progress = true;
 };
 
