@@ -51,7 +51,9 @@ std::vector<std::string> golden_texts() {
   return out;
 }
 
-bool valid_utf8(std::string_view s) { return find_invalid_utf8(s) == std::string_view::npos; }
+bool valid_utf8(std::string_view s) {
+  return find_invalid_utf8(s) == std::string_view::npos;
+}
 
 // Printable form of bytes that may not be UTF-8.
 std::string escaped(std::string_view s) {
@@ -79,8 +81,8 @@ std::string random_utf8(std::mt19937& rng) {
       U"\u041f\u0440\u0438\u0432\u0435\u0442\u0645\u0631\u062d\u05e9\u05dc\u0928\u092e",
       U"\U0001F642\U0001F680\U0001F469\u200d\U0001F467\U0001F3FD\ufe0f",
   };
-  static const std::vector<std::string> atoms = {"<|im_start|>", "<|im_end|>", "<think>",
-                                                 "</think>", "<|endoftext|>", "'s", "'LL"};
+  static const std::vector<std::string> atoms = {
+      "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|endoftext|>", "'s", "'LL"};
   std::string s;
   int parts = int(rng() % 12);
   for (int p = 0; p < parts; ++p) {
@@ -205,12 +207,12 @@ TEST_F(TokenizerQwen3, InvalidUtf8IsAnErrorNamingTheOffset) {
   std::vector<Case> cases = {
       {"abc\xff", 3},
       {"\x80", 0},
-      {"ok \xC0\x80", 3},              // overlong NUL
-      {"x\xE0\x80\x80", 1},            // overlong
-      {"\xED\xA0\x80", 0},             // a surrogate
-      {"12345\xF4\x90\x80\x80", 5},    // above U+10FFFF
-      {"caf\xC3", 3},                  // cut off at the end
-      {"\xF0\x9F\x99", 0},             // an emoji cut off
+      {"ok \xC0\x80", 3},            // overlong NUL
+      {"x\xE0\x80\x80", 1},          // overlong
+      {"\xED\xA0\x80", 0},           // a surrogate
+      {"12345\xF4\x90\x80\x80", 5},  // above U+10FFFF
+      {"caf\xC3", 3},                // cut off at the end
+      {"\xF0\x9F\x99", 0},           // an emoji cut off
       {"fine <|im_end|> \xE2\x82x", 16},
   };
   for (const Case& c : cases) {
@@ -251,18 +253,20 @@ TEST_F(TokenizerQwen3, StreamingDetokenizerNeverSplitsACharacter) {
   ASSERT_EQ(ids, (Ids{145233, 378, 235, 145233, 378, 235, 145665, 378, 235, 145988}));
   std::vector<std::string> pieces = stream_pieces(*tok, ids);
   EXPECT_EQ(pieces, (std::vector<std::string>{"👩", "", "\u200d", "👩", "", "\u200d", "👧", "",
-                                               "\u200d", "👦"}));
+                                              "\u200d", "👦"}));
 
   int held_back = 0;
   std::vector<std::string> texts = golden_texts();
-  for (const char* s : {"नमस्ते दुनिया", "日本語のテキスト🙂", "한국어 문장입니다", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ⚡️🧪🫠"})
+  for (const char* s : {"नमस्ते दुनिया", "日本語のテキスト🙂", "한국어 문장입니다",
+                        "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ⚡️🧪🫠"})
     texts.push_back(s);
   std::mt19937 rng(99);
   for (int i = 0; i < 2000; ++i) texts.push_back(random_utf8(rng));
   for (const std::string& s : texts) {
     Ids t = tok->encode(s);
     std::vector<std::string> p = stream_pieces(*tok, t);
-    for (size_t k = 0; k < t.size(); ++k) held_back += p[k].empty() && !tok->token_bytes(t[k]).empty();
+    for (size_t k = 0; k < t.size(); ++k)
+      held_back += p[k].empty() && !tok->token_bytes(t[k]).empty();
   }
   EXPECT_GT(held_back, 100);  // the split-character path was exercised
 }
@@ -286,11 +290,14 @@ TEST_F(TokenizerQwen3, StreamingAndDecodeReplaceInvalidBytes) {
   };
   std::vector<Case> cases = {
       {"\xF0\x9F\x99\x82", "🙂"},
-      {"\xE2\x41", r + "A"},                // a lead byte, then not a continuation
-      {"\xE2\x82", r},                      // cut off by the end
-      {"\x80\x80", r + r},                  // lone continuations
-      {"\xED\xA0\x80", r + r + r},          // a surrogate: three maximal subparts
-      {"a\xF1\x80\x80\xE1\x80\xC2" "b\x80" "c\x80\xBF" "d",
+      {"\xE2\x41", r + "A"},        // a lead byte, then not a continuation
+      {"\xE2\x82", r},              // cut off by the end
+      {"\x80\x80", r + r},          // lone continuations
+      {"\xED\xA0\x80", r + r + r},  // a surrogate: three maximal subparts
+      {"a\xF1\x80\x80\xE1\x80\xC2"
+       "b\x80"
+       "c\x80\xBF"
+       "d",
        "a" + r + r + r + "b" + r + "c" + r + r + "d"},  // the example in Unicode §3.9
   };
   for (const Case& c : cases) {
@@ -365,14 +372,24 @@ TEST_F(TokenizerQwen3, FuzzEncodeRandomBytes) {
 // and a share of made-up words so that the pre-token cache does not see everything.
 std::string mixed_text(size_t bytes, uint32_t seed) {
   static const std::vector<std::string> words = {
-      "the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "with", "was", "on",
-      "be", "by", "this", "are", "from", "at", "or", "an", "which", "have", "not", "but",
-      "they", "their", "has", "one", "were", "model", "expert", "token", "memory", "layer",
-      "inference", "router", "weights", "disk", "stream", "cache", "attention", "sequence"};
-  static const std::vector<std::string> other = {
-      "日本語のテキスト", "中文测试：你好，世界！", "한국어 문장입니다", "Привет, мир",
-      "مرحبا بالعالم", "🙂🚀", "naïve café résumé", "for (int i = 0; i < n; ++i) {\n",
-      "    return x**2;\n", "}\n", "std::vector<int> v{1,2,3};", "\n\n", "https://example.com/a?b=c"};
+      "the",    "of",      "and",  "to",     "in",     "is",        "that",    "for",   "it",
+      "as",     "with",    "was",  "on",     "be",     "by",        "this",    "are",   "from",
+      "at",     "or",      "an",   "which",  "have",   "not",       "but",     "they",  "their",
+      "has",    "one",     "were", "model",  "expert", "token",     "memory",  "layer", "inference",
+      "router", "weights", "disk", "stream", "cache",  "attention", "sequence"};
+  static const std::vector<std::string> other = {"日本語のテキスト",
+                                                 "中文测试：你好，世界！",
+                                                 "한국어 문장입니다",
+                                                 "Привет, мир",
+                                                 "مرحبا بالعالم",
+                                                 "🙂🚀",
+                                                 "naïve café résumé",
+                                                 "for (int i = 0; i < n; ++i) {\n",
+                                                 "    return x**2;\n",
+                                                 "}\n",
+                                                 "std::vector<int> v{1,2,3};",
+                                                 "\n\n",
+                                                 "https://example.com/a?b=c"};
   std::mt19937 rng(seed);
   std::string out;
   while (out.size() < bytes) {
@@ -422,10 +439,11 @@ TEST_F(TokenizerQwen3, EncodeSpeed) {
   run(3, &wall_warm, &cpu_warm);
   ASSERT_EQ(ids, first);
   EXPECT_EQ(tok->decode(ids), text);
-  std::printf("[ tokenizer ] encode %.2f MB of mixed text, %zu tokens: first pass %.1f MB/s "
-              "(%.1f MB/s CPU), then %.1f MB/s (%.1f MB/s CPU, %.2f M tokens/s)\n",
-              mb, ids.size(), mb / wall_cold, mb / cpu_cold, mb / wall_warm, mb / cpu_warm,
-              double(ids.size()) / cpu_warm / 1e6);
+  std::printf(
+      "[ tokenizer ] encode %.2f MB of mixed text, %zu tokens: first pass %.1f MB/s "
+      "(%.1f MB/s CPU), then %.1f MB/s (%.1f MB/s CPU, %.2f M tokens/s)\n",
+      mb, ids.size(), mb / wall_cold, mb / cpu_cold, mb / wall_warm, mb / cpu_warm,
+      double(ids.size()) / cpu_warm / 1e6);
   RecordProperty("encode_mb_per_s_first_pass", fmt::format("{:.1f}", mb / wall_cold));
   RecordProperty("encode_mb_per_s", fmt::format("{:.1f}", mb / wall_warm));
   RecordProperty("encode_mb_per_s_cpu", fmt::format("{:.1f}", mb / cpu_warm));
@@ -463,8 +481,12 @@ constexpr const char* kTinyJson = R"JSON({
                ["Ġ", "c"], ["c", "1"], ["1", "Ġ"], ["Ġ", "Ġ"]]}
 })JSON";
 
-json tiny_json() { return json::parse(kTinyJson); }
-Tokenizer tiny(const json& j) { return Tokenizer::from_json(j.dump(), "tiny.json"); }
+json tiny_json() {
+  return json::parse(kTinyJson);
+}
+Tokenizer tiny(const json& j) {
+  return Tokenizer::from_json(j.dump(), "tiny.json");
+}
 
 TEST(TokenizerTiny, ExactIds) {
   Tokenizer t = Tokenizer::from_json(kTinyJson, "tiny.json");
@@ -481,14 +503,14 @@ TEST(TokenizerTiny, ExactIds) {
       {"\n", {14}},
       {"c ab\n\n1", {2, 3, 6, 14, 14, 4}},
       {"abc<|end|>ab", {7, 19, 6}},
-      {"ab  [M]  ab", {6, 20, 6}},             // lstrip + rstrip take in the spaces
+      {"ab  [M]  ab", {6, 20, 6}},  // lstrip + rstrip take in the spaces
       {"ab[M]", {6, 20}},
-      {"ok abc ok!", {21, 3, 7, 3, 21, 5}},    // single_word: "ok" alone matches
-      {"abcabc ok1", {7, 7, 3, 12, 13, 4}},    // ... but not before a digit
-      {"okay", {12, 13, 0}},                   // ... nor inside a word; 'y' is not in the vocab
-                                               // and is dropped, as tokenizers does
+      {"ok abc ok!", {21, 3, 7, 3, 21, 5}},  // single_word: "ok" alone matches
+      {"abcabc ok1", {7, 7, 3, 12, 13, 4}},  // ... but not before a digit
+      {"okay", {12, 13, 0}},                 // ... nor inside a word; 'y' is not in the vocab
+                                             // and is dropped, as tokenizers does
       {"ab c1  ab", {6, 15, 4, 18, 6}},
-      {"ｃａｂ c", {15}},                      // NFC keeps fullwidth letters: not in the vocab
+      {"ｃａｂ c", {15}},  // NFC keeps fullwidth letters: not in the vocab
   };
   for (const Case& c : cases) EXPECT_EQ(t.encode(c.text), c.ids) << json(c.text).dump();
   EXPECT_EQ(t.encode("<|end|>", false), Ids{});  // '<', '|', 'e', ... are not in the vocab
@@ -534,8 +556,10 @@ TEST(TokenizerTiny, SplitBehaviours) {
 
 TEST(TokenizerTiny, ByteLevelWithGpt2RegexAndPrefixSpace) {
   json j = tiny_json();
-  j["pre_tokenizer"] = {
-      {"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true}, {"use_regex", true}};
+  j["pre_tokenizer"] = {{"type", "ByteLevel"},
+                        {"add_prefix_space", true},
+                        {"trim_offsets", true},
+                        {"use_regex", true}};
   Tokenizer t = tiny(j);
   EXPECT_EQ(t.encode("abc abc"), (Ids{3, 7, 3, 7}));
   EXPECT_EQ(t.encode("cab"), (Ids{15, 6}));  // the prefix space joins the first word
@@ -570,8 +594,12 @@ TEST(TokenizerTiny, AddedTokenIdsAreAssignedAsTokenizersDoes) {
   EXPECT_EQ(t.token_id("[M]"), 20);
   EXPECT_EQ(t.encode("abc<|end|>ab"), (Ids{7, 19, 6}));
   // An added token whose content is already a vocabulary token keeps that id.
-  j["added_tokens"].push_back({{"id", 50}, {"content", "abc"}, {"single_word", false},
-                               {"lstrip", false}, {"rstrip", false}, {"normalized", false},
+  j["added_tokens"].push_back({{"id", 50},
+                               {"content", "abc"},
+                               {"single_word", false},
+                               {"lstrip", false},
+                               {"rstrip", false},
+                               {"normalized", false},
                                {"special", true}});
   Tokenizer t2 = tiny(j);
   EXPECT_EQ(t2.token_id("abc"), 7);
@@ -597,52 +625,75 @@ TEST(TokenizerLoad, MalformedFilesNameTheField) {
       {"not an object", "[1, 2]", {"(top level)", "must be a JSON object"}},
       {"number out of range", "{\"model\": 1e400}", {"tiny.json", "invalid JSON", "1e400"}},
       {"missing model", with([](json& j) { j.erase("model"); }), {"tiny.json", "model: missing"}},
-      {"unknown model type", with([](json& j) { j["model"]["type"] = "WordPiece"; }),
+      {"unknown model type",
+       with([](json& j) { j["model"]["type"] = "WordPiece"; }),
        {"model.type", "'WordPiece' is not supported"}},
       {"merge of an unknown token",
-       with([](json& j) { j["model"]["merges"][3] = {"Ġa", "zz"}; }),
+       with([](json& j) {
+         j["model"]["merges"][3] = {"Ġa", "zz"};
+       }),
        {"model.merges[3]", "token 'zz' is not in model.vocab"}},
       {"merge whose result is not a token",
        with([](json& j) { j["model"]["merges"][0] = "c a"; }),
        {"model.merges[0]", "merged token 'ca'"}},
-      {"merge of the wrong shape", with([](json& j) { j["model"]["merges"][2] = {1, 2}; }),
+      {"merge of the wrong shape",
+       with([](json& j) {
+         j["model"]["merges"][2] = {1, 2};
+       }),
        {"model.merges[2]", "must be [\"a\", \"b\"] or \"a b\""}},
-      {"merge string with no space", with([](json& j) { j["model"]["merges"][1] = "abc"; }),
+      {"merge string with no space",
+       with([](json& j) { j["model"]["merges"][1] = "abc"; }),
        {"model.merges[1]", "two tokens separated by one space"}},
       {"bad regex",
        with([](json& j) { j["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = "(a|b"; }),
        {"pre_tokenizer.pretokenizers[0].pattern.Regex", "bad regex at offset 4"}},
-      {"vocab not an object", with([](json& j) { j["model"]["vocab"] = json::array(); }),
+      {"vocab not an object",
+       with([](json& j) { j["model"]["vocab"] = json::array(); }),
        {"model.vocab", "must be a JSON object"}},
-      {"negative id", with([](json& j) { j["model"]["vocab"]["b"] = -3; }),
+      {"negative id",
+       with([](json& j) { j["model"]["vocab"]["b"] = -3; }),
        {"model.vocab.b", "must be a token id"}},
-      {"two tokens with one id", with([](json& j) { j["model"]["vocab"]["b"] = 0; }),
+      {"two tokens with one id",
+       with([](json& j) { j["model"]["vocab"]["b"] = 0; }),
        {"model.vocab", "id 0 is given to both"}},
-      {"sparse ids", with([](json& j) { j["model"]["vocab"]["b"] = 2000000000; }),
+      {"sparse ids",
+       with([](json& j) { j["model"]["vocab"]["b"] = 2000000000; }),
        {"tiny.json", "sparse"}},
-      {"unsupported normalizer", with([](json& j) { j["normalizer"] = {{"type", "Lowercase"}}; }),
+      {"unsupported normalizer",
+       with([](json& j) {
+         j["normalizer"] = {{"type", "Lowercase"}};
+       }),
        {"normalizer.type", "'Lowercase' is not supported"}},
       {"unsupported pre-tokenizer",
-       with([](json& j) { j["pre_tokenizer"]["pretokenizers"][1] = {{"type", "Metaspace"}}; }),
+       with([](json& j) {
+         j["pre_tokenizer"]["pretokenizers"][1] = {{"type", "Metaspace"}};
+       }),
        {"pre_tokenizer.pretokenizers[1].type", "'Metaspace' is not supported"}},
       {"unknown split behaviour",
        with([](json& j) { j["pre_tokenizer"]["pretokenizers"][0]["behavior"] = "Glued"; }),
        {"pre_tokenizer.pretokenizers[0].behavior", "'Glued'"}},
-      {"unsupported decoder", with([](json& j) { j["decoder"] = {{"type", "WordPiece"}}; }),
+      {"unsupported decoder",
+       with([](json& j) {
+         j["decoder"] = {{"type", "WordPiece"}};
+       }),
        {"decoder.type", "'WordPiece' is not supported"}},
       {"no decoder", with([](json& j) { j.erase("decoder"); }), {"decoder: missing"}},
-      {"added token without content", with([](json& j) { j["added_tokens"][1].erase("content"); }),
+      {"added token without content",
+       with([](json& j) { j["added_tokens"][1].erase("content"); }),
        {"added_tokens[1].content: missing"}},
-      {"added token flag not a bool", with([](json& j) { j["added_tokens"][0]["lstrip"] = 1; }),
+      {"added token flag not a bool",
+       with([](json& j) { j["added_tokens"][0]["lstrip"] = 1; }),
        {"added_tokens[0].lstrip", "must be true or false"}},
-      {"unknown unk_token", with([](json& j) { j["model"]["unk_token"] = "<unk>"; }),
+      {"unknown unk_token",
+       with([](json& j) { j["model"]["unk_token"] = "<unk>"; }),
        {"model.unk_token", "'<unk>' is not in model.vocab"}},
       {"dropout", with([](json& j) { j["model"]["dropout"] = 0.1; }), {"model.dropout"}},
   };
   for (const Case& c : cases) {
     std::string msg = error_of([&] { Tokenizer::from_json(c.text, "tiny.json"); });
     for (const std::string& w : c.wanted)
-      EXPECT_NE(msg.find(w), std::string::npos) << c.name << ": '" << msg << "' lacks '" << w << "'";
+      EXPECT_NE(msg.find(w), std::string::npos)
+          << c.name << ": '" << msg << "' lacks '" << w << "'";
   }
   std::string msg = error_of([] { Tokenizer::load("/nonexistent/tokenizer.json"); });
   EXPECT_NE(msg.find("/nonexistent/tokenizer.json"), std::string::npos) << msg;
@@ -672,15 +723,23 @@ void exercise(const Tokenizer& t, std::mt19937& rng) {
 
 std::string mutate_bytes(std::string s, std::mt19937& rng) {
   static const std::vector<std::string> dict = {
-      "{", "}", "[", "]", "\"", ",", ":", "null", "true", "-1", "1e999", "4294967296", "\"\"",
-      "\\u0000", "\\ud800", "\"Regex\"", "\"(\"", "\"*\"", "\"Sequence\"", "[[]]", "{}", "\xff"};
+      "{",       "}",         "[",     "]",     "\"",           ",",    ":",
+      "null",    "true",      "-1",    "1e999", "4294967296",   "\"\"", "\\u0000",
+      "\\ud800", "\"Regex\"", "\"(\"", "\"*\"", "\"Sequence\"", "[[]]", "{}",
+      "\xff"};
   int n = 1 + int(rng() % 4);
   for (int k = 0; k < n && !s.empty(); ++k) {
     size_t pos = rng() % s.size();
     switch (rng() % 4) {
-      case 0: s[pos] = char(rng() % 256); break;
-      case 1: s.erase(pos, 1 + rng() % 16); break;
-      case 2: s.insert(pos, dict[rng() % dict.size()]); break;
+      case 0:
+        s[pos] = char(rng() % 256);
+        break;
+      case 1:
+        s.erase(pos, 1 + rng() % 16);
+        break;
+      case 2:
+        s.insert(pos, dict[rng() % dict.size()]);
+        break;
       case 3: {
         size_t len = std::min<size_t>(1 + rng() % 32, s.size() - pos);
         s.insert(rng() % s.size(), s.substr(pos, len));
@@ -693,20 +752,28 @@ std::string mutate_bytes(std::string s, std::mt19937& rng) {
 
 json random_value(std::mt19937& rng) {
   switch (rng() % 9) {
-    case 0: return nullptr;
-    case 1: return bool(rng() % 2);
-    case 2: return int64_t(rng() % 40) - 5;
-    case 3: return int64_t(1) << (20 + rng() % 40);
-    case 4: return 0.5;
-    case 5: return json::array();
-    case 6: return json::object();
+    case 0:
+      return nullptr;
+    case 1:
+      return bool(rng() % 2);
+    case 2:
+      return int64_t(rng() % 40) - 5;
+    case 3:
+      return int64_t(1) << (20 + rng() % 40);
+    case 4:
+      return 0.5;
+    case 5:
+      return json::array();
+    case 6:
+      return json::object();
     case 7: {
       static const std::vector<std::string> words = {
-          "", "BPE", "Split", "ByteLevel", "Sequence", "NFC", "Isolated", "Removed", "a", "Ġ",
-          "ab", "a b", "(", "\\p{L}+|\\s", "(?<=a)", "x*", "<|end|>", "[M]", " "};
+          "",   "BPE", "Split", "ByteLevel",   "Sequence", "NFC", "Isolated", "Removed", "a", "Ġ",
+          "ab", "a b", "(",     "\\p{L}+|\\s", "(?<=a)",   "x*",  "<|end|>",  "[M]",     " "};
       return words[rng() % words.size()];
     }
-    default: return {"a", "b"};
+    default:
+      return {"a", "b"};
   }
 }
 
@@ -730,8 +797,8 @@ TEST(TokenizerFuzz, MutatedTokenizerJson) {
         if (it.value().is_number()) value = int64_t(rng() % 30) - 2;
         if (it.value().is_string()) {
           std::string str = it.value();
-          value = str.empty() ? std::string("x") : str.substr(0, rng() % str.size()) +
-                                                       str.substr(rng() % str.size());
+          value = str.empty() ? std::string("x")
+                              : str.substr(0, rng() % str.size()) + str.substr(rng() % str.size());
         }
       } else if (rng() % 3 == 0 && path.rfind('/') != 0) {  // a whole object or array
         path = path.substr(0, path.rfind('/'));
@@ -759,7 +826,7 @@ TEST(TokenizerUnicode, Validation) {
   EXPECT_EQ(find_invalid_utf8(""), std::string_view::npos);
   EXPECT_EQ(find_invalid_utf8("plain ascii text that is long"), std::string_view::npos);
   EXPECT_EQ(find_invalid_utf8("é日🙂\xF4\x8F\xBF\xBF"), std::string_view::npos);  // U+10FFFF
-  EXPECT_EQ(find_invalid_utf8("0123456789\xC1\xBF"), 10u);                      // overlong
+  EXPECT_EQ(find_invalid_utf8("0123456789\xC1\xBF"), 10u);                            // overlong
   EXPECT_EQ(find_invalid_utf8("ab\xF0\x80\x80\x80"), 2u);
   EXPECT_EQ(find_invalid_utf8("\xEF\xBF"), 0u);
   EXPECT_EQ(find_invalid_utf8(std::string_view("a\0b\xFE", 4)), 3u);
@@ -769,9 +836,9 @@ TEST(TokenizerUnicode, NfcMatchesUtf8procOnWholeStrings) {
   // normalize() sends only the stretches between safe points through utf8proc.
   auto reference = [](const std::string& s) {
     utf8proc_uint8_t* dst = nullptr;
-    utf8proc_ssize_t n =
-        utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(s.data()), utf8proc_ssize_t(s.size()),
-                     &dst, utf8proc_option_t(UTF8PROC_STABLE | UTF8PROC_COMPOSE));
+    utf8proc_ssize_t n = utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(s.data()),
+                                      utf8proc_ssize_t(s.size()), &dst,
+                                      utf8proc_option_t(UTF8PROC_STABLE | UTF8PROC_COMPOSE));
     EXPECT_GE(n, 0);
     std::string out(reinterpret_cast<const char*>(dst), size_t(std::max<utf8proc_ssize_t>(n, 0)));
     std::free(dst);
@@ -781,7 +848,7 @@ TEST(TokenizerUnicode, NfcMatchesUtf8procOnWholeStrings) {
   for (int i = 0; i < 5000; ++i) {
     std::string s = random_utf8(rng);
     // More marks and jamo next to letters: the cases where composition happens.
-    static const char32_t extra[] = {0x301, 0x308, 0x323, 0x1161, 0x11A8, 0x1100, 0x3099,
+    static const char32_t extra[] = {0x301,  0x308,  0x323,  0x1161, 0x11A8, 0x1100, 0x3099,
                                      0x304B, 0xAC00, 0x0B47, 0x0B3E, 0x212B, 0xF900};
     for (int k = 0; k < 4; ++k) append_utf8(&s, extra[rng() % std::size(extra)]);
     s += "e\u0301a\u0323\u0307";

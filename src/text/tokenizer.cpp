@@ -306,8 +306,9 @@ class Regex {
                        nullptr);
     if (rc == PCRE2_ERROR_NOMATCH) return false;
     if (rc < 0)
-      fail(ErrorKind::kInvalidArgument, "{}: matching a {}-byte piece of the input from byte {}: {}",
-           where_, s.size(), start, pcre2_message(rc));
+      fail(ErrorKind::kInvalidArgument,
+           "{}: matching a {}-byte piece of the input from byte {}: {}", where_, s.size(), start,
+           pcre2_message(rc));
     return true;  // rc == 0 only says the 1-pair ovector could not hold the capture groups
   }
 
@@ -452,9 +453,7 @@ struct Symbol {
 };
 struct Candidate {
   int32_t rank, pos, new_id;
-  bool operator>(const Candidate& o) const {
-    return rank != o.rank ? rank > o.rank : pos > o.pos;
-  }
+  bool operator>(const Candidate& o) const { return rank != o.rank ? rank > o.rank : pos > o.pos; }
 };
 
 // Buffers one encode() call reuses: per pre-tokeniser step, the text it hands on (ByteLevel
@@ -592,8 +591,8 @@ struct Tokenizer::Impl {
   void load(const json& root);
   void load_model(const Field& m);
   void load_added(const Field& a);
-  void load_normalizer(const Field& n);
-  void load_pre_tokenizer(const Field& p);
+  void load_normalizer(const Field& n, int depth = 0);
+  void load_pre_tokenizer(const Field& p, int depth = 0);
   void load_decoder(const Field& d);
 
   std::string_view normalize_text(std::string_view s, std::string* storage) const;
@@ -805,12 +804,16 @@ std::unique_ptr<Regex> parse_pattern(const Field& p) {
 }
 }  // namespace
 
-void Tokenizer::Impl::load_normalizer(const Field& n) {
+// Real files nest one Sequence; the limit keeps a hostile file from exhausting the stack.
+constexpr int kMaxSequenceDepth = 16;
+
+void Tokenizer::Impl::load_normalizer(const Field& n, int depth) {
   std::string type = n.type();
   if (type == "Sequence") {
+    if (depth >= kMaxSequenceDepth) n.bad("Sequence nested too deeply");
     Field list = n.get("normalizers");
     list.array();
-    for (size_t i = 0; i < list.j.size(); ++i) load_normalizer(list.at(i));
+    for (size_t i = 0; i < list.j.size(); ++i) load_normalizer(list.at(i), depth + 1);
   } else if (type == "NFC" || type == "NFD" || type == "NFKC" || type == "NFKD") {
     normalizers.push_back({NormStep::kForm, parse_form(type), {}, nullptr});
   } else if (type == "Prepend") {
@@ -826,23 +829,28 @@ void Tokenizer::Impl::load_normalizer(const Field& n) {
   }
 }
 
-void Tokenizer::Impl::load_pre_tokenizer(const Field& p) {
+void Tokenizer::Impl::load_pre_tokenizer(const Field& p, int depth) {
   std::string type = p.type();
   if (type == "Sequence") {
+    if (depth >= kMaxSequenceDepth) p.bad("Sequence nested too deeply");
     Field list = p.get("pretokenizers");
     list.array();
-    for (size_t i = 0; i < list.j.size(); ++i) load_pre_tokenizer(list.at(i));
+    for (size_t i = 0; i < list.j.size(); ++i) load_pre_tokenizer(list.at(i), depth + 1);
   } else if (type == "Split") {
     PreStep st;
     st.regex = parse_pattern(p.get("pattern"));
     Field b = p.get("behavior");
+    static const std::pair<std::string_view, Behavior> kBehaviors[] = {
+        {"Removed", Behavior::kRemoved},
+        {"Isolated", Behavior::kIsolated},
+        {"MergedWithPrevious", Behavior::kMergedWithPrevious},
+        {"MergedWithNext", Behavior::kMergedWithNext},
+        {"Contiguous", Behavior::kContiguous}};
     std::string name = b.str();
-    if (name == "Removed") st.behavior = Behavior::kRemoved;
-    else if (name == "Isolated") st.behavior = Behavior::kIsolated;
-    else if (name == "MergedWithPrevious") st.behavior = Behavior::kMergedWithPrevious;
-    else if (name == "MergedWithNext") st.behavior = Behavior::kMergedWithNext;
-    else if (name == "Contiguous") st.behavior = Behavior::kContiguous;
-    else b.bad("unknown split behaviour '" + name + "'");
+    auto it = std::find_if(std::begin(kBehaviors), std::end(kBehaviors),
+                           [&](const auto& kv) { return kv.first == name; });
+    if (it == std::end(kBehaviors)) b.bad("unknown split behaviour '" + name + "'");
+    st.behavior = it->second;
     st.invert = p.bool_or("invert", false);
     pre_steps.push_back(std::move(st));
   } else if (type == "ByteLevel") {
@@ -858,8 +866,8 @@ void Tokenizer::Impl::load_pre_tokenizer(const Field& p) {
     // Splits around each digit (individual_digits) or each run of digits: char::is_numeric.
     PreStep st;
     st.regex = std::make_unique<Regex>(R"(\p{N})", false, p.source + ": " + p.path);
-    st.behavior = p.bool_or("individual_digits", false) ? Behavior::kIsolated
-                                                        : Behavior::kContiguous;
+    st.behavior =
+        p.bool_or("individual_digits", false) ? Behavior::kIsolated : Behavior::kContiguous;
     pre_steps.push_back(std::move(st));
   } else {
     p.get("type").bad(ErrorKind::kUnsupported,
@@ -872,9 +880,9 @@ void Tokenizer::Impl::load_pre_tokenizer(const Field& p) {
 void Tokenizer::Impl::load_decoder(const Field& d) {
   std::string type = d.type();
   if (type != "ByteLevel")
-    d.get("type").bad(ErrorKind::kUnsupported,
-                      fmt::format("decoder '{}' is not supported (moeflux decodes ByteLevel)",
-                                  type));
+    d.get("type").bad(
+        ErrorKind::kUnsupported,
+        fmt::format("decoder '{}' is not supported (moeflux decodes ByteLevel)", type));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1123,9 +1131,7 @@ void Tokenizer::Impl::merge_word(std::string_view word, Scratch* sc,
 
   auto& heap = sc->heap;
   heap.clear();
-  auto rule = [&](int32_t a, int32_t b) -> const MergeRule* {
-    return merges.find(a, b);
-  };
+  auto rule = [&](int32_t a, int32_t b) -> const MergeRule* { return merges.find(a, b); };
   auto push = [&](int32_t pos, const MergeRule* r) {
     heap.push_back({r->rank, pos, r->new_id});
     std::push_heap(heap.begin(), heap.end(), std::greater<>());
@@ -1323,7 +1329,9 @@ std::string_view Tokenizer::token_bytes(int32_t id) const {
   return impl_->id_bytes[size_t(id)];
 }
 
-int32_t Tokenizer::vocab_size() const { return int32_t(impl_->id_kind.size()); }
+int32_t Tokenizer::vocab_size() const {
+  return int32_t(impl_->id_kind.size());
+}
 
 std::optional<int32_t> Tokenizer::token_id(std::string_view token) const {
   if (auto it = impl_->added_by_content.find(token); it != impl_->added_by_content.end())

@@ -9,7 +9,12 @@
 //   3. pre-tokenise each remaining piece (Sequence / Split / ByteLevel / Digits);
 //   4. BPE each pre-token (lowest merge rank first, leftmost on ties), cached per pre-token.
 // It adds no BOS/EOS: the post_processor is not applied (Qwen's ByteLevel one changes only
-// offsets). Supported components, each an Error naming the field when it is something else:
+// offsets). Where tokenizers has quirks they are kept, so that ids match it: characters with no
+// vocabulary entry and no unk_token are dropped; ByteLevel's add_prefix_space applies to every
+// piece; added tokens get tokenizers' ids (the vocabulary's id for their content, else the next
+// free id after the vocabulary, in file order), not the "id" written in the file, which
+// tokenizers only checks with a warning (real files agree).
+// Supported components, each an Error naming the field when it is something else:
 //   normalizer     NFC NFD NFKC NFKD Prepend Replace Sequence, or null
 //   pre_tokenizer  Split (String or Regex pattern, all five behaviours, invert) ByteLevel
 //                  (add_prefix_space, use_regex = GPT-2's pattern) Digits Sequence, or null
@@ -17,7 +22,9 @@
 //                  continuing_subword_prefix, end_of_word_suffix; dropout null or 0)
 //   decoder        ByteLevel
 //
-// Thread safety: a loaded Tokenizer is safe to use from several threads at once.
+// Thread safety: a loaded Tokenizer is safe to use from several threads at once. The pre-token
+// cache is per thread (no lock on the hot path) and belongs to the last tokenizer that thread
+// used; alternating two tokenizers on one thread empties it each time.
 #pragma once
 
 #include <cstdint>
@@ -52,14 +59,17 @@ class Tokenizer {
   // past the vocabulary, negative ids) decode to nothing, as there.
   std::string decode(std::span<const int32_t> ids) const;
 
-  // The token as the vocabulary spells it ("Ġworld", "<|im_end|>"); Error if id names no token.
+  // The token as tokenizers' id_to_token spells it: the vocabulary's form ("Ġworld"), an added
+  // token's content ("<|im_end|>"; normalised if the token is marked "normalized"). Error if
+  // id names no token.
   std::string token_text(int32_t id) const;
   // The bytes the decoder turns the token into (" world"); possibly a partial UTF-8 sequence;
   // empty when id names no token.
   std::string_view token_bytes(int32_t id) const;
   // One past the largest token id (vocab and added tokens); the model's embedding may be larger.
   int32_t vocab_size() const;
-  // Inverse of token_text: added tokens first, then the vocabulary.
+  // The id of a vocabulary token or of an added token's content as written in the file (added
+  // tokens first, as tokenizers' token_to_id).
   std::optional<int32_t> token_id(std::string_view token) const;
   bool is_special(int32_t id) const;
 

@@ -4,8 +4,8 @@
 // Anything may happen but a crash, a sanitizer report or an exception other than moeflux::Error.
 //
 // Built only with clang (tests/CMakeLists.txt). Run, e.g. for 60 s:
-//   CXX=clang++ cmake -S . -B build-fuzz -G Ninja && cmake --build build-fuzz --target fuzz_tokenizer
-//   build-fuzz/tests/fuzz_tokenizer -max_total_time=60 -dict=tests/fuzz/json.dict
+//   CXX=clang++ cmake -S . -B build-fuzz -G Ninja && cmake --build build-fuzz --target
+//   fuzz_tokenizer build-fuzz/tests/fuzz_tokenizer -max_total_time=60 -dict=tests/fuzz/json.dict
 #include <cstdint>
 #include <cstdlib>
 #include <string>
