@@ -27,7 +27,9 @@ namespace {
 
 using Json = nlohmann::ordered_json;
 
-std::string data_path(const std::string& rel) { return std::string(MOEFLUX_TEST_DATA) + "/" + rel; }
+std::string data_path(const std::string& rel) {
+  return std::string(MOEFLUX_TEST_DATA) + "/" + rel;
+}
 
 std::string read_text(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
@@ -82,8 +84,9 @@ ChatTemplate qwen3() {
 
 ChatTemplate qwen35() {
   Json tokens = {{"eos_token", "<|im_end|>"}, {"pad_token", "<|endoftext|>"}};
-  return ChatTemplate::from_source(read_text(data_path("tokenizer/qwen3_5_moe/chat_template.jinja")),
-                                   tokens, "qwen3.5 chat_template.jinja");
+  return ChatTemplate::from_source(
+      read_text(data_path("tokenizer/qwen3_5_moe/chat_template.jinja")), tokens,
+      "qwen3.5 chat_template.jinja");
 }
 
 ChatTemplate mixtral() {
@@ -155,23 +158,24 @@ TEST(ChatTemplateQwen3, ParallelToolCallsThenFinalAnswer) {
   // the last query, so it gets an (empty) <think> block. tojson keeps "Zürich" unescaped
   // (ensure_ascii=False). No generation prompt.
   std::vector<ChatMessage> msgs = {
-      msg("system", "You are helpful."), msg("user", "Weather in Zürich and Paris?"),
-      msg("assistant", "Let me check."),  msg("tool", R"({"temperature": 21})"),
+      msg("system", "You are helpful."),     msg("user", "Weather in Zürich and Paris?"),
+      msg("assistant", "Let me check."),     msg("tool", R"({"temperature": 21})"),
       msg("tool", R"({"temperature": 18})"), msg("assistant", "Zürich: 21 °C, Paris: 18 °C.")};
   msgs[2].tool_calls = Json::parse(R"([
       {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich"}}},
       {"type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}])");
-  std::string expected = qwen3_tools_header("You are helpful.") +
-                         "<|im_start|>user\nWeather in Zürich and Paris?<|im_end|>\n"
-                         "<|im_start|>assistant\nLet me check.\n<tool_call>\n"
-                         R"({"name": "get_weather", "arguments": {"city": "Zürich"}})"
-                         "\n</tool_call>\n<tool_call>\n"
-                         R"({"name": "get_weather", "arguments": {"city": "Paris"}})"
-                         "\n</tool_call><|im_end|>\n"
-                         "<|im_start|>user\n<tool_response>\n{\"temperature\": 21}\n</tool_response>"
-                         "\n<tool_response>\n{\"temperature\": 18}\n</tool_response><|im_end|>\n"
-                         "<|im_start|>assistant\n<think>\n\n</think>\n\n"
-                         "Zürich: 21 °C, Paris: 18 °C.<|im_end|>\n";
+  std::string expected =
+      qwen3_tools_header("You are helpful.") +
+      "<|im_start|>user\nWeather in Zürich and Paris?<|im_end|>\n"
+      "<|im_start|>assistant\nLet me check.\n<tool_call>\n"
+      R"({"name": "get_weather", "arguments": {"city": "Zürich"}})"
+      "\n</tool_call>\n<tool_call>\n"
+      R"({"name": "get_weather", "arguments": {"city": "Paris"}})"
+      "\n</tool_call><|im_end|>\n"
+      "<|im_start|>user\n<tool_response>\n{\"temperature\": 21}\n</tool_response>"
+      "\n<tool_response>\n{\"temperature\": 18}\n</tool_response><|im_end|>\n"
+      "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+      "Zürich: 21 °C, Paris: 18 °C.<|im_end|>\n";
   Json extra = {{"tools", Json::array({weather_tool()})}};
   EXPECT_EQ(qwen3().render(msgs, false, extra), expected);
 }
@@ -217,8 +221,9 @@ TEST(ChatTemplateQwen35, SystemAndUser) {
   ChatTemplate t = qwen35();
   EXPECT_EQ(t.render(msgs, true), head + "<think>\n");
   EXPECT_EQ(t.render(msgs, true, {{"enable_thinking", false}}), head + "<think>\n\n</think>\n\n");
-  EXPECT_EQ(t.render(msgs, false),
-            "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n");
+  EXPECT_EQ(
+      t.render(msgs, false),
+      "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n");
 }
 
 TEST(ChatTemplateQwen35, MultiTurnAndReasoning) {
@@ -250,8 +255,9 @@ TEST(ChatTemplateQwen35, ToolsAndXmlToolCalls) {
   msgs[2].tool_calls = Json::parse(R"([{"type": "function", "function": {"name": "get_weather",
       "arguments": {"city": "Paris", "days": 2, "units": ["c"]}}}])");
   std::string expected =
-      std::string("<|im_start|>system\n# Tools\n\nYou have access to the following functions:\n\n"
-                  "<tools>\n") +
+      std::string(
+          "<|im_start|>system\n# Tools\n\nYou have access to the following functions:\n\n"
+          "<tools>\n") +
       kWeatherToolJson +
       "\n</tools>\n\nIf you choose to call a function ONLY reply in the following format with NO "
       "suffix:\n\n<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>\n"
@@ -279,8 +285,9 @@ TEST(ChatTemplateQwen35, MultimodalContentList) {
   Json msgs = Json::parse(R"([{"role": "user", "content": [{"type": "image"},
       {"type": "text", "text": "What is this?"}]}])");
   ChatTemplate t = qwen35();
-  EXPECT_EQ(t.render_json(msgs, false),
-            "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is this?<|im_end|>\n");
+  EXPECT_EQ(
+      t.render_json(msgs, false),
+      "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is this?<|im_end|>\n");
   EXPECT_EQ(t.render_json(msgs, false, {{"add_vision_id", true}}),
             "<|im_start|>user\nPicture 1: <|vision_start|><|image_pad|><|vision_end|>What is this?"
             "<|im_end|>\n");
@@ -290,11 +297,17 @@ TEST(ChatTemplateQwen35, RaisesOnBadConversations) {
   ChatTemplate t = qwen35();
   expect_error([&] { t.render({msg("system", "only a system prompt")}, true); },
                ErrorKind::kInvalidArgument, {"No user query found in messages."});
-  expect_error([&] { t.render({msg("user", "hi"), msg("system", "late")}, true); },
-               ErrorKind::kInvalidArgument, {"System message must be at the beginning."});
+  expect_error(
+      [&] {
+        t.render({msg("user", "hi"), msg("system", "late")}, true);
+      },
+      ErrorKind::kInvalidArgument, {"System message must be at the beginning."});
   expect_error([&] { t.render({}, true); }, ErrorKind::kInvalidArgument, {"No messages provided."});
-  expect_error([&] { t.render({msg("user", "hi"), msg("robot", "beep")}, true); },
-               ErrorKind::kInvalidArgument, {"Unexpected message role."});
+  expect_error(
+      [&] {
+        t.render({msg("user", "hi"), msg("robot", "beep")}, true);
+      },
+      ErrorKind::kInvalidArgument, {"Unexpected message role."});
 }
 
 // ================================================================================================
@@ -323,15 +336,21 @@ TEST(ChatTemplateMixtral, SystemMessageGoesIntoFirstInst) {
 TEST(ChatTemplateMixtral, RaisesWhenRolesDoNotAlternate) {
   ChatTemplate t = mixtral();
   // The raise_exception call is on line 11 of the template.
-  expect_error([&] { t.render({msg("user", "a"), msg("user", "b")}, true); },
-               ErrorKind::kInvalidArgument,
-               {"After the optional system message, conversation roles must alternate "
-                "user/assistant/user/assistant/...",
-                "line 11"});
+  expect_error(
+      [&] {
+        t.render({msg("user", "a"), msg("user", "b")}, true);
+      },
+      ErrorKind::kInvalidArgument,
+      {"After the optional system message, conversation roles must alternate "
+       "user/assistant/user/assistant/...",
+       "line 11"});
   expect_error([&] { t.render({msg("assistant", "first")}, true); }, ErrorKind::kInvalidArgument,
                {"conversation roles must alternate"});
-  expect_error([&] { t.render({msg("user", "a"), msg("tool", "b")}, true); },
-               ErrorKind::kInvalidArgument, {"Only user and assistant roles are supported"});
+  expect_error(
+      [&] {
+        t.render({msg("user", "a"), msg("tool", "b")}, true);
+      },
+      ErrorKind::kInvalidArgument, {"Only user and assistant roles are supported"});
 }
 
 // ================================================================================================
@@ -373,8 +392,9 @@ TEST_F(ChatTemplateConfig, NamedTemplatesAndTokenObjects) {
       {"chat_template",
        Json::array({{{"name", "tool_use"}, {"template", "T{{ tools|length }}{{ bos_token }}"}},
                     {{"name", "default"},
-                     {"template", "D{{ bos_token }}{{ eos_token }}[{{ unk_token }}]"
-                                  "{{ tools is none }}{{ documents is none }}"}}})}};
+                     {"template",
+                      "D{{ bos_token }}{{ eos_token }}[{{ unk_token }}]"
+                      "{{ tools is none }}{{ documents is none }}"}}})}};
   ChatTemplate t = ChatTemplate::from_tokenizer_config(write("tokenizer_config.json", cfg.dump()));
   EXPECT_EQ(t.render({msg("user", "x")}, false), "D<s></s>[]TrueTrue");
   EXPECT_EQ(t.render({msg("user", "x")}, false, {{"tools", Json::array({1, 2})}}), "T2<s>");
@@ -484,6 +504,11 @@ TEST(ChatTemplateJinja, SetScopingAndNamespace) {
                    "{{ ns.n }} {{ ns.seen }} {{ ns.missing is defined }}"),
             "6 True False");
   EXPECT_EQ(render("{% set a, b = 1, 2 %}{{ b }}{{ a }}"), "21");
+  EXPECT_EQ(render("{% set ns = namespace() %}{% set ns.a, b = 'xy' %}{{ ns.a }}{{ b }}"), "xy");
+  // Python-style ':' before %} is accepted on statements that open a body.
+  EXPECT_EQ(render("{% if 0: %}a{% elif 1: %}b{% else: %}c{% endif %}{% for i in [1]: %}{{ i }}"
+                   "{% endfor %}"),
+            "b1");
   EXPECT_EQ(render("{% set x %}a{{ 1 + 1 }}b{% endset %}[{{ x }}]"), "[a2b]");
   EXPECT_EQ(render("{% set x | upper %}abc{% endset %}{{ x }}"), "ABC");
   expect_error([] { render("{% set d = {} %}{% set d.x = 1 %}"); }, ErrorKind::kInvalidArgument,
@@ -503,6 +528,9 @@ TEST(ChatTemplateJinja, MacrosAndFilterBlocks) {
                    {{"g", "G"}}),
             "TG");
   EXPECT_EQ(render("{% filter upper %}abc{{ 'd' }}{% endfilter %}"), "ABCD");
+  EXPECT_EQ(render("{% macro f(a, b, c=3) %}{{ a }}{{ b }}{{ c }}{% endmacro %}"
+                   "{{ f(*[1, 2]) }}{{ f(1, **{'b': 5, 'c': 6}) }}"),
+            "123156");
   EXPECT_EQ(render("{% generation %}kept{% endgeneration %}"), "kept");
   expect_error([] { render("{% macro m(a) %}{% endmacro %}{{ m(1, 2) }}"); },
                ErrorKind::kInvalidArgument, {"takes not more than 1 argument"});
@@ -517,16 +545,18 @@ TEST(ChatTemplateJinja, LiteralsAndPythonStr) {
   EXPECT_EQ(render("{{ (1,) }}{{ (1, 2) }}{{ () }}"), "(1,)(1, 2)()");
   EXPECT_EQ(render("{{ 'a' 'b' }}{{ \"it's\" }}{{ 'say \"hi\"' }}"), "abit'ssay \"hi\"");
   EXPECT_EQ(render(R"({{ 'a\tb\\n\u00e9\x41\101' }})"), std::string("a\tb\\n") + "é" + "AA");
-  EXPECT_EQ(render("{{ 1_000 }} {{ 1.5e3 }} {{ 1e20 }} {{ 1e-5 }} {{ 0.0001 }} {{ 1e15 }} {{ 1e16 }}"),
-            "1000 1500.0 1e+20 1e-05 0.0001 1000000000000000.0 1e+16");
+  EXPECT_EQ(
+      render("{{ 1_000 }} {{ 1.5e3 }} {{ 1e20 }} {{ 1e-5 }} {{ 0.0001 }} {{ 1e15 }} {{ 1e16 }}"),
+      "1000 1500.0 1e+20 1e-05 0.0001 1000000000000000.0 1e+16");
   EXPECT_EQ(render("{{ True }}{{ False }}{{ None }}"), "TrueFalseNone");
 }
 
 TEST(ChatTemplateJinja, Arithmetic) {
-  EXPECT_EQ(render("{{ 10 / 4 }}|{{ 10 // 4 }}|{{ -7 // 2 }}|{{ -7 % 3 }}|{{ 7 % -3 }}|{{ 2 ** 10 }}"
-                   "|{{ 4 / 2 }}|{{ 0.1 + 0.2 }}|{{ 2 ** 3 ** 2 }}|{{ 1 + 2 * 3 - 4 }}"
-                   "|{{ (1 + 2) * 3 }}|{{ -2 ** 2 }}|{{ 7.5 // 2 }}|{{ true + 1 }}"),
-            "2.5|2|-4|2|-2|1024|2.0|0.30000000000000004|64|3|9|4|3.0|2");
+  EXPECT_EQ(
+      render("{{ 10 / 4 }}|{{ 10 // 4 }}|{{ -7 // 2 }}|{{ -7 % 3 }}|{{ 7 % -3 }}|{{ 2 ** 10 }}"
+             "|{{ 4 / 2 }}|{{ 0.1 + 0.2 }}|{{ 2 ** 3 ** 2 }}|{{ 1 + 2 * 3 - 4 }}"
+             "|{{ (1 + 2) * 3 }}|{{ -2 ** 2 }}|{{ 7.5 // 2 }}|{{ true + 1 }}"),
+      "2.5|2|-4|2|-2|1024|2.0|0.30000000000000004|64|3|9|4|3.0|2");
   EXPECT_EQ(render("{{ 'ab' * 3 }}{{ [0] * 2 }}{{ [1] + [2] }}{{ 'a' + 'b' }}"),
             "ababab[0, 0][1, 2]ab");
   // ~ stringifies (None -> "None", undefined -> "") and binds tighter than + and -.
@@ -539,10 +569,11 @@ TEST(ChatTemplateJinja, Arithmetic) {
 }
 
 TEST(ChatTemplateJinja, ComparisonsLogicAndTernary) {
-  EXPECT_EQ(render("{{ 'b' in 'abc' }}{{ 3 not in [1, 2] }}{{ 'k' in {'k': 1} }}{{ 1 < 2 < 3 }}"
-                   "{{ 3 > 2 > 2 }}{{ 1 == 1.0 }}{{ true == 1 }}{{ 'a' != 'b' }}{{ [1, 2] == [1, 2] }}"
-                   "{{ 'a' < 'b' }}{{ 'x' in missing }}"),
-            "TrueTrueTrueTrueFalseTrueTrueTrueTrueTrueFalse");
+  EXPECT_EQ(
+      render("{{ 'b' in 'abc' }}{{ 3 not in [1, 2] }}{{ 'k' in {'k': 1} }}{{ 1 < 2 < 3 }}"
+             "{{ 3 > 2 > 2 }}{{ 1 == 1.0 }}{{ true == 1 }}{{ 'a' != 'b' }}{{ [1, 2] == [1, 2] }}"
+             "{{ 'a' < 'b' }}{{ 'x' in missing }}"),
+      "TrueTrueTrueTrueFalseTrueTrueTrueTrueTrueFalse");
   EXPECT_EQ(render("{{ 0 or 'b' }}{{ 'a' and 'c' }}{{ none or [] }}{{ not 0 }}{{ not 'a' }}"),
             "bc[]TrueFalse");
   EXPECT_EQ(render("{{ 'y' if 1 else 'n' }}{{ 'y' if 0 else 'n' }}[{{ 'y' if 0 }}]"
@@ -609,18 +640,21 @@ TEST(ChatTemplateJinja, StringMethods) {
             "TrueTrueFalse");
   EXPECT_EQ(render("{{ '{} + {} = {sum}'.format(1, 2, sum=3) }}|{{ '{0}{0}{{}}'.format('a') }}"),
             "1 + 2 = 3|aa{}");
-  EXPECT_EQ(render("{{ 'abc'.upper() }}{{ 'ABC'.lower() }}{{ 'a-b'.replace('-', '+') }}"
-                   "{{ 'banana'.count('a') }}{{ 'banana'.find('n') }}{{ 'héllo'.find('l') }}"
-                   "{{ 'hello world'.title() }}{{ 'hELLO'.capitalize() }}{{ ', '.join(['a', 'b']) }}"
-                   "{{ 'ab'.replace('', '-') }}{{ 'a\\nb'.splitlines() }}"),
-            "ABCabca+b322Hello WorldHelloa, b-a-b-['a', 'b']");
+  EXPECT_EQ(
+      render("{{ 'abc'.upper() }}{{ 'ABC'.lower() }}{{ 'a-b'.replace('-', '+') }}"
+             "{{ 'banana'.count('a') }}{{ 'banana'.find('n') }}{{ 'héllo'.find('l') }}"
+             "{{ 'hello world'.title() }}{{ 'hELLO'.capitalize() }}{{ ', '.join(['a', 'b']) }}"
+             "{{ 'ab'.replace('', '-') }}{{ 'a\\nb'.splitlines() }}"),
+      "ABCabca+b322Hello WorldHelloa, b-a-b-['a', 'b']");
   Json d = Json::parse(R"({"d": {"a": 1, "b": 2}})");
   EXPECT_EQ(render("{{ d.keys()|list }}{{ d.values()|list }}{{ d.get('a') }}{{ d.get('z', 0) }}"
                    "{{ d.get('z') }}{{ d.items() }}",
                    d),
             "['a', 'b'][1, 2]10Nonedict_items([('a', 1), ('b', 2)])");
-  EXPECT_EQ(render("{{ ' a b '.split(None, 1) }}{{ ' a b '.rsplit(None, 1) }}{{ ' a b '.split(none, 0) }}"),
-            "['a', 'b '][' a', 'b']['a b ']");
+  EXPECT_EQ(
+      render(
+          "{{ ' a b '.split(None, 1) }}{{ ' a b '.rsplit(None, 1) }}{{ ' a b '.split(none, 0) }}"),
+      "['a', 'b '][' a', 'b']['a b ']");
   expect_error([] { render("{{ 'a'.nosuch() }}"); }, ErrorKind::kInvalidArgument,
                {"'str object' has no attribute 'nosuch'"});
   expect_error([] { render("{{ [1].append(2) }}"); }, ErrorKind::kInvalidArgument, {"immutable"});
@@ -639,27 +673,30 @@ TEST(ChatTemplateJinja, Filters) {
             "1, 2, 3|13|['a', 'b']|[('a', 1)]|42!");
   EXPECT_EQ(render("{{ 3.7|int }}{{ '42'|int + 1 }}{{ 'x'|int }}{{ '3.5'|int }}{{ 'x'|int(7) }}"
                    "{{ '2.5'|float }}{{ 2|float }}"),
-            "343037" "2.52.0");
+            "343037"
+            "2.52.0");
   EXPECT_EQ(render("{{ 2.5|round }}{{ 3.5|round }}{{ 2.675|round(2) }}{{ 2.1|round(0, 'ceil') }}"
                    "{{ -3|abs }}{{ [1, 2, 3]|sum }}{{ [1, 5, 3]|max }}{{ [4, 2, 8]|min }}"),
             "2.04.02.673.03652");
   EXPECT_EQ(render("{{ 'a-b'|replace('-', '+') }}{{ 'aaa'|replace('a', 'b', 2) }}{{ 'a<b'|e }}"
                    "{{ '<b>'|safe }}"),
             "a+bbbaa&lt;b<b>");
-  EXPECT_EQ(render("{{ [3, 1, 2]|sort }}{{ ['b', 'A', 'a']|sort }}{{ [3, 1, 2]|sort(reverse=true) }}"
-                   "{{ [1, 2, 2, 3, 1]|unique|list }}{{ [1, 2, 3]|reverse|list }}{{ 'abc'|reverse }}"
-                   "{{ {'b': 1, 'a': 2}|dictsort }}"),
-            "[1, 2, 3]['A', 'a', 'b'][3, 2, 1][1, 2, 3][3, 2, 1]cba[('a', 2), ('b', 1)]");
+  EXPECT_EQ(
+      render("{{ [3, 1, 2]|sort }}{{ ['b', 'A', 'a']|sort }}{{ [3, 1, 2]|sort(reverse=true) }}"
+             "{{ [1, 2, 2, 3, 1]|unique|list }}{{ [1, 2, 3]|reverse|list }}{{ 'abc'|reverse }}"
+             "{{ {'b': 1, 'a': 2}|dictsort }}"),
+      "[1, 2, 3]['A', 'a', 'b'][3, 2, 1][1, 2, 3][3, 2, 1]cba[('a', 2), ('b', 1)]");
   Json ctx = Json::parse(R"({"msgs": [{"role": "user", "content": "a"},
       {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]})");
-  EXPECT_EQ(render("{{ msgs|selectattr('role', 'equalto', 'user')|map(attribute='content')|list }}"
-                   "{{ msgs|rejectattr('role', 'equalto', 'user')|map(attribute='content')|join }}"
-                   "{{ [1, 2, 3, 4]|select('even')|list }}{{ [0, 1, '']|select|list }}"
-                   "{{ [1, 2, 3, 4]|reject('odd')|list }}{{ ['a', 'b']|map('upper')|join }}"
-                   "{{ msgs|map(attribute='missing', default='-')|join }}"
-                   "{{ msgs|sort(attribute='content', reverse=true)|map(attribute='content')|join }}",
-                   ctx),
-            "['a', 'c']b[2, 4][1][2, 4]AB---cba");
+  EXPECT_EQ(
+      render("{{ msgs|selectattr('role', 'equalto', 'user')|map(attribute='content')|list }}"
+             "{{ msgs|rejectattr('role', 'equalto', 'user')|map(attribute='content')|join }}"
+             "{{ [1, 2, 3, 4]|select('even')|list }}{{ [0, 1, '']|select|list }}"
+             "{{ [1, 2, 3, 4]|reject('odd')|list }}{{ ['a', 'b']|map('upper')|join }}"
+             "{{ msgs|map(attribute='missing', default='-')|join }}"
+             "{{ msgs|sort(attribute='content', reverse=true)|map(attribute='content')|join }}",
+             ctx),
+      "['a', 'c']b[2, 4][1][2, 4]AB---cba");
   EXPECT_EQ(render("{{ 'a\\nb'|indent(2) }}|{{ 'a\\n\\nb'|indent(2, true) }}|"
                    "{{ 'a\\n\\nb'|indent('> ', blank=true) }}"),
             "a\n  b|  a\n\n  b|a\n> \n> b");
@@ -667,8 +704,7 @@ TEST(ChatTemplateJinja, Filters) {
 
 TEST(ChatTemplateJinja, ToJsonMatchesHfJsonDumps) {
   Json ctx = Json::parse(R"({"x": {"b": [1, 2.5, null, true], "a": "é\"\n<>&\u0001"}})");
-  EXPECT_EQ(render("{{ x|tojson }}", ctx),
-            R"({"b": [1, 2.5, null, true], "a": "é\"\n<>&\u0001"})");
+  EXPECT_EQ(render("{{ x|tojson }}", ctx), R"({"b": [1, 2.5, null, true], "a": "é\"\n<>&\u0001"})");
   EXPECT_EQ(render("{{ x|tojson(indent=2) }}", ctx),
             "{\n  \"b\": [\n    1,\n    2.5,\n    null,\n    true\n  ],\n"
             "  \"a\": \"é\\\"\\n<>&\\u0001\"\n}");
@@ -708,8 +744,9 @@ TEST(ChatTemplateJinja, SyntaxErrorsNameLineAndColumn) {
                {"line 1, column 23", "unknown filter 'nosuch'"});
   // Like Jinja 3, inside an `if` or an inline if-expression an unknown filter or test only fails
   // if it is evaluated, so a template with an exotic filter in an untaken branch still renders.
-  EXPECT_EQ(render("{% if false %}{{ x|nosuch }}{% elif false %}{{ x is nosuchtest }}{% endif %}ok"),
-            "ok");
+  EXPECT_EQ(
+      render("{% if false %}{{ x|nosuch }}{% elif false %}{{ x is nosuchtest }}{% endif %}ok"),
+      "ok");
   EXPECT_EQ(render("{{ x|nosuch if false else 1 }}"), "1");
   expect_error([] { render("{% if true %}\n  {{ x|nosuch }}{% endif %}"); },
                ErrorKind::kUnsupported, {"line 2, column 8", "unknown filter 'nosuch'"});
@@ -719,10 +756,12 @@ TEST(ChatTemplateJinja, SyntaxErrorsNameLineAndColumn) {
                {"line 1, column 20", "expected 'endfor' or 'else'"});
   expect_error(parse("{{ 'abc' }"), ErrorKind::kFormat, {"line 1, column 10", "unexpected '}'"});
   expect_error(parse("a\n{{ (1 + 2 }}"), ErrorKind::kFormat, {"line 2"});
-  expect_error(parse("{{ a ! b }}"), ErrorKind::kFormat, {"line 1, column 6", "unexpected char '!'"});
+  expect_error(parse("{{ a ! b }}"), ErrorKind::kFormat,
+               {"line 1, column 6", "unexpected char '!'"});
   expect_error(parse("{{ 'unterminated }}"), ErrorKind::kFormat, {"unterminated string"});
   expect_error(parse("{# never closed"), ErrorKind::kFormat, {"missing end of comment tag"});
-  expect_error(parse("{% include 'x.html' %}"), ErrorKind::kUnsupported, {"unsupported tag 'include'"});
+  expect_error(parse("{% include 'x.html' %}"), ErrorKind::kUnsupported,
+               {"unsupported tag 'include'"});
   expect_error(parse("{% frobnicate %}"), ErrorKind::kUnsupported, {"unknown tag 'frobnicate'"});
   expect_error(parse("{% break %}"), ErrorKind::kFormat, {"'break' outside of a loop"});
   expect_error(parse("{{ f(a=1, 2) }}"), ErrorKind::kFormat, {"positional argument follows"});
@@ -740,16 +779,18 @@ TEST(ChatTemplateJinja, LimitsTurnIntoErrors) {
                {"byte limit"});
   expect_error([] { render("{{ [1] * 100000000000 }}"); }, ErrorKind::kInvalidArgument,
                {"item limit"});
-  expect_error([] { render("{{ " + std::string(5000, '(') + "1" + std::string(5000, ')') + " }}"); },
-               ErrorKind::kFormat, {"nested more than"});
+  expect_error(
+      [] { render("{{ " + std::string(5000, '(') + "1" + std::string(5000, ')') + " }}"); },
+      ErrorKind::kFormat, {"nested more than"});
   // Quadratic string growth runs out of steps instead of running for hours.
   jinja::Options small;
   small.max_steps = 100000;
   expect_error(
       [&] {
-        jinja::Template("{% set ns = namespace(s='') %}{% for i in range(1000000) %}"
-                        "{% set ns.s = ns.s ~ 'xxxxxxxxxxxxxxxx' %}{% endfor %}",
-                        "t", small)
+        jinja::Template(
+            "{% set ns = namespace(s='') %}{% for i in range(1000000) %}"
+            "{% set ns.s = ns.s ~ 'xxxxxxxxxxxxxxxx' %}{% endfor %}",
+            "t", small)
             .render(Json::object());
       },
       ErrorKind::kInvalidArgument, {"budget"});
@@ -762,21 +803,85 @@ TEST(ChatTemplateFuzz, MutatedTemplatesRenderOrThrowError) {
   Json qwen3_cfg = Json::parse(read_text(data_path("tokenizer/qwen3/tokenizer_config.json")));
   Json mixtral_cfg = Json::parse(read_text(data_path("tokenizer/mixtral/tokenizer_config.json")));
   const std::vector<std::string> bases = {
-      qwen3_cfg["chat_template"].get<std::string>(),
-      qwen3_cfg["chat_template"].get<std::string>(),
+      qwen3_cfg["chat_template"].get<std::string>(), qwen3_cfg["chat_template"].get<std::string>(),
       read_text(data_path("tokenizer/qwen3_5_moe/chat_template.jinja")),
       mixtral_cfg["chat_template"].get<std::string>()};
-  static const char* kSnippets[] = {
-      "{%", "%}", "{{", "}}", "{#", "#}", "-", "+", "(", ")", "[", "]", "{", "}", "'", "\"", "\\",
-      "|", ".", ",", ":", "~", "*", "**", "//", "%", "==", " in ", " not ", " if ", " else ",
-      " is ", "endif", "endfor", "{% endfor %}", "{% endif %}", "{% for x in messages %}",
-      "{% if x %}", "loop.index", "loop.previtem", "|tojson", "|length", "|items", "|trim",
-      "|tojson(indent=2)", "namespace(a=1)", "range(99999999)", "'x' * 999999999",
-      "[1] * 99999999", "10 ** 99", "messages", "messages[::-1]", "message.content",
-      ".split('a')", "raise_exception('r')", "{% macro m(a) %}{{ m(a) }}{% endmacro %}{{ m(1) }}",
-      "{% break %}", "\xff", "\xe6\x97\xa5", "\n", " ", "0", "-1", "none", "true",
-      "{% set ns.x = 1 %}", "ns.multi_step_tool", "{%- ", " -%}", "{% set x %}", "{% endset %}",
-      "{{ x.y.z }}", "'\\u00e9'", "'\\x4'", "9223372036854775807", "1e308 * 10"};
+  static const char* kSnippets[] = {"{%",
+                                    "%}",
+                                    "{{",
+                                    "}}",
+                                    "{#",
+                                    "#}",
+                                    "-",
+                                    "+",
+                                    "(",
+                                    ")",
+                                    "[",
+                                    "]",
+                                    "{",
+                                    "}",
+                                    "'",
+                                    "\"",
+                                    "\\",
+                                    "|",
+                                    ".",
+                                    ",",
+                                    ":",
+                                    "~",
+                                    "*",
+                                    "**",
+                                    "//",
+                                    "%",
+                                    "==",
+                                    " in ",
+                                    " not ",
+                                    " if ",
+                                    " else ",
+                                    " is ",
+                                    "endif",
+                                    "endfor",
+                                    "{% endfor %}",
+                                    "{% endif %}",
+                                    "{% for x in messages %}",
+                                    "{% if x %}",
+                                    "loop.index",
+                                    "loop.previtem",
+                                    "|tojson",
+                                    "|length",
+                                    "|items",
+                                    "|trim",
+                                    "|tojson(indent=2)",
+                                    "namespace(a=1)",
+                                    "range(99999999)",
+                                    "'x' * 999999999",
+                                    "[1] * 99999999",
+                                    "10 ** 99",
+                                    "messages",
+                                    "messages[::-1]",
+                                    "message.content",
+                                    ".split('a')",
+                                    "raise_exception('r')",
+                                    "{% macro m(a) %}{{ m(a) }}{% endmacro %}{{ m(1) }}",
+                                    "{% break %}",
+                                    "\xff",
+                                    "\xe6\x97\xa5",
+                                    "\n",
+                                    " ",
+                                    "0",
+                                    "-1",
+                                    "none",
+                                    "true",
+                                    "{% set ns.x = 1 %}",
+                                    "ns.multi_step_tool",
+                                    "{%- ",
+                                    " -%}",
+                                    "{% set x %}",
+                                    "{% endset %}",
+                                    "{{ x.y.z }}",
+                                    "'\\u00e9'",
+                                    "'\\x4'",
+                                    "9223372036854775807",
+                                    "1e308 * 10"};
   Json tool_call = Json::parse(
       R"([{"type": "function", "function": {"name": "f", "arguments": {"a": [1, {"b": "c"}]}}}])");
   const std::vector<Json> contexts = {
@@ -784,12 +889,16 @@ TEST(ChatTemplateFuzz, MutatedTemplatesRenderOrThrowError) {
                                      {{"role", "user"}, {"content", "Hi <tool_response>"}},
                                      {{"role", "assistant"}, {"content", "<think>r</think>A"}},
                                      {{"role", "user"}, {"content", "日本語"}}})},
-           {"add_generation_prompt", true}, {"enable_thinking", false}, {"bos_token", "<s>"},
+           {"add_generation_prompt", true},
+           {"enable_thinking", false},
+           {"bos_token", "<s>"},
            {"eos_token", "</s>"}},
-      Json{{"messages", Json::array({{{"role", "user"}, {"content", "Q"}},
-                                     {{"role", "assistant"}, {"content", ""}, {"tool_calls", tool_call}},
-                                     {{"role", "tool"}, {"content", "R"}}})},
-           {"tools", Json::array({weather_tool()})}, {"add_generation_prompt", false}}};
+      Json{{"messages",
+            Json::array({{{"role", "user"}, {"content", "Q"}},
+                         {{"role", "assistant"}, {"content", ""}, {"tool_calls", tool_call}},
+                         {{"role", "tool"}, {"content", "R"}}})},
+           {"tools", Json::array({weather_tool()})},
+           {"add_generation_prompt", false}}};
 
   jinja::Options opt;
   opt.max_steps = 200000;
@@ -806,13 +915,21 @@ TEST(ChatTemplateFuzz, MutatedTemplatesRenderOrThrowError) {
     for (int k = 0; k < mutations; ++k) {
       size_t pos = pick(s.size() + 1);
       switch (rng() % 5) {
-        case 0: s.erase(pos, pick(24)); break;
-        case 1: s.insert(pos, kSnippets[pick(std::size(kSnippets))]); break;
-        case 2: s.insert(pick(s.size() + 1), s.substr(pos, pick(80))); break;
+        case 0:
+          s.erase(pos, pick(24));
+          break;
+        case 1:
+          s.insert(pos, kSnippets[pick(std::size(kSnippets))]);
+          break;
+        case 2:
+          s.insert(pick(s.size() + 1), s.substr(pos, pick(80)));
+          break;
         case 3:
           if (!s.empty()) s[pick(s.size())] = char(rng() & 0xFF);
           break;
-        default: s.insert(pos, 1, " {}%#-+|'\"()[]"[pick(14)]); break;
+        default:
+          s.insert(pos, 1, " {}%#-+|'\"()[]"[pick(14)]);
+          break;
       }
     }
     try {
@@ -827,8 +944,8 @@ TEST(ChatTemplateFuzz, MutatedTemplatesRenderOrThrowError) {
     }
   }
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::cout << "[fuzz] " << kIterations << " mutated templates: " << rendered << " rendered, " << errors
-            << " rejected with moeflux::Error, " << secs << " s\n";
+  std::cout << "[fuzz] " << kIterations << " mutated templates: " << rendered << " rendered, "
+            << errors << " rejected with moeflux::Error, " << secs << " s\n";
   EXPECT_GT(rendered, 50);
   EXPECT_GT(errors, 50);
 }

@@ -38,6 +38,9 @@ namespace moeflux {
 namespace {
 
 constexpr int kLanes = 16;
+}
+int g_pf = 1;
+namespace {
 
 // Loops over the R rows / U tokens of a register block must be unrolled for their accumulators
 // to live in registers (-O2 does not do it by itself).
@@ -186,6 +189,7 @@ struct F16x16 {
 // decoded state. kPermuted: lane j holds column pi(j) = 8 * (j % 2) + j / 2 of the chunk rather
 // than column j (see Q4x16); the kernels then permute x the same way and the sums back.
 struct Q8x16 {
+  static constexpr int kBits = 8;
   static constexpr bool kPermuted = false;
   struct Group {
     __m512 s, b;
@@ -201,6 +205,7 @@ struct Q4x16 {
   // The chunk's two words are broadcast to every qword; lane j takes word j % 2 shifted right
   // by 4 * (j / 2): no cross-lane shuffle, and vpermps looks the code up in the group's table
   // using only the low 4 bits of the lane, so no mask either.
+  static constexpr int kBits = 4;
   static constexpr bool kPermuted = true;
   struct Group {
     __m512 table;
@@ -219,6 +224,7 @@ struct Q4x16 {
 struct Q2x16 {
   // One word holds the chunk; lane j shifted by 2j has its code in bits 0-1 and the next code's
   // in bits 2-3, so the table repeats its 4 values.
+  static constexpr int kBits = 2;
   static constexpr bool kPermuted = false;
   struct Group {
     __m512 table;
@@ -375,6 +381,13 @@ MF_AVX512 void block_quant_512(const WeightView& wv, int64_t r, GroupParams gp, 
     typename Q::Group grp[R];
     MF_UNROLL
     for (int i = 0; i < R; i++) grp[i] = Q::group(gp.s[i * gpr + g], gp.b[i * gpr + g]);
+    // The next R rows' words at this column: a packed row advances only 4-16 bytes per chunk,
+    // too slowly across R interleaved rows for the hardware prefetchers to keep DRAM busy.
+    MF_UNROLL
+    for (int i = 0; i < R; i++)
+      _mm_prefetch(reinterpret_cast<const char*>(q + (g_pf * R + i) * wv.words_per_row +
+                                                 g * G * Q::kBits / 32),
+                   _MM_HINT_T0);
     for (int64_t c = g * G; c < (g + 1) * G; c += kLanes) {
       __m512 xv[U];
       MF_UNROLL
@@ -675,47 +688,60 @@ MF_AVX2 inline void store_block_256(const __m256* lo, const __m256* hi, float* y
   }
 }
 
+// One half of R float rows (row i at w + i*ld) times U tokens: lanes 0-7 (h = 0) or 8-15
+// (h = 1) of every output, i.e. columns c with c % 16 in [8h, 8h + 8). Doing the halves one
+// after the other keeps 12 accumulators, the U x vectors and a weight vector within the 16 ymm
+// registers (both halves at once would need twice the accumulators).
+template <class D, int R, int U>
+MF_AVX2 inline __attribute__((always_inline)) void half_float_256(int h, const typename D::Elem* w, int64_t ld, int64_t n,
+                            const float* x, __m256* acc) {
+  MF_UNROLL
+  for (int k = 0; k < R * U; k++) acc[k] = _mm256_setzero_ps();
+  const int64_t full = n / kLanes * kLanes;
+  for (int64_t c = 8 * h; c < full; c += kLanes) {
+    __m256 xv[U];
+    MF_UNROLL
+    for (int u = 0; u < U; u++) xv[u] = _mm256_loadu_ps(x + u * n + c);
+    MF_UNROLL
+    for (int i = 0; i < R; i++) {
+      const __m256 wv = D::load(w + i * ld, c);
+      MF_UNROLL
+      for (int u = 0; u < U; u++) acc[i * U + u] = _mm256_fmadd_ps(wv, xv[u], acc[i * U + u]);
+    }
+  }
+  const int64_t c = full + 8 * h;
+  const int m = int(std::min<int64_t>(8, n - c));
+  if (m > 0) {  // padded copies; lanes past the end keep their sums (blend, not a +0 term)
+    alignas(32) int32_t lane[8];
+    for (int j = 0; j < 8; j++) lane[j] = j < m ? -1 : 0;
+    const __m256 k = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<__m256i*>(lane)));
+    __m256 xv[U];
+    MF_UNROLL
+    for (int u = 0; u < U; u++) {
+      float xt[8] = {};
+      std::memcpy(xt, x + u * n + c, size_t(m) * sizeof(float));
+      xv[u] = _mm256_loadu_ps(xt);
+    }
+    MF_UNROLL
+    for (int i = 0; i < R; i++) {
+      float wt[8] = {};
+      for (int j = 0; j < m; j++) wt[j] = D::scalar(w[i * ld + c + j]);
+      const __m256 wv = _mm256_loadu_ps(wt);
+      MF_UNROLL
+      for (int u = 0; u < U; u++) {
+        __m256& a = acc[i * U + u];
+        a = _mm256_blendv_ps(a, _mm256_fmadd_ps(wv, xv[u], a), k);
+      }
+    }
+  }
+}
+
 template <class D, int R, int U>
 MF_AVX2 void block_float_256(const typename D::Elem* w, int64_t ld, int64_t n, const float* x,
                              float* y, int64_t ys) {
   __m256 lo[R * U], hi[R * U];
-  MF_UNROLL
-  for (int k = 0; k < R * U; k++) lo[k] = hi[k] = _mm256_setzero_ps();
-  int64_t c = 0;
-  for (; c + kLanes <= n; c += kLanes) {
-    MF_UNROLL
-    for (int i = 0; i < R; i++) {
-      const __m256 w0 = D::load(w + i * ld, c), w1 = D::load(w + i * ld, c + 8);
-      MF_UNROLL
-      for (int u = 0; u < U; u++) {
-        lo[i * U + u] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + u * n + c), lo[i * U + u]);
-        hi[i * U + u] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + u * n + c + 8), hi[i * U + u]);
-      }
-    }
-  }
-  if (c < n) {  // padded copies; lanes past the end keep their sums (blend, not a +0 term)
-    const int m = int(n - c);
-    alignas(32) int32_t lane[kLanes];
-    for (int j = 0; j < kLanes; j++) lane[j] = j < m ? -1 : 0;
-    const __m256 k0 = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<__m256i*>(lane)));
-    const __m256 k1 =
-        _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<__m256i*>(lane + 8)));
-    MF_UNROLL
-    for (int u = 0; u < U; u++) {
-      float xt[kLanes] = {};
-      std::memcpy(xt, x + u * n + c, size_t(m) * sizeof(float));
-      const __m256 x0 = _mm256_loadu_ps(xt), x1 = _mm256_loadu_ps(xt + 8);
-      MF_UNROLL
-      for (int i = 0; i < R; i++) {
-        float wt[kLanes] = {};
-        for (int j = 0; j < m; j++) wt[j] = D::scalar(w[i * ld + c + j]);
-        __m256& a0 = lo[i * U + u];
-        __m256& a1 = hi[i * U + u];
-        a0 = _mm256_blendv_ps(a0, _mm256_fmadd_ps(_mm256_loadu_ps(wt), x0, a0), k0);
-        a1 = _mm256_blendv_ps(a1, _mm256_fmadd_ps(_mm256_loadu_ps(wt + 8), x1, a1), k1);
-      }
-    }
-  }
+  half_float_256<D, R, U>(0, w, ld, n, x, lo);
+  half_float_256<D, R, U>(1, w, ld, n, x, hi);
   store_block_256<R, U>(lo, hi, y, ys);
 }
 
@@ -794,7 +820,7 @@ MF_AVX2 void widen_quant_256(const WeightView& wv, int64_t r, int64_t rows, floa
   }
 }
 
-constexpr int kPanelU256 = 3;  // micro-kernel: 2 rows x 3 tokens x 2 halves = 12 ymm
+constexpr int kPanelU256 = 3;  // micro-kernel: 4 rows x 3 tokens = 12 ymm per half
 
 template <class D, int R>
 MF_AVX2 void block_float_256_u(int U, const typename D::Elem* w, int64_t ld, int64_t n,
@@ -811,8 +837,8 @@ MF_AVX2 void panel_f32_256(const float* w, int64_t ld, int64_t rows, int64_t n, 
   for (int t = 0; t < T; t += kPanelU256) {
     const int U = std::min(kPanelU256, T - t);
     int64_t i = 0;
-    for (; i + 2 <= rows; i += 2)
-      block_float_256_u<F32x8, 2>(U, w + i * ld, ld, n, x + t * n, y + t * ys + i, ys);
+    for (; i + 4 <= rows; i += 4)
+      block_float_256_u<F32x8, 4>(U, w + i * ld, ld, n, x + t * n, y + t * ys + i, ys);
     for (; i < rows; i++)
       block_float_256_u<F32x8, 1>(U, w + i * ld, ld, n, x + t * n, y + t * ys + i, ys);
   }

@@ -111,8 +111,8 @@ ChatTemplate ChatTemplate::from_tokenizer_config(const std::string& path) {
     for (auto& e : tpl) {
       if (!e.is_object() || !e.contains("name") || !e["name"].is_string() ||
           !e.contains("template") || !e["template"].is_string())
-        fail(ErrorKind::kFormat, "{}: each chat_template entry needs string \"name\" and \"template\"",
-             path);
+        fail(ErrorKind::kFormat,
+             "{}: each chat_template entry needs string \"name\" and \"template\"", path);
       std::string name = e["name"].get<std::string>();
       std::string src = e["template"].get<std::string>();
       Named n{name, src, jinja::Template(src, origin + " '" + name + "'")};
@@ -172,11 +172,13 @@ std::string ChatTemplate::render_json(const Json& messages, bool add_generation_
 }
 
 std::string ChatTemplate::bos_token() const {
-  return special_tokens_.contains("bos_token") ? special_tokens_["bos_token"].get<std::string>() : "";
+  return special_tokens_.contains("bos_token") ? special_tokens_["bos_token"].get<std::string>()
+                                               : "";
 }
 
 std::string ChatTemplate::eos_token() const {
-  return special_tokens_.contains("eos_token") ? special_tokens_["eos_token"].get<std::string>() : "";
+  return special_tokens_.contains("eos_token") ? special_tokens_["eos_token"].get<std::string>()
+                                               : "";
 }
 
 }  // namespace moeflux

@@ -50,8 +50,9 @@ class ChatTemplate {
                      const nlohmann::ordered_json& extra = nlohmann::ordered_json::object()) const;
 
   // Same, with messages already as JSON (e.g. multimodal content lists from an HTTP request).
-  std::string render_json(const nlohmann::ordered_json& messages, bool add_generation_prompt,
-                          const nlohmann::ordered_json& extra = nlohmann::ordered_json::object()) const;
+  std::string render_json(
+      const nlohmann::ordered_json& messages, bool add_generation_prompt,
+      const nlohmann::ordered_json& extra = nlohmann::ordered_json::object()) const;
 
   // "" when the tokenizer config does not set it.
   std::string bos_token() const;

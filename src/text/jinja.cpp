@@ -164,8 +164,12 @@ std::string ascii_upper(std::string_view s) {
   return r;
 }
 
-bool is_alpha(char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
-bool is_digit(char c) { return c >= '0' && c <= '9'; }
+bool is_alpha(char c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+}
+bool is_digit(char c) {
+  return c >= '0' && c <= '9';
+}
 
 // ------------------------------------------------------------------------------------------------
 // Values
@@ -225,10 +229,18 @@ struct Value {
   const std::string& hint() const { return std::get<Undefined>(v).hint; }
 };
 
+// What Python object a sequence stands for. Templates can observe the difference: a tuple
+// prints as (1, 2); d.items() prints as dict_items([...]) and is not JSON serializable; the
+// results of map/select/unique/|items/|reverse are generators, which are always truthy, have
+// no len() and cannot be indexed.
+enum class Seq : uint8_t { kList, kTuple, kView, kIterator };
+
 struct ListData {
   std::vector<Value> items;
-  bool tuple = false;  // only changes repr(): (1, 2) vs [1, 2]
-  const char* view = nullptr;  // "dict_items" etc. for d.items(): repr and tojson differ
+  Seq kind = Seq::kList;
+  const char* name = "list";  // Python type name
+  bool plain() const { return kind == Seq::kList || kind == Seq::kTuple; }
+  bool tuple() const { return kind == Seq::kTuple; }
 };
 
 // Insertion-ordered string-keyed map, like a Python dict built from JSON.
@@ -259,21 +271,29 @@ struct Function {
   std::function<Value(Interp&, CallArgs&)> call;
 };
 
+Value make_seq(std::vector<Value> items, Seq kind, const char* name) {
+  auto d = std::make_shared<ListData>();
+  d->items = std::move(items);
+  d->kind = kind;
+  d->name = name;
+  return Value{ListPtr(std::move(d))};
+}
+
 Value Value::list(std::vector<Value> items, bool tuple) {
-  auto d = std::make_shared<ListData>();
-  d->items = std::move(items);
-  d->tuple = tuple;
-  return Value{ListPtr(std::move(d))};
+  return make_seq(std::move(items), tuple ? Seq::kTuple : Seq::kList, tuple ? "tuple" : "list");
 }
 
-Value dict_view(std::vector<Value> items, const char* view) {
-  auto d = std::make_shared<ListData>();
-  d->items = std::move(items);
-  d->view = view;
-  return Value{ListPtr(std::move(d))};
+Value dict_view(std::vector<Value> items, const char* name) {
+  return make_seq(std::move(items), Seq::kView, name);
 }
 
-Value Value::dict(DictData d) { return Value{DictPtr(std::make_shared<DictData>(std::move(d)))}; }
+Value generator(std::vector<Value> items, const char* name = "generator") {
+  return make_seq(std::move(items), Seq::kIterator, name);
+}
+
+Value Value::dict(DictData d) {
+  return Value{DictPtr(std::make_shared<DictData>(std::move(d)))};
+}
 
 Value make_fn(std::string name, std::function<Value(Interp&, CallArgs&)> f) {
   return Value{FnPtr(std::make_shared<Function>(Function{std::move(name), std::move(f)}))};
@@ -281,30 +301,49 @@ Value make_fn(std::string name, std::function<Value(Interp&, CallArgs&)> f) {
 
 const char* type_name(const Value& v) {
   switch (v.v.index()) {
-    case 0: return "Undefined";
-    case 1: return "NoneType";
-    case 2: return "bool";
-    case 3: return "int";
-    case 4: return "float";
-    case 5: return "str";
-    case 6: return v.list().view ? v.list().view : v.list().tuple ? "tuple" : "list";
-    case 7: return "dict";
-    case 8: return "Namespace";
-    default: return "function";
+    case 0:
+      return "Undefined";
+    case 1:
+      return "NoneType";
+    case 2:
+      return "bool";
+    case 3:
+      return "int";
+    case 4:
+      return "float";
+    case 5:
+      return "str";
+    case 6:
+      return v.list().name;
+    case 7:
+      return "dict";
+    case 8:
+      return "Namespace";
+    default:
+      return "function";
   }
 }
 
 bool truthy(const Value& v) {
   switch (v.v.index()) {
-    case 0: return false;
-    case 1: return false;
-    case 2: return v.as_bool();
-    case 3: return v.to_int() != 0;
-    case 4: return v.to_double() != 0.0;
-    case 5: return !v.str().empty();
-    case 6: return !v.list().items.empty();
-    case 7: return !v.dict().items.empty();
-    default: return true;
+    case 0:
+      return false;
+    case 1:
+      return false;
+    case 2:
+      return v.as_bool();
+    case 3:
+      return v.to_int() != 0;
+    case 4:
+      return v.to_double() != 0.0;
+    case 5:
+      return !v.str().empty();
+    case 6:
+      return v.list().kind == Seq::kIterator || !v.list().items.empty();
+    case 7:
+      return !v.dict().items.empty();
+    default:
+      return true;
   }
 }
 
@@ -485,7 +524,9 @@ struct Interp {
   bool apply_test(const std::string& tname, const Value& v, CallArgs& args);
 };
 
-[[noreturn]] void undefined_error(const Value& v) { fault(v.hint()); }
+[[noreturn]] void undefined_error(const Value& v) {
+  fault(v.hint());
+}
 
 // ------------------------------------------------------------------------------------------------
 // str() / repr()
@@ -521,13 +562,26 @@ void write_py_string_repr(const std::string& s, std::string& o) {
 void Interp::write_str(const Value& v, std::string& o, int d) {
   if (d > opt.max_depth) fault("value nested too deeply to print");
   switch (v.v.index()) {
-    case 0: break;
-    case 1: o += "None"; break;
-    case 2: o += v.as_bool() ? "True" : "False"; break;
-    case 3: o += std::to_string(v.to_int()); break;
-    case 4: o += py_float_repr(v.to_double()); break;
-    case 5: o += v.str(); break;
-    default: write_repr(v, o, d); return;
+    case 0:
+      break;
+    case 1:
+      o += "None";
+      break;
+    case 2:
+      o += v.as_bool() ? "True" : "False";
+      break;
+    case 3:
+      o += std::to_string(v.to_int());
+      break;
+    case 4:
+      o += py_float_repr(v.to_double());
+      break;
+    case 5:
+      o += v.str();
+      break;
+    default:
+      write_repr(v, o, d);
+      return;
   }
   check_len(o.size());
 }
@@ -536,19 +590,27 @@ void Interp::write_repr(const Value& v, std::string& o, int d) {
   if (d > opt.max_depth) fault("value nested too deeply to print");
   charge(1);
   switch (v.v.index()) {
-    case 0: o += "Undefined"; break;
-    case 5: write_py_string_repr(v.str(), o); break;
+    case 0:
+      o += "Undefined";
+      break;
+    case 5:
+      write_py_string_repr(v.str(), o);
+      break;
     case 6: {
       const ListData& l = v.list();
-      if (l.view) o += std::string(l.view) + "(";
-      o += l.tuple ? '(' : '[';
+      if (l.kind == Seq::kIterator) {
+        o += fmt::format("<{} object>", l.name);
+        break;
+      }
+      if (l.kind == Seq::kView) o += std::string(l.name) + "(";
+      o += l.tuple() ? '(' : '[';
       for (size_t i = 0; i < l.items.size(); ++i) {
         if (i) o += ", ";
         write_repr(l.items[i], o, d + 1);
       }
-      if (l.tuple && l.items.size() == 1) o += ',';
-      o += l.tuple ? ')' : ']';
-      if (l.view) o += ')';
+      if (l.tuple() && l.items.size() == 1) o += ',';
+      o += l.tuple() ? ')' : ']';
+      if (l.kind == Seq::kView) o += ')';
       break;
     }
     case 7:
@@ -568,8 +630,12 @@ void Interp::write_repr(const Value& v, std::string& o, int d) {
       if (v.is_ns()) o += '>';
       break;
     }
-    case 9: o += fmt::format("<function {}>", v.fn().name); break;
-    default: write_str(v, o, d); return;
+    case 9:
+      o += fmt::format("<function {}>", v.fn().name);
+      break;
+    default:
+      write_str(v, o, d);
+      return;
   }
   check_len(o.size());
 }
@@ -592,13 +658,27 @@ void write_json_string(const std::string& s, std::string& o, bool ensure_ascii) 
     Decoded d = decode_at(s, i);
     uint32_t cp = d.cp;
     switch (cp) {
-      case '"': o += "\\\""; break;
-      case '\\': o += "\\\\"; break;
-      case '\n': o += "\\n"; break;
-      case '\r': o += "\\r"; break;
-      case '\t': o += "\\t"; break;
-      case '\b': o += "\\b"; break;
-      case '\f': o += "\\f"; break;
+      case '"':
+        o += "\\\"";
+        break;
+      case '\\':
+        o += "\\\\";
+        break;
+      case '\n':
+        o += "\\n";
+        break;
+      case '\r':
+        o += "\\r";
+        break;
+      case '\t':
+        o += "\\t";
+        break;
+      case '\b':
+        o += "\\b";
+        break;
+      case '\f':
+        o += "\\f";
+        break;
       default:
         if (cp < 0x20) {
           o += fmt::format("\\u{:04x}", cp);
@@ -626,20 +706,31 @@ void write_json(Interp& ip, const Value& v, std::string& o, const JsonStyle& st,
     for (int i = 0; i < lvl; ++i) o += st.indent;
   };
   switch (v.v.index()) {
-    case 1: o += "null"; break;
-    case 2: o += v.as_bool() ? "true" : "false"; break;
-    case 3: o += std::to_string(v.to_int()); break;
+    case 1:
+      o += "null";
+      break;
+    case 2:
+      o += v.as_bool() ? "true" : "false";
+      break;
+    case 3:
+      o += std::to_string(v.to_int());
+      break;
     case 4: {
       double d = v.to_double();
-      if (std::isnan(d)) o += "NaN";
-      else if (std::isinf(d)) o += d < 0 ? "-Infinity" : "Infinity";
-      else o += py_float_repr(d);
+      if (std::isnan(d))
+        o += "NaN";
+      else if (std::isinf(d))
+        o += d < 0 ? "-Infinity" : "Infinity";
+      else
+        o += py_float_repr(d);
       break;
     }
-    case 5: write_json_string(v.str(), o, st.ensure_ascii); break;
+    case 5:
+      write_json_string(v.str(), o, st.ensure_ascii);
+      break;
     case 6: {
-      if (v.list().view)
-        fault(fmt::format("Object of type {} is not JSON serializable", v.list().view));
+      if (!v.list().plain())
+        fault(fmt::format("Object of type {} is not JSON serializable", v.list().name));
       const auto& items = v.list().items;
       if (items.empty()) {
         o += "[]";
@@ -678,7 +769,8 @@ void write_json(Interp& ip, const Value& v, std::string& o, const JsonStyle& st,
       o += '}';
       break;
     }
-    default: fault(fmt::format("Object of type {} is not JSON serializable", type_name(v)));
+    default:
+      fault(fmt::format("Object of type {} is not JSON serializable", type_name(v)));
   }
   ip.check_len(o.size());
 }
@@ -686,16 +778,21 @@ void write_json(Interp& ip, const Value& v, std::string& o, const JsonStyle& st,
 Value from_json(const nlohmann::ordered_json& j, int depth) {
   if (depth > 256) fault("JSON value nested more than 256 levels deep");
   switch (j.type()) {
-    case nlohmann::ordered_json::value_t::null: return Value::none();
-    case nlohmann::ordered_json::value_t::boolean: return Value::boolean(j.get<bool>());
-    case nlohmann::ordered_json::value_t::number_integer: return Value::integer(j.get<int64_t>());
+    case nlohmann::ordered_json::value_t::null:
+      return Value::none();
+    case nlohmann::ordered_json::value_t::boolean:
+      return Value::boolean(j.get<bool>());
+    case nlohmann::ordered_json::value_t::number_integer:
+      return Value::integer(j.get<int64_t>());
     case nlohmann::ordered_json::value_t::number_unsigned: {
       auto u = j.get<uint64_t>();
       if (u > uint64_t(INT64_MAX)) return Value::number(double(u));
       return Value::integer(int64_t(u));
     }
-    case nlohmann::ordered_json::value_t::number_float: return Value::number(j.get<double>());
-    case nlohmann::ordered_json::value_t::string: return Value::string(j.get<std::string>());
+    case nlohmann::ordered_json::value_t::number_float:
+      return Value::number(j.get<double>());
+    case nlohmann::ordered_json::value_t::string:
+      return Value::string(j.get<std::string>());
     case nlohmann::ordered_json::value_t::array: {
       std::vector<Value> items;
       items.reserve(j.size());
@@ -707,7 +804,8 @@ Value from_json(const nlohmann::ordered_json& j, int depth) {
       for (auto& [k, e] : j.items()) d.items.emplace_back(k, from_json(e, depth + 1));
       return Value::dict(std::move(d));
     }
-    default: fault("binary JSON values are not supported");
+    default:
+      fault("binary JSON values are not supported");
   }
 }
 
@@ -723,9 +821,13 @@ bool equal(Interp& ip, const Value& a, const Value& b, int d = 0) {
   if (a.v.index() != b.v.index()) return false;
   switch (a.v.index()) {
     case 0:
-    case 1: return true;
-    case 5: return a.str() == b.str();
+    case 1:
+      return true;
+    case 5:
+      return a.str() == b.str();
     case 6: {
+      if (!a.list().plain() || a.list().kind != b.list().kind)
+        return std::get<ListPtr>(a.v) == std::get<ListPtr>(b.v);
       const auto &x = a.list().items, &y = b.list().items;
       if (x.size() != y.size()) return false;
       ip.charge(int64_t(x.size()));
@@ -743,9 +845,12 @@ bool equal(Interp& ip, const Value& a, const Value& b, int d = 0) {
       }
       return true;
     }
-    case 8: return std::get<NsRef>(a.v).d == std::get<NsRef>(b.v).d;
-    case 9: return std::get<FnPtr>(a.v) == std::get<FnPtr>(b.v);
-    default: return false;
+    case 8:
+      return std::get<NsRef>(a.v).d == std::get<NsRef>(b.v).d;
+    case 9:
+      return std::get<FnPtr>(a.v) == std::get<FnPtr>(b.v);
+    default:
+      return false;
   }
 }
 
@@ -765,7 +870,8 @@ int compare(Interp& ip, const Value& a, const Value& b, const char* op, int d = 
     int c = a.str().compare(b.str());  // UTF-8 byte order is code point order
     return c < 0 ? -1 : (c > 0 ? 1 : 0);
   }
-  if (a.is_list() && b.is_list() && d <= ip.opt.max_depth) {
+  if (a.is_list() && b.is_list() && a.list().plain() && a.list().kind == b.list().kind &&
+      d <= ip.opt.max_depth) {
     const auto &x = a.list().items, &y = b.list().items;
     for (size_t i = 0; i < x.size() && i < y.size(); ++i) {
       if (!equal(ip, x[i], y[i])) return compare(ip, x[i], y[i], op, d + 1);
@@ -778,11 +884,12 @@ int compare(Interp& ip, const Value& a, const Value& b, const char* op, int d = 
 
 bool contains(Interp& ip, const Value& container, const Value& item) {
   switch (container.v.index()) {
-    case 0: return false;  // Undefined iterates as empty
+    case 0:
+      return false;  // Undefined iterates as empty
     case 5:
       if (!item.is_string())
-        fault(fmt::format("'in <string>' requires string as left operand, not {}",
-                          type_name(item)));
+        fault(
+            fmt::format("'in <string>' requires string as left operand, not {}", type_name(item)));
       ip.charge_bytes(container.str().size());
       return container.str().find(item.str()) != std::string::npos;
     case 6:
@@ -790,7 +897,8 @@ bool contains(Interp& ip, const Value& container, const Value& item) {
       for (auto& e : container.list().items)
         if (equal(ip, e, item)) return true;
       return false;
-    case 7: return item.is_string() && container.dict().find(item.str()) != nullptr;
+    case 7:
+      return item.is_string() && container.dict().find(item.str()) != nullptr;
     default:
       fault(fmt::format("argument of type '{}' is not iterable", type_name(container)));
   }
@@ -834,7 +942,8 @@ int64_t py_mod(int64_t a, int64_t b) {
 double py_fmod(double a, double b) {
   if (b == 0) fault("float modulo");
   double r = std::fmod(a, b);
-  if (r != 0 && ((r < 0) != (b < 0))) r += b;
+  if (r == 0) return std::copysign(0.0, b);  // the sign of the divisor, as CPython
+  if ((r < 0) != (b < 0)) r += b;
   return r;
 }
 
@@ -842,16 +951,26 @@ enum class BinOp { kAdd, kSub, kMul, kDiv, kFloorDiv, kMod, kPow, kConcat, kAnd,
 
 const char* binop_symbol(BinOp op) {
   switch (op) {
-    case BinOp::kAdd: return "+";
-    case BinOp::kSub: return "-";
-    case BinOp::kMul: return "*";
-    case BinOp::kDiv: return "/";
-    case BinOp::kFloorDiv: return "//";
-    case BinOp::kMod: return "%";
-    case BinOp::kPow: return "**";
-    case BinOp::kConcat: return "~";
-    case BinOp::kAnd: return "and";
-    case BinOp::kOr: return "or";
+    case BinOp::kAdd:
+      return "+";
+    case BinOp::kSub:
+      return "-";
+    case BinOp::kMul:
+      return "*";
+    case BinOp::kDiv:
+      return "/";
+    case BinOp::kFloorDiv:
+      return "//";
+    case BinOp::kMod:
+      return "%";
+    case BinOp::kPow:
+      return "**";
+    case BinOp::kConcat:
+      return "~";
+    case BinOp::kAnd:
+      return "and";
+    case BinOp::kOr:
+      return "or";
   }
   return "?";
 }
@@ -868,12 +987,13 @@ Value repeat(Interp& ip, const Value& seq, int64_t n) {
     return Value::string(std::move(r));
   }
   const auto& items = seq.list().items;
-  if (!items.empty() && uint64_t(n) > ip.opt.max_list_items / items.size()) ip.check_items(SIZE_MAX);
+  if (!items.empty() && uint64_t(n) > ip.opt.max_list_items / items.size())
+    ip.check_items(SIZE_MAX);
   ip.charge(int64_t(items.size()) * n);
   std::vector<Value> r;
   r.reserve(items.size() * size_t(n));
   for (int64_t i = 0; i < n; ++i) r.insert(r.end(), items.begin(), items.end());
-  return Value::list(std::move(r), seq.list().tuple);
+  return Value::list(std::move(r), seq.list().tuple());
 }
 
 Value arith(Interp& ip, BinOp op, const Value& a, const Value& b) {
@@ -892,26 +1012,45 @@ Value arith(Interp& ip, BinOp op, const Value& a, const Value& b) {
     if (fl) {
       double x = a.to_double(), y = b.to_double();
       switch (op) {
-        case BinOp::kAdd: return Value::number(x + y);
-        case BinOp::kSub: return Value::number(x - y);
-        case BinOp::kMul: return Value::number(x * y);
+        case BinOp::kAdd:
+          return Value::number(x + y);
+        case BinOp::kSub:
+          return Value::number(x - y);
+        case BinOp::kMul:
+          return Value::number(x * y);
         case BinOp::kFloorDiv:
           if (y == 0) fault("float floor division by zero");
           return Value::number(std::floor(x / y));
-        case BinOp::kMod: return Value::number(py_fmod(x, y));
-        case BinOp::kPow: return Value::number(std::pow(x, y));
-        default: return unsupported();
+        case BinOp::kMod:
+          return Value::number(py_fmod(x, y));
+        case BinOp::kPow: {
+          if (x == 0 && y < 0) fault("0.0 cannot be raised to a negative power");
+          double r = std::pow(x, y);
+          if (std::isinf(r) && std::isfinite(x) && std::isfinite(y))
+            fault("(34, 'Numerical result out of range')");
+          return Value::number(r);
+        }
+        default:
+          return unsupported();
       }
     }
     int64_t x = a.to_int(), y = b.to_int();
     switch (op) {
-      case BinOp::kAdd: return Value::integer(add_checked(x, y));
-      case BinOp::kSub: return Value::integer(sub_checked(x, y));
-      case BinOp::kMul: return Value::integer(mul_checked(x, y));
-      case BinOp::kFloorDiv: return Value::integer(py_floordiv(x, y));
-      case BinOp::kMod: return Value::integer(py_mod(x, y));
+      case BinOp::kAdd:
+        return Value::integer(add_checked(x, y));
+      case BinOp::kSub:
+        return Value::integer(sub_checked(x, y));
+      case BinOp::kMul:
+        return Value::integer(mul_checked(x, y));
+      case BinOp::kFloorDiv:
+        return Value::integer(py_floordiv(x, y));
+      case BinOp::kMod:
+        return Value::integer(py_mod(x, y));
       case BinOp::kPow: {
-        if (y < 0) return Value::number(std::pow(double(x), double(y)));
+        if (y < 0) {
+          if (x == 0) fault("0.0 cannot be raised to a negative power");
+          return Value::number(std::pow(double(x), double(y)));
+        }
         int64_t acc = 1, base = x;
         for (int64_t e = y; e > 0; e >>= 1) {
           if (e & 1) acc = mul_checked(acc, base);
@@ -919,7 +1058,8 @@ Value arith(Interp& ip, BinOp op, const Value& a, const Value& b) {
         }
         return Value::integer(acc);
       }
-      default: return unsupported();
+      default:
+        return unsupported();
     }
   }
   if (op == BinOp::kAdd) {
@@ -928,17 +1068,18 @@ Value arith(Interp& ip, BinOp op, const Value& a, const Value& b) {
       ip.charge_bytes(a.str().size() + b.str().size());
       return Value::string(a.str() + b.str());
     }
-    if (a.is_list() && b.is_list() && a.list().tuple == b.list().tuple) {
+    if (a.is_list() && b.is_list() && a.list().plain() && a.list().kind == b.list().kind) {
       ip.check_items(a.list().items.size() + b.list().items.size());
       ip.charge(int64_t(a.list().items.size() + b.list().items.size()));
       std::vector<Value> r = a.list().items;
       r.insert(r.end(), b.list().items.begin(), b.list().items.end());
-      return Value::list(std::move(r), a.list().tuple);
+      return Value::list(std::move(r), a.list().tuple());
     }
   }
   if (op == BinOp::kMul) {
-    if ((a.is_string() || a.is_list()) && b.is_integral()) return repeat(ip, a, b.to_int());
-    if ((b.is_string() || b.is_list()) && a.is_integral()) return repeat(ip, b, a.to_int());
+    auto seq = [](const Value& x) { return x.is_string() || (x.is_list() && x.list().plain()); };
+    if (seq(a) && b.is_integral()) return repeat(ip, a, b.to_int());
+    if (seq(b) && a.is_integral()) return repeat(ip, b, a.to_int());
   }
   if (op == BinOp::kMod && a.is_string())
     fault("printf-style '%' string formatting is not supported; use format()",
@@ -981,14 +1122,12 @@ class Params {
 };
 
 const std::string& want_str(const Value& v, const char* what) {
-  if (!v.is_string())
-    fault(fmt::format("{} must be a string, not '{}'", what, type_name(v)));
+  if (!v.is_string()) fault(fmt::format("{} must be a string, not '{}'", what, type_name(v)));
   return v.str();
 }
 
 int64_t want_int(const Value& v, const char* what) {
-  if (!v.is_integral())
-    fault(fmt::format("{} must be an integer, not '{}'", what, type_name(v)));
+  if (!v.is_integral()) fault(fmt::format("{} must be an integer, not '{}'", what, type_name(v)));
   return v.to_int();
 }
 
@@ -997,7 +1136,8 @@ int64_t want_int(const Value& v, const char* what) {
 
 std::vector<Value> Interp::iterate(const Value& v) {
   switch (v.v.index()) {
-    case 0: return {};
+    case 0:
+      return {};
     case 5: {
       const std::string& s = v.str();
       charge_bytes(s.size());
@@ -1009,25 +1149,35 @@ std::vector<Value> Interp::iterate(const Value& v) {
       }
       return r;
     }
-    case 6: charge(int64_t(v.list().items.size())); return v.list().items;
+    case 6:
+      charge(int64_t(v.list().items.size()));
+      return v.list().items;
     case 7: {
       charge(int64_t(v.dict().items.size()));
       std::vector<Value> r;
       for (auto& [k, val] : v.dict().items) r.push_back(Value::string(k));
       return r;
     }
-    default: fault(fmt::format("'{}' object is not iterable", type_name(v)));
+    default:
+      fault(fmt::format("'{}' object is not iterable", type_name(v)));
   }
 }
 
 size_t Interp::length(const Value& v) {
   switch (v.v.index()) {
-    case 0: return 0;
-    case 5: return cp_count(v.str());
-    case 6: return v.list().items.size();
-    case 7: return v.dict().items.size();
-    default: fault(fmt::format("object of type '{}' has no len()", type_name(v)));
+    case 0:
+      return 0;
+    case 5:
+      return cp_count(v.str());
+    case 6:
+      if (v.list().kind == Seq::kIterator) break;
+      return v.list().items.size();
+    case 7:
+      return v.dict().items.size();
+    default:
+      break;
   }
+  fault(fmt::format("object of type '{}' has no len()", type_name(v)));
 }
 
 // slice.indices(): clamp start/stop for a sequence of length n, Python rules.
@@ -1057,7 +1207,8 @@ void slice_indices(int64_t n, const Value& vstart, const Value& vstop, const Val
 
 Value slice_value(Interp& ip, const Value& obj, const Value& a, const Value& b, const Value& c) {
   if (obj.is_undefined()) undefined_error(obj);
-  if (!obj.is_string() && !obj.is_list()) return Value::undefined("object is not sliceable");
+  if (!obj.is_string() && !(obj.is_list() && obj.list().plain()))
+    return Value::undefined(fmt::format("'{}' object is not subscriptable", type_name(obj)));
   int64_t start, stop, step;
   if (obj.is_string()) {
     CpIndex idx(obj.str());
@@ -1072,7 +1223,7 @@ Value slice_value(Interp& ip, const Value& obj, const Value& a, const Value& b, 
   std::vector<Value> r;
   for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step) r.push_back(items[size_t(i)]);
   ip.charge(int64_t(r.size()));
-  return Value::list(std::move(r), obj.list().tuple);
+  return Value::list(std::move(r), obj.list().tuple());
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1082,10 +1233,10 @@ Value str_method(Interp& ip, const std::string& s, const std::string& m, CallArg
 
 bool is_str_method(const std::string& m) {
   static const char* names[] = {
-      "startswith", "endswith", "split",   "rsplit",     "splitlines",   "strip",   "lstrip",
-      "rstrip",     "replace",  "upper",   "lower",      "title",        "capitalize", "find",
-      "rfind",      "index",    "count",   "join",       "format",       "isdigit", "isalpha",
-      "isalnum",    "isspace",  "isupper", "islower",    "removeprefix", "removesuffix"};
+      "startswith", "endswith", "split",   "rsplit",  "splitlines",   "strip",       "lstrip",
+      "rstrip",     "replace",  "upper",   "lower",   "title",        "capitalize",  "find",
+      "rfind",      "index",    "count",   "join",    "format",       "isdigit",     "isalpha",
+      "isalnum",    "isspace",  "isupper", "islower", "removeprefix", "removesuffix"};
   for (const char* n : names)
     if (m == n) return true;
   return false;
@@ -1146,19 +1297,21 @@ Value Interp::get_attr(const Value& obj, const std::string& attr) {
     return Value::undefined(fmt::format("'{} object' has no attribute '{}'", type_name(obj), attr));
   };
   switch (obj.v.index()) {
-    case 0: undefined_error(obj);
-    case 5: return is_str_method(attr) ? bound(obj, attr, str_method_thunk) : missing();
+    case 0:
+      undefined_error(obj);
+    case 5:
+      return is_str_method(attr) ? bound(obj, attr, str_method_thunk) : missing();
     case 6: {
-      static const char* methods[] = {"index", "count", "append", "extend", "insert",
-                                      "pop",   "remove", "reverse", "sort",  "clear", "copy"};
+      static const char* methods[] = {"index",  "count",   "append", "extend", "insert", "pop",
+                                      "remove", "reverse", "sort",   "clear",  "copy"};
       for (const char* n : methods)
         if (attr == n) return bound(obj, attr, list_method);
       return missing();
     }
     case 7: {
       // Jinja tries getattr() before [] for `d.name`, so methods win over keys of the same name.
-      static const char* methods[] = {"items", "keys", "values", "get", "update", "pop",
-                                      "popitem", "setdefault", "clear", "copy"};
+      static const char* methods[] = {"items", "keys",    "values",     "get",   "update",
+                                      "pop",   "popitem", "setdefault", "clear", "copy"};
       for (const char* n : methods)
         if (attr == n) return bound(obj, attr, dict_method);
       const Value* v = obj.dict().find(attr);
@@ -1168,7 +1321,8 @@ Value Interp::get_attr(const Value& obj, const std::string& attr) {
       const Value* v = obj.ns().find(attr);
       return v ? *v : missing();
     }
-    default: return missing();
+    default:
+      return missing();
   }
 }
 
@@ -1179,7 +1333,7 @@ Value Interp::get_item(const Value& obj, const Value& key) {
     write_repr(key, k);
     return Value::undefined(fmt::format("'{} object' has no element {}", type_name(obj), k));
   };
-  if ((obj.is_list() || obj.is_string()) && key.is_integral()) {
+  if (((obj.is_list() && obj.list().plain()) || obj.is_string()) && key.is_integral()) {
     int64_t i = key.to_int();
     if (obj.is_list()) {
       int64_t n = int64_t(obj.list().items.size());
@@ -1295,10 +1449,19 @@ struct SliceExpr : Expr {
 struct ArgExprs {
   std::vector<ExprPtr> pos;
   std::vector<std::pair<std::string, ExprPtr>> kw;
+  ExprPtr star, starstar;  // f(*args, **kwargs)
   CallArgs eval(Interp& ip) const {
     CallArgs a;
     for (auto& e : pos) a.pos.push_back(ip.eval(*e));
     for (auto& [k, e] : kw) a.kw.emplace_back(k, ip.eval(*e));
+    if (star)
+      for (auto& v : ip.iterate(ip.eval(*star))) a.pos.push_back(std::move(v));
+    if (starstar) {
+      Value d = ip.eval(*starstar);
+      if (!d.is_dict())
+        fault(fmt::format("argument after ** must be a mapping, not {}", type_name(d)));
+      for (auto& [k, v] : d.dict().items) a.kw.emplace_back(k, v);
+    }
     return a;
   }
 };
@@ -1386,14 +1549,30 @@ struct CompareExpr : Expr {
       Value right = ip.eval(*e);
       bool r = false;
       switch (op) {
-        case CmpOp::kEq: r = equal(ip, left, right); break;
-        case CmpOp::kNe: r = !equal(ip, left, right); break;
-        case CmpOp::kLt: r = compare(ip, left, right, "<") < 0; break;
-        case CmpOp::kLe: r = compare(ip, left, right, "<=") <= 0; break;
-        case CmpOp::kGt: r = compare(ip, left, right, ">") > 0; break;
-        case CmpOp::kGe: r = compare(ip, left, right, ">=") >= 0; break;
-        case CmpOp::kIn: r = contains(ip, right, left); break;
-        case CmpOp::kNotIn: r = !contains(ip, right, left); break;
+        case CmpOp::kEq:
+          r = equal(ip, left, right);
+          break;
+        case CmpOp::kNe:
+          r = !equal(ip, left, right);
+          break;
+        case CmpOp::kLt:
+          r = compare(ip, left, right, "<") < 0;
+          break;
+        case CmpOp::kLe:
+          r = compare(ip, left, right, "<=") <= 0;
+          break;
+        case CmpOp::kGt:
+          r = compare(ip, left, right, ">") > 0;
+          break;
+        case CmpOp::kGe:
+          r = compare(ip, left, right, ">=") >= 0;
+          break;
+        case CmpOp::kIn:
+          r = contains(ip, right, left);
+          break;
+        case CmpOp::kNotIn:
+          r = !contains(ip, right, left);
+          break;
       }
       if (!r) return Value::boolean(false);
       left = std::move(right);
@@ -1512,21 +1691,39 @@ struct ForStmt : Stmt {
   }
 };
 
+struct SetTarget {
+  std::string name;
+  std::string attr;  // non-empty: `set ns.attr = ...`
+};
+
+void assign_target(Interp& ip, const SetTarget& t, Value v) {
+  if (t.attr.empty()) {
+    ip.assign(t.name, std::move(v));
+    return;
+  }
+  Value ns = ip.lookup(t.name);
+  if (!ns.is_ns())
+    fault(fmt::format("cannot assign attribute on non-namespace object '{}' ({})", t.name,
+                      type_name(ns)));
+  ns.ns().set(t.attr, std::move(v));
+}
+
 struct SetStmt : Stmt {
-  std::vector<std::string> targets;  // one or more names, or the namespace for ns_attr
-  std::string ns_attr;               // non-empty: `set ns.attr = ...`
+  std::vector<SetTarget> targets;  // more than one: unpack
   ExprPtr value;
   Flow exec(Interp& ip) const override {
     Value v = ip.eval(*value);
-    if (!ns_attr.empty()) {
-      Value ns = ip.lookup(targets[0]);
-      if (!ns.is_ns())
-        fault(fmt::format("cannot assign attribute on non-namespace object '{}' ({})", targets[0],
-                          type_name(ns)));
-      ns.ns().set(ns_attr, std::move(v));
+    if (targets.size() == 1) {
+      assign_target(ip, targets[0], std::move(v));
       return Flow::kNormal;
     }
-    bind_targets(ip, targets, v);
+    std::vector<Value> parts = ip.iterate(v);
+    if (parts.size() != targets.size())
+      fault(parts.size() > targets.size()
+                ? fmt::format("too many values to unpack (expected {})", targets.size())
+                : fmt::format("not enough values to unpack (expected {}, got {})", targets.size(),
+                              parts.size()));
+    for (size_t i = 0; i < targets.size(); ++i) assign_target(ip, targets[i], parts[i]);
     return Flow::kNormal;
   }
 };
@@ -1587,7 +1784,8 @@ struct MacroStmt : Stmt {
   Body body;
   Flow exec(Interp& ip) const override {
     const MacroStmt* self = this;
-    ip.assign(name, make_fn(name, [self](Interp& in, CallArgs& a) { return in.call_macro(*self, a); }));
+    ip.assign(name,
+              make_fn(name, [self](Interp& in, CallArgs& a) { return in.call_macro(*self, a); }));
     return Flow::kNormal;
   }
 };
@@ -1604,7 +1802,8 @@ Value Interp::call_macro(const MacroStmt& m, CallArgs& args) {
   for (auto& [k, v] : args.kw) {
     size_t i = std::find(m.params.begin(), m.params.end(), k) - m.params.begin();
     if (i == m.params.size()) fault(fmt::format("macro '{}' has no argument '{}'", m.name, k));
-    if (bound_[i]) fault(fmt::format("macro '{}' got multiple values for argument '{}'", m.name, k));
+    if (bound_[i])
+      fault(fmt::format("macro '{}' got multiple values for argument '{}'", m.name, k));
     frame.set(k, v);
     bound_[i] = true;
   }
@@ -1688,7 +1887,9 @@ Value global_namespace(Interp& ip, CallArgs& a) {
   return Value{NsRef{std::make_shared<DictData>(kwargs_dict(ip, a, "namespace"))}};
 }
 
-Value global_dict(Interp& ip, CallArgs& a) { return Value::dict(kwargs_dict(ip, a, "dict")); }
+Value global_dict(Interp& ip, CallArgs& a) {
+  return Value::dict(kwargs_dict(ip, a, "dict"));
+}
 
 Value global_raise(Interp& ip, CallArgs& a) {
   Params p("raise_exception", a, {"message"}, 1);
@@ -1943,13 +2144,15 @@ Value str_method(Interp& ip, const std::string& s, const std::string& m, CallArg
   if (m == "startswith" || m == "endswith") {
     Params p(m.c_str(), a, {"prefix"}, 1);
     std::vector<Value> options;
-    if (p.get(0).is_list()) options = p.get(0).list().items;
-    else options.push_back(p.get(0));
+    if (p.get(0).is_list())
+      options = p.get(0).list().items;
+    else
+      options.push_back(p.get(0));
     for (auto& o : options) {
       const std::string& x = want_str(o, "prefix/suffix");
-      bool hit = m == "startswith" ? s.compare(0, x.size(), x) == 0
-                                   : (s.size() >= x.size() &&
-                                      s.compare(s.size() - x.size(), x.size(), x) == 0);
+      bool hit = m == "startswith"
+                     ? s.compare(0, x.size(), x) == 0
+                     : (s.size() >= x.size() && s.compare(s.size() - x.size(), x.size(), x) == 0);
       if (hit) return Value::boolean(true);
     }
     return Value::boolean(false);
@@ -1971,8 +2174,8 @@ Value str_method(Interp& ip, const std::string& s, const std::string& m, CallArg
     std::vector<uint32_t> chars;
     if (p.given(0)) chars = strip_chars(p, 0);
     ip.charge_bytes(s.size());
-    return Value::string(std::string(
-        py_strip(s, p.given(0) ? &chars : nullptr, m != "rstrip", m != "lstrip")));
+    return Value::string(
+        std::string(py_strip(s, p.given(0) ? &chars : nullptr, m != "rstrip", m != "lstrip")));
   }
   if (m == "replace") {
     Params p("replace", a, {"old", "new", "count"}, 2);
@@ -1995,8 +2198,7 @@ Value str_method(Interp& ip, const std::string& s, const std::string& m, CallArg
     if (m == "count") {
       if (sub.empty()) return Value::integer(int64_t(cp_count(s)) + 1);
       int64_t n = 0;
-      for (size_t at = s.find(sub); at != std::string::npos; at = s.find(sub, at + sub.size()))
-        ++n;
+      for (size_t at = s.find(sub); at != std::string::npos; at = s.find(sub, at + sub.size())) ++n;
       return Value::integer(n);
     }
     size_t at = m == "rfind" ? s.rfind(sub) : s.find(sub);
@@ -2025,7 +2227,8 @@ Value str_method(Interp& ip, const std::string& s, const std::string& m, CallArg
   if (m == "removeprefix" || m == "removesuffix") {
     Params p(m.c_str(), a, {"affix"}, 1);
     const std::string& x = want_str(p.get(0), "affix");
-    if (m == "removeprefix" && s.compare(0, x.size(), x) == 0) return Value::string(s.substr(x.size()));
+    if (m == "removeprefix" && s.compare(0, x.size(), x) == 0)
+      return Value::string(s.substr(x.size()));
     if (m == "removesuffix" && s.size() >= x.size() &&
         s.compare(s.size() - x.size(), x.size(), x) == 0)
       return Value::string(s.substr(0, s.size() - x.size()));
@@ -2097,6 +2300,8 @@ Value f_first(Interp& ip, const Value& v, CallArgs& a) {
 
 Value f_last(Interp& ip, const Value& v, CallArgs& a) {
   Params p("last", a, {});
+  if (v.is_list() && v.list().kind == Seq::kIterator)
+    fault(fmt::format("'{}' object is not reversible", v.list().name));
   if (v.is_list()) {
     if (v.list().items.empty()) return Value::undefined("No last item, sequence was empty.");
     return v.list().items.back();
@@ -2113,12 +2318,13 @@ Value f_list(Interp& ip, const Value& v, CallArgs& a) {
 
 Value f_items(Interp& ip, const Value& v, CallArgs& a) {
   Params p("items", a, {});
-  if (v.is_undefined()) return Value::list({});
-  if (!v.is_dict()) fault(fmt::format("Can only get item pairs from a mapping, not '{}'", type_name(v)));
+  if (v.is_undefined()) return generator({});
+  if (!v.is_dict())
+    fault(fmt::format("Can only get item pairs from a mapping, not '{}'", type_name(v)));
   std::vector<Value> r;
   for (auto& [k, val] : v.dict().items) r.push_back(Value::list({Value::string(k), val}, true));
   ip.charge(int64_t(r.size()));
-  return Value::list(std::move(r));
+  return generator(std::move(r));
 }
 
 Value f_string(Interp& ip, const Value& v, CallArgs& a) {
@@ -2126,9 +2332,9 @@ Value f_string(Interp& ip, const Value& v, CallArgs& a) {
   return Value::string(ip.to_str(v));
 }
 
-Value f_safe(Interp&, const Value& v, CallArgs& a) {
+Value f_safe(Interp& ip, const Value& v, CallArgs& a) {
   Params p("safe", a, {});
-  return v;  // no autoescaping here, so Markup is the string itself
+  return Value::string(ip.to_str(v));  // Markup(value): a string; no autoescaping here
 }
 
 Value f_trim(Interp& ip, const Value& v, CallArgs& a) {
@@ -2150,9 +2356,26 @@ Value f_lower(Interp& ip, const Value& v, CallArgs& a) {
   return Value::string(ascii_lower(ip.to_str(v)));
 }
 
+// Jinja's title filter is not str.title(): a word starts after '-', whitespace, '(', '{', '[' or
+// '<', and is its first character upper-cased plus the rest lower-cased.
 Value f_title(Interp& ip, const Value& v, CallArgs& a) {
   Params p("title", a, {});
-  return Value::string(py_title(ip.to_str(v)));
+  std::string s = ip.to_str(v), r;
+  bool at_word_start = true;
+  for (size_t i = 0; i < s.size();) {
+    Decoded d = decode_at(s, i);
+    bool sep = d.cp == '-' || d.cp == '(' || d.cp == '{' || d.cp == '[' || d.cp == '<' ||
+               is_py_space(d.cp);
+    std::string_view ch(s.data() + i, d.len);
+    if (sep)
+      r += ch;
+    else
+      r += at_word_start ? ascii_upper(ch) : ascii_lower(ch);
+    at_word_start = sep;
+    i += d.len;
+  }
+  ip.charge_bytes(r.size());
+  return Value::string(std::move(r));
 }
 
 Value f_capitalize(Interp& ip, const Value& v, CallArgs& a) {
@@ -2163,7 +2386,8 @@ Value f_capitalize(Interp& ip, const Value& v, CallArgs& a) {
 Value f_replace(Interp& ip, const Value& v, CallArgs& a) {
   Params p("replace", a, {"old", "new", "count"}, 2);
   int64_t count = p.given(2) ? want_int(p.get(2), "replace() count") : -1;
-  return Value::string(py_replace(ip, ip.to_str(v), ip.to_str(p.get(0)), ip.to_str(p.get(1)), count));
+  return Value::string(
+      py_replace(ip, ip.to_str(v), ip.to_str(p.get(0)), ip.to_str(p.get(1)), count));
 }
 
 Value f_join(Interp& ip, const Value& v, CallArgs& a) {
@@ -2185,6 +2409,7 @@ Value f_int(Interp& ip, const Value& v, CallArgs& a) {
   Params p("int", a, {"default", "base"});
   Value def = p.get_or(0, Value::integer(0));
   int base = p.has(1) ? int(want_int(p.get(1), "int() base")) : 10;
+  if (v.is_undefined()) undefined_error(v);  // int(Undefined) raises
   if (v.is_integral()) return Value::integer(v.to_int());
   if (v.is_float()) {
     double d = v.to_double();
@@ -2198,7 +2423,8 @@ Value f_int(Interp& ip, const Value& v, CallArgs& a) {
     int64_t out = 0;
     const char* b = s.data() + (!s.empty() && s[0] == '+' ? 1 : 0);
     auto r = std::from_chars(b, s.data() + s.size(), out, base);
-    if (!s.empty() && r.ec == std::errc() && r.ptr == s.data() + s.size()) return Value::integer(out);
+    if (!s.empty() && r.ec == std::errc() && r.ptr == s.data() + s.size())
+      return Value::integer(out);
     double d = 0;  // Jinja retries as float: int("3.7") -> 3
     auto rf = std::from_chars(s.data(), s.data() + s.size(), d);
     if (base == 10 && !s.empty() && rf.ec == std::errc() && rf.ptr == s.data() + s.size() &&
@@ -2211,6 +2437,7 @@ Value f_int(Interp& ip, const Value& v, CallArgs& a) {
 Value f_float(Interp&, const Value& v, CallArgs& a) {
   Params p("float", a, {"default"});
   Value def = p.get_or(0, Value::number(0.0));
+  if (v.is_undefined()) undefined_error(v);
   if (v.is_numeric()) return Value::number(v.to_double());
   if (v.is_string()) {
     std::string s(py_strip(v.str(), nullptr, true, true));
@@ -2237,6 +2464,7 @@ Value f_round(Interp&, const Value& v, CallArgs& a) {
   std::string method = p.has(1) ? want_str(p.get(1), "round() method") : "common";
   if (!v.is_numeric()) fault(fmt::format("round() of '{}'", type_name(v)));
   double x = v.to_double(), scale = std::pow(10.0, double(prec));
+  if (method == "common" && v.is_integral() && prec >= 0) return Value::integer(v.to_int());
   if (method == "common") {
     // Python's round() rounds the exact binary value half-to-even in decimal (round(2.675, 2) is
     // 2.67); glibc's printf does the same.
@@ -2303,7 +2531,8 @@ Value f_sort(Interp& ip, const Value& v, CallArgs& a) {
   for (auto& it : items) keyed.emplace_back(sort_key(ip, it, p, 2), it);
   ip.charge(int64_t(items.size()) * 20);
   std::stable_sort(keyed.begin(), keyed.end(), [&](const auto& x, const auto& y) {
-    return reverse ? less_for_sort(ip, y.first, x.first, cs) : less_for_sort(ip, x.first, y.first, cs);
+    return reverse ? less_for_sort(ip, y.first, x.first, cs)
+                   : less_for_sort(ip, x.first, y.first, cs);
   });
   std::vector<Value> r;
   for (auto& [k, it] : keyed) r.push_back(std::move(it));
@@ -2342,9 +2571,11 @@ Value f_unique(Interp& ip, const Value& v, CallArgs& a) {
     keys.push_back(std::move(k));
     r.push_back(it);
   }
-  return Value::list(std::move(r));
+  return generator(std::move(r));
 }
 
+// A string comes back reversed; a list or dict as Python's reversed() iterator; anything else
+// iterable as a reversed list (filters.py do_reverse).
 Value f_reverse(Interp& ip, const Value& v, CallArgs& a) {
   Params p("reverse", a, {});
   if (v.is_string()) {
@@ -2353,8 +2584,13 @@ Value f_reverse(Interp& ip, const Value& v, CallArgs& a) {
     for (size_t i = idx.size(); i-- > 0;) r += idx.at(i);
     return Value::string(std::move(r));
   }
+  if (v.is_undefined()) return generator({}, "reversed");
   std::vector<Value> items = ip.iterate(v);
   std::reverse(items.begin(), items.end());
+  if (v.is_dict()) return generator(std::move(items), "dict_reversekeyiterator");
+  if (v.is_list() && v.list().kind != Seq::kIterator)
+    return generator(std::move(items), v.list().kind == Seq::kView ? "dict_reverseitemiterator"
+                                                                   : "list_reverseiterator");
   return Value::list(std::move(items));
 }
 
@@ -2367,14 +2603,19 @@ Value minmax(Interp& ip, const Value& v, CallArgs& a, bool want_max) {
   Value best_key = sort_key(ip, items[0], p, 1);
   for (size_t i = 1; i < items.size(); ++i) {
     Value k = sort_key(ip, items[i], p, 1);
-    bool better = want_max ? less_for_sort(ip, best_key, k, cs) : less_for_sort(ip, k, best_key, cs);
+    bool better =
+        want_max ? less_for_sort(ip, best_key, k, cs) : less_for_sort(ip, k, best_key, cs);
     if (better) best = i, best_key = std::move(k);
   }
   return items[best];
 }
 
-Value f_min(Interp& ip, const Value& v, CallArgs& a) { return minmax(ip, v, a, false); }
-Value f_max(Interp& ip, const Value& v, CallArgs& a) { return minmax(ip, v, a, true); }
+Value f_min(Interp& ip, const Value& v, CallArgs& a) {
+  return minmax(ip, v, a, false);
+}
+Value f_max(Interp& ip, const Value& v, CallArgs& a) {
+  return minmax(ip, v, a, true);
+}
 
 Value f_sum(Interp& ip, const Value& v, CallArgs& a) {
   Params p("sum", a, {"attribute", "start"});
@@ -2390,8 +2631,10 @@ Value f_map(Interp& ip, const Value& v, CallArgs& a) {
   const Value* attribute = nullptr;
   const Value* def = nullptr;
   for (auto& [k, val] : a.kw) {
-    if (k == "attribute") attribute = &val;
-    else if (k == "default") def = &val;
+    if (k == "attribute")
+      attribute = &val;
+    else if (k == "default")
+      def = &val;
   }
   if (attribute) {
     if (!a.pos.empty() || a.kw.size() != (def ? 2u : 1u))
@@ -2400,7 +2643,7 @@ Value f_map(Interp& ip, const Value& v, CallArgs& a) {
       Value x = attr_path(ip, it, ip.to_str(*attribute));
       r.push_back(x.is_undefined() && def ? *def : x);
     }
-    return Value::list(std::move(r));
+    return generator(std::move(r));
   }
   if (a.pos.empty()) fault("map() needs a filter name or attribute=");
   std::string fname = want_str(a.pos[0], "map() filter name");
@@ -2411,7 +2654,7 @@ Value f_map(Interp& ip, const Value& v, CallArgs& a) {
     CallArgs copy = rest;
     r.push_back(ip.apply_filter(fname, it, copy));
   }
-  return Value::list(std::move(r));
+  return generator(std::move(r));
 }
 
 // select/reject/selectattr/rejectattr
@@ -2443,13 +2686,21 @@ Value select_impl(Interp& ip, const Value& v, CallArgs& a, bool by_attr, bool ke
     }
     if (ok == keep_if) r.push_back(it);
   }
-  return Value::list(std::move(r));
+  return generator(std::move(r));
 }
 
-Value f_select(Interp& ip, const Value& v, CallArgs& a) { return select_impl(ip, v, a, false, true); }
-Value f_reject(Interp& ip, const Value& v, CallArgs& a) { return select_impl(ip, v, a, false, false); }
-Value f_selectattr(Interp& ip, const Value& v, CallArgs& a) { return select_impl(ip, v, a, true, true); }
-Value f_rejectattr(Interp& ip, const Value& v, CallArgs& a) { return select_impl(ip, v, a, true, false); }
+Value f_select(Interp& ip, const Value& v, CallArgs& a) {
+  return select_impl(ip, v, a, false, true);
+}
+Value f_reject(Interp& ip, const Value& v, CallArgs& a) {
+  return select_impl(ip, v, a, false, false);
+}
+Value f_selectattr(Interp& ip, const Value& v, CallArgs& a) {
+  return select_impl(ip, v, a, true, true);
+}
+Value f_rejectattr(Interp& ip, const Value& v, CallArgs& a) {
+  return select_impl(ip, v, a, true, false);
+}
 
 Value f_attr(Interp& ip, const Value& v, CallArgs& a) {
   Params p("attr", a, {"name"}, 1);
@@ -2470,7 +2721,10 @@ Value f_indent(Interp& ip, const Value& v, CallArgs& a) {
   }
   bool first = p.has(1) && truthy(p.get(1));
   bool blank = p.has(2) && truthy(p.get(2));
-  std::vector<std::string> lines = py_splitlines(ip.to_str(v) + "\n", false);
+  if (v.is_undefined()) undefined_error(v);
+  if (!v.is_string())  // Jinja does `s += "\n"` first
+    fault(fmt::format("unsupported operand type(s) for +=: '{}' and 'str'", type_name(v)));
+  std::vector<std::string> lines = py_splitlines(v.str() + "\n", false);
   std::string r;
   for (size_t i = 0; i < lines.size(); ++i) {
     if (i) r += '\n';
@@ -2487,38 +2741,59 @@ Value f_escape(Interp& ip, const Value& v, CallArgs& a) {
   std::string r;
   for (char c : ip.to_str(v)) {
     switch (c) {
-      case '&': r += "&amp;"; break;
-      case '<': r += "&lt;"; break;
-      case '>': r += "&gt;"; break;
-      case '"': r += "&#34;"; break;
-      case '\'': r += "&#39;"; break;
-      default: r += c;
+      case '&':
+        r += "&amp;";
+        break;
+      case '<':
+        r += "&lt;";
+        break;
+      case '>':
+        r += "&gt;";
+        break;
+      case '"':
+        r += "&#34;";
+        break;
+      case '\'':
+        r += "&#39;";
+        break;
+      default:
+        r += c;
     }
   }
   ip.check_len(r.size());
   return Value::string(std::move(r));
 }
 
+// len(re.findall(r"\w+", str(s))); non-ASCII code points count as word characters.
 Value f_wordcount(Interp& ip, const Value& v, CallArgs& a) {
   Params p("wordcount", a, {});
-  return Value::integer(int64_t(py_split(ip, ip.to_str(v), nullptr, -1, false).list().items.size()));
+  std::string s = ip.to_str(v);
+  int64_t n = 0;
+  bool in_word = false;
+  for (char c : s) {
+    bool w = is_alpha(c) || is_digit(c) || c == '_' || static_cast<unsigned char>(c) >= 0x80;
+    if (w && !in_word) ++n;
+    in_word = w;
+  }
+  ip.charge_bytes(s.size());
+  return Value::integer(n);
 }
 
 const std::unordered_map<std::string, FilterFn>& filters() {
   static const std::unordered_map<std::string, FilterFn> m = {
-      {"abs", f_abs},           {"attr", f_attr},         {"capitalize", f_capitalize},
-      {"count", f_length},      {"d", f_default},         {"default", f_default},
-      {"dictsort", f_dictsort}, {"e", f_escape},          {"escape", f_escape},
-      {"first", f_first},       {"float", f_float},       {"indent", f_indent},
-      {"int", f_int},           {"items", f_items},       {"join", f_join},
-      {"last", f_last},         {"length", f_length},     {"list", f_list},
-      {"lower", f_lower},       {"map", f_map},           {"max", f_max},
-      {"min", f_min},           {"reject", f_reject},     {"rejectattr", f_rejectattr},
-      {"replace", f_replace},   {"reverse", f_reverse},   {"round", f_round},
-      {"safe", f_safe},         {"select", f_select},     {"selectattr", f_selectattr},
-      {"sort", f_sort},         {"string", f_string},     {"sum", f_sum},
-      {"title", f_title},       {"tojson", f_tojson},     {"trim", f_trim},
-      {"unique", f_unique},     {"upper", f_upper},       {"wordcount", f_wordcount},
+      {"abs", f_abs},           {"attr", f_attr},       {"capitalize", f_capitalize},
+      {"count", f_length},      {"d", f_default},       {"default", f_default},
+      {"dictsort", f_dictsort}, {"e", f_escape},        {"escape", f_escape},
+      {"first", f_first},       {"float", f_float},     {"indent", f_indent},
+      {"int", f_int},           {"items", f_items},     {"join", f_join},
+      {"last", f_last},         {"length", f_length},   {"list", f_list},
+      {"lower", f_lower},       {"map", f_map},         {"max", f_max},
+      {"min", f_min},           {"reject", f_reject},   {"rejectattr", f_rejectattr},
+      {"replace", f_replace},   {"reverse", f_reverse}, {"round", f_round},
+      {"safe", f_safe},         {"select", f_select},   {"selectattr", f_selectattr},
+      {"sort", f_sort},         {"string", f_string},   {"sum", f_sum},
+      {"title", f_title},       {"tojson", f_tojson},   {"trim", f_trim},
+      {"unique", f_unique},     {"upper", f_upper},     {"wordcount", f_wordcount},
   };
   return m;
 }
@@ -2534,37 +2809,79 @@ Value Interp::apply_filter(const std::string& fname, const Value& v, CallArgs& a
 // ------------------------------------------------------------------------------------------------
 // Tests (jinja2/tests.py)
 
-bool t_defined(Interp&, const Value& v, CallArgs&) { return !v.is_undefined(); }
-bool t_undefined(Interp&, const Value& v, CallArgs&) { return v.is_undefined(); }
-bool t_none(Interp&, const Value& v, CallArgs&) { return v.is_none(); }
-bool t_boolean(Interp&, const Value& v, CallArgs&) { return v.is_bool(); }
-bool t_true(Interp&, const Value& v, CallArgs&) { return v.is_bool() && v.as_bool(); }
-bool t_false(Interp&, const Value& v, CallArgs&) { return v.is_bool() && !v.as_bool(); }
-bool t_integer(Interp&, const Value& v, CallArgs&) { return v.is_int(); }
-bool t_float(Interp&, const Value& v, CallArgs&) { return v.is_float(); }
-bool t_number(Interp&, const Value& v, CallArgs&) { return v.is_numeric(); }
-bool t_string(Interp&, const Value& v, CallArgs&) { return v.is_string(); }
-bool t_mapping(Interp&, const Value& v, CallArgs&) { return v.is_dict(); }
+bool t_defined(Interp&, const Value& v, CallArgs&) {
+  return !v.is_undefined();
+}
+bool t_undefined(Interp&, const Value& v, CallArgs&) {
+  return v.is_undefined();
+}
+bool t_none(Interp&, const Value& v, CallArgs&) {
+  return v.is_none();
+}
+bool t_boolean(Interp&, const Value& v, CallArgs&) {
+  return v.is_bool();
+}
+bool t_true(Interp&, const Value& v, CallArgs&) {
+  return v.is_bool() && v.as_bool();
+}
+bool t_false(Interp&, const Value& v, CallArgs&) {
+  return v.is_bool() && !v.as_bool();
+}
+bool t_integer(Interp&, const Value& v, CallArgs&) {
+  return v.is_int();
+}
+bool t_float(Interp&, const Value& v, CallArgs&) {
+  return v.is_float();
+}
+bool t_number(Interp&, const Value& v, CallArgs&) {
+  return v.is_numeric();
+}
+bool t_string(Interp&, const Value& v, CallArgs&) {
+  return v.is_string();
+}
+bool t_mapping(Interp&, const Value& v, CallArgs&) {
+  return v.is_dict();
+}
 // Undefined has __iter__, __len__ and __getitem__, so Jinja calls it iterable and a sequence.
 bool t_iterable(Interp&, const Value& v, CallArgs&) {
   return v.is_undefined() || v.is_string() || v.is_list() || v.is_dict();
 }
-bool t_sequence(Interp& ip, const Value& v, CallArgs& a) { return t_iterable(ip, v, a); }
-bool t_callable(Interp&, const Value& v, CallArgs&) { return v.is_fn() || v.is_undefined(); }
-bool t_escaped(Interp&, const Value&, CallArgs&) { return false; }
+bool t_sequence(Interp& ip, const Value& v, CallArgs& a) {
+  return t_iterable(ip, v, a) && !(v.is_list() && !v.list().plain());
+}
+bool t_callable(Interp&, const Value& v, CallArgs&) {
+  return v.is_fn() || v.is_undefined();
+}
+bool t_escaped(Interp&, const Value&, CallArgs&) {
+  return false;
+}
 
 const Value& one_arg(CallArgs& a, const char* name) {
   if (a.pos.size() + a.kw.size() != 1) fault(fmt::format("test '{}' takes one argument", name));
   return a.pos.empty() ? a.kw[0].second : a.pos[0];
 }
 
-bool t_eq(Interp& ip, const Value& v, CallArgs& a) { return equal(ip, v, one_arg(a, "eq")); }
-bool t_ne(Interp& ip, const Value& v, CallArgs& a) { return !equal(ip, v, one_arg(a, "ne")); }
-bool t_lt(Interp& ip, const Value& v, CallArgs& a) { return compare(ip, v, one_arg(a, "lt"), "<") < 0; }
-bool t_le(Interp& ip, const Value& v, CallArgs& a) { return compare(ip, v, one_arg(a, "le"), "<=") <= 0; }
-bool t_gt(Interp& ip, const Value& v, CallArgs& a) { return compare(ip, v, one_arg(a, "gt"), ">") > 0; }
-bool t_ge(Interp& ip, const Value& v, CallArgs& a) { return compare(ip, v, one_arg(a, "ge"), ">=") >= 0; }
-bool t_in(Interp& ip, const Value& v, CallArgs& a) { return contains(ip, one_arg(a, "in"), v); }
+bool t_eq(Interp& ip, const Value& v, CallArgs& a) {
+  return equal(ip, v, one_arg(a, "eq"));
+}
+bool t_ne(Interp& ip, const Value& v, CallArgs& a) {
+  return !equal(ip, v, one_arg(a, "ne"));
+}
+bool t_lt(Interp& ip, const Value& v, CallArgs& a) {
+  return compare(ip, v, one_arg(a, "lt"), "<") < 0;
+}
+bool t_le(Interp& ip, const Value& v, CallArgs& a) {
+  return compare(ip, v, one_arg(a, "le"), "<=") <= 0;
+}
+bool t_gt(Interp& ip, const Value& v, CallArgs& a) {
+  return compare(ip, v, one_arg(a, "gt"), ">") > 0;
+}
+bool t_ge(Interp& ip, const Value& v, CallArgs& a) {
+  return compare(ip, v, one_arg(a, "ge"), ">=") >= 0;
+}
+bool t_in(Interp& ip, const Value& v, CallArgs& a) {
+  return contains(ip, one_arg(a, "in"), v);
+}
 
 bool t_sameas(Interp& ip, const Value& v, CallArgs& a) {
   const Value& o = one_arg(a, "sameas");
@@ -2574,15 +2891,20 @@ bool t_sameas(Interp& ip, const Value& v, CallArgs& a) {
   return equal(ip, v, o);
 }
 
-int64_t int_operand(const Value& v, const char* test) {
-  if (!v.is_integral()) fault(fmt::format("test '{}' needs an integer, not '{}'", test, type_name(v)));
-  return v.to_int();
+// value % n as Python computes it for numbers (tests.py: `value % 2 == 1` etc.).
+double num_mod(Interp& ip, const Value& v, const Value& n) {
+  Value r = arith(ip, BinOp::kMod, v, n);
+  return r.to_double();
 }
 
-bool t_odd(Interp&, const Value& v, CallArgs&) { return py_mod(int_operand(v, "odd"), 2) == 1; }
-bool t_even(Interp&, const Value& v, CallArgs&) { return py_mod(int_operand(v, "even"), 2) == 0; }
-bool t_divisibleby(Interp&, const Value& v, CallArgs& a) {
-  return py_mod(int_operand(v, "divisibleby"), int_operand(one_arg(a, "divisibleby"), "divisibleby")) == 0;
+bool t_odd(Interp& ip, const Value& v, CallArgs&) {
+  return num_mod(ip, v, Value::integer(2)) == 1;
+}
+bool t_even(Interp& ip, const Value& v, CallArgs&) {
+  return num_mod(ip, v, Value::integer(2)) == 0;
+}
+bool t_divisibleby(Interp& ip, const Value& v, CallArgs& a) {
+  return num_mod(ip, v, one_arg(a, "divisibleby")) == 0;
 }
 
 bool t_lower(Interp& ip, const Value& v, CallArgs& a) {
@@ -2596,18 +2918,42 @@ bool t_upper(Interp& ip, const Value& v, CallArgs& a) {
 
 const std::unordered_map<std::string, TestFn>& tests() {
   static const std::unordered_map<std::string, TestFn> m = {
-      {"defined", t_defined},   {"undefined", t_undefined}, {"none", t_none},
-      {"boolean", t_boolean},   {"true", t_true},           {"false", t_false},
-      {"integer", t_integer},   {"float", t_float},         {"number", t_number},
-      {"string", t_string},     {"mapping", t_mapping},     {"iterable", t_iterable},
-      {"sequence", t_sequence}, {"callable", t_callable},   {"escaped", t_escaped},
-      {"eq", t_eq},             {"equalto", t_eq},          {"==", t_eq},
-      {"ne", t_ne},             {"!=", t_ne},               {"lt", t_lt},
-      {"lessthan", t_lt},       {"<", t_lt},                {"le", t_le},
-      {"<=", t_le},             {"gt", t_gt},               {"greaterthan", t_gt},
-      {">", t_gt},              {"ge", t_ge},               {">=", t_ge},
-      {"in", t_in},             {"sameas", t_sameas},       {"odd", t_odd},
-      {"even", t_even},         {"divisibleby", t_divisibleby}, {"lower", t_lower},
+      {"defined", t_defined},
+      {"undefined", t_undefined},
+      {"none", t_none},
+      {"boolean", t_boolean},
+      {"true", t_true},
+      {"false", t_false},
+      {"integer", t_integer},
+      {"float", t_float},
+      {"number", t_number},
+      {"string", t_string},
+      {"mapping", t_mapping},
+      {"iterable", t_iterable},
+      {"sequence", t_sequence},
+      {"callable", t_callable},
+      {"escaped", t_escaped},
+      {"eq", t_eq},
+      {"equalto", t_eq},
+      {"==", t_eq},
+      {"ne", t_ne},
+      {"!=", t_ne},
+      {"lt", t_lt},
+      {"lessthan", t_lt},
+      {"<", t_lt},
+      {"le", t_le},
+      {"<=", t_le},
+      {"gt", t_gt},
+      {"greaterthan", t_gt},
+      {">", t_gt},
+      {"ge", t_ge},
+      {">=", t_ge},
+      {"in", t_in},
+      {"sameas", t_sameas},
+      {"odd", t_odd},
+      {"even", t_even},
+      {"divisibleby", t_divisibleby},
+      {"lower", t_lower},
       {"upper", t_upper},
   };
   return m;
@@ -2616,10 +2962,10 @@ const std::unordered_map<std::string, TestFn>& tests() {
 bool Interp::apply_test(const std::string& tname, const Value& v, CallArgs& args) {
   auto it = tests().find(tname);
   if (it == tests().end()) fault(fmt::format("unknown test '{}'", tname), ErrorKind::kUnsupported);
-  static const char* no_args[] = {"defined", "undefined", "none",  "boolean",  "true",
-                                  "false",   "integer",   "float", "number",   "string",
+  static const char* no_args[] = {"defined", "undefined", "none",     "boolean",  "true",
+                                  "false",   "integer",   "float",    "number",   "string",
                                   "mapping", "iterable",  "sequence", "callable", "escaped",
-                                  "odd",     "even",      "lower", "upper"};
+                                  "odd",     "even",      "lower",    "upper"};
   if (!args.pos.empty() || !args.kw.empty())
     for (const char* n : no_args)
       if (tname == n) fault(fmt::format("test '{}' takes no arguments", tname));
@@ -2629,8 +2975,19 @@ bool Interp::apply_test(const std::string& tname, const Value& v, CallArgs& args
 // ------------------------------------------------------------------------------------------------
 // Lexer (jinja2/lexer.py)
 
-enum class Tok : uint8_t { kData, kVarBegin, kVarEnd, kBlockBegin, kBlockEnd, kName, kString,
-                           kInt, kFloat, kOp, kEof };
+enum class Tok : uint8_t {
+  kData,
+  kVarBegin,
+  kVarEnd,
+  kBlockBegin,
+  kBlockEnd,
+  kName,
+  kString,
+  kInt,
+  kFloat,
+  kOp,
+  kEof
+};
 
 struct Token {
   Tok type;
@@ -2710,7 +3067,8 @@ class Lexer {
 
   std::pair<int, int> linecol(size_t pos) const {
     size_t li = size_t(std::upper_bound(line_starts_.begin(), line_starts_.end(), pos) -
-                       line_starts_.begin()) - 1;
+                       line_starts_.begin()) -
+                1;
     size_t start = line_starts_[li];
     return {int(li + 1), int(cp_count(std::string_view(src_).substr(start, pos - start)) + 1)};
   }
@@ -2881,26 +3239,52 @@ class Lexer {
         return v;
       };
       switch (d) {
-        case '\n': break;
-        case '\\': s += '\\'; break;
-        case '\'': s += '\''; break;
-        case '"': s += '"'; break;
-        case 'a': s += '\a'; break;
-        case 'b': s += '\b'; break;
-        case 'f': s += '\f'; break;
-        case 'n': s += '\n'; break;
-        case 'r': s += '\r'; break;
-        case 't': s += '\t'; break;
-        case 'v': s += '\v'; break;
-        case 'x': append_utf8(s, hex(2)); break;
-        case 'u': append_utf8(s, hex(4)); break;
+        case '\n':
+          break;
+        case '\\':
+          s += '\\';
+          break;
+        case '\'':
+          s += '\'';
+          break;
+        case '"':
+          s += '"';
+          break;
+        case 'a':
+          s += '\a';
+          break;
+        case 'b':
+          s += '\b';
+          break;
+        case 'f':
+          s += '\f';
+          break;
+        case 'n':
+          s += '\n';
+          break;
+        case 'r':
+          s += '\r';
+          break;
+        case 't':
+          s += '\t';
+          break;
+        case 'v':
+          s += '\v';
+          break;
+        case 'x':
+          append_utf8(s, hex(2));
+          break;
+        case 'u':
+          append_utf8(s, hex(4));
+          break;
         case 'U': {
           uint32_t v = hex(8);
           if (v > 0x10FFFF) error(p - 10, "illegal Unicode character in \\U escape");
           append_utf8(s, v);
           break;
         }
-        case 'N': error(p - 2, "\\N{...} escapes are not supported");
+        case 'N':
+          error(p - 2, "\\N{...} escapes are not supported");
         default:
           if (d >= '0' && d <= '7') {
             uint32_t v = uint32_t(d - '0');
@@ -2994,17 +3378,27 @@ class Parser {
 
   static std::string describe(const Token& t) {
     switch (t.type) {
-      case Tok::kData: return "template data";
-      case Tok::kVarBegin: return "'{{'";
-      case Tok::kVarEnd: return "end of print statement";
-      case Tok::kBlockBegin: return "'{%'";
-      case Tok::kBlockEnd: return "end of statement block";
-      case Tok::kName: return fmt::format("'{}'", t.text);
-      case Tok::kString: return "string literal";
+      case Tok::kData:
+        return "template data";
+      case Tok::kVarBegin:
+        return "'{{'";
+      case Tok::kVarEnd:
+        return "end of print statement";
+      case Tok::kBlockBegin:
+        return "'{%'";
+      case Tok::kBlockEnd:
+        return "end of statement block";
+      case Tok::kName:
+        return fmt::format("'{}'", t.text);
+      case Tok::kString:
+        return "string literal";
       case Tok::kInt:
-      case Tok::kFloat: return "number";
-      case Tok::kOp: return fmt::format("'{}'", t.text);
-      case Tok::kEof: return "end of template";
+      case Tok::kFloat:
+        return "number";
+      case Tok::kOp:
+        return fmt::format("'{}'", t.text);
+      case Tok::kEof:
+        return "end of template";
     }
     return "token";
   }
@@ -3020,7 +3414,8 @@ class Parser {
   }
 
   std::string expect_name() {
-    if (cur().type != Tok::kName) error(cur(), fmt::format("expected a name, got {}", describe(cur())));
+    if (cur().type != Tok::kName)
+      error(cur(), fmt::format("expected a name, got {}", describe(cur())));
     std::string n = cur().text;
     next();
     return n;
@@ -3030,6 +3425,12 @@ class Parser {
     if (cur().type != Tok::kBlockEnd)
       error(cur(), fmt::format("expected end of statement block, got {}", describe(cur())));
     next();
+  }
+
+  // A statement that opens a body may end with ':' before '%}' ("for Python compatibility").
+  void expect_body_start() {
+    if (at_op(":")) next();
+    expect_block_end();
   }
 
   // Parses until a block tag named in `ends`; leaves the cursor on that tag's name.
@@ -3057,7 +3458,8 @@ class Parser {
         }
         case Tok::kBlockBegin: {
           const Token& nm = peek();
-          if (nm.type != Tok::kName) error(nm, fmt::format("expected a tag name, got {}", describe(nm)));
+          if (nm.type != Tok::kName)
+            error(nm, fmt::format("expected a tag name, got {}", describe(nm)));
           if (std::find(ends.begin(), ends.end(), nm.text) != ends.end()) {
             next();
             *ended = nm.text;
@@ -3074,7 +3476,8 @@ class Parser {
             error(t, "unexpected end of template, expected " + want);
           }
           return body;
-        default: error(t, fmt::format("unexpected {}", describe(t)));
+        default:
+          error(t, fmt::format("unexpected {}", describe(t)));
       }
     }
   }
@@ -3098,19 +3501,20 @@ class Parser {
     }
     if (name == "generation") {
       auto s = make_node<PassThroughStmt>(tag);
-      expect_block_end();
+      expect_body_start();
       std::string ended;
       s->body = parse_body({"endgeneration"}, &ended);
       next();
       expect_block_end();
       return s;
     }
-    static const char* unsupported[] = {"block", "extends", "include", "import", "from", "with",
-                                        "autoescape", "raw", "call", "do", "trans", "print"};
+    static const char* unsupported[] = {"block", "extends", "include",    "import",
+                                        "from",  "with",    "autoescape", "raw",
+                                        "call",  "do",      "trans",      "print"};
     for (const char* u : unsupported)
       if (name == u) error(tag, fmt::format("unsupported tag '{}'", name), ErrorKind::kUnsupported);
-    static const char* closers[] = {"endif", "endfor", "else", "elif", "endset", "endmacro",
-                                    "endfilter", "endgeneration"};
+    static const char* closers[] = {"endif",  "endfor",   "else",      "elif",
+                                    "endset", "endmacro", "endfilter", "endgeneration"};
     for (const char* c : closers)
       if (name == c) error(tag, fmt::format("unexpected tag '{}'", name));
     error(tag, fmt::format("unknown tag '{}'", name), ErrorKind::kUnsupported);
@@ -3123,7 +3527,7 @@ class Parser {
   StmtPtr parse_if_soft(const Token& tag) {
     auto s = make_node<IfStmt>(tag);
     ExprPtr cond = parse_tuple(false);
-    expect_block_end();
+    expect_body_start();
     while (true) {
       std::string ended;
       Body body = parse_body({"elif", "else", "endif"}, &ended);
@@ -3131,15 +3535,15 @@ class Parser {
       next();
       if (ended == "elif") {
         cond = parse_tuple(false);
-        expect_block_end();
+        expect_body_start();
         continue;
       }
-      expect_block_end();
       if (ended == "else") {
+        expect_body_start();
         s->otherwise = parse_body({"endif"}, &ended);
         next();
-        expect_block_end();
       }
+      expect_block_end();
       return s;
     }
   }
@@ -3151,7 +3555,7 @@ class Parser {
     names.push_back(expect_name());
     while (at_op(",")) {
       next();
-      if ((paren && at_op(")")) || at_name("in") || at_op("=")) break;
+      if ((paren && at_op(")")) || at_name("in")) break;
       names.push_back(expect_name());
     }
     if (paren) expect_op(")");
@@ -3173,18 +3577,18 @@ class Parser {
     }
     if (at_name("recursive"))
       error(cur(), "recursive loops are not supported", ErrorKind::kUnsupported);
-    expect_block_end();
+    expect_body_start();
     std::string ended;
     ++loop_depth_;
     s->body = in_frame(false, [&] { return parse_body({"endfor", "else"}, &ended); });
     --loop_depth_;
     next();
-    expect_block_end();
     if (ended == "else") {
+      expect_body_start();
       s->otherwise = parse_body({"endfor"}, &ended);
       next();
-      expect_block_end();
     }
+    expect_block_end();
     return s;
   }
 
@@ -3210,32 +3614,44 @@ class Parser {
     return chain;
   }
 
-  StmtPtr parse_set(const Token& tag) {
-    std::vector<std::string> names;
-    std::string attr;
-    names.push_back(expect_name());
+  SetTarget parse_set_target() {
+    SetTarget t;
+    t.name = expect_name();
     if (at_op(".")) {
       next();
-      attr = expect_name();
-    } else if (at_op(",")) {
-      --i_;
-      names = parse_target_names();
+      t.attr = expect_name();
     }
+    if (t.attr.empty() && (t.name == "true" || t.name == "false" || t.name == "none" ||
+                           t.name == "True" || t.name == "False" || t.name == "None"))
+      error(cur(), fmt::format("cannot assign to '{}'", t.name));
+    return t;
+  }
+
+  StmtPtr parse_set(const Token& tag) {
+    std::vector<SetTarget> targets;
+    bool paren = at_op("(");
+    if (paren) next();
+    targets.push_back(parse_set_target());
+    while (at_op(",")) {
+      next();
+      if (paren && at_op(")")) break;
+      targets.push_back(parse_set_target());
+    }
+    if (paren) expect_op(")");
     if (at_op("=")) {
       next();
       auto s = make_node<SetStmt>(tag);
-      s->targets = std::move(names);
-      s->ns_attr = std::move(attr);
+      s->targets = std::move(targets);
       s->value = parse_tuple(true);
       expect_block_end();
       return s;
     }
-    if (!attr.empty() || names.size() != 1)
-      error(cur(), "a block set takes a single name");
+    if (targets.size() != 1 || !targets[0].attr.empty())
+      error(cur(), fmt::format("expected '=', got {}", describe(cur())));
     auto s = make_node<SetBlockStmt>(tag);
-    s->target = names[0];
+    s->target = targets[0].name;
     s->filters = parse_filter_chain(true);
-    expect_block_end();
+    expect_body_start();
     std::string ended;
     s->body = in_frame(false, [&] { return parse_body({"endset"}, &ended); });
     next();
@@ -3263,7 +3679,7 @@ class Parser {
       }
     }
     next();
-    expect_block_end();
+    expect_body_start();
     int saved = loop_depth_;
     loop_depth_ = 0;
     std::string ended;
@@ -3278,7 +3694,7 @@ class Parser {
   StmtPtr parse_filter_block(const Token& tag) {
     auto s = make_node<FilterBlockStmt>(tag);
     s->filters = parse_filter_chain(false);
-    expect_block_end();
+    expect_body_start();
     std::string ended;
     s->body = in_frame(false, [&] { return parse_body({"endfilter"}, &ended); });
     next();
@@ -3374,13 +3790,20 @@ class Parser {
     std::vector<std::pair<CmpOp, ExprPtr>> ops;
     while (true) {
       CmpOp op;
-      if (cur().type == Tok::kOp && cur().text == "==") op = CmpOp::kEq;
-      else if (cur().type == Tok::kOp && cur().text == "!=") op = CmpOp::kNe;
-      else if (cur().type == Tok::kOp && cur().text == "<") op = CmpOp::kLt;
-      else if (cur().type == Tok::kOp && cur().text == "<=") op = CmpOp::kLe;
-      else if (cur().type == Tok::kOp && cur().text == ">") op = CmpOp::kGt;
-      else if (cur().type == Tok::kOp && cur().text == ">=") op = CmpOp::kGe;
-      else if (at_name("in")) op = CmpOp::kIn;
+      if (cur().type == Tok::kOp && cur().text == "==")
+        op = CmpOp::kEq;
+      else if (cur().type == Tok::kOp && cur().text == "!=")
+        op = CmpOp::kNe;
+      else if (cur().type == Tok::kOp && cur().text == "<")
+        op = CmpOp::kLt;
+      else if (cur().type == Tok::kOp && cur().text == "<=")
+        op = CmpOp::kLe;
+      else if (cur().type == Tok::kOp && cur().text == ">")
+        op = CmpOp::kGt;
+      else if (cur().type == Tok::kOp && cur().text == ">=")
+        op = CmpOp::kGe;
+      else if (at_name("in"))
+        op = CmpOp::kIn;
       else if (at_name("not") && peek().type == Tok::kName && peek().text == "in") {
         next();
         op = CmpOp::kNotIn;
@@ -3464,9 +3887,12 @@ class Parser {
       case Tok::kName: {
         next();
         auto lit = make_node<Literal>(t);
-        if (t.text == "true" || t.text == "True") lit->value = Value::boolean(true);
-        else if (t.text == "false" || t.text == "False") lit->value = Value::boolean(false);
-        else if (t.text == "none" || t.text == "None") lit->value = Value::none();
+        if (t.text == "true" || t.text == "True")
+          lit->value = Value::boolean(true);
+        else if (t.text == "false" || t.text == "False")
+          lit->value = Value::boolean(false);
+        else if (t.text == "none" || t.text == "None")
+          lit->value = Value::none();
         else {
           auto n = make_node<NameExpr>(t);
           n->name = t.text;
@@ -3533,7 +3959,8 @@ class Parser {
           return d;
         }
         break;
-      default: break;
+      default:
+        break;
     }
     error(t, fmt::format("unexpected {}", describe(t)));
   }
@@ -3612,12 +4039,17 @@ class Parser {
     expect_op("(");
     ArgExprs a;
     while (!at_op(")")) {
-      if (!a.pos.empty() || !a.kw.empty()) {
+      if (!a.pos.empty() || !a.kw.empty() || a.star || a.starstar) {
         expect_op(",");
         if (at_op(")")) break;
       }
-      if (at_op("*") || at_op("**"))
-        error(cur(), "*args and **kwargs in calls are not supported", ErrorKind::kUnsupported);
+      if (at_op("*") || at_op("**")) {
+        bool two = at_op("**");
+        next();
+        (two ? a.starstar : a.star) = parse_expr();
+        continue;
+      }
+      if (a.star || a.starstar) error(cur(), "invalid syntax for function call expression");
       if (cur().type == Tok::kName && peek().type == Tok::kOp && peek().text == "=") {
         std::string key = cur().text;
         next();
@@ -3728,7 +4160,9 @@ Template::Template(Template&&) noexcept = default;
 Template& Template::operator=(const Template&) = default;
 Template& Template::operator=(Template&&) noexcept = default;
 
-const std::string& Template::name() const { return program_->name; }
+const std::string& Template::name() const {
+  return program_->name;
+}
 
 std::string Template::render(const nlohmann::ordered_json& context) const {
   const Program& p = *program_;

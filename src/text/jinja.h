@@ -38,8 +38,8 @@ struct Options {
   // Work budget: one step per statement, loop iteration and call, plus one per 64 bytes copied
   // and per container element scanned. Real chat templates use well under 1% of it.
   int64_t max_steps = 20'000'000;
-  int max_nesting = 100;       // parser: nested expressions / blocks
-  int max_depth = 500;         // runtime: nested evaluation incl. macro calls (C++ stack guard)
+  int max_nesting = 100;  // parser: nested expressions / blocks
+  int max_depth = 500;    // runtime: nested evaluation incl. macro calls (C++ stack guard)
   size_t max_string_bytes = size_t{64} << 20;
   size_t max_list_items = 1'000'000;
 };
