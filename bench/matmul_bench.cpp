@@ -15,8 +15,8 @@
 // of what the kernel costs (memory bandwidth taken by the others still shows in both).
 #include <immintrin.h>
 
-#include <algorithm>
 #include <time.h>
+#include <algorithm>
 
 #include <chrono>
 #include <cstdio>
@@ -179,7 +179,9 @@ struct BenchMat {
       fill_parallel(pool, halfs.size(), [&](size_t i, uint64_t r) {
         // sum of 4 uniforms ~ normal, scaled to about 0.05
         const float u = float((r & 0xffff) + ((r >> 16) & 0xffff) + ((r >> 32) & 0xffff) +
-                              ((r >> 48) & 0xffff)) / 65536.0f - 2.0f;
+                              ((r >> 48) & 0xffff)) /
+                            65536.0f -
+                        2.0f;
         halfs[i] = f32_to_bf16(0.05f * u);
       });
       m.data = halfs.data();
@@ -189,10 +191,13 @@ struct BenchMat {
 
   template <class F>
   static void fill_parallel(ThreadPool& pool, size_t n, F&& f) {
-    pool.parallel_for(int64_t(n), [&](int64_t a, int64_t b) {
-      uint64_t s = uint64_t(a) * 7919 + 17;
-      for (int64_t i = a; i < b; i++) f(size_t(i), splitmix(s));
-    }, 4096);
+    pool.parallel_for(
+        int64_t(n),
+        [&](int64_t a, int64_t b) {
+          uint64_t s = uint64_t(a) * 7919 + 17;
+          for (int64_t i = a; i < b; i++) f(size_t(i), splitmix(s));
+        },
+        4096);
   }
 };
 
@@ -245,9 +250,8 @@ int main_impl(int argc, char** argv) {
   {
     const size_t n = size_t(1) << 30;
     Buffer a(n), b(n);
-    const Timing cp = time_runs(runs, [&](Busy& busy) {
-      timed(busy, [&] { std::memcpy(b.p, a.p, n); });
-    });
+    const Timing cp =
+        time_runs(runs, [&](Busy& busy) { timed(busy, [&] { std::memcpy(b.p, a.p, n); }); });
     std::vector<float> partial(size_t(std::max(threads, 1)));
     const size_t nf = n / 4;
     const Timing r1 = time_runs(runs, [&](Busy& busy) {
@@ -265,9 +269,8 @@ int main_impl(int argc, char** argv) {
     std::printf("|---|---|---|\n");
     auto line = [](const char* what, double bytes, const Timing& t) {
       std::printf("| %s | %.1f (%.1f..%.1f) | %.1f (%.1f..%.1f) |\n", what,
-                  bytes / t.wall.median / 1e9, bytes / t.wall.max / 1e9,
-                  bytes / t.wall.min / 1e9, bytes / t.busy.median / 1e9,
-                  bytes / t.busy.max / 1e9, bytes / t.busy.min / 1e9);
+                  bytes / t.wall.median / 1e9, bytes / t.wall.max / 1e9, bytes / t.wall.min / 1e9,
+                  bytes / t.busy.median / 1e9, bytes / t.busy.max / 1e9, bytes / t.busy.min / 1e9);
     };
     line("memcpy (read+write)", 2.0 * double(n), cp);
     line("read, 1 thread", double(n), r1);
@@ -303,16 +306,18 @@ int main_impl(int argc, char** argv) {
         for (int T : {1, Tbig}) {
           if (T > 1 && !prefill) continue;
           // the scalar reference at T = 512 on the big matrix would take most of an hour
-          if (T > 1 && p == KernelPath::kScalar && sh.rows * sh.cols > (int64_t(1) << 22))
-            continue;
+          if (T > 1 && p == KernelPath::kScalar && sh.rows * sh.cols > (int64_t(1) << 22)) continue;
           // seconds-long runs (big matrix at T = 512, or on the scalar path): fewer of them
           const bool slow =
               sh.rows * sh.cols > (int64_t(1) << 22) && (T > 1 || p == KernelPath::kScalar);
           const int r = slow ? std::max(3, runs / 3) : runs;
           const Timing tm = time_runs(r, [&](Busy& busy) {
-            pool.parallel_for(sh.rows, [&](int64_t r0, int64_t r1) {
-              timed(busy, [&] { matmul_rows(W.m, r0, r1, x.data(), T, y.data(), sh.rows); });
-            }, 16);
+            pool.parallel_for(
+                sh.rows,
+                [&](int64_t r0, int64_t r1) {
+                  timed(busy, [&] { matmul_rows(W.m, r0, r1, x.data(), T, y.data(), sh.rows); });
+                },
+                16);
           });
           rows_out.push_back({sh.name, std::string(dtype_name(dt)), kernel_path_name(p), T, tm,
                               W.bytes, 2.0 * double(sh.rows) * double(sh.cols) * T});
@@ -326,8 +331,9 @@ int main_impl(int argc, char** argv) {
   }
   set_kernel_path(KernelPath::kAuto);
   // T = 1 rows report weight GB/s, T > 1 rows GFLOP/s; both from the median wall and busy time.
-  std::printf("| matrix | dtype | path | T | wall ms (min..max) | busy ms | GB/s or GFLOP/s, "
-              "wall | busy |\n");
+  std::printf(
+      "| matrix | dtype | path | T | wall ms (min..max) | busy ms | GB/s or GFLOP/s, "
+      "wall | busy |\n");
   std::printf("|---|---|---|---|---|---|---|---|\n");
   for (const Row& o : rows_out) {
     const double work = o.T == 1 ? double(o.bytes) : o.flops;
@@ -343,4 +349,6 @@ int main_impl(int argc, char** argv) {
 }  // namespace
 }  // namespace moeflux
 
-int main(int argc, char** argv) { return moeflux::main_impl(argc, argv); }
+int main(int argc, char** argv) {
+  return moeflux::main_impl(argc, argv);
+}

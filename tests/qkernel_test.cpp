@@ -43,7 +43,9 @@ bool is_poison(float f) {
   std::memcpy(&u, &f, 4);
   return u == kPoison;
 }
-bool same_bits(float a, float b) { return std::memcmp(&a, &b, 4) == 0; }
+bool same_bits(float a, float b) {
+  return std::memcmp(&a, &b, 4) == 0;
+}
 
 std::vector<KernelPath> paths() {
   std::vector<KernelPath> p;
@@ -59,12 +61,12 @@ struct PathGuard {
 
 // A weight matrix with its storage and its exact f32 values ([rows, cols]).
 struct TestMat {
-  std::vector<float> f32;          // the data of an f32 Mat
-  std::vector<uint16_t> half;      // bf16/f16 data
-  std::vector<uint32_t> packed;    // quantised data
+  std::vector<float> f32;        // the data of an f32 Mat
+  std::vector<uint16_t> half;    // bf16/f16 data
+  std::vector<uint32_t> packed;  // quantised data
   std::vector<uint16_t> scales, biases;
-  std::vector<float> exact;        // what W[r, c] means
-  Mat shape;                       // dtype, rows, cols, group (pointers set by mat())
+  std::vector<float> exact;  // what W[r, c] means
+  Mat shape;                 // dtype, rows, cols, group (pointers set by mat())
 
   // The Mat over this object's storage (taken when needed, so copies stay valid).
   Mat mat() const {
@@ -130,15 +132,15 @@ TestMat make_quant(int bits, int group, int64_t rows, int64_t cols,
   t.exact.resize(size_t(rows * cols));
   const int64_t wpr = cols * bits / 32, gpr = cols / group;
   for (int64_t r = 0; r < rows; r++)
-    dequantize_row(t.packed.data() + r * wpr, t.scales.data() + r * gpr,
-                   t.biases.data() + r * gpr, cols, bits, group, t.exact.data() + r * cols);
+    dequantize_row(t.packed.data() + r * wpr, t.scales.data() + r * gpr, t.biases.data() + r * gpr,
+                   cols, bits, group, t.exact.data() + r * cols);
   return t;
 }
 
 // y [T, ys] poisoned, then matmul_rows over [r0, r1); checks every output in the range was
 // written and nothing else was.
-std::vector<float> run(const Mat& W, const std::vector<float>& x, int T, int64_t ys,
-                       int64_t r0, int64_t r1) {
+std::vector<float> run(const Mat& W, const std::vector<float>& x, int T, int64_t ys, int64_t r0,
+                       int64_t r1) {
   std::vector<float> y(size_t(T) * size_t(ys), poison());
   matmul_rows(W, r0, r1, x.data(), T, y.data(), ys);
   for (int t = 0; t < T; t++)
@@ -273,8 +275,8 @@ TEST(QKernelPaths, ActivePathCanBeForcedAndRestored) {
 // (c) float dtypes: odd rows, cols of every residue mod 16.
 TEST(QKernelAccuracy, FloatDtypesMatchReferenceOnEveryPath) {
   std::mt19937 rng(2);
-  const std::vector<Shape> shapes = {{1, 1}, {3, 5}, {7, 16}, {17, 31}, {5, 33},
-                                     {37, 100}, {9, 257}, {11, 520}};
+  const std::vector<Shape> shapes = {{1, 1},  {3, 5},    {7, 16},  {17, 31},
+                                     {5, 33}, {37, 100}, {9, 257}, {11, 520}};
   for (DType dt : {DType::kF32, DType::kBF16, DType::kF16})
     for (const Shape& s : shapes) {
       const TestMat t = make_float(dt, s.rows, s.cols, random_values(s.rows, s.cols, rng));
@@ -292,8 +294,8 @@ TEST(QKernelAccuracy, QuantisedMatchReferenceOnEveryPath) {
     for (int group : {32, 64, 128})
       for (const Shape& s : {Shape{1, group}, Shape{7, group * 3}, Shape{19, group * 5},
                              Shape{3, 1056 / group * group}}) {
-        const TestMat t = make_quant(bits, group, s.rows, s.cols,
-                                     random_values(s.rows, s.cols, rng));
+        const TestMat t =
+            make_quant(bits, group, s.rows, s.cols, random_values(s.rows, s.cols, rng));
         check_paths(t, kTs, rng,
                     "q" + std::to_string(bits) + " g" + std::to_string(group) + " " +
                         std::to_string(s.rows) + "x" + std::to_string(s.cols));
@@ -312,11 +314,10 @@ TEST(QKernelBatchInvariance, TokenAloneEqualsBatchForAnySplit) {
     int bits, group;
     Shape s;
   };
-  const std::vector<Case> cases = {
-      {DType::kF32, 0, 0, {37, 100}}, {DType::kBF16, 0, 0, {45, 129}},
-      {DType::kF16, 0, 0, {21, 64}},  {DType::kQ8, 8, 32, {33, 96}},
-      {DType::kQ4, 4, 64, {41, 320}}, {DType::kQ4, 4, 128, {19, 384}},
-      {DType::kQ2, 2, 32, {27, 160}}};
+  const std::vector<Case> cases = {{DType::kF32, 0, 0, {37, 100}}, {DType::kBF16, 0, 0, {45, 129}},
+                                   {DType::kF16, 0, 0, {21, 64}},  {DType::kQ8, 8, 32, {33, 96}},
+                                   {DType::kQ4, 4, 64, {41, 320}}, {DType::kQ4, 4, 128, {19, 384}},
+                                   {DType::kQ2, 2, 32, {27, 160}}};
   for (const Case& cs : cases) {
     const auto vals = random_values(cs.s.rows, cs.s.cols, rng);
     const TestMat t = cs.bits ? make_quant(cs.bits, cs.group, cs.s.rows, cs.s.cols, vals)
@@ -344,8 +345,7 @@ TEST(QKernelBatchInvariance, TokenAloneEqualsBatchForAnySplit) {
         const int64_t r1 = std::min<int64_t>(rows, r0 + rd(rng));
         for (int t0 = 0; t0 < T;) {
           const int n = std::min(T - t0, td(rng));
-          matmul_rows(W, r0, r1, x.data() + size_t(t0) * cols, n, y.data() + size_t(t0) * ys,
-                      ys);
+          matmul_rows(W, r0, r1, x.data() + size_t(t0) * cols, n, y.data() + size_t(t0) * ys, ys);
           t0 += n;
         }
         r0 = r1;

@@ -38,13 +38,9 @@ namespace moeflux {
 namespace {
 
 constexpr int kLanes = 16;
-}
-int g_pf = 1;
-namespace {
 
-// Loops over the R rows / U tokens of a register block must be unrolled for their accumulators
-// to live in registers (-O2 does not do it by itself).
-#define MF_UNROLL _Pragma("GCC unroll 32")
+// Loops over the R rows / U tokens of a register block carry `#pragma GCC unroll`: they must be
+// unrolled for their accumulators to live in registers, and -O2 does not do it by itself.
 
 // The rows of a weight matrix, whatever its dtype. Row r of a quantised matrix: words
 // data + r*words_per_row, scales/biases + r*groups_per_row.
@@ -59,15 +55,18 @@ struct WeightView {
   int64_t words_per_row, groups_per_row;
 
   explicit WeightView(const Mat& W)
-      : dtype(W.dtype), bits(is_quant_dtype(W.dtype) ? quant_bits(W.dtype) : 0), group(W.group),
-        cols(W.cols), data(W.data), scales(W.scales), biases(W.biases) {
+      : dtype(W.dtype),
+        bits(is_quant_dtype(W.dtype) ? quant_bits(W.dtype) : 0),
+        group(W.group),
+        cols(W.cols),
+        data(W.data),
+        scales(W.scales),
+        biases(W.biases) {
     words_per_row = bits ? cols * bits / 32 : 0;
     groups_per_row = bits ? cols / group : 0;
   }
   const float* f32_row(int64_t r) const { return static_cast<const float*>(data) + r * cols; }
-  const uint16_t* u16_row(int64_t r) const {
-    return static_cast<const uint16_t*>(data) + r * cols;
-  }
+  const uint16_t* u16_row(int64_t r) const { return static_cast<const uint16_t*>(data) + r * cols; }
   const uint32_t* q_row(int64_t r) const {
     return static_cast<const uint32_t*>(data) + r * words_per_row;
   }
@@ -92,11 +91,11 @@ void widen_row_scalar(const WeightView& w, int64_t r, float* out) {
   }
 }
 
-// Per-thread f32 scratch buffers: a row (scalar path) or a panel (SIMD mat-mul), and the f32
-// scales and biases of a block of quantised rows.
-enum ScratchSlot { kPanelScratch, kParamScratch };
+// Per-thread f32 scratch buffers: a row (scalar path) or a panel (SIMD mat-mul), the f32 scales
+// and biases of a block of quantised rows, and a packed block of tokens.
+enum ScratchSlot { kPanelScratch, kParamScratch, kXScratch };
 float* scratch(ScratchSlot slot, size_t n) {
-  thread_local std::vector<float> buf[2];
+  thread_local std::vector<float> buf[3];
   if (buf[slot].size() < n) buf[slot].resize(n);
   return buf[slot].data();
 }
@@ -137,7 +136,9 @@ int64_t panel_rows(int64_t cols) {
   return std::clamp<int64_t>(r / 4 * 4, 4, 64);
 }
 
-int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+int64_t round_up(int64_t n, int64_t m) {
+  return (n + m - 1) / m * m;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Quantised weights on the SIMD paths.
@@ -157,6 +158,8 @@ struct GroupParams {
 
 // Stream drivers take rows in blocks of this many for one GroupParams conversion.
 constexpr int64_t kParamRows = 64;
+// The quantised stream kernels prefetch the rows this many R-row blocks ahead.
+constexpr int kPrefetchBlocks = 2;
 
 // ---------------------------------------------------------------------------------------------
 // AVX-512 (F + BW). One zmm = one output's 16 lanes.
@@ -196,8 +199,8 @@ struct Q8x16 {
   };
   MF_AVX512 static Group group(float s, float b) { return {_mm512_set1_ps(s), _mm512_set1_ps(b)}; }
   MF_AVX512 static __m512 weights(const uint32_t* p, int64_t c, const Group& g) {
-    const __m128i v = _mm_loadu_si128(
-        reinterpret_cast<const __m128i*>(reinterpret_cast<const uint8_t*>(p) + c));
+    const __m128i v =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(reinterpret_cast<const uint8_t*>(p) + c));
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)), g.s, g.b);
   }
 };
@@ -234,10 +237,9 @@ struct Q2x16 {
     return {_mm512_fmadd_ps(q, _mm512_set1_ps(s), _mm512_set1_ps(b))};
   }
   MF_AVX512 static __m512 weights(const uint32_t* p, int64_t c, const Group& g) {
-    const __m512i sh =
-        _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    return _mm512_permutexvar_ps(
-        _mm512_srlv_epi32(_mm512_set1_epi32(int(p[uint64_t(c) / 16])), sh), g.table);
+    const __m512i sh = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    return _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi32(int(p[uint64_t(c) / 16])), sh),
+                                 g.table);
   }
 };
 
@@ -264,29 +266,29 @@ MF_AVX512 inline float reduce_512(__m512 a) {
 // The same tree on 16 vectors at once (shuffles shared between outputs): out[k] = tree(v[k]).
 MF_AVX512 inline void reduce16_512(const __m512* v, float* out) {
   __m512 l1[8], l2[4], l3[2];
-  MF_UNROLL
+#pragma GCC unroll 32
   for (int k = 0; k < 8; k++) {  // [a0..7 | b0..7] + [a8..15 | b8..15]
     const __m512 a = v[2 * k], b = v[2 * k + 1];
     l1[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee));
   }
-  MF_UNROLL
+#pragma GCC unroll 32
   for (int k = 0; k < 4; k++) {  // quarters [a, b, c, d]: lanes 0-3 + lanes 4-7 of each
     const __m512 a = l1[2 * k], b = l1[2 * k + 1];
     l2[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xdd));
   }
-  MF_UNROLL
+#pragma GCC unroll 32
   for (int k = 0; k < 2; k++) {  // in each quarter: [x0+x2, x1+x3, y0+y2, y1+y3]
     const __m512 a = l2[2 * k], b = l2[2 * k + 1];
     l3[k] = _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xee));
   }
-  const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(l3[0], l3[1], 0x88),
-                                 _mm512_shuffle_ps(l3[0], l3[1], 0xdd));
+  const __m512 r =
+      _mm512_add_ps(_mm512_shuffle_ps(l3[0], l3[1], 0x88), _mm512_shuffle_ps(l3[0], l3[1], 0xdd));
   // Quarter q of r holds, in order, the outputs of v[q], v[q+4], v[q+8], v[q+12].
   alignas(64) float tmp[16];
   _mm512_store_ps(tmp, r);
-  MF_UNROLL
+#pragma GCC unroll 32
   for (int q = 0; q < 4; q++)
-    MF_UNROLL
+#pragma GCC unroll 32
     for (int i = 0; i < 4; i++) out[q + 4 * i] = tmp[4 * q + i];
 }
 
@@ -296,41 +298,41 @@ MF_AVX512 inline void store_block_512(const __m512* acc, float* y, int64_t ys) {
   constexpr int N = R * U;
   if constexpr (N >= 8) {
     float out[16 * ((N + 15) / 16)];
-    MF_UNROLL
+#pragma GCC unroll 32
     for (int k0 = 0; k0 < N; k0 += 16) {
       __m512 v[16];
-      MF_UNROLL
+#pragma GCC unroll 32
       for (int k = 0; k < 16; k++) v[k] = k0 + k < N ? acc[k0 + k] : _mm512_setzero_ps();
       reduce16_512(v, out + k0);
     }
-    MF_UNROLL
+#pragma GCC unroll 32
     for (int i = 0; i < R; i++)
-      MF_UNROLL
+#pragma GCC unroll 32
       for (int u = 0; u < U; u++) y[u * ys + i] = out[i * U + u];
   } else {
-    MF_UNROLL
+#pragma GCC unroll 32
     for (int i = 0; i < R; i++)
-      MF_UNROLL
+#pragma GCC unroll 32
       for (int u = 0; u < U; u++) y[u * ys + i] = reduce_512(acc[i * U + u]);
   }
 }
 
-// R float rows (row i at w + i*ld) times U tokens (token u at x + u*n).
+// R float rows (row i at w + i*ld) times U tokens (token u at x + u*n): the stream kernel.
 template <class D, int R, int U>
 MF_AVX512 void block_float_512(const typename D::Elem* w, int64_t ld, int64_t n, const float* x,
                                float* y, int64_t ys) {
   __m512 acc[R * U];
-  MF_UNROLL
+#pragma GCC unroll 32
   for (auto& a : acc) a = _mm512_setzero_ps();
   int64_t c = 0;
   for (; c + kLanes <= n; c += kLanes) {
     __m512 xv[U];
-    MF_UNROLL
+#pragma GCC unroll 32
     for (int u = 0; u < U; u++) xv[u] = _mm512_loadu_ps(x + u * n + c);
-    MF_UNROLL
+#pragma GCC unroll 32
     for (int i = 0; i < R; i++) {
       const __m512 wv = D::load(w + i * ld, c);
-      MF_UNROLL
+#pragma GCC unroll 32
       for (int u = 0; u < U; u++) acc[i * U + u] = _mm512_fmadd_ps(wv, xv[u], acc[i * U + u]);
     }
   }
@@ -338,14 +340,14 @@ MF_AVX512 void block_float_512(const typename D::Elem* w, int64_t ld, int64_t n,
     const int m = int(n - c);
     const __mmask16 k = __mmask16((1u << m) - 1);
     __m512 xv[U];
-    MF_UNROLL
+#pragma GCC unroll 32
     for (int u = 0; u < U; u++) xv[u] = _mm512_maskz_loadu_ps(k, x + u * n + c);
-    MF_UNROLL
+#pragma GCC unroll 32
     for (int i = 0; i < R; i++) {
       float wt[kLanes] = {};
       for (int j = 0; j < m; j++) wt[j] = D::scalar(w[i * ld + c + j]);
       const __m512 wv = _mm512_loadu_ps(wt);
-      MF_UNROLL
+#pragma GCC unroll 32
       for (int u = 0; u < U; u++)
         acc[i * U + u] = _mm512_mask3_fmadd_ps(wv, xv[u], acc[i * U + u], k);
     }
@@ -374,72 +376,143 @@ MF_AVX512 void block_quant_512(const WeightView& wv, int64_t r, GroupParams gp, 
                                float* y, int64_t ys) {
   const int64_t n = wv.cols, G = wv.group, gpr = wv.groups_per_row;
   __m512 acc[R * U];
-  MF_UNROLL
+#pragma GCC unroll 32
   for (auto& a : acc) a = _mm512_setzero_ps();
   const uint32_t* q = wv.q_row(r);
   for (int64_t g = 0; g < gpr; g++) {
     typename Q::Group grp[R];
-    MF_UNROLL
+#pragma GCC unroll 32
     for (int i = 0; i < R; i++) grp[i] = Q::group(gp.s[i * gpr + g], gp.b[i * gpr + g]);
-    // The next R rows' words at this column: a packed row advances only 4-16 bytes per chunk,
-    // too slowly across R interleaved rows for the hardware prefetchers to keep DRAM busy.
-    MF_UNROLL
+      // Rows two blocks ahead, same columns: a packed row advances only 4-16 bytes per chunk, too
+      // slowly across R interleaved rows for the hardware prefetchers alone to keep DRAM busy
+      // (248320x2048 q4 at T = 1 on 2 threads: 17 -> 33 GB/s; 1, 2, 4 or 8 blocks ahead and
+      // L1 or L2 hints measured within noise of each other).
+#pragma GCC unroll 32
     for (int i = 0; i < R; i++)
-      _mm_prefetch(reinterpret_cast<const char*>(q + (g_pf * R + i) * wv.words_per_row +
+      _mm_prefetch(reinterpret_cast<const char*>(q + (kPrefetchBlocks * R + i) * wv.words_per_row +
                                                  g * G * Q::kBits / 32),
                    _MM_HINT_T0);
     for (int64_t c = g * G; c < (g + 1) * G; c += kLanes) {
       __m512 xv[U];
-      MF_UNROLL
+#pragma GCC unroll 32
       for (int u = 0; u < U; u++) {
         xv[u] = _mm512_loadu_ps(x + u * n + c);
         if constexpr (Q::kPermuted) xv[u] = to_pi_512(xv[u]);
       }
-      MF_UNROLL
+#pragma GCC unroll 32
       for (int i = 0; i < R; i++) {
         const __m512 w = Q::weights(q + i * wv.words_per_row, c, grp[i]);
-        MF_UNROLL
+#pragma GCC unroll 32
         for (int u = 0; u < U; u++) acc[i * U + u] = _mm512_fmadd_ps(w, xv[u], acc[i * U + u]);
       }
     }
   }
   if constexpr (Q::kPermuted) {
-    MF_UNROLL
+#pragma GCC unroll 32
     for (auto& a : acc) a = from_pi_512(a);
   }
   store_block_512<R, U>(acc, y, ys);
 }
 
-// Exact f32 rows into dst (row stride ld).
+// The panel driver's weights: rows [r, r + rows) as exact f32, packed for the micro-kernel.
+// Rows go in blocks of 4, chunk-major within a block (the 4 rows' 16 columns of chunk k side by
+// side), so one micro-kernel call reads its weights as one sequential stream; rows after the
+// last whole block follow one by one, also chunk-major. (Row-major with 2048 columns, the 4 rows
+// were 4 short streams 8 KiB apart that the prefetchers followed badly and that aliased in L1:
+// 48x2048 f32 T = 48 ran at 123 GFLOP/s on one core, against 165 for 48x512.) A last partial
+// chunk is padded with zeros, which the kernel masks off.
+struct PanelLayout {
+  int64_t rows, chunks, full;  // full: the rows in whole blocks of 4
+  PanelLayout(int64_t rows_, int64_t cols)
+      : rows(rows_), chunks((cols + kLanes - 1) / kLanes), full(rows_ / 4 * 4) {}
+  // Floats from the panel start to chunk k of row i.
+  int64_t at(int64_t i, int64_t k) const {
+    return i < full ? ((i / 4 * chunks + k) * 4 + i % 4) * kLanes
+                    : (full * chunks + (i - full) * chunks + k) * kLanes;
+  }
+};
+
 template <class D>
-MF_AVX512 void widen_float_512(const typename D::Elem* w, int64_t n, int64_t rows, float* dst,
-                               int64_t ld) {
-  for (int64_t i = 0; i < rows; i++) {
+MF_AVX512 void pack_float_512(const typename D::Elem* w, int64_t n, const PanelLayout& L,
+                              float* dst) {
+  for (int64_t i = 0; i < L.rows; i++) {
     const typename D::Elem* src = w + i * n;
-    float* d = dst + i * ld;
-    int64_t c = 0;
-    for (; c + kLanes <= n; c += kLanes) _mm512_storeu_ps(d + c, D::load(src, c));
-    for (; c < n; c++) d[c] = D::scalar(src[c]);
+    int64_t k = 0;
+    for (; (k + 1) * kLanes <= n; k++)
+      _mm512_storeu_ps(dst + L.at(i, k), D::load(src, k * kLanes));
+    if (k * kLanes < n) {
+      float t[kLanes] = {};
+      for (int64_t c = k * kLanes; c < n; c++) t[c - k * kLanes] = D::scalar(src[c]);
+      _mm512_storeu_ps(dst + L.at(i, k), _mm512_loadu_ps(t));
+    }
   }
 }
 
 template <class Q>
-MF_AVX512 void widen_quant_512(const WeightView& wv, int64_t r, int64_t rows, float* dst,
-                               int64_t ld) {
+MF_AVX512 void pack_quant_512(const WeightView& wv, int64_t r, const PanelLayout& L, float* dst) {
   const int64_t gpr = wv.groups_per_row;
-  const GroupParams gp = group_params_512(wv, r, rows);
-  for (int64_t i = 0; i < rows; i++) {
+  const GroupParams gp = group_params_512(wv, r, L.rows);
+  for (int64_t i = 0; i < L.rows; i++) {
     const uint32_t* q = wv.q_row(r + i);
-    float* d = dst + i * ld;
     for (int64_t g = 0; g < gpr; g++) {
       const typename Q::Group grp = Q::group(gp.s[i * gpr + g], gp.b[i * gpr + g]);
       for (int64_t c = g * wv.group; c < (g + 1) * wv.group; c += kLanes) {
         __m512 w = Q::weights(q, c, grp);
         if constexpr (Q::kPermuted) w = from_pi_512(w);
-        _mm512_storeu_ps(d + c, w);
+        _mm512_storeu_ps(dst + L.at(i, c / kLanes), w);
       }
     }
   }
+}
+
+// U tokens of x, chunk-major ([chunk][token][16]), the last partial chunk padded with zeros.
+MF_AVX512 void pack_x_512(const float* x, int64_t n, int U, int64_t chunks, float* dst) {
+  for (int64_t k = 0; k < chunks; k++) {
+    const int64_t m = std::min<int64_t>(kLanes, n - k * kLanes);
+    const __mmask16 mask = __mmask16((1u << m) - 1);
+    for (int u = 0; u < U; u++)
+      _mm512_storeu_ps(dst + (k * U + u) * kLanes,
+                       _mm512_maskz_loadu_ps(mask, x + u * n + k * kLanes));
+  }
+}
+
+// The panel micro-kernel: R packed rows (chunk k of row i at w + (k*R + i)*16) times U packed
+// tokens (chunk k of token u at xp + (k*U + u)*16); tail > 0: the last chunk has that many
+// columns.
+template <int R, int U>
+MF_AVX512 void micro_512(const float* w, const float* xp, int64_t chunks, int tail, float* y,
+                         int64_t ys) {
+  __m512 acc[R * U];
+#pragma GCC unroll 32
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  const int64_t full = tail ? chunks - 1 : chunks;
+  for (int64_t k = 0; k < full; k++) {
+    const float* xk = xp + k * U * kLanes;
+    const float* wk = w + k * R * kLanes;
+    __m512 xv[U];
+#pragma GCC unroll 32
+    for (int u = 0; u < U; u++) xv[u] = _mm512_loadu_ps(xk + u * kLanes);
+#pragma GCC unroll 32
+    for (int i = 0; i < R; i++) {
+      const __m512 wv = _mm512_loadu_ps(wk + i * kLanes);
+#pragma GCC unroll 32
+      for (int u = 0; u < U; u++) acc[i * U + u] = _mm512_fmadd_ps(wv, xv[u], acc[i * U + u]);
+    }
+  }
+  if (tail) {  // masked lanes keep their sums untouched (a +0 term would turn -0 into +0)
+    const __mmask16 m = __mmask16((1u << tail) - 1);
+    const float* xk = xp + full * U * kLanes;
+    const float* wk = w + full * R * kLanes;
+#pragma GCC unroll 32
+    for (int i = 0; i < R; i++) {
+      const __m512 wv = _mm512_loadu_ps(wk + i * kLanes);
+#pragma GCC unroll 32
+      for (int u = 0; u < U; u++)
+        acc[i * U + u] =
+            _mm512_mask3_fmadd_ps(wv, _mm512_loadu_ps(xk + u * kLanes), acc[i * U + u], m);
+    }
+  }
+  store_block_512<R, U>(acc, y, ys);
 }
 
 // Runtime U -> template U.
@@ -447,12 +520,33 @@ template <class D, int R>
 MF_AVX512 void block_float_512_u(int U, const typename D::Elem* w, int64_t ld, int64_t n,
                                  const float* x, float* y, int64_t ys) {
   switch (U) {
-    case 1: return block_float_512<D, R, 1>(w, ld, n, x, y, ys);
-    case 2: return block_float_512<D, R, 2>(w, ld, n, x, y, ys);
-    case 3: return block_float_512<D, R, 3>(w, ld, n, x, y, ys);
-    case 4: return block_float_512<D, R, 4>(w, ld, n, x, y, ys);
-    case 5: return block_float_512<D, R, 5>(w, ld, n, x, y, ys);
-    default: return block_float_512<D, R, 6>(w, ld, n, x, y, ys);
+    case 1:
+      return block_float_512<D, R, 1>(w, ld, n, x, y, ys);
+    case 2:
+      return block_float_512<D, R, 2>(w, ld, n, x, y, ys);
+    case 3:
+      return block_float_512<D, R, 3>(w, ld, n, x, y, ys);
+    default:
+      return block_float_512<D, R, 4>(w, ld, n, x, y, ys);
+  }
+}
+
+template <int R>
+MF_AVX512 void micro_512_u(int U, const float* w, const float* xp, int64_t chunks, int tail,
+                           float* y, int64_t ys) {
+  switch (U) {
+    case 1:
+      return micro_512<R, 1>(w, xp, chunks, tail, y, ys);
+    case 2:
+      return micro_512<R, 2>(w, xp, chunks, tail, y, ys);
+    case 3:
+      return micro_512<R, 3>(w, xp, chunks, tail, y, ys);
+    case 4:
+      return micro_512<R, 4>(w, xp, chunks, tail, y, ys);
+    case 5:
+      return micro_512<R, 5>(w, xp, chunks, tail, y, ys);
+    default:
+      return micro_512<R, 6>(w, xp, chunks, tail, y, ys);
   }
 }
 
@@ -460,93 +554,118 @@ template <class Q, int R>
 MF_AVX512 void block_quant_512_u(int U, const WeightView& wv, int64_t r, GroupParams gp,
                                  const float* x, float* y, int64_t ys) {
   switch (U) {
-    case 1: return block_quant_512<Q, R, 1>(wv, r, gp, x, y, ys);
-    case 2: return block_quant_512<Q, R, 2>(wv, r, gp, x, y, ys);
-    case 3: return block_quant_512<Q, R, 3>(wv, r, gp, x, y, ys);
-    default: return block_quant_512<Q, R, 4>(wv, r, gp, x, y, ys);
+    case 1:
+      return block_quant_512<Q, R, 1>(wv, r, gp, x, y, ys);
+    case 2:
+      return block_quant_512<Q, R, 2>(wv, r, gp, x, y, ys);
+    case 3:
+      return block_quant_512<Q, R, 3>(wv, r, gp, x, y, ys);
+    default:
+      return block_quant_512<Q, R, 4>(wv, r, gp, x, y, ys);
   }
 }
 
-constexpr int kStreamMaxT512 = 4;  // tokens the stream driver takes at once
+// T up to kStreamMaxT512 goes to the stream driver, which runs a row block over the tokens
+// kStreamU512 at a time (decoding the block's weights again, from L1, for each group of
+// tokens): below that T the panel's packing does not pay for itself.
+constexpr int kStreamMaxT512 = 16;
+constexpr int kStreamU512 = 4;
 constexpr int kPanelU512 = 6;      // micro-kernel: 4 rows x 6 tokens = 24 zmm accumulators
 
-// f32 rows (row i at w + i*ld, ld >= n) times all T tokens, in 4 x 6 blocks.
-MF_AVX512 void panel_f32_512(const float* w, int64_t ld, int64_t rows, int64_t n,
-                             const float* x, int T, float* y, int64_t ys) {
+// A packed panel (PanelLayout) of n columns times all T tokens, in 4 x 6 blocks.
+MF_AVX512 void panel_512(const float* wp, const PanelLayout& L, int64_t n, const float* x, int T,
+                         float* y, int64_t ys) {
+  const int tail = int(n % kLanes);
+  float* xp = scratch(kXScratch, size_t(kPanelU512 * L.chunks * kLanes));
   for (int t = 0; t < T; t += kPanelU512) {
     const int U = std::min(kPanelU512, T - t);
-    int64_t i = 0;
-    for (; i + 4 <= rows; i += 4)
-      block_float_512_u<F32x16, 4>(U, w + i * ld, ld, n, x + t * n, y + t * ys + i, ys);
-    for (; i < rows; i++)
-      block_float_512_u<F32x16, 1>(U, w + i * ld, ld, n, x + t * n, y + t * ys + i, ys);
+    pack_x_512(x + t * n, n, U, L.chunks, xp);
+    for (int64_t i = 0; i < L.full; i += 4)
+      micro_512_u<4>(U, wp + L.at(i, 0), xp, L.chunks, tail, y + t * ys + i, ys);
+    for (int64_t i = L.full; i < L.rows; i++)
+      micro_512_u<1>(U, wp + L.at(i, 0), xp, L.chunks, tail, y + t * ys + i, ys);
   }
 }
 
 template <class D>
-MF_AVX512 void matmul_float_512(const WeightView& wv, int64_t r0, int64_t r1, const float* x,
-                                int T, float* y, int64_t ys) {
+MF_AVX512 void matmul_float_512(const WeightView& wv, int64_t r0, int64_t r1, const float* x, int T,
+                                float* y, int64_t ys) {
   const int64_t n = wv.cols;
   const auto* w = static_cast<const typename D::Elem*>(wv.data);
   if (T <= kStreamMaxT512) {
     int64_t r = r0;
     if (T == 1)
       for (; r + 8 <= r1; r += 8) block_float_512<D, 8, 1>(w + r * n, n, n, x, y + r, ys);
-    for (; r + 4 <= r1; r += 4) block_float_512_u<D, 4>(T, w + r * n, n, n, x, y + r, ys);
-    for (; r < r1; r++) block_float_512_u<D, 1>(T, w + r * n, n, n, x, y + r, ys);
+    for (; r + 4 <= r1; r += 4)
+      for (int t = 0; t < T; t += kStreamU512)
+        block_float_512_u<D, 4>(std::min(kStreamU512, T - t), w + r * n, n, n, x + t * n,
+                                y + t * ys + r, ys);
+    for (; r < r1; r++)
+      for (int t = 0; t < T; t += kStreamU512)
+        block_float_512_u<D, 1>(std::min(kStreamU512, T - t), w + r * n, n, n, x + t * n,
+                                y + t * ys + r, ys);
     return;
   }
   const int64_t P = panel_rows(n);
-  if constexpr (std::is_same_v<D, F32x16>) {
-    for (int64_t r = r0; r < r1; r += P)
-      panel_f32_512(w + r * n, n, std::min(P, r1 - r), n, x, T, y + r, ys);
-  } else {
-    const int64_t ld = round_up(n, kLanes);
-    float* buf = scratch(kPanelScratch, size_t(P * ld));
-    for (int64_t r = r0; r < r1; r += P) {
-      const int64_t rows = std::min(P, r1 - r);
-      widen_float_512<D>(w + r * n, n, rows, buf, ld);
-      panel_f32_512(buf, ld, rows, n, x, T, y + r, ys);
-    }
+  float* buf = scratch(kPanelScratch, size_t(P * round_up(n, kLanes)));
+  for (int64_t r = r0; r < r1; r += P) {
+    const PanelLayout L(std::min(P, r1 - r), n);
+    pack_float_512<D>(w + r * n, n, L, buf);
+    panel_512(buf, L, n, x, T, y + r, ys);
   }
 }
 
 template <class Q>
-MF_AVX512 void matmul_quant_512(const WeightView& wv, int64_t r0, int64_t r1, const float* x,
-                                int T, float* y, int64_t ys) {
+MF_AVX512 void matmul_quant_512(const WeightView& wv, int64_t r0, int64_t r1, const float* x, int T,
+                                float* y, int64_t ys) {
   if (T <= kStreamMaxT512) {
     const int64_t gpr = wv.groups_per_row;
     for (int64_t rb = r0; rb < r1; rb += kParamRows) {
       const int64_t rb1 = std::min(r1, rb + kParamRows);
       const GroupParams gp = group_params_512(wv, rb, rb1 - rb);
-      auto at = [&](int64_t r) { return GroupParams{gp.s + (r - rb) * gpr, gp.b + (r - rb) * gpr}; };
+      auto at = [&](int64_t r) {
+        return GroupParams{gp.s + (r - rb) * gpr, gp.b + (r - rb) * gpr};
+      };
+      const int64_t n = wv.cols;
       int64_t r = rb;
       if (T == 1)
         for (; r + 8 <= rb1; r += 8) block_quant_512<Q, 8, 1>(wv, r, at(r), x, y + r, ys);
-      for (; r + 4 <= rb1; r += 4) block_quant_512_u<Q, 4>(T, wv, r, at(r), x, y + r, ys);
-      for (; r < rb1; r++) block_quant_512_u<Q, 1>(T, wv, r, at(r), x, y + r, ys);
+      for (; r + 4 <= rb1; r += 4)
+        for (int t = 0; t < T; t += kStreamU512)
+          block_quant_512_u<Q, 4>(std::min(kStreamU512, T - t), wv, r, at(r), x + t * n,
+                                  y + t * ys + r, ys);
+      for (; r < rb1; r++)
+        for (int t = 0; t < T; t += kStreamU512)
+          block_quant_512_u<Q, 1>(std::min(kStreamU512, T - t), wv, r, at(r), x + t * n,
+                                  y + t * ys + r, ys);
     }
     return;
   }
   const int64_t n = wv.cols, P = panel_rows(n);
   float* buf = scratch(kPanelScratch, size_t(P * n));
   for (int64_t r = r0; r < r1; r += P) {
-    const int64_t rows = std::min(P, r1 - r);
-    widen_quant_512<Q>(wv, r, rows, buf, n);
-    panel_f32_512(buf, n, rows, n, x, T, y + r, ys);
+    const PanelLayout L(std::min(P, r1 - r), n);
+    pack_quant_512<Q>(wv, r, L, buf);
+    panel_512(buf, L, n, x, T, y + r, ys);
   }
 }
 
-MF_AVX512 void matmul_avx512(const Mat& W, int64_t r0, int64_t r1, const float* x, int T,
-                             float* y, int64_t ys) {
+MF_AVX512 void matmul_avx512(const Mat& W, int64_t r0, int64_t r1, const float* x, int T, float* y,
+                             int64_t ys) {
   const WeightView wv(W);
   switch (W.dtype) {
-    case DType::kF32: return matmul_float_512<F32x16>(wv, r0, r1, x, T, y, ys);
-    case DType::kBF16: return matmul_float_512<Bf16x16>(wv, r0, r1, x, T, y, ys);
-    case DType::kF16: return matmul_float_512<F16x16>(wv, r0, r1, x, T, y, ys);
-    case DType::kQ8: return matmul_quant_512<Q8x16>(wv, r0, r1, x, T, y, ys);
-    case DType::kQ4: return matmul_quant_512<Q4x16>(wv, r0, r1, x, T, y, ys);
-    default: return matmul_quant_512<Q2x16>(wv, r0, r1, x, T, y, ys);
+    case DType::kF32:
+      return matmul_float_512<F32x16>(wv, r0, r1, x, T, y, ys);
+    case DType::kBF16:
+      return matmul_float_512<Bf16x16>(wv, r0, r1, x, T, y, ys);
+    case DType::kF16:
+      return matmul_float_512<F16x16>(wv, r0, r1, x, T, y, ys);
+    case DType::kQ8:
+      return matmul_quant_512<Q8x16>(wv, r0, r1, x, T, y, ys);
+    case DType::kQ4:
+      return matmul_quant_512<Q4x16>(wv, r0, r1, x, T, y, ys);
+    default:
+      return matmul_quant_512<Q2x16>(wv, r0, r1, x, T, y, ys);
   }
 }
 
@@ -579,6 +698,7 @@ struct F16x8 {
 
 // Decoders of the 16 columns [c, c+16) of a packed row into lanes 0-7 (lo) and 8-15 (hi).
 struct Q8x8 {
+  static constexpr int kBits = 8;
   struct Group {
     __m256 s, b;
   };
@@ -593,6 +713,7 @@ struct Q8x8 {
   }
 };
 struct Q4x8 {
+  static constexpr int kBits = 4;
   struct Group {
     __m256 s, b;
   };
@@ -610,6 +731,7 @@ struct Q4x8 {
 };
 struct Q2x8 {
   // Table lookup as Q2x16: vpermps reads the low 3 bits of each shifted word.
+  static constexpr int kBits = 2;
   struct Group {
     __m256 table;
   };
@@ -638,26 +760,26 @@ MF_AVX2 inline float reduce_256(__m256 lo, __m256 hi) {
 // The tree on 8 outputs at once: out[k] = tree(lo[k], hi[k]).
 MF_AVX2 inline void reduce8_256(const __m256* lo, const __m256* hi, float* out) {
   __m256 l1[8], l2[4], l3[2];
-  MF_UNROLL
+#pragma GCC unroll 32
   for (int k = 0; k < 8; k++) l1[k] = _mm256_add_ps(lo[k], hi[k]);
-  MF_UNROLL
+#pragma GCC unroll 32
   for (int k = 0; k < 4; k++) {  // [a0..3 | b0..3] + [a4..7 | b4..7]
     const __m256 a = l1[2 * k], b = l1[2 * k + 1];
     l2[k] = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
   }
-  MF_UNROLL
+#pragma GCC unroll 32
   for (int k = 0; k < 2; k++) {
     const __m256 a = l2[2 * k], b = l2[2 * k + 1];
     l3[k] = _mm256_add_ps(_mm256_shuffle_ps(a, b, 0x44), _mm256_shuffle_ps(a, b, 0xee));
   }
-  const __m256 r = _mm256_add_ps(_mm256_shuffle_ps(l3[0], l3[1], 0x88),
-                                 _mm256_shuffle_ps(l3[0], l3[1], 0xdd));
+  const __m256 r =
+      _mm256_add_ps(_mm256_shuffle_ps(l3[0], l3[1], 0x88), _mm256_shuffle_ps(l3[0], l3[1], 0xdd));
   // Half h of r holds the outputs of l1[h], l1[h+2], l1[h+4], l1[h+6].
   alignas(32) float tmp[8];
   _mm256_store_ps(tmp, r);
-  MF_UNROLL
+#pragma GCC unroll 32
   for (int h = 0; h < 2; h++)
-    MF_UNROLL
+#pragma GCC unroll 32
     for (int i = 0; i < 4; i++) out[h + 2 * i] = tmp[4 * h + i];
 }
 
@@ -666,24 +788,24 @@ MF_AVX2 inline void store_block_256(const __m256* lo, const __m256* hi, float* y
   constexpr int N = R * U;
   if constexpr (N >= 4) {
     float out[8 * ((N + 7) / 8)];
-    MF_UNROLL
+#pragma GCC unroll 32
     for (int k0 = 0; k0 < N; k0 += 8) {
       __m256 l[8], h[8];
-      MF_UNROLL
+#pragma GCC unroll 32
       for (int k = 0; k < 8; k++) {
         l[k] = k0 + k < N ? lo[k0 + k] : _mm256_setzero_ps();
         h[k] = k0 + k < N ? hi[k0 + k] : _mm256_setzero_ps();
       }
       reduce8_256(l, h, out + k0);
     }
-    MF_UNROLL
+#pragma GCC unroll 32
     for (int i = 0; i < R; i++)
-      MF_UNROLL
+#pragma GCC unroll 32
       for (int u = 0; u < U; u++) y[u * ys + i] = out[i * U + u];
   } else {
-    MF_UNROLL
+#pragma GCC unroll 32
     for (int i = 0; i < R; i++)
-      MF_UNROLL
+#pragma GCC unroll 32
       for (int u = 0; u < U; u++) y[u * ys + i] = reduce_256(lo[i * U + u], hi[i * U + u]);
   }
 }
@@ -693,19 +815,20 @@ MF_AVX2 inline void store_block_256(const __m256* lo, const __m256* hi, float* y
 // after the other keeps 12 accumulators, the U x vectors and a weight vector within the 16 ymm
 // registers (both halves at once would need twice the accumulators).
 template <class D, int R, int U>
-MF_AVX2 inline __attribute__((always_inline)) void half_float_256(int h, const typename D::Elem* w, int64_t ld, int64_t n,
-                            const float* x, __m256* acc) {
-  MF_UNROLL
+MF_AVX2 inline __attribute__((always_inline)) void half_float_256(int h, const typename D::Elem* w,
+                                                                  int64_t ld, int64_t n,
+                                                                  const float* x, __m256* acc) {
+#pragma GCC unroll 32
   for (int k = 0; k < R * U; k++) acc[k] = _mm256_setzero_ps();
   const int64_t full = n / kLanes * kLanes;
   for (int64_t c = 8 * h; c < full; c += kLanes) {
     __m256 xv[U];
-    MF_UNROLL
+#pragma GCC unroll 32
     for (int u = 0; u < U; u++) xv[u] = _mm256_loadu_ps(x + u * n + c);
-    MF_UNROLL
+#pragma GCC unroll 32
     for (int i = 0; i < R; i++) {
       const __m256 wv = D::load(w + i * ld, c);
-      MF_UNROLL
+#pragma GCC unroll 32
       for (int u = 0; u < U; u++) acc[i * U + u] = _mm256_fmadd_ps(wv, xv[u], acc[i * U + u]);
     }
   }
@@ -716,18 +839,18 @@ MF_AVX2 inline __attribute__((always_inline)) void half_float_256(int h, const t
     for (int j = 0; j < 8; j++) lane[j] = j < m ? -1 : 0;
     const __m256 k = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<__m256i*>(lane)));
     __m256 xv[U];
-    MF_UNROLL
+#pragma GCC unroll 32
     for (int u = 0; u < U; u++) {
       float xt[8] = {};
       std::memcpy(xt, x + u * n + c, size_t(m) * sizeof(float));
       xv[u] = _mm256_loadu_ps(xt);
     }
-    MF_UNROLL
+#pragma GCC unroll 32
     for (int i = 0; i < R; i++) {
       float wt[8] = {};
       for (int j = 0; j < m; j++) wt[j] = D::scalar(w[i * ld + c + j]);
       const __m256 wv = _mm256_loadu_ps(wt);
-      MF_UNROLL
+#pragma GCC unroll 32
       for (int u = 0; u < U; u++) {
         __m256& a = acc[i * U + u];
         a = _mm256_blendv_ps(a, _mm256_fmadd_ps(wv, xv[u], a), k);
@@ -764,23 +887,27 @@ MF_AVX2 void block_quant_256(const WeightView& wv, int64_t r, GroupParams gp, co
                              float* y, int64_t ys) {
   const int64_t n = wv.cols, G = wv.group, gpr = wv.groups_per_row;
   __m256 lo[R * U], hi[R * U];
-  MF_UNROLL
+#pragma GCC unroll 32
   for (int k = 0; k < R * U; k++) lo[k] = hi[k] = _mm256_setzero_ps();
   const uint32_t* q = wv.q_row(r);
   for (int64_t g = 0; g < gpr; g++) {
     typename Q::Group grp[R];
-    MF_UNROLL
+#pragma GCC unroll 32
     for (int i = 0; i < R; i++) grp[i] = Q::group(gp.s[i * gpr + g], gp.b[i * gpr + g]);
+#pragma GCC unroll 32
+    for (int i = 0; i < R; i++)  // as block_quant_512
+      _mm_prefetch(reinterpret_cast<const char*>(q + (kPrefetchBlocks * R + i) * wv.words_per_row +
+                                                 g * G * Q::kBits / 32),
+                   _MM_HINT_T0);
     for (int64_t c = g * G; c < (g + 1) * G; c += kLanes) {
-      MF_UNROLL
+#pragma GCC unroll 32
       for (int i = 0; i < R; i++) {
         __m256 w0, w1;
         Q::weights(q + i * wv.words_per_row, c, grp[i], w0, w1);
-        MF_UNROLL
+#pragma GCC unroll 32
         for (int u = 0; u < U; u++) {
           lo[i * U + u] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + u * n + c), lo[i * U + u]);
-          hi[i * U + u] =
-              _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + u * n + c + 8), hi[i * U + u]);
+          hi[i * U + u] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + u * n + c + 8), hi[i * U + u]);
         }
       }
     }
@@ -826,9 +953,12 @@ template <class D, int R>
 MF_AVX2 void block_float_256_u(int U, const typename D::Elem* w, int64_t ld, int64_t n,
                                const float* x, float* y, int64_t ys) {
   switch (U) {
-    case 1: return block_float_256<D, R, 1>(w, ld, n, x, y, ys);
-    case 2: return block_float_256<D, R, 2>(w, ld, n, x, y, ys);
-    default: return block_float_256<D, R, 3>(w, ld, n, x, y, ys);
+    case 1:
+      return block_float_256<D, R, 1>(w, ld, n, x, y, ys);
+    case 2:
+      return block_float_256<D, R, 2>(w, ld, n, x, y, ys);
+    default:
+      return block_float_256<D, R, 3>(w, ld, n, x, y, ys);
   }
 }
 
@@ -845,8 +975,8 @@ MF_AVX2 void panel_f32_256(const float* w, int64_t ld, int64_t rows, int64_t n, 
 }
 
 template <class D>
-MF_AVX2 void matmul_float_256(const WeightView& wv, int64_t r0, int64_t r1, const float* x,
-                              int T, float* y, int64_t ys) {
+MF_AVX2 void matmul_float_256(const WeightView& wv, int64_t r0, int64_t r1, const float* x, int T,
+                              float* y, int64_t ys) {
   const int64_t n = wv.cols;
   const auto* w = static_cast<const typename D::Elem*>(wv.data);
   if (T == 1) {
@@ -871,14 +1001,16 @@ MF_AVX2 void matmul_float_256(const WeightView& wv, int64_t r0, int64_t r1, cons
 }
 
 template <class Q>
-MF_AVX2 void matmul_quant_256(const WeightView& wv, int64_t r0, int64_t r1, const float* x,
-                              int T, float* y, int64_t ys) {
+MF_AVX2 void matmul_quant_256(const WeightView& wv, int64_t r0, int64_t r1, const float* x, int T,
+                              float* y, int64_t ys) {
   if (T <= 2) {
     const int64_t gpr = wv.groups_per_row;
     for (int64_t rb = r0; rb < r1; rb += kParamRows) {
       const int64_t rb1 = std::min(r1, rb + kParamRows);
       const GroupParams gp = group_params_256(wv, rb, rb1 - rb);
-      auto at = [&](int64_t r) { return GroupParams{gp.s + (r - rb) * gpr, gp.b + (r - rb) * gpr}; };
+      auto at = [&](int64_t r) {
+        return GroupParams{gp.s + (r - rb) * gpr, gp.b + (r - rb) * gpr};
+      };
       int64_t r = rb;
       if (T == 1) {
         for (; r + 4 <= rb1; r += 4) block_quant_256<Q, 4, 1>(wv, r, at(r), x, y + r, ys);
@@ -903,12 +1035,18 @@ MF_AVX2 void matmul_avx2(const Mat& W, int64_t r0, int64_t r1, const float* x, i
                          int64_t ys) {
   const WeightView wv(W);
   switch (W.dtype) {
-    case DType::kF32: return matmul_float_256<F32x8>(wv, r0, r1, x, T, y, ys);
-    case DType::kBF16: return matmul_float_256<Bf16x8>(wv, r0, r1, x, T, y, ys);
-    case DType::kF16: return matmul_float_256<F16x8>(wv, r0, r1, x, T, y, ys);
-    case DType::kQ8: return matmul_quant_256<Q8x8>(wv, r0, r1, x, T, y, ys);
-    case DType::kQ4: return matmul_quant_256<Q4x8>(wv, r0, r1, x, T, y, ys);
-    default: return matmul_quant_256<Q2x8>(wv, r0, r1, x, T, y, ys);
+    case DType::kF32:
+      return matmul_float_256<F32x8>(wv, r0, r1, x, T, y, ys);
+    case DType::kBF16:
+      return matmul_float_256<Bf16x8>(wv, r0, r1, x, T, y, ys);
+    case DType::kF16:
+      return matmul_float_256<F16x8>(wv, r0, r1, x, T, y, ys);
+    case DType::kQ8:
+      return matmul_quant_256<Q8x8>(wv, r0, r1, x, T, y, ys);
+    case DType::kQ4:
+      return matmul_quant_256<Q4x8>(wv, r0, r1, x, T, y, ys);
+    default:
+      return matmul_quant_256<Q2x8>(wv, r0, r1, x, T, y, ys);
   }
 }
 
@@ -929,9 +1067,12 @@ KernelPath detect_path() {
 
 MatmulFn path_fn(KernelPath p) {
   switch (p) {
-    case KernelPath::kAvx512: return matmul_avx512;
-    case KernelPath::kAvx2: return matmul_avx2;
-    default: return matmul_scalar;
+    case KernelPath::kAvx512:
+      return matmul_avx512;
+    case KernelPath::kAvx2:
+      return matmul_avx2;
+    default:
+      return matmul_scalar;
   }
 }
 
@@ -954,9 +1095,12 @@ KernelPath best_kernel_path() {
 
 bool kernel_path_supported(KernelPath p) {
   switch (p) {
-    case KernelPath::kAvx512: return best_kernel_path() == KernelPath::kAvx512;
-    case KernelPath::kAvx2: return best_kernel_path() != KernelPath::kScalar;
-    default: return true;
+    case KernelPath::kAvx512:
+      return best_kernel_path() == KernelPath::kAvx512;
+    case KernelPath::kAvx2:
+      return best_kernel_path() != KernelPath::kScalar;
+    default:
+      return true;
   }
 }
 
@@ -969,14 +1113,20 @@ void set_kernel_path(KernelPath p) {
   active().fn = path_fn(p);
 }
 
-KernelPath active_kernel_path() { return active().path; }
+KernelPath active_kernel_path() {
+  return active().path;
+}
 
 const char* kernel_path_name(KernelPath p) {
   switch (p) {
-    case KernelPath::kAuto: return "auto";
-    case KernelPath::kScalar: return "scalar";
-    case KernelPath::kAvx2: return "avx2";
-    case KernelPath::kAvx512: return "avx512";
+    case KernelPath::kAuto:
+      return "auto";
+    case KernelPath::kScalar:
+      return "scalar";
+    case KernelPath::kAvx2:
+      return "avx2";
+    case KernelPath::kAvx512:
+      return "avx512";
   }
   return "?";
 }
