@@ -601,7 +601,7 @@ TEST(Robustness, ExpertFileShrinksAfterLoad) {
   const std::vector<int32_t> toks = {5, 6, 7};
   std::vector<float> logits(1024);
   expect_error([&] { s.eval(toks.data(), 3, logits.data(), false); },
-               {expert_file_path(dir, 1), "unexpected end of file reading expert", "truncated?"},
+               {"expert 0 of layer 1", expert_file_path(dir, 1), "unexpected end of file", "truncated?"},
                ErrorKind::kIo);
   // The session refuses again (same error), it does not go on with half-read experts.
   s.clear();

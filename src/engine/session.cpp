@@ -41,6 +41,7 @@ Session::Session(const Model& model, Backend& backend, ExpertStore& store, Sessi
   }
   scratch_.assign(kNumSlots, nullptr);
   scratch_n_.assign(kNumSlots, 0);
+  predicted_.resize(size_t(s.n_moe_layers()));
 }
 
 Session::~Session() {
@@ -105,7 +106,7 @@ void Session::eval(const int32_t* tokens, int T, float* logits, bool all_logits,
     else linear_attention(l, xn, attn_out, T);
     be_.add(x, attn_out, TH);
     be_.rmsnorm(x, w.ffn_norm, xn, T, H, H, s.rms_eps);
-    if (w.ffn == FfnKind::kMoe) moe(l, xn, ffn_out, T);
+    if (w.ffn == FfnKind::kMoe) moe(l, x, xn, ffn_out, T);
     else dense_ffn(l, xn, ffn_out, T);
     be_.add(x, ffn_out, TH);
   }
@@ -171,7 +172,7 @@ void Session::linear_attention(int l, const float* xn, float* out, int T) {
   be_.matmul(w.lin_out, core, out, T);
 }
 
-void Session::moe(int l, const float* xn, float* out, int T) {
+void Session::moe(int l, const float* x, const float* xn, float* out, int T) {
   const ModelSpec& s = spec_;
   const LayerWeights& w = model_.layers[size_t(l)];
   const int H = s.hidden_size, E = s.n_experts, K = s.top_k, I = s.moe_ffn;
@@ -212,7 +213,12 @@ void Session::moe(int l, const float* xn, float* out, int T) {
   for (int e = 0; e < E; e++)
     if (!slots_of[size_t(e)].empty()) used.push_back(e);
   auto batch = store_.fetch(w.moe_index, used);
+  score_prediction(w.moe_index, used);
+  // While this layer's experts arrive: guess the next MoE layer's and start reading them.
+  if (store_.options().prefetch) prefetch_next(l, x, T);
 
+  // Experts in arrival order; each writes only its own slots and sum_slots adds the K slots of
+  // a token in a fixed order, so the result does not depend on the order they came in.
   float* slots = buf(kSlots, size_t(T) * K * H);
   float* xe = buf(kB, size_t(T) * H);
   float* g = buf(kC, size_t(T) * I);
@@ -220,7 +226,9 @@ void Session::moe(int l, const float* xn, float* out, int T) {
   float* y = buf(kE, size_t(T) * H);
   std::vector<int32_t> rows, dst;
   std::vector<float> scale;
-  for (size_t i = 0; i < used.size(); i++) {
+  for (size_t done = 0; done < used.size(); done++) {
+    const size_t i = batch->next();
+    const ExpertWeights& ew = batch->weights(i);
     const auto& sl = slots_of[size_t(used[i])];
     const int n = int(sl.size());
     rows.clear();
@@ -231,7 +239,6 @@ void Session::moe(int l, const float* xn, float* out, int T) {
       dst.push_back(slot);
       scale.push_back(wts[size_t(slot)]);
     }
-    const ExpertWeights& ew = batch->wait(i);
     be_.gather_rows(xn, rows.data(), n, H, xe);
     be_.matmul(ew.gate, xe, g, n);
     be_.matmul(ew.up, xe, u, n);
@@ -239,6 +246,7 @@ void Session::moe(int l, const float* xn, float* out, int T) {
     be_.matmul(ew.down, g, y, n);
     be_.scatter_rows_scaled(y, dst.data(), scale.data(), n, H, slots);
   }
+  batch.reset();  // unpins this layer's experts
   be_.sum_slots(slots, T, K, H, out);
 
   if (s.shared_ffn > 0) {
@@ -255,6 +263,48 @@ void Session::moe(int l, const float* xn, float* out, int T) {
     be_.scale_rows_sigmoid(sy, sr, T, H);
     be_.add(out, sy, size_t(T) * H);
   }
+}
+
+void Session::score_prediction(int moe_index, const std::vector<int>& used) {
+  auto& pred = predicted_[size_t(moe_index)];
+  if (pred.empty()) return;
+  uint64_t hit = 0;
+  for (int e : used) hit += std::binary_search(pred.begin(), pred.end(), e);
+  store_.note_prediction(moe_index, used.size(), hit);
+  pred.clear();
+}
+
+void Session::prefetch_next(int l, const float* x, int T) {
+  const ModelSpec& s = spec_;
+  int nl = l + 1;
+  while (nl < s.n_layers && model_.layers[size_t(nl)].ffn != FfnKind::kMoe) nl++;
+  if (nl >= s.n_layers) return;
+  // Layer nl's router applied to the residual stream as it stands (after layer l's attention),
+  // normed with layer nl's FFN norm: the input layer nl's router will see, minus what layers
+  // l..nl-1 still add.
+  const LayerWeights& w = model_.layers[size_t(nl)];
+  const int H = s.hidden_size, E = s.n_experts, K = s.top_k;
+  float* xp = buf(kG, size_t(T) * H);
+  be_.rmsnorm(x, w.ffn_norm, xp, T, H, H, s.rms_eps);
+  float* rl = buf(kF, size_t(T) * E);
+  be_.matmul(w.router, xp, rl, T);
+  std::vector<float> logits(size_t(T) * E);
+  be_.download(logits.data(), rl, logits.size());
+  std::vector<char> want(static_cast<size_t>(E), 0);
+  std::vector<int> order(static_cast<size_t>(E));
+  for (int t = 0; t < T; t++) {
+    const float* lg = logits.data() + size_t(t) * E;
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + K, order.end(), [&](int a, int b) {
+      return lg[a] != lg[b] ? lg[a] > lg[b] : a < b;
+    });
+    for (int j = 0; j < K; j++) want[size_t(order[size_t(j)])] = 1;
+  }
+  auto& pred = predicted_[size_t(w.moe_index)];
+  pred.clear();
+  for (int e = 0; e < E; e++)
+    if (want[size_t(e)]) pred.push_back(e);
+  store_.prefetch(w.moe_index, pred);
 }
 
 void Session::dense_ffn(int l, const float* xn, float* out, int T) {

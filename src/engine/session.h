@@ -42,7 +42,9 @@ class Session {
   float* buf(size_t slot, size_t n);
   void full_attention(int l, const float* xn, float* out, int T);
   void linear_attention(int l, const float* xn, float* out, int T);
-  void moe(int l, const float* xn, float* out, int T);
+  void moe(int l, const float* x, const float* xn, float* out, int T);
+  void prefetch_next(int l, const float* x, int T);
+  void score_prediction(int moe_index, const std::vector<int>& used);
   void dense_ffn(int l, const float* xn, float* out, int T);
 
   const Model& model_;
@@ -57,6 +59,8 @@ class Session {
   // scratch, backend memory, grown on demand
   std::vector<float*> scratch_;
   std::vector<size_t> scratch_n_;
+  // prefetch: the experts predicted for each MoE layer (sorted), scored at its next fetch
+  std::vector<std::vector<int>> predicted_;
 };
 
 }  // namespace moeflux

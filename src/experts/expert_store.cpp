@@ -1,75 +1,778 @@
 #include "experts/expert_store.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cctype>
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <fstream>
+#include <functional>
+#include <mutex>
+#include <thread>
+
+#ifdef MOEFLUX_HAVE_LIBURING
+#include <liburing.h>
+#endif
+
+#include <fmt/format.h>
 
 #include "util/error.h"
+#include "util/progress.h"
 
 namespace moeflux {
 
-ExpertStore::ExpertStore(const Model& model) : model_(model), layout_(model.manifest().experts) {
-  for (int layer : layout_.layers) {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reads. A Job is one whole expert record; `done` runs on the reader's thread with the error
+// text (empty on success) and the seconds the read took.
+
+struct Job {
+  int file;
+  uint64_t offset, len;
+  uint8_t* dst;
+  std::function<void(const std::string& error, double seconds)> done;
+};
+
+class ReadQueue {
+ public:
+  virtual ~ReadQueue() = default;
+  virtual void submit(Job job) = 0;
+};
+
+// Blocking pread of the whole range (EINTR and short reads retried).
+class PreadReader final : public ExpertReader {
+ public:
+  PreadReader(const std::vector<int>& fds, const std::vector<std::string>& paths)
+      : fds_(fds), paths_(paths) {}
+  void read(int file, uint64_t offset, uint64_t n, uint8_t* dst) override {
+    uint64_t done = 0;
+    while (done < n) {
+      ssize_t r = ::pread(fds_[size_t(file)], dst + done, n - done, off_t(offset + done));
+      if (r < 0 && errno == EINTR) continue;
+      if (r < 0)
+        fail(ErrorKind::kIo, "{}: read failed at offset {}: {}", paths_[size_t(file)],
+             offset + done, std::strerror(errno));
+      if (r == 0)
+        fail(ErrorKind::kIo, "{}: unexpected end of file at offset {} (truncated?)",
+             paths_[size_t(file)], offset + done);
+      done += uint64_t(r);
+    }
+  }
+
+ private:
+  const std::vector<int>& fds_;
+  const std::vector<std::string>& paths_;
+};
+
+// A pool of threads, each running blocking reads through an ExpertReader.
+class ThreadReadQueue final : public ReadQueue {
+ public:
+  ThreadReadQueue(std::shared_ptr<ExpertReader> reader, int n) : reader_(std::move(reader)) {
+    for (int i = 0; i < n; i++) threads_.emplace_back([this] { loop(); });
+  }
+  ~ThreadReadQueue() override {
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  void submit(Job job) override {
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      q_.push_back(std::move(job));
+    }
+    cv_.notify_one();
+  }
+
+ private:
+  void loop() {
+    for (;;) {
+      Job job;
+      {
+        std::unique_lock<std::mutex> g(mu_);
+        cv_.wait(g, [&] { return stop_ || !q_.empty(); });
+        if (q_.empty()) return;  // stop_ and drained
+        job = std::move(q_.front());
+        q_.pop_front();
+      }
+      std::string err;
+      const auto t0 = Clock::now();
+      try {
+        reader_->read(job.file, job.offset, job.len, job.dst);
+      } catch (const std::exception& e) {
+        err = e.what();
+        if (err.empty()) err = "read failed";
+      }
+      job.done(err, seconds_since(t0));
+    }
+  }
+
+  std::shared_ptr<ExpertReader> reader_;
+  std::vector<std::thread> threads_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Job> q_;
+  bool stop_ = false;
+};
+
+#ifdef MOEFLUX_HAVE_LIBURING
+// io_uring: submitters put reads on the ring under a mutex (up to `depth` in flight, the rest
+// wait in a queue); one thread reaps completions, resubmits short reads and starts queued ones.
+class UringReadQueue final : public ReadQueue {
+ public:
+  UringReadQueue(const std::vector<int>& fds, const std::vector<std::string>& paths, int depth)
+      : fds_(fds), paths_(paths), depth_(std::max(depth, 1)) {
+    int r = io_uring_queue_init(unsigned(std::max(depth_ * 2, 8)), &ring_, 0);
+    if (r < 0) fail(ErrorKind::kIo, "io_uring_queue_init: {}", std::strerror(-r));
+    reaper_ = std::thread([this] { reap(); });
+  }
+  ~UringReadQueue() override {
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      stop_ = true;
+      io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+      if (sqe) {  // wakes the reaper
+        io_uring_prep_nop(sqe);
+        io_uring_sqe_set_data(sqe, nullptr);
+        io_uring_submit(&ring_);
+      }
+    }
+    reaper_.join();
+    io_uring_queue_exit(&ring_);
+  }
+  void submit(Job job) override {
+    auto* op = new Op{std::move(job), 0, Clock::now()};
+    std::lock_guard<std::mutex> g(mu_);
+    if (in_flight_ < depth_) start(op);
+    else waiting_.push_back(op);
+  }
+
+ private:
+  struct Op {
+    Job job;
+    uint64_t done;
+    Clock::time_point t0;
+  };
+  void start(Op* op) {  // mu_ held
+    io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+    MF_CHECK(sqe != nullptr);
+    io_uring_prep_read(sqe, fds_[size_t(op->job.file)], op->job.dst + op->done,
+                       unsigned(op->job.len - op->done), op->job.offset + op->done);
+    io_uring_sqe_set_data(sqe, op);
+    io_uring_submit(&ring_);
+    in_flight_++;
+  }
+  void reap() {
+    for (;;) {
+      io_uring_cqe* cqe = nullptr;
+      int r = io_uring_wait_cqe(&ring_, &cqe);
+      if (r == -EINTR) continue;
+      if (r < 0) {
+        // The ring itself failed: nothing more will complete. Fail what is queued.
+        std::lock_guard<std::mutex> g(mu_);
+        if (stop_) return;
+        continue;
+      }
+      auto* op = static_cast<Op*>(io_uring_cqe_get_data(cqe));
+      const int res = cqe->res;
+      io_uring_cqe_seen(&ring_, cqe);
+      if (!op) {
+        std::lock_guard<std::mutex> g(mu_);
+        if (stop_ && in_flight_ == 0) return;
+        continue;
+      }
+      std::string err;
+      bool finished = true;
+      if (res == -EINTR || res == -EAGAIN) {
+        finished = false;
+      } else if (res < 0) {
+        err = fmt::format("{}: read failed at offset {}: {}", paths_[size_t(op->job.file)],
+                          op->job.offset + op->done, std::strerror(-res));
+      } else if (res == 0) {
+        err = fmt::format("{}: unexpected end of file at offset {} (truncated?)",
+                          paths_[size_t(op->job.file)], op->job.offset + op->done);
+      } else {
+        op->done += uint64_t(res);
+        finished = op->done >= op->job.len;
+      }
+      {
+        std::lock_guard<std::mutex> g(mu_);
+        in_flight_--;
+        if (!finished) start(op);
+        while (in_flight_ < depth_ && !waiting_.empty()) {
+          start(waiting_.front());
+          waiting_.pop_front();
+        }
+      }
+      if (finished) {
+        op->job.done(err, seconds_since(op->t0));
+        delete op;
+      }
+      std::lock_guard<std::mutex> g(mu_);
+      if (stop_ && in_flight_ == 0 && waiting_.empty()) return;
+    }
+  }
+
+  const std::vector<int>& fds_;
+  const std::vector<std::string>& paths_;
+  int depth_;
+  io_uring ring_{};
+  std::thread reaper_;
+  std::mutex mu_;
+  std::deque<Op*> waiting_;
+  int in_flight_ = 0;
+  bool stop_ = false;
+};
+#endif
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+void ExpertLayerStats::add(const ExpertLayerStats& o) {
+  requests += o.requests;
+  hits += o.hits;
+  misses += o.misses;
+  bytes_read += o.bytes_read;
+  read_seconds += o.read_seconds;
+  stall_seconds += o.stall_seconds;
+  prefetch_reads += o.prefetch_reads;
+  prefetch_used += o.prefetch_used;
+  predicted += o.predicted;
+  predicted_hit += o.predicted_hit;
+  scored += o.scored;
+}
+
+// A cache slot holds one expert record. Slots with no pins and a finished read sit on the LRU
+// list (front = most recently used) and may be evicted.
+struct Slot {
+  int key = -1;  // moe_index * n_experts + expert, -1 = empty
+  int pins = 0;
+  enum State { kEmpty, kLoading, kReady, kFailed } state = kEmpty;
+  bool prefetched = false;  // read by prefetch and not yet used by a fetch
+  std::string error;
+  int prev = -1, next = -1;  // LRU links
+  bool on_lru = false;
+};
+
+// One request of a batch: either a cache slot or a private buffer of the batch.
+struct Request {
+  int expert;
+  int slot = -1;             // cache slot, or -1
+  uint8_t* own = nullptr;    // private buffer when no slot was free
+  bool own_done = false;     // private read finished
+  std::string own_error;
+  bool taken = false;        // returned by next()
+};
+
+struct ExpertStore::Impl {
+  const Model& model;
+  const ExpertLayout& layout;
+  ExpertStoreOptions opt;
+  std::vector<int> fds;
+  std::vector<std::string> paths;
+  std::shared_ptr<ExpertReader> reader;
+  std::unique_ptr<ReadQueue> queue;
+  std::string io_name;
+  uint64_t read_len = 0;  // bytes read per expert (bytes rounded up to kFileAlign)
+
+  std::mutex mu;
+  std::condition_variable cv;  // any read finished
+  // cache
+  uint8_t* arena = nullptr;
+  size_t arena_bytes = 0;
+  std::vector<Slot> slots;
+  std::vector<int> slot_of;  // key -> slot or -1
+  int lru_head = -1, lru_tail = -1;
+  std::vector<int> free_slots;
+  // private buffers of batches, reused
+  std::vector<uint8_t*> spare;
+  int reads_in_flight = 0;
+  // stats
+  std::vector<ExpertLayerStats> stats;
+
+  Impl(const Model& m, ExpertStoreOptions o) : model(m), layout(m.manifest().experts), opt(std::move(o)) {}
+
+  uint8_t* slot_mem(int s) const { return arena + size_t(s) * layout.stride; }
+
+  void lru_remove(int s) {
+    Slot& x = slots[size_t(s)];
+    if (!x.on_lru) return;
+    (x.prev >= 0 ? slots[size_t(x.prev)].next : lru_head) = x.next;
+    (x.next >= 0 ? slots[size_t(x.next)].prev : lru_tail) = x.prev;
+    x.prev = x.next = -1;
+    x.on_lru = false;
+  }
+  void lru_push_front(int s) {
+    Slot& x = slots[size_t(s)];
+    x.prev = -1;
+    x.next = lru_head;
+    if (lru_head >= 0) slots[size_t(lru_head)].prev = s;
+    lru_head = s;
+    if (lru_tail < 0) lru_tail = s;
+    x.on_lru = true;
+  }
+  // A slot to fill: a free one, else the least recently used unpinned one. -1 if none.
+  int take_slot() {
+    if (!free_slots.empty()) {
+      int s = free_slots.back();
+      free_slots.pop_back();
+      return s;
+    }
+    int s = lru_tail;
+    if (s < 0) return -1;
+    lru_remove(s);
+    Slot& x = slots[size_t(s)];
+    slot_of[size_t(x.key)] = -1;
+    x = Slot{};
+    return s;
+  }
+  void unpin(int s) {
+    Slot& x = slots[size_t(s)];
+    if (--x.pins > 0) return;
+    if (x.state == Slot::kReady) {
+      lru_push_front(s);
+    } else if (x.state == Slot::kFailed) {  // give failed slots back; the next fetch retries
+      slot_of[size_t(x.key)] = -1;
+      x = Slot{};
+      free_slots.push_back(s);
+    }
+  }
+  uint8_t* take_spare() {
+    if (!spare.empty()) {
+      uint8_t* p = spare.back();
+      spare.pop_back();
+      return p;
+    }
+    void* p = std::aligned_alloc(kFileAlign, layout.stride);
+    if (!p) fail(ErrorKind::kIo, "out of memory for an expert buffer of {} bytes", layout.stride);
+    return static_cast<uint8_t*>(p);
+  }
+
+  // Starts the read of expert `e` of layer `li` into `dst`; `finish` runs under mu.
+  void start_read(int li, int e, uint8_t* dst, std::function<void(const std::string&)> finish) {
+    reads_in_flight++;
+    Job job{li, uint64_t(e) * layout.stride, read_len, dst,
+            [this, li, finish = std::move(finish)](const std::string& err, double secs) {
+              // Notified under the lock: the store's destructor may run as soon as it is released.
+              std::lock_guard<std::mutex> g(mu);
+              ExpertLayerStats& st = stats[size_t(li)];
+              st.read_seconds += secs;
+              if (err.empty()) st.bytes_read += layout.bytes;
+              finish(err);
+              reads_in_flight--;
+              cv.notify_all();
+            }};
+    queue->submit(std::move(job));
+  }
+  // Reads into cache slot s (loading, pinned once for the read itself).
+  void start_slot_read(int li, int e, int s) {
+    Slot& x = slots[size_t(s)];
+    x.pins++;
+    start_read(li, e, slot_mem(s), [this, s](const std::string& err) {
+      Slot& y = slots[size_t(s)];
+      if (err.empty()) {
+        y.state = Slot::kReady;
+      } else {
+        y.state = Slot::kFailed;
+        y.error = err;
+      }
+      unpin(s);
+    });
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+
+ExpertStore::ExpertStore(const Model& model, ExpertStoreOptions options)
+    : opt_(std::move(options)), impl_(std::make_unique<Impl>(model, opt_)) {
+  Impl& m = *impl_;
+  const ExpertLayout& L = m.layout;
+  if (opt_.readers < 1) fail(ErrorKind::kInvalidArgument, "expert readers: {} < 1", opt_.readers);
+  m.read_len = align_up(L.bytes, kFileAlign);
+  MF_CHECK(m.read_len <= L.stride);
+  auto close_all = [&] {
+    for (int f : m.fds) ::close(f);
+    m.fds.clear();
+  };
+  for (int layer : L.layers) {
     std::string path = expert_file_path(model.dir(), layer);
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | (opt_.direct_io ? O_DIRECT : 0));
     if (fd < 0) {
       int e = errno;
-      for (int f : fds_) ::close(f);
-      fail(ErrorKind::kIo, "{}: cannot open: {}", path, std::strerror(e));
+      close_all();
+      fail(ErrorKind::kIo, "{}: cannot open{}: {}", path, opt_.direct_io ? " with O_DIRECT" : "",
+           std::strerror(e));
     }
-    fds_.push_back(fd);
-    paths_.push_back(path);
+    m.fds.push_back(fd);
+    m.paths.push_back(path);
+    const off_t size = ::lseek(fd, 0, SEEK_END);
+    const uint64_t want = uint64_t(L.count) * L.stride;
+    if (size < 0 || uint64_t(size) < want) {
+      close_all();
+      fail(ErrorKind::kFormat, "{}: is {} bytes, expected {} ({} experts x {} stride): truncated?",
+           path, int64_t(size), want, L.count, L.stride);
+    }
+  }
+  try {
+    if (opt_.reader) {
+      m.reader = opt_.reader;
+      m.queue = std::make_unique<ThreadReadQueue>(m.reader, opt_.readers);
+      m.io_name = "custom";
+    } else {
+#ifdef MOEFLUX_HAVE_LIBURING
+      if (opt_.io != IoEngine::kPread) {
+        try {
+          m.queue = std::make_unique<UringReadQueue>(m.fds, m.paths, opt_.readers);
+          m.io_name = "io_uring";
+        } catch (const Error&) {
+          if (opt_.io == IoEngine::kUring) throw;  // asked for explicitly: say why not
+        }
+      }
+#else
+      if (opt_.io == IoEngine::kUring)
+        fail(ErrorKind::kInvalidArgument, "io_uring: this build has no liburing (use --io pread)");
+#endif
+      if (!m.queue) {
+        m.reader = std::make_shared<PreadReader>(m.fds, m.paths);
+        m.queue = std::make_unique<ThreadReadQueue>(m.reader, opt_.readers);
+        m.io_name = "pread";
+      }
+    }
+    if (opt_.direct_io) m.io_name += " O_DIRECT";
+
+    const uint64_t all = L.stride * uint64_t(L.count) * L.layers.size();
+    uint64_t budget = opt_.cache_bytes < 0 ? uint64_t(default_cache_bytes(model))
+                                           : uint64_t(opt_.cache_bytes);
+    budget = std::min(budget, all);
+    const size_t n_slots = L.stride ? size_t(budget / L.stride) : 0;
+    if (n_slots) {
+      // Anonymous memory is committed page by page as slots fill: RSS follows what is cached.
+      m.arena_bytes = n_slots * L.stride;
+      void* p = ::mmap(nullptr, m.arena_bytes, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (p == MAP_FAILED)
+        fail(ErrorKind::kIo, "cannot reserve {} for the expert cache: {}",
+             format_bytes(m.arena_bytes), std::strerror(errno));
+      m.arena = static_cast<uint8_t*>(p);
+    }
+    m.slots.resize(n_slots);
+    for (size_t s = n_slots; s-- > 0;) m.free_slots.push_back(int(s));
+    m.slot_of.assign(size_t(L.count) * L.layers.size(), -1);
+    m.stats.resize(L.layers.size());
+  } catch (...) {
+    m.queue.reset();
+    close_all();
+    throw;
   }
 }
 
 ExpertStore::~ExpertStore() {
-  for (int fd : fds_) ::close(fd);
+  Impl& m = *impl_;
+  {
+    std::unique_lock<std::mutex> g(m.mu);
+    m.cv.wait(g, [&] { return m.reads_in_flight == 0; });
+  }
+  m.queue.reset();
+  for (uint8_t* p : m.spare) std::free(p);
+  if (m.arena) ::munmap(m.arena, m.arena_bytes);
+  for (int f : m.fds) ::close(f);
 }
 
-void ExpertStore::read_expert(int moe_index, int expert, uint8_t* dst) {
-  const uint64_t off = uint64_t(expert) * layout_.stride;
-  uint64_t done = 0;
-  auto t0 = std::chrono::steady_clock::now();
-  while (done < layout_.bytes) {
-    ssize_t n = ::pread(fds_[size_t(moe_index)], dst + done, layout_.bytes - done,
-                        off_t(off + done));
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0)
-      fail(ErrorKind::kIo, "{}: read of expert {} failed at offset {}: {}",
-           paths_[size_t(moe_index)], expert, off + done, std::strerror(errno));
-    if (n == 0)
-      fail(ErrorKind::kIo, "{}: unexpected end of file reading expert {} at offset {} (truncated?)",
-           paths_[size_t(moe_index)], expert, off + done);
-    done += uint64_t(n);
-  }
-  stats_.read_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  stats_.bytes_read += layout_.bytes;
-  stats_.misses++;
+uint64_t ExpertStore::expert_bytes() const { return impl_->layout.bytes; }
+uint64_t ExpertStore::expert_stride() const { return impl_->layout.stride; }
+int ExpertStore::n_layers() const { return int(impl_->layout.layers.size()); }
+int ExpertStore::n_experts() const { return impl_->layout.count; }
+const char* ExpertStore::io_name() const { return impl_->io_name.c_str(); }
+
+ExpertStats ExpertStore::stats() const {
+  Impl& m = *impl_;
+  std::lock_guard<std::mutex> g(m.mu);
+  ExpertStats s;
+  s.layers = m.stats;
+  for (const auto& l : m.stats) s.total.add(l);
+  s.cache_bytes = m.arena_bytes;
+  s.cache_slots = m.slots.size();
+  for (const Slot& x : m.slots) s.cached += x.state == Slot::kReady;
+  return s;
 }
+
+void ExpertStore::reset_stats() {
+  std::lock_guard<std::mutex> g(impl_->mu);
+  for (auto& l : impl_->stats) l = ExpertLayerStats{};
+}
+
+void ExpertStore::drop_cache() {
+  Impl& m = *impl_;
+  std::unique_lock<std::mutex> g(m.mu);
+  m.cv.wait(g, [&] { return m.reads_in_flight == 0; });
+  for (size_t s = 0; s < m.slots.size(); s++) {
+    Slot& x = m.slots[s];
+    if (x.key < 0 || x.pins > 0) continue;
+    m.lru_remove(int(s));
+    m.slot_of[size_t(x.key)] = -1;
+    x = Slot{};
+    m.free_slots.push_back(int(s));
+  }
+}
+
+void ExpertStore::note_prediction(int moe_index, uint64_t scored, uint64_t hit) {
+  std::lock_guard<std::mutex> g(impl_->mu);
+  ExpertLayerStats& st = impl_->stats.at(size_t(moe_index));
+  st.scored += scored;
+  st.predicted_hit += hit;
+}
+
+void ExpertStore::prefetch(int moe_index, const std::vector<int>& experts) {
+  Impl& m = *impl_;
+  const int E = m.layout.count;
+  MF_CHECK(moe_index >= 0 && size_t(moe_index) < m.fds.size());
+  std::lock_guard<std::mutex> g(m.mu);
+  ExpertLayerStats& st = m.stats[size_t(moe_index)];
+  st.predicted += experts.size();
+  if (m.slots.empty()) return;
+  for (int e : experts) {
+    MF_CHECK(e >= 0 && e < E);
+    const int key = moe_index * E + e;
+    int s = m.slot_of[size_t(key)];
+    if (s >= 0) {  // cached or on its way: refresh its place in the LRU order
+      if (m.slots[size_t(s)].on_lru) {
+        m.lru_remove(s);
+        m.lru_push_front(s);
+      }
+      continue;
+    }
+    s = m.take_slot();
+    if (s < 0) return;  // everything pinned
+    Slot& x = m.slots[size_t(s)];
+    x.key = key;
+    x.state = Slot::kLoading;
+    x.prefetched = true;
+    m.slot_of[size_t(key)] = s;
+    st.prefetch_reads++;
+    m.start_slot_read(moe_index, e, s);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+struct ExpertBatch::State {
+  ExpertStore::Impl* store = nullptr;
+  int moe_index = 0;
+  std::vector<Request> req;
+  std::vector<ExpertWeights> weights;
+  size_t taken = 0;
+};
 
 std::unique_ptr<ExpertBatch> ExpertStore::fetch(int moe_index, const std::vector<int>& experts) {
-  MF_CHECK(moe_index >= 0 && size_t(moe_index) < fds_.size());
-  auto b = std::unique_ptr<ExpertBatch>(new ExpertBatch());
-  const uint64_t stride = layout_.stride;  // keeps each buffer 4 KiB aligned
-  void* mem = std::aligned_alloc(kFileAlign, std::max<uint64_t>(1, stride * experts.size()));
-  if (!mem) fail(ErrorKind::kIo, "out of memory for {} expert buffers", experts.size());
-  b->storage_ = std::unique_ptr<uint8_t, void (*)(void*)>(static_cast<uint8_t*>(mem), std::free);
-  const auto& parts = layout_.parts;
-  auto view = [&](const PackedTensor& p, const uint8_t* base) { return mat_view(p, base + p.offset); };
+  Impl& m = *impl_;
+  const int E = m.layout.count;
+  MF_CHECK(moe_index >= 0 && size_t(moe_index) < m.fds.size());
+  auto st = std::make_unique<ExpertBatch::State>();
+  st->store = &m;
+  st->moe_index = moe_index;
+  st->req.resize(experts.size());
+  st->weights.resize(experts.size());
+  std::lock_guard<std::mutex> g(m.mu);
+  ExpertLayerStats& ls = m.stats[size_t(moe_index)];
+  // Pin every cached one first so that filling the misses cannot evict them.
   for (size_t i = 0; i < experts.size(); i++) {
-    MF_CHECK(experts[i] >= 0 && experts[i] < layout_.count);
-    uint8_t* dst = b->storage_.get() + i * stride;
-    read_expert(moe_index, experts[i], dst);
-    b->buffers_.push_back(dst);
-    b->weights_.push_back({view(parts[0], dst), view(parts[1], dst), view(parts[2], dst)});
+    const int e = experts[i];
+    MF_CHECK(e >= 0 && e < E);
+    Request& r = st->req[i];
+    r.expert = e;
+    const int s = m.slot_of[size_t(moe_index * E + e)];
+    if (s < 0) continue;
+    Slot& x = m.slots[size_t(s)];
+    if (x.state == Slot::kFailed) continue;  // retried below as a miss
+    x.pins++;
+    m.lru_remove(s);
+    if (x.prefetched) {
+      x.prefetched = false;
+      ls.prefetch_used++;
+    }
+    r.slot = s;
+    ls.hits++;
   }
-  return b;
+  for (size_t i = 0; i < experts.size(); i++) {
+    Request& r = st->req[i];
+    if (r.slot >= 0) continue;
+    ls.misses++;
+    const int key = moe_index * E + r.expert;
+    int s = m.slot_of[size_t(key)] < 0 ? m.take_slot() : -1;
+    if (s >= 0) {
+      Slot& x = m.slots[size_t(s)];
+      x.key = key;
+      x.state = Slot::kLoading;
+      m.slot_of[size_t(key)] = s;
+      x.pins++;  // the batch's pin
+      r.slot = s;
+      m.start_slot_read(moe_index, r.expert, s);
+    } else {
+      // No room (budget 0 or everything pinned) or a failed slot still pinned by another batch:
+      // read into a buffer of this batch.
+      r.own = m.take_spare();
+      ExpertBatch::State* raw = st.get();
+      m.start_read(moe_index, r.expert, r.own, [raw, i](const std::string& err) {
+        raw->req[i].own_done = true;
+        raw->req[i].own_error = err;
+      });
+    }
+  }
+  ls.requests += experts.size();
+  return std::unique_ptr<ExpertBatch>(new ExpertBatch(std::move(st)));
 }
 
-const ExpertWeights& ExpertBatch::wait(size_t i) { return weights_.at(i); }
+ExpertBatch::ExpertBatch(std::unique_ptr<State> s) : s_(std::move(s)) {}
+
+ExpertBatch::~ExpertBatch() {
+  ExpertStore::Impl& m = *s_->store;
+  std::unique_lock<std::mutex> g(m.mu);
+  // Private reads still running write into our buffers: wait for them.
+  m.cv.wait(g, [&] {
+    for (const Request& r : s_->req)
+      if (r.own && !r.own_done) return false;
+    return true;
+  });
+  for (Request& r : s_->req) {
+    if (r.slot >= 0) m.unpin(r.slot);
+    if (r.own) m.spare.push_back(r.own);
+  }
+}
+
+size_t ExpertBatch::size() const { return s_->req.size(); }
+
+namespace {
+// Under mu: 1 ready, 0 not yet, -1 failed (message in *err).
+int request_ready(ExpertStore::Impl& m, const Request& r, std::string* err) {
+  if (r.own) {
+    if (!r.own_done) return 0;
+    if (!r.own_error.empty()) {
+      *err = r.own_error;
+      return -1;
+    }
+    return 1;
+  }
+  const Slot& x = m.slots[size_t(r.slot)];
+  if (x.state == Slot::kLoading) return 0;
+  if (x.state == Slot::kFailed) {
+    *err = x.error;
+    return -1;
+  }
+  return 1;
+}
+}  // namespace
+
+size_t ExpertBatch::next() {
+  State& s = *s_;
+  ExpertStore::Impl& m = *s.store;
+  MF_CHECK(s.taken < s.req.size());
+  std::unique_lock<std::mutex> g(m.mu);
+  const auto t0 = Clock::now();
+  bool waited = false;
+  for (;;) {
+    for (size_t i = 0; i < s.req.size(); i++) {
+      Request& r = s.req[i];
+      if (r.taken) continue;
+      std::string err;
+      const int st = request_ready(m, r, &err);
+      if (st == 0) continue;
+      if (waited) m.stats[size_t(s.moe_index)].stall_seconds += seconds_since(t0);
+      if (st < 0)
+        fail(ErrorKind::kIo, "expert {} of layer {}: {}", r.expert,
+             m.layout.layers[size_t(s.moe_index)], err);
+      r.taken = true;
+      s.taken++;
+      const uint8_t* base = r.own ? r.own : m.slot_mem(r.slot);
+      const auto& p = m.layout.parts;
+      s.weights[i] = {mat_view(p[0], base + p[0].offset), mat_view(p[1], base + p[1].offset),
+                      mat_view(p[2], base + p[2].offset)};
+      return i;
+    }
+    waited = true;
+    m.cv.wait(g);
+  }
+}
+
+const ExpertWeights& ExpertBatch::wait(size_t i) {
+  State& s = *s_;
+  MF_CHECK(i < s.req.size());
+  while (!s.req[i].taken) next();
+  return s.weights[i];
+}
+
+const ExpertWeights& ExpertBatch::weights(size_t i) const {
+  MF_CHECK(i < s_->req.size() && s_->req[i].taken);
+  return s_->weights[i];
+}
+
+// ---------------------------------------------------------------------------------------------
+
+int64_t default_cache_bytes(const Model& model) {
+  const ExpertLayout& L = model.manifest().experts;
+  const uint64_t all = L.stride * uint64_t(L.count) * L.layers.size();
+  uint64_t avail = 0;
+  std::ifstream f("/proc/meminfo");
+  std::string key;
+  uint64_t kb = 0;
+  std::string unit;
+  while (f >> key >> kb >> unit)
+    if (key == "MemAvailable:") avail = kb * 1024;
+  if (avail == 0) return int64_t(std::min<uint64_t>(all, uint64_t(1) << 30));
+  const uint64_t resident = model.manifest().resident_bytes;
+  const uint64_t room = avail > resident ? (avail - resident) / 2 : 0;
+  return int64_t(std::min(all, room));
+}
+
+int64_t parse_cache_size(const std::string& text, uint64_t all, const std::string& what) {
+  std::string t = text;
+  t.erase(0, t.find_first_not_of(" \t"));
+  t.erase(t.find_last_not_of(" \t") + 1);
+  if (t == "all") return int64_t(all);
+  if (t.empty()) fail(ErrorKind::kInvalidArgument, "{}: empty size", what);
+  size_t i = 0;
+  while (i < t.size() && (std::isdigit(static_cast<unsigned char>(t[i])) || t[i] == '.')) i++;
+  if (i == 0) fail(ErrorKind::kInvalidArgument, "{}: '{}' is not a size (e.g. 2GiB, 25%, all, 0)", what, text);
+  char* end = nullptr;
+  const std::string num = t.substr(0, i);
+  const double v = std::strtod(num.c_str(), &end);
+  if (*end) fail(ErrorKind::kInvalidArgument, "{}: '{}' is not a size (e.g. 2GiB, 25%, all, 0)", what, text);
+  std::string unit = t.substr(i);
+  unit.erase(0, unit.find_first_not_of(' '));
+  double mult;
+  if (unit == "%") {
+    if (v > 100) fail(ErrorKind::kInvalidArgument, "{}: {}% is more than 100%", what, v);
+    return int64_t(double(all) * v / 100.0);
+  }
+  std::string u;
+  for (char c : unit) u += char(std::tolower(static_cast<unsigned char>(c)));
+  if (u.empty() || u == "b") mult = 1;
+  else if (u == "k" || u == "kib" || u == "kb") mult = 1024.0;
+  else if (u == "m" || u == "mib" || u == "mb") mult = 1024.0 * 1024;
+  else if (u == "g" || u == "gib" || u == "gb") mult = 1024.0 * 1024 * 1024;
+  else if (u == "t" || u == "tib" || u == "tb") mult = 1024.0 * 1024 * 1024 * 1024;
+  else
+    fail(ErrorKind::kInvalidArgument, "{}: unknown unit '{}' in '{}' (B, KiB, MiB, GiB, TiB, %)",
+         what, unit, text);
+  const double bytes = v * mult;
+  if (bytes > 9.0e18) fail(ErrorKind::kInvalidArgument, "{}: '{}' is too large", what, text);
+  return int64_t(bytes);
+}
 
 }  // namespace moeflux

@@ -1,7 +1,19 @@
 // ExpertStore: owns the expert files and answers "bring expert (layer, e) into fast memory".
-// This first version reads each requested expert with pread into a buffer owned by the batch
-// (no cache yet); the interface is the one the cached, asynchronous store keeps: a layer's
-// experts are requested together and each is waited for before use.
+//
+// A layer's routed experts are requested together (fetch); every expert not in the cache is
+// read at once by a pool of reader threads (pread, or io_uring when built with liburing),
+// whole records, optionally O_DIRECT; the caller takes experts in the order they arrive
+// (ExpertBatch::next) so compute starts on the first one. The cache is a byte budget of
+// expert-sized slots with LRU eviction; experts in use by a batch are pinned. A request that
+// finds no free slot (budget 0, or smaller than one layer's experts) reads into buffers of its
+// own: slower, never wrong. The bytes an expert is computed from are the file's bytes whatever
+// path brought them, so logits do not depend on the cache, the readers or the I/O mode.
+//
+// Prefetch: prefetch(layer, experts) warms the cache without pinning (reads of experts not
+// already cached or in flight); the caller scores its predictions with note_prediction
+// (recall = predicted ∩ used / used).
+//
+// Thread-safe: several sessions may share one store.
 #pragma once
 
 #include <cstdint>
@@ -17,46 +29,121 @@ struct ExpertWeights {
   Mat gate, up, down;  // [I, H], [I, H], [H, I]
 };
 
+// Reads bytes of an expert file. The store's readers call it from several threads at once.
+// Implementations throw Error on failure (tests inject faults through this).
+class ExpertReader {
+ public:
+  virtual ~ExpertReader() = default;
+  // Reads exactly `n` bytes at `offset` of expert file `file` (index into the store's layers)
+  // into `dst` (aligned to kFileAlign; offset and n are multiples of kFileAlign when O_DIRECT).
+  virtual void read(int file, uint64_t offset, uint64_t n, uint8_t* dst) = 0;
+};
+
+enum class IoEngine { kAuto, kPread, kUring };
+
+struct ExpertStoreOptions {
+  // Cache budget in bytes: -1 = default (see default_cache_bytes), 0 = no cache (every expert
+  // is read every time it is used).
+  int64_t cache_bytes = -1;
+  int readers = 4;          // reader threads (pread) or queue depth (io_uring)
+  bool direct_io = false;   // O_DIRECT: bypass the page cache
+  IoEngine io = IoEngine::kAuto;
+  bool prefetch = false;    // sessions speculate the next layer's experts (see Session)
+  // Tests: replaces the file reader (fault injection). The store still opens and checks files.
+  std::shared_ptr<ExpertReader> reader;
+};
+
+// Per MoE layer (and summed): what the store did.
+struct ExpertLayerStats {
+  uint64_t requests = 0;   // experts asked for by fetch
+  uint64_t hits = 0;       // found in the cache (including prefetched ones)
+  uint64_t misses = 0;     // read for the request
+  uint64_t bytes_read = 0; // every read, prefetch included
+  double read_seconds = 0;   // summed time of reads (over reader threads)
+  double stall_seconds = 0;  // time callers waited for experts
+  uint64_t prefetch_reads = 0;     // experts read by prefetch
+  uint64_t prefetch_used = 0;      // of those, used by a later fetch before eviction
+  uint64_t predicted = 0;      // experts predicted for this layer (prefetch calls)
+  uint64_t scored = 0;         // used experts that had a prediction
+  uint64_t predicted_hit = 0;  // of those, predicted: recall = predicted_hit / scored
+
+  void add(const ExpertLayerStats& o);
+};
+
 struct ExpertStats {
-  uint64_t hits = 0, misses = 0, bytes_read = 0;
-  double read_seconds = 0;
+  ExpertLayerStats total;
+  std::vector<ExpertLayerStats> layers;  // per MoE layer (expert file order)
+  uint64_t cache_bytes = 0, cache_slots = 0, cached = 0;
+  double hit_rate() const {
+    return total.requests ? double(total.hits) / double(total.requests) : 0.0;
+  }
+  double recall() const {
+    return total.scored ? double(total.predicted_hit) / double(total.scored) : 0.0;
+  }
 };
 
 class ExpertBatch;
 
 class ExpertStore {
  public:
-  explicit ExpertStore(const Model& model);
+  // Opens every expert file and checks its size against the manifest (a truncated file is an
+  // error naming it). Throws Error.
+  ExpertStore(const Model& model, ExpertStoreOptions options = {});
   ~ExpertStore();
+  ExpertStore(const ExpertStore&) = delete;
+  ExpertStore& operator=(const ExpertStore&) = delete;
 
-  // Starts fetching `experts` (distinct ids) of MoE layer `moe_index`.
+  // Starts bringing in `experts` (distinct ids) of MoE layer `moe_index`.
   std::unique_ptr<ExpertBatch> fetch(int moe_index, const std::vector<int>& experts);
+  // Warms the cache with `experts` of MoE layer `moe_index` (no-op without a cache).
+  void prefetch(int moe_index, const std::vector<int>& experts);
+  // Records that of `scored` experts used by MoE layer `moe_index`, `hit` had been predicted.
+  void note_prediction(int moe_index, uint64_t scored, uint64_t hit);
 
-  const ExpertStats& stats() const { return stats_; }
-  uint64_t expert_bytes() const { return layout_.bytes; }
+  ExpertStats stats() const;
+  void reset_stats();
+  // Drops every cached expert (waits for reads in flight).
+  void drop_cache();
+
+  const ExpertStoreOptions& options() const { return opt_; }
+  uint64_t expert_bytes() const;   // used bytes of one expert
+  uint64_t expert_stride() const;  // bytes one expert occupies in the cache and in the file
+  int n_layers() const;            // MoE layers
+  int n_experts() const;           // experts per MoE layer
+  const char* io_name() const;     // "pread", "io_uring", "custom" (+ " O_DIRECT")
+
+  struct Impl;
 
  private:
   friend class ExpertBatch;
-  void read_expert(int moe_index, int expert, uint8_t* dst);
-
-  const Model& model_;
-  ExpertLayout layout_;
-  std::vector<int> fds_;
-  std::vector<std::string> paths_;
-  ExpertStats stats_;
+  ExpertStoreOptions opt_;
+  std::unique_ptr<Impl> impl_;
 };
+
+// Default cache budget: what fits in half of MemAvailable after the resident weights, capped at
+// all experts.
+int64_t default_cache_bytes(const Model& model);
+// Parses "2GiB", "512M", "0", "25%" (of all experts), "all". Throws Error naming `what`.
+int64_t parse_cache_size(const std::string& text, uint64_t all_expert_bytes,
+                         const std::string& what);
 
 class ExpertBatch {
  public:
-  // Blocks until expert i of the request is in memory; the views stay valid for the batch's life.
+  ~ExpertBatch();
+  size_t size() const;
+  // The next expert to arrive (each index once, in arrival order); blocks until one is in
+  // memory; throws Error if its read failed. Returns the request index.
+  size_t next();
+  // Blocks until expert i is in memory; the views stay valid for the batch's life.
   const ExpertWeights& wait(size_t i);
-  size_t size() const { return weights_.size(); }
+  const ExpertWeights& weights(size_t i) const;  // after next() returned i or wait(i)
+
+  struct State;
 
  private:
   friend class ExpertStore;
-  std::vector<uint8_t*> buffers_;
-  std::vector<ExpertWeights> weights_;
-  std::unique_ptr<uint8_t, void (*)(void*)> storage_{nullptr, nullptr};
+  explicit ExpertBatch(std::unique_ptr<State> s);
+  std::unique_ptr<State> s_;
 };
 
 }  // namespace moeflux

@@ -1,0 +1,327 @@
+// The expert store: logits bit-identical whatever the cache, readers, I/O engine, direct I/O and
+// prefetch; LRU eviction; statistics; read faults; budgets smaller than a layer's experts;
+// sessions sharing one store from several threads.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <thread>
+
+#include "test_util.h"
+
+namespace moeflux::test {
+namespace {
+
+struct Config {
+  std::string name;
+  int64_t cache;  // bytes; -2: all experts
+  int readers = 4;
+  IoEngine io = IoEngine::kPread;
+  bool direct = false;
+  bool prefetch = false;
+};
+
+// Prefill of 6 tokens, then 8 one-token decodes (fixed tokens, so every config sees the same
+// requests); returns every logit row.
+std::vector<float> run_sequence(const Model& model, ExpertStore& store) {
+  auto be = make_cpu_backend(2);
+  Session s(model, *be, store);
+  const int V = model.spec().vocab_size;
+  const std::vector<int32_t> prompt = {3, 141, 59, 265, 358, 97};
+  std::vector<float> out(size_t(V) * 6);
+  s.eval(prompt.data(), 6, out.data(), true);
+  std::vector<float> row(static_cast<size_t>(V));
+  for (int i = 0; i < 8; i++) {
+    const int32_t tok = (17 + 131 * i) % V;
+    s.eval(&tok, 1, row.data(), false);
+    out.insert(out.end(), row.begin(), row.end());
+  }
+  return out;
+}
+
+bool direct_io_supported(const std::string& file) {
+  int fd = ::open(file.c_str(), O_RDONLY | O_DIRECT);
+  if (fd < 0) return false;
+  ::close(fd);
+  return true;
+}
+
+uint64_t all_expert_bytes(const Model& m) {
+  const auto& ex = m.manifest().experts;
+  return ex.stride * uint64_t(ex.count) * ex.layers.size();
+}
+
+class StoreBitIdentity : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(StoreBitIdentity, LogitsDoNotDependOnTheStore) {
+  auto model = Model::load(converted_fixture(GetParam()));
+  const uint64_t all = all_expert_bytes(*model);
+  const uint64_t stride = model->manifest().experts.stride;
+  const int K = model->spec().top_k;
+  ExpertStoreOptions ref_opt;
+  ref_opt.cache_bytes = 0;
+  ref_opt.readers = 1;
+  ExpertStore ref_store(*model, ref_opt);
+  const std::vector<float> ref = run_sequence(*model, ref_store);
+
+  const bool direct = direct_io_supported(expert_file_path(model->dir(), model->manifest().experts.layers[0]));
+  std::vector<Config> configs = {
+      {"all", -2},
+      {"all+prefetch", -2, 4, IoEngine::kPread, false, true},
+      {"one expert", int64_t(stride)},
+      {"less than a layer's top-k", int64_t(stride) * (K - 1), 2, IoEngine::kPread, false, true},
+      {"25%", int64_t(all / 4), 3},
+      {"25%+prefetch", int64_t(all / 4), 4, IoEngine::kPread, false, true},
+      {"0, 8 readers", 0, 8},
+      {"uring 0", 0, 4, IoEngine::kUring},
+      {"uring 25%+prefetch", int64_t(all / 4), 2, IoEngine::kUring, false, true},
+  };
+  if (direct) {
+    configs.push_back({"direct 0", 0, 4, IoEngine::kPread, true});
+    configs.push_back({"direct 25%+prefetch", int64_t(all / 4), 4, IoEngine::kPread, true, true});
+    configs.push_back({"direct uring all", -2, 4, IoEngine::kUring, true});
+  }
+  for (const Config& c : configs) {
+    SCOPED_TRACE(c.name);
+    ExpertStoreOptions o;
+    o.cache_bytes = c.cache == -2 ? int64_t(all) : c.cache;
+    o.readers = c.readers;
+    o.io = c.io;
+    o.direct_io = c.direct;
+    o.prefetch = c.prefetch;
+    std::unique_ptr<ExpertStore> store;
+    try {
+      store = std::make_unique<ExpertStore>(*model, o);
+    } catch (const Error& e) {
+      // io_uring may be unavailable (old kernel, seccomp): then it must say so.
+      ASSERT_EQ(c.io, IoEngine::kUring) << e.what();
+      ASSERT_NE(std::string(e.what()).find("io_uring"), std::string::npos) << e.what();
+      continue;
+    }
+    // Twice on the same store: the second run meets a warm (or churning) cache.
+    for (int rep = 0; rep < 2; rep++) {
+      const std::vector<float> got = run_sequence(*model, *store);
+      ASSERT_EQ(got.size(), ref.size());
+      ASSERT_EQ(std::memcmp(got.data(), ref.data(), ref.size() * sizeof(float)), 0)
+          << "logits differ from the uncached run, repetition " << rep;
+    }
+    const ExpertStats st = store->stats();
+    EXPECT_EQ(st.total.hits + st.total.misses, st.total.requests);
+    if (c.cache == -2 && !c.prefetch) {
+      // Everything fits: each expert is read once, later uses are hits.
+      EXPECT_EQ(st.total.bytes_read, st.total.misses * store->expert_bytes());
+      EXPECT_GT(st.total.hits, 0u);
+    }
+    if (c.cache == 0) EXPECT_EQ(st.total.hits, 0u);
+    if (c.prefetch && c.cache != 0) {
+      EXPECT_GT(st.total.scored, 0u);
+      EXPECT_LE(st.total.predicted_hit, st.total.scored);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Archs, StoreBitIdentity,
+                         ::testing::Values("qwen3_5_moe", "qwen3_next", "mixtral", "qwen3_moe"));
+
+TEST(ExpertStore, LruEvictsTheLeastRecentlyUsed) {
+  auto model = Model::load(converted_fixture("qwen3_5_moe"));
+  ExpertStoreOptions o;
+  o.cache_bytes = int64_t(model->manifest().experts.stride) * 2;  // two slots
+  ExpertStore store(*model, o);
+  auto use = [&](std::vector<int> experts) {
+    auto b = store.fetch(0, experts);
+    for (size_t i = 0; i < experts.size(); i++) b->next();
+  };
+  use({0, 1});  // misses; 1 released after 0: 1 is the more recent
+  use({2});     // evicts 0
+  store.reset_stats();
+  use({1});  // hit
+  EXPECT_EQ(store.stats().total.hits, 1u);
+  use({0});  // miss: it was evicted; evicts 2 (1 was used more recently)
+  EXPECT_EQ(store.stats().total.misses, 1u);
+  use({1});
+  use({0});
+  EXPECT_EQ(store.stats().total.hits, 3u);
+  use({2});
+  EXPECT_EQ(store.stats().total.misses, 2u);
+  const ExpertStats st = store.stats();
+  EXPECT_EQ(st.cache_slots, 2u);
+  EXPECT_EQ(st.cached, 2u);
+  store.drop_cache();
+  EXPECT_EQ(store.stats().cached, 0u);
+}
+
+TEST(ExpertStore, ArrivalOrderCoversEveryRequestOnce) {
+  auto model = Model::load(converted_fixture("qwen3_5_moe"));
+  ExpertStoreOptions o;
+  o.cache_bytes = 0;
+  o.readers = 3;
+  ExpertStore store(*model, o);
+  const std::vector<int> experts = {9, 2, 15, 4, 0};
+  auto b = store.fetch(1, experts);
+  std::vector<int> seen(experts.size(), 0);
+  for (size_t i = 0; i < experts.size(); i++) seen[b->next()]++;
+  for (int n : seen) EXPECT_EQ(n, 1);
+  // The views point at the requested expert's bytes: compare with the file.
+  const auto& ex = model->manifest().experts;
+  std::vector<uint8_t> file(ex.bytes);
+  int fd = ::open(expert_file_path(model->dir(), ex.layers[1]).c_str(), O_RDONLY);
+  ASSERT_GE(fd, 0);
+  for (size_t i = 0; i < experts.size(); i++) {
+    ASSERT_EQ(::pread(fd, file.data(), ex.bytes, off_t(uint64_t(experts[i]) * ex.stride)),
+              ssize_t(ex.bytes));
+    const ExpertWeights& w = b->weights(i);
+    const auto* base = static_cast<const uint8_t*>(w.gate.data) - ex.parts[0].offset;
+    EXPECT_EQ(std::memcmp(base, file.data(), ex.bytes), 0) << "request " << i;
+  }
+  ::close(fd);
+}
+
+// Fails the reads chosen by `fail_if`, otherwise reads the file.
+class FaultyReader : public ExpertReader {
+ public:
+  FaultyReader(const Model& m, std::function<bool(int, uint64_t)> fail_if)
+      : fail_if_(std::move(fail_if)) {
+    for (int l : m.manifest().experts.layers)
+      fds_.push_back(::open(expert_file_path(m.dir(), l).c_str(), O_RDONLY));
+  }
+  ~FaultyReader() override {
+    for (int fd : fds_) ::close(fd);
+  }
+  void read(int file, uint64_t offset, uint64_t n, uint8_t* dst) override {
+    reads++;
+    if (fail_if_(file, offset)) fail(ErrorKind::kIo, "injected read error (EIO) at offset {}", offset);
+    uint64_t done = 0;
+    while (done < n) {
+      ssize_t r = ::pread(fds_[size_t(file)], dst + done, n - done, off_t(offset + done));
+      if (r <= 0) fail(ErrorKind::kIo, "pread failed");
+      done += uint64_t(r);
+    }
+  }
+  std::atomic<int> reads{0};
+
+ private:
+  std::function<bool(int, uint64_t)> fail_if_;
+  std::vector<int> fds_;
+};
+
+TEST(ExpertStore, ReadErrorsAreErrorsNeverWrongOutput) {
+  auto model = Model::load(converted_fixture("qwen3_5_moe"));
+  ExpertStoreOptions clean;
+  clean.cache_bytes = 0;
+  ExpertStore ref_store(*model, clean);
+  const std::vector<float> ref = run_sequence(*model, ref_store);
+
+  for (int64_t cache : {int64_t(0), int64_t(1) << 30}) {
+    SCOPED_TRACE(cache);
+    std::atomic<bool> broken{true};
+    const uint64_t stride = model->manifest().experts.stride;
+    ExpertStoreOptions o;
+    o.cache_bytes = cache;
+    o.prefetch = cache > 0;
+    // Every read of file 2 (MoE layer 2) fails while `broken`.
+    o.reader = std::make_shared<FaultyReader>(*model, [&](int file, uint64_t off) {
+      return broken && file == 2 && off / stride < 1000;
+    });
+    ExpertStore store(*model, o);
+    auto be = make_cpu_backend(2);
+    Session s(*model, *be, store);
+    const std::vector<int32_t> prompt = {3, 141, 59, 265, 358, 97};
+    std::vector<float> logits(size_t(model->spec().vocab_size) * 6);
+    try {
+      s.eval(prompt.data(), 6, logits.data(), true);
+      FAIL() << "a failed expert read must fail the evaluation";
+    } catch (const Error& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find("injected read error"), std::string::npos) << msg;
+      EXPECT_NE(msg.find("of layer " + std::to_string(model->manifest().experts.layers[2])),
+                std::string::npos)
+          << msg;
+    }
+    EXPECT_EQ(s.pos(), 0) << "a failed evaluation must not advance the session";
+    // Once reads work again the same store gives exactly the clean logits: no failed or
+    // half-read expert stayed in the cache.
+    broken = false;
+    const std::vector<float> got = run_sequence(*model, store);
+    ASSERT_EQ(std::memcmp(got.data(), ref.data(), ref.size() * sizeof(float)), 0);
+  }
+}
+
+TEST(ExpertStore, TruncatedExpertFileIsNamedAtOpen) {
+  TempDir tmp;
+  const std::string src = converted_fixture("mixtral");
+  std::filesystem::copy(src, tmp / "p", std::filesystem::copy_options::recursive);
+  auto model = Model::load(tmp / "p");
+  const std::string f = expert_file_path(tmp / "p", model->manifest().experts.layers[1]);
+  std::filesystem::resize_file(f, std::filesystem::file_size(f) - 4096);
+  try {
+    ExpertStore store(*model);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(f), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("truncated"), std::string::npos) << e.what();
+  }
+}
+
+TEST(ExpertStore, SessionsShareOneStoreAcrossThreads) {
+  auto model = Model::load(converted_fixture("qwen3_next"));
+  ExpertStoreOptions ref_opt;
+  ref_opt.cache_bytes = 0;
+  ExpertStore ref_store(*model, ref_opt);
+  const std::vector<float> ref = run_sequence(*model, ref_store);
+  ExpertStoreOptions o;
+  o.cache_bytes = int64_t(all_expert_bytes(*model) / 3);
+  o.prefetch = true;
+  ExpertStore store(*model, o);
+  std::vector<std::vector<float>> got(4);
+  std::vector<std::thread> th;
+  for (int i = 0; i < 4; i++)
+    th.emplace_back([&, i] { got[size_t(i)] = run_sequence(*model, store); });
+  for (auto& t : th) t.join();
+  for (const auto& g : got) {
+    ASSERT_EQ(g.size(), ref.size());
+    EXPECT_EQ(std::memcmp(g.data(), ref.data(), ref.size() * sizeof(float)), 0);
+  }
+}
+
+TEST(ExpertStore, CacheSizeParsing) {
+  const uint64_t all = uint64_t(40) << 30;
+  EXPECT_EQ(parse_cache_size("0", all, "--expert-cache"), 0);
+  EXPECT_EQ(parse_cache_size("2GiB", all, "--expert-cache"), int64_t(2) << 30);
+  EXPECT_EQ(parse_cache_size("512M", all, "--expert-cache"), int64_t(512) << 20);
+  EXPECT_EQ(parse_cache_size("1.5g", all, "--expert-cache"), int64_t(3) << 29);
+  EXPECT_EQ(parse_cache_size("25%", all, "--expert-cache"), int64_t(10) << 30);
+  EXPECT_EQ(parse_cache_size("all", all, "--expert-cache"), int64_t(all));
+  EXPECT_EQ(parse_cache_size("4096", all, "--expert-cache"), 4096);
+  for (const char* bad : {"", "GiB", "-1", "2 parsecs", "150%", "1e999G", "abc"}) {
+    SCOPED_TRACE(bad);
+    try {
+      parse_cache_size(bad, all, "--expert-cache");
+      FAIL() << "accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("--expert-cache"), std::string::npos) << e.what();
+    }
+  }
+}
+
+TEST(ExpertStore, CliStatsAndBadFlags) {
+  const std::string pkg = converted_fixture("qwen3_5_moe");
+  CliResult r = run_cli(fmt::format(
+      "eval -m {} --tokens 1,2,3 --greedy 4 --expert-cache 25% --prefetch --stats", pkg));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("hits"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("recall"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("stall ms"), std::string::npos) << r.err;  // the per-layer table
+  for (const auto& [flags, what] : std::vector<std::pair<std::string, std::string>>{
+           {"--expert-cache 12parsecs", "--expert-cache"},
+           {"--readers 0", "--readers"},
+           {"--io floppy", "--io"}}) {
+    r = run_cli(fmt::format("eval -m {} --tokens 1,2 {}", pkg, flags));
+    EXPECT_EQ(r.code, 1) << flags;
+    EXPECT_NE(r.err.find(what), std::string::npos) << r.err;
+  }
+}
+
+}  // namespace
+}  // namespace moeflux::test

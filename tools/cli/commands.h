@@ -1,0 +1,20 @@
+// The subcommands of `moeflux`. Each add_* registers its CLI::App on `app` and returns it with
+// the function main() calls if that subcommand was chosen (it returns the exit code).
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <functional>
+
+namespace moeflux::cli {
+
+struct Command {
+  CLI::App* app;
+  std::function<int()> run;
+};
+
+Command add_convert(CLI::App& app);
+Command add_inspect(CLI::App& app);
+Command add_eval(CLI::App& app);
+
+}  // namespace moeflux::cli

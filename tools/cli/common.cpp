@@ -1,0 +1,118 @@
+#include "cli/common.h"
+
+#include <fmt/format.h>
+
+#include <climits>
+#include <cstdlib>
+
+#include "util/error.h"
+#include "util/progress.h"
+
+namespace moeflux::cli {
+
+void add_model_options(CLI::App* app, ModelOptions& o, bool model_required) {
+  auto* m = app->add_option("-m,--model", o.model, "package directory");
+  if (model_required) m->required();
+  app->add_option("-t,--threads", o.threads, "CPU threads (0: one per core)");
+  app->add_option("-c,--ctx", o.ctx, "context size in tokens (0: min(trained context, 4096))");
+  app->add_option("--expert-cache", o.expert_cache,
+                  "expert cache budget: bytes (2GiB, 512MiB), a share of all experts (25%), "
+                  "all, 0 (read every expert every time) or auto (half of free RAM)");
+  app->add_option("--readers", o.readers, "expert reader threads (io_uring: queue depth)");
+  app->add_flag("--direct-io", o.direct_io, "read experts with O_DIRECT (bypass the page cache)");
+  app->add_option("--io", o.io, "expert reads: auto, pread or uring");
+  app->add_flag("--prefetch", o.prefetch,
+                "speculate the next layer's experts with its router and warm the cache");
+  app->add_flag("--stats", o.stats, "print expert-store statistics per layer");
+}
+
+Loaded open_model(const ModelOptions& o) {
+  if (o.threads < 0)
+    fail(ErrorKind::kInvalidArgument, "--threads: {} is negative (0: one per core)", o.threads);
+  if (o.ctx < 0)
+    fail(ErrorKind::kInvalidArgument, "--ctx: {} is negative (0: min(trained context, 4096))",
+         o.ctx);
+  if (o.readers < 1 || o.readers > 256)
+    fail(ErrorKind::kInvalidArgument, "--readers: {} is not in [1, 256]", o.readers);
+  ExpertStoreOptions so;
+  so.readers = o.readers;
+  so.direct_io = o.direct_io;
+  so.prefetch = o.prefetch;
+  if (o.io == "auto") so.io = IoEngine::kAuto;
+  else if (o.io == "pread") so.io = IoEngine::kPread;
+  else if (o.io == "uring") so.io = IoEngine::kUring;
+  else fail(ErrorKind::kInvalidArgument, "--io: '{}' is not one of auto, pread, uring", o.io);
+  Loaded l;
+  l.model = Model::load(o.model);
+  const auto& ex = l.model->manifest().experts;
+  const uint64_t all = ex.stride * uint64_t(ex.count) * ex.layers.size();
+  so.cache_bytes = o.expert_cache == "auto" ? default_cache_bytes(*l.model)
+                                            : parse_cache_size(o.expert_cache, all, "--expert-cache");
+  l.backend = make_cpu_backend(o.threads);
+  l.store = std::make_unique<ExpertStore>(*l.model, so);
+  return l;
+}
+
+SessionParams session_params(const ModelOptions& o) {
+  SessionParams p;
+  p.ctx = o.ctx;
+  return p;
+}
+
+std::string store_summary(const ExpertStore& store, int tokens) {
+  const ExpertStats st = store.stats();
+  const auto& t = st.total;
+  std::string s = fmt::format("experts: {:.1f}% hits ({} of {}), {} read", 100.0 * st.hit_rate(),
+                              t.hits, t.requests, format_bytes(t.bytes_read));
+  if (tokens > 0) s += fmt::format(" ({:.3f} GB/token)", double(t.bytes_read) / 1e9 / tokens);
+  if (t.read_seconds > 0)
+    s += fmt::format(", {:.2f} GB/s per reader", double(t.bytes_read) / 1e9 / t.read_seconds);
+  s += fmt::format(", stall {:.0f} ms", t.stall_seconds * 1e3);
+  if (t.scored) s += fmt::format(", prefetch recall {:.1f}%", 100.0 * st.recall());
+  return s;
+}
+
+void print_store_stats(const ExpertStore& store, std::FILE* out) {
+  const ExpertStats st = store.stats();
+  fmt::print(out, "expert store: {} (readers {}), cache {} = {} slots, {} cached\n",
+             store.io_name(), store.options().readers, format_bytes(st.cache_bytes),
+             st.cache_slots, st.cached);
+  fmt::print(out, "{:>5} {:>8} {:>8} {:>8} {:>7} {:>11} {:>9} {:>9} {:>9} {:>8}\n", "layer",
+             "requests", "hits", "misses", "hit%", "read", "read ms", "stall ms", "pf reads",
+             "recall%");
+  auto line = [&](const std::string& name, const ExpertLayerStats& l) {
+    fmt::print(out, "{:>5} {:>8} {:>8} {:>8} {:>7.1f} {:>11} {:>9.1f} {:>9.1f} {:>9} {:>8}\n",
+               name, l.requests, l.hits, l.misses,
+               l.requests ? 100.0 * double(l.hits) / double(l.requests) : 0.0,
+               format_bytes(l.bytes_read), l.read_seconds * 1e3, l.stall_seconds * 1e3,
+               l.prefetch_reads,
+               l.scored ? fmt::format("{:.1f}", 100.0 * double(l.predicted_hit) / double(l.scored))
+                        : std::string("-"));
+  };
+  for (size_t i = 0; i < st.layers.size(); i++) line(std::to_string(i), st.layers[i]);
+  line("all", st.total);
+}
+
+std::vector<int32_t> parse_tokens(const std::string& s) {
+  std::vector<int32_t> out;
+  size_t i = 0;
+  while (i <= s.size()) {
+    size_t j = s.find(',', i);
+    if (j == std::string::npos) j = s.size();
+    std::string item = s.substr(i, j - i);
+    item.erase(0, item.find_first_not_of(" \t\n"));
+    item.erase(item.find_last_not_of(" \t\n") + 1);
+    if (item.empty())
+      fail(ErrorKind::kInvalidArgument, "--tokens: empty item at position {}", out.size());
+    char* end = nullptr;
+    long v = std::strtol(item.c_str(), &end, 10);
+    if (*end || v < INT32_MIN || v > INT32_MAX)
+      fail(ErrorKind::kInvalidArgument, "--tokens: '{}' at position {} is not a token id", item,
+           out.size());
+    out.push_back(int32_t(v));
+    i = j + 1;
+  }
+  return out;
+}
+
+}  // namespace moeflux::cli

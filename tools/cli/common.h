@@ -1,0 +1,52 @@
+// What every subcommand that runs a model shares: the model/backend/expert-store flags, opening
+// a package with them, and the --stats report. Each subcommand lives in its own cmd_*.cpp and
+// registers itself with an add_* function (commands.h).
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/backend.h"
+#include "engine/session.h"
+#include "experts/expert_store.h"
+#include "model/model.h"
+
+namespace moeflux::cli {
+
+struct ModelOptions {
+  std::string model;  // package directory
+  int threads = 0;    // 0: one per core
+  int ctx = 0;        // 0: min(trained context, 4096)
+  std::string expert_cache = "auto";  // bytes ("2GiB"), "25%" of all experts, "all", "0", "auto"
+  int readers = 4;
+  bool direct_io = false;
+  std::string io = "auto";  // auto | pread | uring
+  bool prefetch = false;
+  bool stats = false;
+};
+
+// Adds -m (required unless `model_required` is false), -t, -c and the expert-store flags.
+void add_model_options(CLI::App* app, ModelOptions& o, bool model_required = true);
+
+struct Loaded {
+  std::unique_ptr<Model> model;
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<ExpertStore> store;
+};
+
+// Validates the flags (errors name the flag) and opens the package, backend and store.
+Loaded open_model(const ModelOptions& o);
+SessionParams session_params(const ModelOptions& o);
+
+// The expert-store report printed by --stats: totals, then one line per MoE layer.
+void print_store_stats(const ExpertStore& store, std::FILE* out);
+// One line: "experts: 93.1% hits, 1.23 GiB read (0.41 GB/token), 2.1 GB/s, stall 12 ms".
+std::string store_summary(const ExpertStore& store, int tokens);
+
+std::vector<int32_t> parse_tokens(const std::string& s);
+
+}  // namespace moeflux::cli

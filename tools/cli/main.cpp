@@ -1,0 +1,31 @@
+// moeflux: the command-line front end. One subcommand per job (cmd_*.cpp); every error is one
+// line on stderr naming the file/tensor/field at fault, with a non-zero exit.
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include <vector>
+
+#include "cli/commands.h"
+#include "util/error.h"
+
+int main(int argc, char** argv) {
+  using namespace moeflux::cli;
+  CLI::App app{"moeflux: Mixture-of-Experts inference that streams experts from disk"};
+  app.set_version_flag("--version", std::string("moeflux ") + MOEFLUX_VERSION);
+  app.require_subcommand(1);
+  std::vector<Command> commands;
+  for (auto add : {add_convert, add_inspect, add_eval}) commands.push_back(add(app));
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    for (const Command& c : commands)
+      if (c.app->parsed()) return c.run();
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "moeflux: error: {}\n", e.what());
+    return 1;
+  }
+  return 0;
+}
