@@ -21,14 +21,6 @@
 #include "util/error.h"
 #include "util/mapped_file.h"
 
-#if defined(__SANITIZE_ADDRESS__)
-#define MF_TEST_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define MF_TEST_ASAN 1
-#endif
-#endif
-
 namespace moeflux::test {
 namespace {
 

@@ -18,6 +18,17 @@
 #include "model/model.h"
 #include "util/error.h"
 
+// Builds with AddressSanitizer run the slow tests on less data.
+#ifndef MF_TEST_ASAN
+#if defined(__SANITIZE_ADDRESS__)
+#define MF_TEST_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define MF_TEST_ASAN 1
+#endif
+#endif
+#endif
+
 namespace moeflux::test {
 
 inline std::string data_dir() { return MOEFLUX_TEST_DATA; }
@@ -62,5 +73,9 @@ struct CliResult {
   std::string out, err;
 };
 CliResult run_cli(const std::string& args);
+
+// SHA-256 of `n` bytes, lowercase hex.
+std::string sha256_hex(const void* data, size_t n);
+std::string read_file(const std::string& path);
 
 }  // namespace moeflux::test

@@ -19,6 +19,12 @@ Session::Session(const Model& model, Backend& backend, ExpertStore& store, Sessi
     : model_(model), spec_(model.spec()), be_(backend), store_(store) {
   ctx_ = params.ctx > 0 ? params.ctx : std::min(spec_.ctx_train > 0 ? spec_.ctx_train : 4096, 4096);
   const ModelSpec& s = spec_;
+  if (params.ctx < 0) fail(ErrorKind::kInvalidArgument, "context size {} is negative", params.ctx);
+  if (params.experts_per_token < 0 || params.experts_per_token > s.n_experts)
+    fail(ErrorKind::kInvalidArgument, "experts per token {} is not in [0, {}] (0: the model's {})",
+         params.experts_per_token, s.n_experts, s.top_k);
+  top_k_ = params.experts_per_token > 0 ? params.experts_per_token : s.top_k;
+  on_route_ = params.on_route;
   try {
     for (int l = 0; l < s.n_layers; l++) {
       size_t na, nb;
@@ -175,7 +181,7 @@ void Session::linear_attention(int l, const float* xn, float* out, int T) {
 void Session::moe(int l, const float* x, const float* xn, float* out, int T) {
   const ModelSpec& s = spec_;
   const LayerWeights& w = model_.layers[size_t(l)];
-  const int H = s.hidden_size, E = s.n_experts, K = s.top_k, I = s.moe_ffn;
+  const int H = s.hidden_size, E = s.n_experts, K = top_k_, I = s.moe_ffn;
 
   // Routing on the host: softmax over all experts, top-k (ties to the lower index),
   // renormalised over the k when norm_topk_prob.
@@ -205,6 +211,8 @@ void Session::moe(int l, const float* x, const float* xn, float* out, int T) {
           float(s.norm_topk_prob ? prob[size_t(e)] / top : prob[size_t(e)] / sum);
     }
   }
+
+  if (on_route_) on_route_(l, T, K, sel.data());
 
   // Group by expert so each routed expert is fetched once and applied to all its tokens.
   std::vector<std::vector<int>> slots_of(static_cast<size_t>(E));
@@ -283,7 +291,7 @@ void Session::prefetch_next(int l, const float* x, int T) {
   // normed with layer nl's FFN norm: the input layer nl's router will see, minus what layers
   // l..nl-1 still add.
   const LayerWeights& w = model_.layers[size_t(nl)];
-  const int H = s.hidden_size, E = s.n_experts, K = s.top_k;
+  const int H = s.hidden_size, E = s.n_experts, K = top_k_;
   float* xp = buf(kG, size_t(T) * H);
   be_.rmsnorm(x, w.ffn_norm, xp, T, H, H, s.rms_eps);
   float* rl = buf(kF, size_t(T) * E);

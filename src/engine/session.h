@@ -15,6 +15,12 @@ namespace moeflux {
 
 struct SessionParams {
   int ctx = 0;  // maximum positions; 0: min(ctx_train, 4096)
+  // Routed experts per token; 0: the model's top-k. Fewer than trained trades quality for
+  // bytes (the chosen experts' weights are renormalised as the model says, norm_topk_prob).
+  int experts_per_token = 0;
+  // Observes routing: for each MoE layer evaluated, the chosen experts [T, k] (k = experts per
+  // token) of its T tokens, best first. For statistics tools; null = off.
+  std::function<void(int layer, int T, int k, const int* experts)> on_route;
 };
 
 // Receives HF-numbered hidden states: index 0 = embeddings, i = residual after layer i-1,
@@ -52,6 +58,8 @@ class Session {
   Backend& be_;
   ExpertStore& store_;
   int ctx_ = 0, pos_ = 0;
+  int top_k_ = 0;  // routed experts per token
+  std::function<void(int, int, int, const int*)> on_route_;
   // state, backend memory: per layer either K and V caches [ctx, kv_dim] or conv state
   // [K-1, qkv_dim] and recurrent state [v_heads, k_dim, v_dim]
   std::vector<float*> state_a_, state_b_;

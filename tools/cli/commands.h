@@ -16,5 +16,8 @@ struct Command {
 Command add_convert(CLI::App& app);
 Command add_inspect(CLI::App& app);
 Command add_eval(CLI::App& app);
+Command add_bench(CLI::App& app);       // cmd_bench.cpp
+Command add_perplexity(CLI::App& app);  // cmd_perplexity.cpp
+Command add_routing(CLI::App& app);     // cmd_routing.cpp
 
 }  // namespace moeflux::cli

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <climits>
+#include <filesystem>
 #include <cstdlib>
 
 #include "util/error.h"
@@ -24,9 +25,25 @@ void add_model_options(CLI::App* app, ModelOptions& o, bool model_required) {
   app->add_flag("--prefetch", o.prefetch,
                 "speculate the next layer's experts with its router and warm the cache");
   app->add_flag("--stats", o.stats, "print expert-store statistics per layer");
+  app->add_option("--experts-per-token", o.experts_per_token,
+                  "routed experts per token (0: the model's top-k; fewer reads less, costs quality)");
 }
 
-Loaded open_model(const ModelOptions& o) {
+std::string default_model_dir() {
+  namespace fs = std::filesystem;
+  std::vector<fs::path> places = {fs::path(MOEFLUX_SOURCE_DIR) / "models" / "demo"};
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) places.push_back(exe.parent_path().parent_path() / "share" / "moeflux" / "models" / "demo");
+  for (const auto& p : places)
+    if (fs::exists(p / "moeflux.json")) return p.string();
+  fail(ErrorKind::kIo, "no model given (-m) and the built-in demo model is not at {} or {}",
+       places[0].string(), places.size() > 1 ? places[1].string() : std::string("-"));
+}
+
+Loaded open_model(const ModelOptions& o_in) {
+  ModelOptions o = o_in;
+  if (o.model.empty()) o.model = default_model_dir();
   if (o.threads < 0)
     fail(ErrorKind::kInvalidArgument, "--threads: {} is negative (0: one per core)", o.threads);
   if (o.ctx < 0)
@@ -56,6 +73,7 @@ Loaded open_model(const ModelOptions& o) {
 SessionParams session_params(const ModelOptions& o) {
   SessionParams p;
   p.ctx = o.ctx;
+  p.experts_per_token = o.experts_per_token;
   return p;
 }
 

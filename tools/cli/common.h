@@ -27,6 +27,7 @@ struct ModelOptions {
   std::string io = "auto";  // auto | pread | uring
   bool prefetch = false;
   bool stats = false;
+  int experts_per_token = 0;  // 0: the model's top-k
 };
 
 // Adds -m (required unless `model_required` is false), -t, -c and the expert-store flags.
@@ -38,7 +39,12 @@ struct Loaded {
   std::unique_ptr<ExpertStore> store;
 };
 
-// Validates the flags (errors name the flag) and opens the package, backend and store.
+// The demo model shipped with moeflux (models/demo in the source tree, or
+// <prefix>/share/moeflux/models/demo when installed): what -m defaults to.
+std::string default_model_dir();
+
+// Validates the flags (errors name the flag) and opens the package (-m, or the demo model when
+// -m is empty), backend and store.
 Loaded open_model(const ModelOptions& o);
 SessionParams session_params(const ModelOptions& o);
 

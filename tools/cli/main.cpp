@@ -14,7 +14,8 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", std::string("moeflux ") + MOEFLUX_VERSION);
   app.require_subcommand(1);
   std::vector<Command> commands;
-  for (auto add : {add_convert, add_inspect, add_eval}) commands.push_back(add(app));
+  for (auto add : {add_convert, add_inspect, add_eval, add_bench, add_perplexity, add_routing})
+    commands.push_back(add(app));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
