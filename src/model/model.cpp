@@ -58,11 +58,11 @@ const float* Model::bind_vec(const std::string& name, std::vector<int64_t> shape
   return reinterpret_cast<const float*>(resident_.data() + t.offset);
 }
 
-std::unique_ptr<Model> Model::load(const std::string& dir) {
+std::unique_ptr<Model> Model::load(const std::string& dir, bool use_mmap) {
   auto m = std::unique_ptr<Model>(new Model());
   m->dir_ = dir;
   m->manifest_ = read_manifest(dir);
-  m->resident_ = MappedFile(resident_path(dir));
+  m->resident_ = MappedFile(resident_path(dir), use_mmap ? MappedFile::kMap : MappedFile::kRead);
   const ModelSpec& s = m->manifest_.spec;
   const int64_t H = s.hidden_size, V = s.vocab_size;
 

@@ -55,7 +55,9 @@ struct LayerWeights {
 class Model {
  public:
   // Reads and validates the package; throws Error naming the file/tensor/field.
-  static std::unique_ptr<Model> load(const std::string& dir);
+  // The resident weights are read into (huge-page) memory, or mapped with `use_mmap` (faster
+  // start, shared page cache, more page faults and TLB misses while running).
+  static std::unique_ptr<Model> load(const std::string& dir, bool use_mmap = false);
 
   const ModelSpec& spec() const { return manifest_.spec; }
   const Manifest& manifest() const { return manifest_; }

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <algorithm>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -15,7 +16,7 @@
 
 namespace moeflux {
 
-MappedFile::MappedFile(const std::string& path) : path_(path) {
+MappedFile::MappedFile(const std::string& path, Mode mode) : path_(path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) fail(ErrorKind::kIo, "{}: cannot open: {}", path, std::strerror(errno));
   struct stat st;
@@ -29,7 +30,34 @@ MappedFile::MappedFile(const std::string& path) : path_(path) {
     fail(ErrorKind::kIo, "{}: is a directory, expected a file", path);
   }
   size_ = size_t(st.st_size);
-  if (size_ > 0) {
+  if (size_ > 0 && mode == kRead) {
+    const size_t huge = size_t(2) << 20;
+    mapped_ = (size_ + huge - 1) / huge * huge;
+    void* p = ::mmap(nullptr, mapped_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+      int e = errno;
+      ::close(fd);
+      fail(ErrorKind::kIo, "{}: cannot allocate {} bytes: {}", path, size_, std::strerror(e));
+    }
+    ::madvise(p, mapped_, MADV_HUGEPAGE);  // advice: fine if the kernel has no THP
+    auto* dst = static_cast<uint8_t*>(p);
+    size_t done = 0;
+    while (done < size_) {
+      ssize_t n = ::pread(fd, dst + done, std::min<size_t>(size_ - done, size_t(64) << 20), off_t(done));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        int e = n < 0 ? errno : 0;
+        ::munmap(p, mapped_);
+        ::close(fd);
+        fail(ErrorKind::kIo, "{}: read failed at offset {}: {}", path, done,
+             e ? std::strerror(e) : "unexpected end of file");
+      }
+      done += size_t(n);
+    }
+    ::mprotect(p, mapped_, PROT_READ);
+    data_ = dst;
+  } else if (size_ > 0) {
+    mapped_ = size_;
     void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
     if (p == MAP_FAILED) {
       int e = errno;
@@ -42,23 +70,26 @@ MappedFile::MappedFile(const std::string& path) : path_(path) {
 }
 
 MappedFile::~MappedFile() {
-  if (data_) ::munmap(const_cast<uint8_t*>(data_), size_);
+  if (data_) ::munmap(const_cast<uint8_t*>(data_), mapped_);
 }
 
 MappedFile::MappedFile(MappedFile&& o) noexcept
-    : path_(std::move(o.path_)), data_(o.data_), size_(o.size_) {
+    : path_(std::move(o.path_)), data_(o.data_), size_(o.size_), mapped_(o.mapped_) {
   o.data_ = nullptr;
   o.size_ = 0;
+  o.mapped_ = 0;
 }
 
 MappedFile& MappedFile::operator=(MappedFile&& o) noexcept {
   if (this != &o) {
-    if (data_) ::munmap(const_cast<uint8_t*>(data_), size_);
+    if (data_) ::munmap(const_cast<uint8_t*>(data_), mapped_);
     path_ = std::move(o.path_);
     data_ = o.data_;
     size_ = o.size_;
+    mapped_ = o.mapped_;
     o.data_ = nullptr;
     o.size_ = 0;
+    o.mapped_ = 0;
   }
   return *this;
 }

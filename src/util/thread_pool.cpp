@@ -1,8 +1,18 @@
 #include "util/thread_pool.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
 
 namespace moeflux {
+
+namespace {
+// A worker that finishes a job spins this many pause loops (~0.1 ms) for the next before it
+// sleeps: a decoded token is hundreds of small jobs back to back, and waking a sleeping thread
+// costs a futex call and a reschedule each (measured: 10% of decode time in this VM's
+// paravirtual IRQ path).
+constexpr int kSpin = 1 << 12;
+}  // namespace
 
 ThreadPool::ThreadPool(int n_threads) {
   if (n_threads <= 0) n_threads = int(std::max(1u, std::thread::hardware_concurrency()));
@@ -13,7 +23,7 @@ ThreadPool::ThreadPool(int n_threads) {
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lk(mu_);
-    stop_ = true;
+    stop_.store(true);
   }
   cv_start_.notify_all();
   for (auto& t : threads_) t.join();
@@ -31,16 +41,24 @@ void ThreadPool::run_chunk(int index) {
 void ThreadPool::worker(int index) {
   uint64_t seen = 0;
   for (;;) {
-    {
-      std::unique_lock<std::mutex> lk(mu_);
-      cv_start_.wait(lk, [&] { return stop_ || generation_ != seen; });
-      if (stop_) return;
-      seen = generation_;
+    bool ready = false;
+    for (int i = 0; i < kSpin && !ready; i++) {
+      ready = stop_.load(std::memory_order_relaxed) ||
+              generation_.load(std::memory_order_acquire) != seen;
+      if (!ready) _mm_pause();
     }
+    if (!ready) {
+      std::unique_lock<std::mutex> lk(mu_);
+      sleepers_++;
+      cv_start_.wait(lk, [&] { return stop_.load() || generation_.load() != seen; });
+      sleepers_--;
+    }
+    if (stop_.load()) return;
+    seen = generation_.load(std::memory_order_acquire);
     run_chunk(index);
-    {
+    if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
       std::lock_guard<std::mutex> lk(mu_);
-      if (--pending_ == 0) cv_done_.notify_one();
+      cv_done_.notify_one();
     }
   }
 }
@@ -52,18 +70,25 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64
     fn(0, n);
     return;
   }
+  fn_ = &fn;
+  n_ = n;
+  grain_ = std::max<int64_t>(1, grain);
+  pending_.store(n_threads_ - 1, std::memory_order_relaxed);
+  bool wake;
   {
+    // Under the lock: a worker about to sleep either sees the new generation or is counted.
     std::lock_guard<std::mutex> lk(mu_);
-    fn_ = &fn;
-    n_ = n;
-    grain_ = std::max<int64_t>(1, grain);
-    pending_ = n_threads_ - 1;
-    generation_++;
+    generation_.fetch_add(1, std::memory_order_release);
+    wake = sleepers_ > 0;
   }
-  cv_start_.notify_all();
+  if (wake) cv_start_.notify_all();
   run_chunk(0);
+  for (int i = 0; i < kSpin; i++) {
+    if (pending_.load(std::memory_order_acquire) == 0) return;
+    _mm_pause();
+  }
   std::unique_lock<std::mutex> lk(mu_);
-  cv_done_.wait(lk, [&] { return pending_ == 0; });
+  cv_done_.wait(lk, [&] { return pending_.load() == 0; });
 }
 
 }  // namespace moeflux

@@ -25,6 +25,8 @@ void add_model_options(CLI::App* app, ModelOptions& o, bool model_required) {
   app->add_flag("--prefetch", o.prefetch,
                 "speculate the next layer's experts with its router and warm the cache");
   app->add_flag("--stats", o.stats, "print expert-store statistics per layer");
+  app->add_flag("--mmap", o.mmap,
+                "map the resident weights instead of reading them into (huge-page) memory");
   app->add_option("--experts-per-token", o.experts_per_token,
                   "routed experts per token (0: the model's top-k; fewer reads less, costs quality)");
 }
@@ -60,7 +62,7 @@ Loaded open_model(const ModelOptions& o_in) {
   else if (o.io == "uring") so.io = IoEngine::kUring;
   else fail(ErrorKind::kInvalidArgument, "--io: '{}' is not one of auto, pread, uring", o.io);
   Loaded l;
-  l.model = Model::load(o.model);
+  l.model = Model::load(o.model, o.mmap);
   const auto& ex = l.model->manifest().experts;
   const uint64_t all = ex.stride * uint64_t(ex.count) * ex.layers.size();
   so.cache_bytes = o.expert_cache == "auto" ? default_cache_bytes(*l.model)

@@ -28,6 +28,7 @@ struct ModelOptions {
   bool prefetch = false;
   bool stats = false;
   int experts_per_token = 0;  // 0: the model's top-k
+  bool mmap = false;          // map resident.bin instead of reading it into memory
 };
 
 // Adds -m (required unless `model_required` is false), -t, -c and the expert-store flags.
