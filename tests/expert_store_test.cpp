@@ -113,7 +113,9 @@ TEST_P(StoreBitIdentity, LogitsDoNotDependOnTheStore) {
       EXPECT_EQ(st.total.bytes_read, st.total.misses * store->expert_bytes());
       EXPECT_GT(st.total.hits, 0u);
     }
-    if (c.cache == 0) EXPECT_EQ(st.total.hits, 0u);
+    if (c.cache == 0) {
+      EXPECT_EQ(st.total.hits, 0u);
+    }
     if (c.prefetch && c.cache != 0) {
       EXPECT_GT(st.total.scored, 0u);
       EXPECT_LE(st.total.predicted_hit, st.total.scored);
