@@ -50,8 +50,9 @@ TEST(Demo, PerplexityEqualsHf) {
   double hf_sum = 0;
   for (int w = 0; w < windows; w++) hf_sum += sums[size_t(w)];
   const double hf_nll = hf_sum / (double(windows) * per_window);
-  if (windows == int(sums.size()))
+  if (windows == int(sums.size())) {
     EXPECT_NEAR(hf_nll, (*r512)["mean_nll"].get<double>(), 1e-9);
+  }
 
   const CliResult r = run_cli(fmt::format("perplexity -m {} -f {}/valid.txt --ctx 512 --chunks {}",
                                           converted_fixture(kDemo), fixture_dir(kDemo), windows));

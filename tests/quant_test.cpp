@@ -120,8 +120,12 @@ TEST(QuantQuality, TrainedDemoModelMeetsTheBars) {
     std::printf("[quality] demo %-3s logits mean cos %.6f  min %.6f  top-1 %.3f  mean KL %.5f\n",
                 recipe, r.mean_cos, r.min_cos, r.top1, r.mean_kl);
     const std::string rc = recipe;
-    if (rc == "q8") EXPECT_GE(r.mean_cos, 0.9997);
-    if (rc == "q4") EXPECT_GE(r.mean_cos, 0.98);
+    if (rc == "q8") {
+      EXPECT_GE(r.mean_cos, 0.9997);
+    }
+    if (rc == "q4") {
+      EXPECT_GE(r.mean_cos, 0.98);
+    }
     EXPECT_GT(r.mean_cos, 0.9) << recipe;
   }
 }

@@ -570,7 +570,7 @@ TEST(Robustness, FlagErrors) {
   auto model = Model::load(pkg);
   auto be = make_cpu_backend(1);
   ExpertStore store(*model);
-  Session s(*model, *be, store, SessionParams{4});
+  Session s(*model, *be, store, [] { SessionParams p; p.ctx = 4; return p; }());
   const std::vector<int32_t> toks = {1, 2, 3};
   s.eval(toks.data(), 3, nullptr, false);
   expect_error([&] { s.eval(toks.data(), 2, nullptr, false); },
@@ -837,7 +837,7 @@ TEST(RobustnessFuzz, ManifestMutations) {
       auto model = Model::load(dir);
       loaded++;
       ExpertStore store(*model);
-      Session s(*model, *be, store, SessionParams{8});
+      Session s(*model, *be, store, [] { SessionParams p; p.ctx = 8; return p; }());
       const int V = model->spec().vocab_size;
       std::vector<int32_t> t = toks;
       for (auto& x : t) x %= V;
