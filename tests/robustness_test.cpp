@@ -589,11 +589,13 @@ TEST(Robustness, ExpertFileShrinksAfterLoad) {
   auto be = make_cpu_backend(1);
   ExpertStore store(*model);
   Session s(*model, *be, store);
-  truncate_file(expert_file_path(dir, 1), 100);  // inside expert 0 of MoE layer 1
+  // Inside expert 0 of MoE layer 1, so every expert of that layer is cut short: the error names
+  // whichever of the routed ones a reader finished first.
+  truncate_file(expert_file_path(dir, 1), 100);
   const std::vector<int32_t> toks = {5, 6, 7};
   std::vector<float> logits(1024);
   expect_error([&] { s.eval(toks.data(), 3, logits.data(), false); },
-               {"expert 0 of layer 1", expert_file_path(dir, 1), "unexpected end of file", "truncated?"},
+               {" of layer 1", expert_file_path(dir, 1), "unexpected end of file", "truncated?"},
                ErrorKind::kIo);
   // The session refuses again (same error), it does not go on with half-read experts.
   s.clear();

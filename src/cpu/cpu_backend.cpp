@@ -5,6 +5,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/deltanet.h"
 #include "cpu/kernels.h"
 #include "cpu/matmul.h"
 #include "engine/backend.h"
@@ -163,35 +164,18 @@ class CpuBackend final : public Backend {
 
   void deltanet(const float* qkv, const float* g, const float* beta, float* state, float* out,
                 int T, const DeltaNetParams& p) override {
-    const int nk = p.k_heads, nv = p.v_heads, dk = p.k_dim, dv = p.v_dim;
-    const int C = 2 * nk * dk + nv * dv, ratio = nv / nk;
-    const float scale = 1.0f / std::sqrt(float(dk));
-    pool_.parallel_for(nv, [&](int64_t h0, int64_t h1) {
-      std::vector<float> qn(static_cast<size_t>(dk)), kn(static_cast<size_t>(dk)), delta(static_cast<size_t>(dv));
-      for (int64_t h = h0; h < h1; h++) {
-        const int kh = int(h) / ratio;
-        float* S = state + size_t(h) * dk * dv;  // [dk, dv]
-        for (int t = 0; t < T; t++) {
-          const float* row = qkv + size_t(t) * C;
-          l2norm(row + size_t(kh) * dk, qn.data(), dk);
-          l2norm(row + size_t(nk + kh) * dk, kn.data(), dk);
-          for (auto& x : qn) x *= scale;
-          const float* vv = row + size_t(2 * nk) * dk + size_t(h) * dv;
-          const float decay = std::exp(g[size_t(t) * nv + h]);
-          const float bt = beta[size_t(t) * nv + h];
-          for (size_t i = 0; i < size_t(dk) * dv; i++) S[i] *= decay;
-          // delta = (v - S^T k) * beta
-          for (int j = 0; j < dv; j++) delta[size_t(j)] = 0;
-          for (int i = 0; i < dk; i++) axpy(kn[size_t(i)], S + size_t(i) * dv, delta.data(), dv);
-          for (int j = 0; j < dv; j++) delta[size_t(j)] = (vv[j] - delta[size_t(j)]) * bt;
-          // S += k (outer) delta
-          for (int i = 0; i < dk; i++) axpy(kn[size_t(i)], delta.data(), S + size_t(i) * dv, dv);
-          // o = S^T q
-          float* o = out + size_t(t) * nv * dv + size_t(h) * dv;
-          std::fill(o, o + dv, 0.0f);
-          for (int i = 0; i < dk; i++) axpy(qn[size_t(i)], S + size_t(i) * dv, o, dv);
-        }
-      }
+    pool_.parallel_for(p.v_heads, [&](int64_t h0, int64_t h1) {
+      deltanet_recurrent_heads(qkv, g, beta, state, out, T, p.k_heads, p.v_heads, p.k_dim,
+                               p.v_dim, int(h0), int(h1));
+    });
+  }
+
+  void deltanet_chunked(const float* qkv, const float* g, const float* beta, float* state,
+                        float* out, int T, const DeltaNetParams& p, int chunk) override {
+    if (chunk < 1) fail(ErrorKind::kInvalidArgument, "DeltaNet chunk size {} < 1", chunk);
+    pool_.parallel_for(p.v_heads, [&](int64_t h0, int64_t h1) {
+      deltanet_chunked_heads(qkv, g, beta, state, out, T, p.k_heads, p.v_heads, p.k_dim,
+                             p.v_dim, chunk, int(h0), int(h1));
     });
   }
 

@@ -2,9 +2,8 @@
 
 #include <cmath>
 
-// Vectorised by the compiler per target (target_clones); the loops are written with explicit
-// independent partial sums so vectorising does not reorder any addition.
-#define MF_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
+// Vectorised by the compiler per target (MF_CLONES, kernels.h); the loops are written with
+// explicit independent partial sums so vectorising does not reorder any addition.
 
 namespace moeflux {
 

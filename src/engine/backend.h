@@ -76,6 +76,12 @@ class Backend {
   // and q scaled by 1/sqrt(dk).
   virtual void deltanet(const float* qkv, const float* g, const float* beta, float* state,
                         float* out, int T, const DeltaNetParams& p) = 0;
+  // The same gated delta rule by the chunked (WY) form, `chunk` tokens at a time (the UT
+  // transform of HF's torch_chunk_gated_delta_rule; cpu/deltanet.h): same arguments and result
+  // as deltanet up to float rounding, NOT bit-identical to it (sums run in another order).
+  virtual void deltanet_chunked(const float* qkv, const float* g, const float* beta,
+                                float* state, float* out, int T, const DeltaNetParams& p,
+                                int chunk) = 0;
   // x[r] = rms(x[r]) * w * silu(z[r]) for rows of n.
   virtual void gated_rmsnorm(float* x, const float* z, const float* w, int rows, int n,
                              float eps) = 0;

@@ -10,6 +10,7 @@
 #include "engine/backend.h"
 #include "experts/expert_store.h"
 #include "model/model.h"
+#include "util/error.h"
 
 namespace moeflux {
 
@@ -21,7 +22,50 @@ struct SessionParams {
   // Observes routing: for each MoE layer evaluated, the chosen experts [T, k] (k = experts per
   // token) of its T tokens, best first. For statistics tools; null = off.
   std::function<void(int layer, int T, int k, const int* experts)> on_route;
+
+  // Recurrent-state checkpoints, so memory_seq_rm can rewind models with linear-attention
+  // layers (whose state cannot be rewound): at most `checkpoints` copies of every linear layer's
+  // conv and recurrent state (0: none; rewinding then re-evaluates from position 0). One is
+  // taken at the end of every eval of more than one token (a prompt) and of any eval that ends
+  // `checkpoint_interval` or more tokens after the newest one; the oldest goes when full.
+  int checkpoints = 4;
+  int checkpoint_interval = 256;
+  // Gated DeltaNet: evals of at least this many tokens use the chunked form
+  // (Backend::deltanet_chunked, `deltanet_chunk` tokens a chunk), which is NOT bit-identical to
+  // the token-by-token recurrence; 0 = always the recurrence (prefill == decode bit for bit).
+  // The default is what measured faster on the CPU (docs/2026-11-26-sessions-capi.md).
+  int deltanet_chunked_min_tokens = 0;
+  int deltanet_chunk = 64;
 };
+
+// Why Session::state_load refused a snapshot (the session is unchanged in every case).
+class SnapshotError : public Error {
+ public:
+  enum Reason {
+    kTruncated,  // shorter (or longer) than its header says
+    kBadMagic,   // not a moeflux session snapshot
+    kVersion,    // written by another snapshot format version
+    kCorrupt,    // checksum mismatch or inconsistent fields
+    kModel,      // taken with another model (fingerprint differs)
+    kParams,     // taken with session settings this session cannot continue (experts per token,
+                 // a context too small for it)
+  };
+  SnapshotError(Reason r, ErrorKind kind, const std::string& msg) : Error(kind, msg), reason_(r) {}
+  Reason reason() const { return reason_; }
+
+ private:
+  Reason reason_;
+};
+
+constexpr uint32_t kSnapshotVersion = 1;
+constexpr size_t kSnapshotHeaderBytes = 64;
+
+// A 64-bit identity of a loaded package: FNV-1a over its normalised manifest (spec, tensor table,
+// provenance), the size of resident.bin, and every norm weight vector (so two packages of one
+// shape with other weights differ too). Snapshots carry it.
+uint64_t model_fingerprint(const Model& model);
+// FNV-1a 64 of n bytes, continuing from `h` (the snapshot checksum).
+uint64_t fnv1a64(const void* data, size_t n, uint64_t h = 0xcbf29ce484222325ull);
 
 // Receives HF-numbered hidden states: index 0 = embeddings, i = residual after layer i-1,
 // n_layers = final-normed state. `h` is host memory [T, hidden].
@@ -42,7 +86,42 @@ class Session {
 
   int pos() const { return pos_; }
   int ctx() const { return ctx_; }
+  // Forgets everything: position 0, zero linear-attention state, no checkpoints, no history.
   void clear();
+
+  // The tokens at positions 0..pos()-1 (what was evaluated; seq_rm re-evaluates from it).
+  const std::vector<int32_t>& tokens() const { return tokens_; }
+  // The last position holding a token: pos() - 1, -1 when empty.
+  int pos_max() const { return pos_ - 1; }
+  // Removes positions [p0, p1) (p1 < 0: to the end) so the next token goes at p0.
+  //   * 0 <= p0 <= pos() (else Error kInvalidArgument); p1 >= 0 and p1 < p0 is kInvalidArgument;
+  //     an empty range (p0 == pos(), or p1 == p0) changes nothing.
+  //   * Only a tail can go: p0 < p1 < pos() (a middle range) throws Error kUnsupported and
+  //     changes nothing, for every model (no KV shifting/RoPE re-rotation).
+  //   * Full-attention KV is cut. Linear-attention state cannot be rewound: the newest checkpoint
+  //     at or before p0 (or the zero state at 0) is restored and the tokens from there to p0 are
+  //     evaluated again from the history, so the result is the state a fresh session fed the
+  //     first p0 tokens would hold (bit-identical with the recurrence).
+  // A failed re-evaluation (expert read error) leaves the session invalid (see valid()).
+  void seq_rm(int p0, int p1);
+  // False after an evaluation failed midway (its state is partly updated): eval refuses until
+  // clear, seq_rm or state_load puts the session back on a consistent state.
+  bool valid() const { return !broken_; }
+  int checkpoint_count() const { return int(checkpoints_.size()); }
+  // Positions of the checkpoints held now, oldest first.
+  std::vector<int> checkpoint_positions() const;
+
+  // Snapshots: a 64-byte header (magic, version, model fingerprint, payload size, FNV-1a 64
+  // checksum of header + payload, position, experts per token) then the token history, the K/V
+  // rows [0, pos) of each full-attention layer and the conv + recurrent state of each linear
+  // layer (little-endian f32). Checkpoints are not saved; loading takes one at the loaded position.
+  size_t state_size() const;
+  // Writes state_size() bytes to dst (cap must be at least that; else Error kInvalidArgument).
+  void state_save(void* dst, size_t cap) const;
+  // Replaces the session's state with a snapshot. Every check (size, magic, version, model,
+  // checksum, fields) runs before anything changes: on a SnapshotError the session is as it was.
+  void state_load(const void* src, size_t n);
+  uint64_t fingerprint() const { return fingerprint_; }
 
  private:
   float* buf(size_t slot, size_t n);
@@ -52,6 +131,21 @@ class Session {
   void prefetch_next(int l, const float* x, int T);
   void score_prediction(int moe_index, const std::vector<int>& used);
   void dense_ffn(int l, const float* xn, float* out, int T);
+  void forward(const int32_t* tokens, int T, float* logits, bool all_logits,
+               const HiddenSink& hidden);
+  void validate_tokens(const int32_t* tokens, int T) const;
+  void maybe_checkpoint(int T);
+  void restore_and_replay(int p);
+  void zero_linear_state();
+  void check_snapshot(const uint8_t* src, size_t n) const;
+
+  // A copy of every linear layer's conv (a) and recurrent (b) state at position `pos`, backend
+  // memory, indexed like state_a_/state_b_ (null for full-attention layers).
+  struct Checkpoint {
+    int pos = 0;
+    std::vector<float*> a, b;
+  };
+  void release(Checkpoint& c);
 
   const Model& model_;
   const ModelSpec& spec_;
@@ -69,6 +163,14 @@ class Session {
   std::vector<size_t> scratch_n_;
   // prefetch: the experts predicted for each MoE layer (sorted), scored at its next fetch
   std::vector<std::vector<int>> predicted_;
+  // memory: token history [pos], checkpoints (oldest first), session settings
+  std::vector<int32_t> tokens_;
+  std::vector<Checkpoint> checkpoints_;
+  int max_checkpoints_ = 0, checkpoint_interval_ = 0;
+  int chunked_min_ = 0, chunk_ = 64;
+  bool has_linear_ = false;
+  bool broken_ = false;
+  uint64_t fingerprint_ = 0;
 };
 
 }  // namespace moeflux

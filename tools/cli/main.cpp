@@ -14,9 +14,9 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", std::string("moeflux ") + MOEFLUX_VERSION);
   app.require_subcommand(1);
   std::vector<Command> commands;
-  for (auto add : {add_convert, add_inspect, add_eval, add_bench, add_perplexity, add_routing,
-                   add_synth, add_run, add_chat, add_tokenize, add_detokenize})
-    commands.push_back(add(app));
+  for (auto add : {add_convert, add_inspect, add_eval, add_run, add_chat, add_tokenize,
+                   add_detokenize, add_synth, add_bench,
+                   add_perplexity, add_routing, add_serve}) commands.push_back(add(app));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
