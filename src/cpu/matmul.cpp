@@ -91,6 +91,21 @@ void widen_row_scalar(const WeightView& w, int64_t r, float* out) {
   }
 }
 
+// Starts loading the bf16 scales and biases of rows [r, r1) into cache. The stream drivers call
+// it for the next block of rows before working on the current one: read on demand, each block's
+// few KiB of parameters were a cold miss the hardware prefetchers had not seen coming
+// (bf16_to_f32 was ~9% of decode time).
+void prefetch_group_params(const WeightView& wv, int64_t r, int64_t r1) {
+  if (r >= r1) return;
+  const auto* s = reinterpret_cast<const char*>(wv.s_row(r));
+  const auto* b = reinterpret_cast<const char*>(wv.b_row(r));
+  const int64_t bytes = (r1 - r) * wv.groups_per_row * int64_t(sizeof(uint16_t));
+  for (int64_t o = 0; o < bytes; o += 64) {
+    _mm_prefetch(s + o, _MM_HINT_T0);
+    _mm_prefetch(b + o, _MM_HINT_T0);
+  }
+}
+
 // Per-thread f32 scratch buffers: a row (scalar path) or a panel (SIMD mat-mul), the f32 scales
 // and biases of a block of quantised rows, and a packed block of tokens.
 enum ScratchSlot { kPanelScratch, kParamScratch, kXScratch };
@@ -622,6 +637,7 @@ MF_AVX512 void matmul_quant_512(const WeightView& wv, int64_t r0, int64_t r1, co
     const int64_t gpr = wv.groups_per_row;
     for (int64_t rb = r0; rb < r1; rb += kParamRows) {
       const int64_t rb1 = std::min(r1, rb + kParamRows);
+      prefetch_group_params(wv, rb1, std::min(r1, rb1 + kParamRows));
       const GroupParams gp = group_params_512(wv, rb, rb1 - rb);
       auto at = [&](int64_t r) {
         return GroupParams{gp.s + (r - rb) * gpr, gp.b + (r - rb) * gpr};
@@ -1007,6 +1023,7 @@ MF_AVX2 void matmul_quant_256(const WeightView& wv, int64_t r0, int64_t r1, cons
     const int64_t gpr = wv.groups_per_row;
     for (int64_t rb = r0; rb < r1; rb += kParamRows) {
       const int64_t rb1 = std::min(r1, rb + kParamRows);
+      prefetch_group_params(wv, rb1, std::min(r1, rb1 + kParamRows));
       const GroupParams gp = group_params_256(wv, rb, rb1 - rb);
       auto at = [&](int64_t r) {
         return GroupParams{gp.s + (r - rb) * gpr, gp.b + (r - rb) * gpr};
