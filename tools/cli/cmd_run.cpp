@@ -686,28 +686,6 @@ int cmd_chat(GenFlags g) {
 // ---------------------------------------------------------------------------------------------
 // moeflux tokenize / detokenize
 
-std::vector<int32_t> parse_ids(const std::string& s, const std::string& flag) {
-  std::vector<int32_t> out;
-  size_t i = 0;
-  while (i <= s.size()) {
-    size_t j = s.find(',', i);
-    if (j == std::string::npos) j = s.size();
-    std::string item = s.substr(i, j - i);
-    item.erase(0, item.find_first_not_of(" \t\n"));
-    item.erase(item.find_last_not_of(" \t\n") + 1);
-    if (item.empty() && j == s.size() && i == s.size() && !out.empty()) break;  // trailing ','
-    char* end = nullptr;
-    errno = 0;
-    const long v = item.empty() ? 0 : std::strtol(item.c_str(), &end, 10);
-    if (item.empty() || *end || errno || v < INT32_MIN || v > INT32_MAX)
-      fail(ErrorKind::kInvalidArgument, "{}: '{}' at position {} is not a token id", flag, item,
-           out.size());
-    out.push_back(int32_t(v));
-    i = j + 1;
-  }
-  return out;
-}
-
 int cmd_tokenize(const std::string& model, const std::string& text_flag, const std::string& file,
                  bool ids_only, bool no_special) {
   if (text_flag.empty() == file.empty())
@@ -738,7 +716,7 @@ int cmd_tokenize(const std::string& model, const std::string& text_flag, const s
 
 int cmd_detokenize(const std::string& model, const std::string& ids_flag) {
   Tokenizer tok = Tokenizer::load(tokenizer_json_path(model, "-m"));
-  const std::vector<int32_t> ids = parse_ids(ids_flag, "--ids");
+  const std::vector<int32_t> ids = parse_tokens(ids_flag, "--ids");
   for (size_t i = 0; i < ids.size(); i++)
     if (ids[i] < 0 || ids[i] >= tok.vocab_size())
       fail(ErrorKind::kInvalidArgument, "--ids: {} at position {} is not in [0, {})", ids[i], i,

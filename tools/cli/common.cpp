@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <cerrno>
 #include <climits>
 #include <filesystem>
 #include <cstdlib>
@@ -113,7 +114,7 @@ void print_store_stats(const ExpertStore& store, std::FILE* out) {
   line("all", st.total);
 }
 
-std::vector<int32_t> parse_tokens(const std::string& s) {
+std::vector<int32_t> parse_tokens(const std::string& s, const std::string& flag) {
   std::vector<int32_t> out;
   size_t i = 0;
   while (i <= s.size()) {
@@ -123,11 +124,12 @@ std::vector<int32_t> parse_tokens(const std::string& s) {
     item.erase(0, item.find_first_not_of(" \t\n"));
     item.erase(item.find_last_not_of(" \t\n") + 1);
     if (item.empty())
-      fail(ErrorKind::kInvalidArgument, "--tokens: empty item at position {}", out.size());
+      fail(ErrorKind::kInvalidArgument, "{}: empty item at position {}", flag, out.size());
     char* end = nullptr;
-    long v = std::strtol(item.c_str(), &end, 10);
-    if (*end || v < INT32_MIN || v > INT32_MAX)
-      fail(ErrorKind::kInvalidArgument, "--tokens: '{}' at position {} is not a token id", item,
+    errno = 0;
+    const long v = std::strtol(item.c_str(), &end, 10);
+    if (*end || errno || v < INT32_MIN || v > INT32_MAX)
+      fail(ErrorKind::kInvalidArgument, "{}: '{}' at position {} is not a token id", flag, item,
            out.size());
     out.push_back(int32_t(v));
     i = j + 1;

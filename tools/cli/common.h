@@ -54,6 +54,8 @@ void print_store_stats(const ExpertStore& store, std::FILE* out);
 // One line: "experts: 93.1% hits, 1.23 GiB read (0.41 GB/token), 2.1 GB/s, stall 12 ms".
 std::string store_summary(const ExpertStore& store, int tokens);
 
-std::vector<int32_t> parse_tokens(const std::string& s);
+// Comma-separated token ids ("1, 2,3"); an empty or malformed item is an error naming `flag`
+// and its position.
+std::vector<int32_t> parse_tokens(const std::string& s, const std::string& flag = "--tokens");
 
 }  // namespace moeflux::cli
