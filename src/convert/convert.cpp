@@ -541,7 +541,7 @@ ConvertReport Converter::run() {
     const char* part_names[3] = {"gate", "up", "down"};
     const int64_t I = s.moe_ffn;
     const std::vector<int64_t> shapes[3] = {{I, H}, {I, H}, {H, I}};
-    uint64_t poff = 0;
+    std::vector<PackedTensor> parts;
     for (size_t p = 0; p < 3; p++) {
       PackedTensor t = plan(part_names[p], shapes[p], expert_src_[0][0][p]);
       for (const auto& layer : expert_src_)  // one layout for all experts of all layers
@@ -550,16 +550,9 @@ ConvertReport Converter::run() {
           if (other.dtype != t.dtype || other.group != t.group)
             fail(ErrorKind::kUnsupported, "{}: experts are stored with different dtypes or groups", hf_dir_);
         }
-      poff = align_up(poff, kPartAlign);
-      t.offset = poff;
-      poff += t.nbytes;
-      ex.parts.push_back(t);
+      parts.push_back(t);
     }
-    ex.count = s.n_experts;
-    ex.bytes = poff;
-    ex.stride = align_up(poff, kFileAlign);
-    for (int l = 0; l < s.n_layers; l++)
-      if (s.ffn[size_t(l)] == FfnKind::kMoe) ex.layers.push_back(l);
+    ex = make_expert_layout(s, std::move(parts));
     report_.expert_bytes = ex.bytes * uint64_t(ex.count) * ex.layers.size();
   }
 

@@ -261,4 +261,21 @@ Manifest read_manifest(const std::string& dir) {
   return m;
 }
 
+ExpertLayout make_expert_layout(const ModelSpec& spec, std::vector<PackedTensor> parts) {
+  ExpertLayout ex;
+  uint64_t off = 0;
+  for (PackedTensor& t : parts) {
+    off = align_up(off, kPartAlign);
+    t.offset = off;
+    off += t.nbytes;
+  }
+  ex.parts = std::move(parts);
+  ex.count = spec.n_experts;
+  ex.bytes = off;
+  ex.stride = align_up(off, kFileAlign);
+  for (int l = 0; l < spec.n_layers; l++)
+    if (spec.ffn[size_t(l)] == FfnKind::kMoe) ex.layers.push_back(l);
+  return ex;
+}
+
 }  // namespace moeflux

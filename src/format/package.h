@@ -43,6 +43,11 @@ struct ExpertLayout {
   std::vector<int> layers;          // model layer index of each expert file
 };
 
+// The expert layout of a model with these parts (gate, up, down; dtype, shape, nbytes set):
+// the parts placed at kPartAlign offsets in one record, records kFileAlign apart, one file
+// per MoE layer of `spec`.
+ExpertLayout make_expert_layout(const ModelSpec& spec, std::vector<PackedTensor> parts);
+
 struct Manifest {
   int format_version = kPackageFormatVersion;
   ModelSpec spec;

@@ -374,23 +374,12 @@ Plan make_plan(const ModelSpec& s, const std::string& quant, int full_layers) {
     const double routed = block / (s.shared_ffn > 0 ? std::sqrt(2.0) : 1.0);
     const double down = routed * std::sqrt(double(s.top_k)) / 1.3 / kSiluRms / std::sqrt(double(I));
     p.expert_sigma = {in_h, in_h, down};
-    ExpertLayout& ex = p.m.experts;
     const char* names[3] = {"gate", "up", "down"};
     const std::vector<int64_t> shapes[3] = {{I, H}, {I, H}, {H, I}};
     const TensorClass X = TensorClass::kExperts;
-    uint64_t poff = 0;
-    for (int q = 0; q < 3; q++) {
-      PackedTensor t = pl.tensor(names[q], shapes[q], &X);
-      poff = align_up(poff, kPartAlign);
-      t.offset = poff;
-      poff += t.nbytes;
-      ex.parts.push_back(t);
-    }
-    ex.count = s.n_experts;
-    ex.bytes = poff;
-    ex.stride = align_up(poff, kFileAlign);
-    for (int l = 0; l < s.n_layers; l++)
-      if (s.ffn[size_t(l)] == FfnKind::kMoe) ex.layers.push_back(l);
+    std::vector<PackedTensor> parts;
+    for (int q = 0; q < 3; q++) parts.push_back(pl.tensor(names[q], shapes[q], &X));
+    p.m.experts = make_expert_layout(s, std::move(parts));
   }
   return p;
 }

@@ -305,6 +305,18 @@ class SigintGuard {
 // ---------------------------------------------------------------------------------------------
 // moeflux run
 
+// What run and chat hand to generate(): stop conditions and thinking from the flags.
+GenerateParams generate_params(const GenFlags& g, const ModelSpec& spec, const TextAssets& ta) {
+  GenerateParams gp;
+  gp.max_tokens = g.n_predict;
+  for (const auto& s : g.stop) gp.stop.push_back(unescape(s));
+  if (!g.ignore_eos) gp.eos_ids = eos_token_ids(spec, *ta.tok, ta.eos_token);
+  gp.show_thinking = !g.hide_think;
+  gp.think_budget = g.think_budget;
+  gp.cancel = &g_cancel;
+  return gp;
+}
+
 int cmd_run(GenFlags g, const std::string& prompt_flag, const std::string& file,
             bool chat_flag, bool raw_flag) {
   check_gen_flags(g);
@@ -345,13 +357,7 @@ int cmd_run(GenFlags g, const std::string& prompt_flag, const std::string& file,
   const uint64_t seed = pick_seed(g.s.seed);
   Sampler sampler(sampler_params(g.s, seed), spec.vocab_size);
 
-  GenerateParams gp;
-  gp.max_tokens = g.n_predict;
-  for (const auto& s : g.stop) gp.stop.push_back(unescape(s));
-  if (!g.ignore_eos) gp.eos_ids = eos_token_ids(spec, *ta.tok, ta.eos_token);
-  gp.show_thinking = !g.hide_think;
-  gp.think_budget = g.think_budget;
-  gp.cancel = &g_cancel;
+  const GenerateParams gp = generate_params(g, spec, ta);
   if (g.verbose) {
     fmt::print(stderr, "prompt ({}, {} tokens): {}\n", chat ? "chat" : "raw", ids.size(),
                Json(text).dump());
@@ -606,13 +612,7 @@ int cmd_chat(GenFlags g) {
   const uint64_t seed = pick_seed(g.s.seed);
   Sampler sampler(sampler_params(g.s, seed), spec.vocab_size);
 
-  GenerateParams gp;
-  gp.max_tokens = g.n_predict;
-  for (const auto& s : g.stop) gp.stop.push_back(unescape(s));
-  if (!g.ignore_eos) gp.eos_ids = eos_token_ids(spec, *ta.tok, ta.eos_token);
-  gp.show_thinking = !g.hide_think;
-  gp.think_budget = g.think_budget;
-  gp.cancel = &g_cancel;
+  const GenerateParams gp = generate_params(g, spec, ta);
 
   const bool tty = isatty(STDIN_FILENO);
   fmt::print(stderr, "chat: {} (context {}, seed {}, template {}); /help for commands\n",
