@@ -243,6 +243,51 @@ TEST(SessionPrefill, ChunkedDeltaNetWithinTheUnquantisedTolerance) {
   }
 }
 
+// A prompt evaluated in micro-batches of 7 or 1 tokens gives every logit and hidden state of the
+// whole-prompt evaluation bit for bit, and leaves the same state behind (the next token agrees).
+TEST(SessionPrefill, MicroBatchesChangeNoBit) {
+  for (const char* fixture : {"qwen3_5_moe", "qwen3_next", "mixtral", "qwen3_moe"}) {
+    SCOPED_TRACE(fixture);
+    const auto toks = chunk_tokens(fixture);
+    const int T = int(toks.size());
+    ASSERT_GT(T, 20);
+    Loaded whole(fixture);
+    const int V = whole.vocab(), L = whole.model->spec().n_layers;
+    const size_t H = size_t(whole.model->spec().hidden_size);
+    auto run = [&](Loaded& m, std::vector<std::vector<float>>& hid) {
+      std::vector<float> logits(size_t(T) * V);
+      hid.assign(size_t(L) + 1, {});
+      std::vector<int> calls(size_t(L) + 1, 0);
+      m.session->eval(toks.data(), T, logits.data(), true, [&](int i, const float* h, int n) {
+        calls[size_t(i)]++;
+        hid[size_t(i)].assign(h, h + size_t(n) * H);
+      });
+      for (int i = 0; i <= L; i++) EXPECT_EQ(calls[size_t(i)], 1) << "hidden index " << i;
+      const int32_t next = toks[0];
+      logits.resize(logits.size() + size_t(V));
+      m.session->eval(&next, 1, logits.data() + size_t(T) * V, false);
+      return logits;
+    };
+    std::vector<std::vector<float>> h_whole, h_ub;
+    const auto ref = run(whole, h_whole);
+    for (int ub : {7, 1}) {
+      SCOPED_TRACE(ub);
+      SessionParams sp;
+      sp.ubatch = ub;
+      Loaded m(fixture, sp);
+      const auto got = run(m, h_ub);
+      EXPECT_TRUE(same_bits(ref, got));
+      for (int i = 0; i <= L; i++) EXPECT_TRUE(same_bits(h_whole[size_t(i)], h_ub[size_t(i)])) << i;
+    }
+  }
+}
+
+TEST(SessionPrefill, MicroBatchBelowOneRefused) {
+  SessionParams sp;
+  sp.ubatch = 0;
+  EXPECT_THROW(Loaded("qwen3_moe", sp), Error);
+}
+
 class SeqRm : public ::testing::TestWithParam<std::string> {};
 
 // Prompt of 40, 12 decoded tokens, another prompt of 30: then seq_rm to many points and continue

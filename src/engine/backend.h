@@ -13,6 +13,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "model/model.h"
 
@@ -102,5 +103,16 @@ class Backend {
 };
 
 std::unique_ptr<Backend> make_cpu_backend(int threads);
+
+// Which backend a front end asked for (--backend, mf_model_params::backend).
+enum class BackendKind { kAuto, kCpu, kCuda };
+// Parses "auto", "cpu", "cuda"; an error names `what` (the flag) and the choices.
+BackendKind parse_backend_kind(const std::string& text, const std::string& what);
+const char* backend_kind_name(BackendKind kind);
+// Fails with one clear line when `kind` cannot run here (this build has no CUDA backend yet);
+// kAuto resolves to what runs. Front ends call it before loading anything.
+BackendKind resolve_backend_kind(BackendKind kind);
+// The backend of `kind` (resolved) with `threads` CPU threads (0: one per core).
+std::unique_ptr<Backend> make_backend(BackendKind kind, int threads);
 
 }  // namespace moeflux

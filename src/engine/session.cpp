@@ -37,6 +37,9 @@ Session::Session(const Model& model, Backend& backend, ExpertStore& store, Sessi
          params.deltanet_chunked_min_tokens);
   if (params.deltanet_chunk < 1)
     fail(ErrorKind::kInvalidArgument, "DeltaNet chunk size {} < 1", params.deltanet_chunk);
+  if (params.ubatch < 1)
+    fail(ErrorKind::kInvalidArgument, "micro-batch size (ubatch) {} < 1", params.ubatch);
+  ubatch_ = params.ubatch;
   max_checkpoints_ = params.checkpoints;
   checkpoint_interval_ = params.checkpoint_interval;
   chunked_min_ = params.deltanet_chunked_min_tokens;
@@ -126,12 +129,35 @@ void Session::eval(const int32_t* tokens, int T, float* logits, bool all_logits,
          "it, rewind it with seq_rm or load a snapshot",
          pos_);
   try {
-    forward(tokens, T, logits, all_logits, hidden);
+    forward_ubatched(tokens, T, logits, all_logits, hidden);
   } catch (...) {
     broken_ = true;  // layers before the failure updated their state: never continue from it
     throw;
   }
   maybe_checkpoint(T);
+}
+
+void Session::forward_ubatched(const int32_t* tokens, int T, float* logits, bool all_logits,
+                               const HiddenSink& hidden) {
+  if (T <= ubatch_) return forward(tokens, T, logits, all_logits, hidden);
+  // A hidden-state sink (a debugging aid) sees each index once with all T rows, as without
+  // micro-batches: its rows are gathered on the host.
+  const size_t H = size_t(spec_.hidden_size), V = size_t(spec_.vocab_size);
+  std::vector<std::vector<float>> rows;
+  HiddenSink gather;
+  if (hidden) {
+    rows.resize(size_t(spec_.n_layers) + 1);
+    gather = [&](int index, const float* h, int n) {
+      rows[size_t(index)].insert(rows[size_t(index)].end(), h, h + size_t(n) * H);
+    };
+  }
+  for (int t0 = 0; t0 < T; t0 += ubatch_) {
+    const int n = std::min(ubatch_, T - t0);
+    const bool last = t0 + n == T;
+    float* out = !logits ? nullptr : all_logits ? logits + size_t(t0) * V : last ? logits : nullptr;
+    forward(tokens + t0, n, out, all_logits, hidden ? gather : HiddenSink());
+  }
+  for (size_t i = 0; i < rows.size(); i++) hidden(int(i), rows[i].data(), T);
 }
 
 void Session::forward(const int32_t* tokens, int T, float* logits, bool all_logits,
@@ -380,12 +406,6 @@ void Session::dense_ffn(int l, const float* xn, float* out, int T) {
 
 // ---- memory: checkpoints, seq_rm ------------------------------------------------------------
 
-namespace {
-// Re-evaluation after a rewind runs in pieces of this many tokens (bounded scratch); with the
-// recurrence the pieces do not change a bit.
-constexpr int kReplayBatch = 512;
-}  // namespace
-
 void Session::release(Checkpoint& c) {
   for (float* p : c.a) if (p) be_.release(p);
   for (float* p : c.b) if (p) be_.release(p);
@@ -462,10 +482,7 @@ void Session::restore_and_replay(int p) {
   pos_ = from;
   broken_ = false;
   try {
-    for (size_t i = 0; i < redo.size(); i += kReplayBatch) {
-      const int n = int(std::min<size_t>(kReplayBatch, redo.size() - i));
-      forward(redo.data() + i, n, nullptr, false, nullptr);
-    }
+    if (!redo.empty()) forward_ubatched(redo.data(), int(redo.size()), nullptr, false, nullptr);
   } catch (...) {
     broken_ = true;
     throw;

@@ -36,6 +36,11 @@ struct SessionParams {
   // The default is what measured faster on the CPU (docs/2026-11-26-sessions-capi.md).
   int deltanet_chunked_min_tokens = 0;
   int deltanet_chunk = 64;
+  // Prompts are evaluated in micro-batches of at most this many tokens, so scratch memory is
+  // bounded by the micro-batch, not by the prompt (each expert is fetched once per micro-batch).
+  // Results do not depend on it (prefill is bit-identical to decode), except with the chunked
+  // DeltaNet form, whose chunks restart at each micro-batch.
+  int ubatch = 512;
 };
 
 // Why Session::state_load refused a snapshot (the session is unchanged in every case).
@@ -78,9 +83,11 @@ class Session {
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;
 
-  // Evaluates T tokens at positions pos()..pos()+T-1. With `logits` non-null it receives
-  // [T, vocab] when all_logits, else [1, vocab] for the last token. Throws Error for an
-  // out-of-range token id or a full context, before any state changes.
+  // Evaluates T tokens at positions pos()..pos()+T-1, in micro-batches of at most
+  // SessionParams::ubatch tokens. With `logits` non-null it receives [T, vocab] when
+  // all_logits, else [1, vocab] for the last token; `hidden` receives each index once with all
+  // T rows. Throws Error for an out-of-range token id or a full context, before any state
+  // changes.
   void eval(const int32_t* tokens, int T, float* logits, bool all_logits,
             const HiddenSink& hidden = nullptr);
 
@@ -133,6 +140,8 @@ class Session {
   void dense_ffn(int l, const float* xn, float* out, int T);
   void forward(const int32_t* tokens, int T, float* logits, bool all_logits,
                const HiddenSink& hidden);
+  void forward_ubatched(const int32_t* tokens, int T, float* logits, bool all_logits,
+                        const HiddenSink& hidden);
   void validate_tokens(const int32_t* tokens, int T) const;
   void maybe_checkpoint(int T);
   void restore_and_replay(int p);
@@ -168,6 +177,7 @@ class Session {
   std::vector<Checkpoint> checkpoints_;
   int max_checkpoints_ = 0, checkpoint_interval_ = 0;
   int chunked_min_ = 0, chunk_ = 64;
+  int ubatch_ = 512;
   bool has_linear_ = false;
   bool broken_ = false;
   uint64_t fingerprint_ = 0;

@@ -30,6 +30,12 @@ void add_model_options(CLI::App* app, ModelOptions& o, bool model_required) {
                 "map the resident weights instead of reading them into (huge-page) memory");
   app->add_option("--experts-per-token", o.experts_per_token,
                   "routed experts per token (0: the model's top-k; fewer reads less, costs quality)");
+  app->add_option("--backend", o.backend,
+                  "compute backend: auto (CUDA when built and a GPU is present, else CPU), cpu, "
+                  "cuda");
+  app->add_option("--ubatch", o.ubatch,
+                  "prompt micro-batch in tokens: prompts are evaluated this many tokens at a time "
+                  "(memory grows with it; results do not change)");
 }
 
 std::string default_model_dir() {
@@ -52,6 +58,7 @@ Loaded open_model(const ModelOptions& o_in) {
   if (o.ctx < 0)
     fail(ErrorKind::kInvalidArgument, "--ctx: {} is negative (0: min(trained context, 4096))",
          o.ctx);
+  if (o.ubatch < 1) fail(ErrorKind::kInvalidArgument, "--ubatch: {} is not >= 1", o.ubatch);
   if (o.readers < 1 || o.readers > 256)
     fail(ErrorKind::kInvalidArgument, "--readers: {} is not in [1, 256]", o.readers);
   ExpertStoreOptions so;
@@ -62,13 +69,14 @@ Loaded open_model(const ModelOptions& o_in) {
   else if (o.io == "pread") so.io = IoEngine::kPread;
   else if (o.io == "uring") so.io = IoEngine::kUring;
   else fail(ErrorKind::kInvalidArgument, "--io: '{}' is not one of auto, pread, uring", o.io);
+  const BackendKind backend = resolve_backend_kind(parse_backend_kind(o.backend, "--backend"));
   Loaded l;
   l.model = Model::load(o.model, o.mmap);
   const auto& ex = l.model->manifest().experts;
   const uint64_t all = ex.stride * uint64_t(ex.count) * ex.layers.size();
   so.cache_bytes = o.expert_cache == "auto" ? default_cache_bytes(*l.model)
                                             : parse_cache_size(o.expert_cache, all, "--expert-cache");
-  l.backend = make_cpu_backend(o.threads);
+  l.backend = make_backend(backend, o.threads);
   l.store = std::make_unique<ExpertStore>(*l.model, so);
   return l;
 }
@@ -77,6 +85,7 @@ SessionParams session_params(const ModelOptions& o) {
   SessionParams p;
   p.ctx = o.ctx;
   p.experts_per_token = o.experts_per_token;
+  p.ubatch = o.ubatch;
   return p;
 }
 

@@ -29,6 +29,8 @@ struct ModelOptions {
   bool stats = false;
   int experts_per_token = 0;  // 0: the model's top-k
   bool mmap = false;          // map resident.bin instead of reading it into memory
+  int ubatch = 512;           // prompt micro-batch (SessionParams::ubatch)
+  std::string backend = "auto";  // auto | cpu | cuda
 };
 
 // Adds -m (required unless `model_required` is false), -t, -c and the expert-store flags.
