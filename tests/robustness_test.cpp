@@ -17,8 +17,11 @@
 #include <typeinfo>
 
 #include "format/package.h"
+#include "text/chat_template.h"
+#include "text/tokenizer.h"
 #include "test_util.h"
 #include "util/error.h"
+#include "util/json.h"
 #include "util/mapped_file.h"
 
 namespace moeflux::test {
@@ -322,7 +325,7 @@ TEST(Robustness, ShardIndexErrors) {
                    {tmp / "a/model-00002-of-00002.safetensors", "cannot open"});
   index(tmp / "b", R"({"weight_map": [}})");
   expect_cli_error(fmt::format("convert -q {} {}", tmp / "b", tmp / "out"),
-                   {"model.safetensors.index.json", "malformed JSON"});
+                   {"model.safetensors.index.json", "invalid JSON"});
   index(tmp / "c", R"({"weight_map": {"model.norm.weight": "../../etc/passwd"}})");
   expect_cli_error(fmt::format("convert -q {} {}", tmp / "c", tmp / "out"),
                    {"model.safetensors.index.json", "weight_map['model.norm.weight']",
@@ -382,13 +385,13 @@ TEST(Robustness, ConfigErrorsNameTheField) {
   fs::remove(dir + "/config.json");
   write_text_file(dir + "/config.json", "{\"model_type\": \"qwen3_moe\",\n \"hidden_size\": 64,,}");
   expect_cli_error(fmt::format("convert -q {} {}", dir, tmp / "out"),
-                   {dir + "/config.json", "malformed JSON at byte 48"});
+                   {dir + "/config.json", "invalid JSON at byte 48"});
   // A number beyond double range is malformed JSON too (nlohmann throws out_of_range for it).
   std::string text = read_text_file(fixture_dir(kFixture) + "/config.json");
   text.replace(text.find("1000000.0"), 9, "1e400");
   write_text_file(dir + "/config.json", text);
   expect_cli_error(fmt::format("convert -q {} {}", dir, tmp / "out"),
-                   {dir + "/config.json", "malformed JSON", "number overflow"});
+                   {dir + "/config.json", "invalid JSON", "number overflow"});
   fs::remove(dir + "/config.json");
   expect_cli_error(fmt::format("convert -q {} {}", dir, tmp / "out"),
                    {dir + "/config.json", "cannot open"});
@@ -516,9 +519,64 @@ TEST(Robustness, CorruptedManifestNamesTheField) {
   }
   const std::string dir = make_package(tmp / "bad");
   write_text_file(manifest_path(dir), R"({"format": "moeflux", "format_version": 1,)");
-  expect_cli_error(fmt::format("inspect {}", dir), {manifest_path(dir), "malformed JSON at byte"});
+  expect_cli_error(fmt::format("inspect {}", dir), {manifest_path(dir), "invalid JSON at byte"});
   write_text_file(manifest_path(dir), R"({"format": "moeflux", "format_version": 1e400})");
-  expect_cli_error(fmt::format("inspect {}", dir), {manifest_path(dir), "malformed JSON"});
+  expect_cli_error(fmt::format("inspect {}", dir), {manifest_path(dir), "invalid JSON"});
+}
+
+// The pre-parse scan: depth counts [ and { outside strings (escaped quotes stay inside); the
+// brief quote stops at 40 characters whatever the value's size.
+TEST(Robustness, JsonLimitScan) {
+  const JsonLimits lim{3, 1000};
+  EXPECT_EQ(json_limit_violation(R"([[[1]]])", lim), "");
+  EXPECT_NE(json_limit_violation(R"([[[[1]]]])", lim).find("deeper than 3 levels"),
+            std::string::npos);
+  EXPECT_EQ(json_limit_violation(R"(["[[[[\"[[[[", {"a": "{{{{"}])", lim), "");
+  EXPECT_NE(json_limit_violation(std::string(1001, ' '), lim).find("1000 bytes"),
+            std::string::npos);
+  EXPECT_EQ(json_brief(json::parse(R"({"a": [1, 2]})")), R"({"a":[1,2]})");
+  const std::string b = json_brief(json(std::vector<int>(100000, 7)));
+  EXPECT_LT(b.size(), 50u) << b;
+  EXPECT_TRUE(b.ends_with("…")) << b;
+  EXPECT_EQ(quote_brief(std::string(50, 'x')), "\"" + std::string(40, 'x') + "\"…");
+}
+
+// Hostile JSON in the files we read: nested 100,000 deep (once a stack overflow, in printing the
+// value into the error), refused before parsing, naming the file and the limit; a bad value nested
+// within the limit is quoted in an error as a short prefix, not whole.
+TEST(Robustness, DeeplyNestedJsonNamesFileAndLimit) {
+  TempDir tmp;
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  const std::string limit = "nested deeper than 128 levels";
+
+  const std::string pkg = make_package(tmp / "pkg");
+  write_bytes(manifest_path(pkg), R"({"format": "moeflux", "format_version": )" + deep + "}");
+  expect_cli_error(fmt::format("inspect {}", pkg), {manifest_path(pkg), limit});
+
+  const std::string ckpt = make_checkpoint(tmp / "ckpt", kFixture, nullptr);
+  fs::remove(ckpt + "/config.json");
+  write_bytes(ckpt + "/config.json", R"({"model_type": "qwen3_moe", "hidden_size": )" + deep + "}");
+  expect_cli_error(fmt::format("convert -q {} {}", ckpt, tmp / "out"),
+                   {ckpt + "/config.json", limit});
+
+  const std::string tj = tmp / "tokenizer.json";
+  write_bytes(tj, R"({"model": {"type": "BPE", "vocab": )" + deep + "}}");
+  expect_error([&] { Tokenizer::load(tj); }, {tj, limit}, ErrorKind::kFormat);
+
+  const std::string tc = tmp / "tokenizer_config.json";
+  write_bytes(tc, R"({"chat_template": )" + deep + "}");
+  expect_error([&] { ChatTemplate::from_tokenizer_config(tc); }, {tc, limit}, ErrorKind::kFormat);
+
+  // Within the limit, a wrong value is quoted by its first 40 characters.
+  const std::string wide = std::string(100, '[') + std::string(100, ']');
+  const std::string q = make_package(tmp / "q", [&](json& m) {
+    m["model"]["vocab_size"] = json::parse(wide);
+  });
+  const CliResult r = run_cli(fmt::format("inspect {}", q));
+  EXPECT_EQ(r.code, 1) << r.err;
+  EXPECT_NE(r.err.find("vocab_size"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("[[[[…"), std::string::npos) << r.err;
+  EXPECT_LT(r.err.size(), 400u) << r.err;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -13,11 +13,15 @@
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <fmt/format.h>
 #include <httplib.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -175,6 +179,36 @@ TEST(ServerApi, BadFieldsNameTheField) {
                            R"({"prompt": "x", "echo": true})", R"({"prompt": [1, -2]})"}) {
     EXPECT_THROW(server::parse_completion_request(Json::parse(text)), ApiError) << text;
   }
+}
+
+// check_request, the model-free request path the fuzzer drives: JSON nested past the limit is
+// refused before parsing (whatever the field), brackets inside strings do not count, and a
+// client's bad value is quoted by a short prefix.
+TEST(ServerApi, CheckRequestRefusesDeepJsonAndQuotesBriefly) {
+  const std::string chat = "/v1/chat/completions";
+  const std::string deep = std::string(65, '[') + std::string(65, ']');
+  auto reply = [&](const std::string& body, const std::string& path = "/v1/chat/completions") {
+    return server::check_request("POST", path, body);
+  };
+  const server::ApiReply r = reply(R"({"messages": [{"role": "user", "content": )" + deep + "}]}");
+  EXPECT_EQ(r.status, 400) << r.body;
+  EXPECT_NE(r.body.find("nested deeper than 64 levels"), std::string::npos) << r.body;
+  EXPECT_EQ(reply(R"({"prompt": )" + deep + "}", "/v1/completions").status, 400);
+  // 64 deep in all is within the limit (this one is refused for its type, not its depth).
+  const std::string ok_depth = std::string(62, '[') + std::string(62, ']');
+  const server::ApiReply r64 = reply(R"({"messages": [)" + ok_depth + "]}");
+  EXPECT_EQ(r64.status, 400);
+  EXPECT_EQ(r64.body.find("nested deeper"), std::string::npos) << r64.body;
+  const std::string in_string = R"({"messages": [{"role": "user", "content": ")" +
+                                std::string(1000, '[') + R"(\"{{{"}]})";
+  EXPECT_EQ(reply(in_string).status, 200) << reply(in_string).body;
+  const server::ApiReply role =
+      reply(R"({"messages": [{"role": ")" + std::string(10000, 'x') + R"(", "content": "hi"}]})");
+  EXPECT_EQ(role.status, 400);
+  EXPECT_LT(role.body.size(), 400u) << role.body;
+  EXPECT_EQ(server::check_request("GET", chat, "{}").status, 404);
+  // Found by fuzz_server: a number beyond double range was a 500.
+  EXPECT_EQ(reply(R"({"messages": 1e400})").status, 400);
 }
 
 TEST(ServerApi, ErrorAndSseShapes) {
@@ -751,6 +785,150 @@ TEST_F(ServerProcessTest, BadRequestsGetTheir4xx) {
   EXPECT_EQ(health->status, 200) << "/health needs no key";
   // The server is still fine.
   post_json(*c, chat, Json{{"messages", user_msgs()}, {"max_tokens", 2}});
+}
+
+// One raw HTTP exchange on a fresh connection: sends `head`, then `body` in 64 KiB pieces (a
+// send the server refuses by closing ends it), then reads until the server closes or `deadline`.
+std::string raw_exchange(int port, const std::string& head, const std::string& body,
+                         Clock::time_point deadline) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(uint16_t(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    close(fd);
+    return "";
+  }
+  timeval tv{0, 100000};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  std::string out;
+  auto drain = [&] {  // what has arrived so far, without waiting
+    char buf[4096];
+    for (ssize_t n; (n = recv(fd, buf, sizeof buf, MSG_DONTWAIT)) > 0;) out.append(buf, size_t(n));
+  };
+  bool ok = send(fd, head.data(), head.size(), MSG_NOSIGNAL) == ssize_t(head.size());
+  for (size_t at = 0; ok && at < body.size() && Clock::now() < deadline; at += 65536) {
+    const size_t n = std::min<size_t>(65536, body.size() - at);
+    ok = send(fd, body.data() + at, n, MSG_NOSIGNAL) == ssize_t(n);
+    drain();
+  }
+  auto complete = [&] {  // one whole response (httplib sends a Content-Length with each)
+    const size_t end = out.find("\r\n\r\n");
+    const size_t cl = out.find("Content-Length: ");
+    if (end == std::string::npos || cl == std::string::npos || cl > end) return false;
+    return out.size() >= end + 4 + std::stoull(out.substr(cl + 16, end - cl - 16));
+  };
+  while (Clock::now() < deadline && !complete()) {
+    char buf[4096];
+    const ssize_t n = recv(fd, buf, sizeof buf, 0);
+    if (n > 0) out.append(buf, size_t(n));
+    else if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) break;
+  }
+  close(fd);
+  return out;
+}
+
+// Requests from a hostile client: JSON nested 100,000 deep in any field (once a stack overflow
+// that killed the server), a chunked body over --max-body (once read without bound), an absurd
+// Content-Length (once refused only after the read timeout). Each gets its 4xx, and the server
+// stays up.
+TEST_F(ServerProcessTest, HostileRequestsGet4xxAndTheServerStaysUp) {
+  auto c = client(srv_->port());
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  const std::string deep_obj = [] {
+    std::string s;
+    for (int i = 0; i < 100000; i++) s += "{\"a\":";
+    return s + "1" + std::string(100000, '}');
+  }();
+  const std::string user = R"({"role": "user", "content": "hi"})";
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"content", R"({"messages": [{"role": "user", "content": )" + deep + "}]}"},
+      {"role", R"({"messages": [{"role": )" + deep + R"(, "content": "hi"}]})"},
+      {"name", R"({"messages": [{"role": "user", "content": "hi", "name": )" + deep_obj + "}]}"},
+      {"extra key", R"({"messages": [)" + user + R"(], "x": )" + deep + "}"},
+      {"chat_template_kwargs", R"({"messages": [)" + user + R"(], "chat_template_kwargs": {"k": )" +
+                                   deep_obj + "}}"},
+      {"prompt", R"({"prompt": )" + deep + "}"},
+  };
+  for (const auto& [what, body] : cases) {
+    SCOPED_TRACE(what);
+    const std::string path = what == "prompt" ? "/v1/completions" : "/v1/chat/completions";
+    auto res = c->Post(path.c_str(), body, "application/json");
+    ASSERT_TRUE(res) << httplib::to_string(res.error()) << "\n" << srv_->log();
+    EXPECT_EQ(res->status, 400) << res->body;
+    const Json j = Json::parse(res->body, nullptr, false);
+    ASSERT_TRUE(j.is_object() && j.contains("error")) << res->body;
+    EXPECT_NE(j["error"]["message"].get<std::string>().find("nested deeper than 64 levels"),
+              std::string::npos)
+        << res->body;
+    EXPECT_EQ(j["error"]["code"], "invalid_json");
+    EXPECT_TRUE(srv_->alive()) << srv_->log();
+  }
+  // Nesting within the limit still works (a content list).
+  post_json(*c, "/v1/chat/completions",
+            Json{{"messages", Json::array({Json{{"role", "user"},
+                                                {"content", Json::array({Json{
+                                                    {"type", "text"}, {"text", "hi"}}})}}})},
+                 {"max_tokens", 1}});
+
+  const auto deadline = [] { return Clock::now() + std::chrono::seconds(30); };
+  const std::string auth = "Authorization: Bearer " + kKey + "\r\n";
+  // A chunked body over the 1 MiB limit: 413 once the limit is passed.
+  std::string chunked;
+  for (int i = 0; i < 40; i++) chunked += "10000\r\n" + std::string(65536, ' ') + "\r\n";
+  chunked += "0\r\n\r\n";
+  std::string reply = raw_exchange(srv_->port(),
+                                   "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + auth +
+                                       "Content-Type: application/json\r\n"
+                                       "Transfer-Encoding: chunked\r\n\r\n",
+                                   chunked, deadline());
+  EXPECT_TRUE(reply.starts_with("HTTP/1.1 413")) << reply.substr(0, 400);
+  EXPECT_NE(reply.find("--max-body"), std::string::npos) << reply.substr(0, 400);
+  // A body for a route that takes none is not read (httplib would read it whole first).
+  for (const std::string line : {"POST /v1/nothing", "PUT /v1/chat/completions"}) {
+    reply = raw_exchange(srv_->port(),
+                         line + " HTTP/1.1\r\nHost: x\r\n" + auth +
+                             "Transfer-Encoding: chunked\r\n\r\n",
+                         chunked, deadline());
+    EXPECT_TRUE(reply.starts_with("HTTP/1.1 404")) << line << ": " << reply.substr(0, 400);
+  }
+  // A small chunked body is read whole.
+  const std::string ok_body = R"({"content": "hi"})";
+  reply = raw_exchange(srv_->port(),
+                       "POST /tokenize HTTP/1.1\r\nHost: x\r\n" + auth +
+                           "Connection: close\r\nTransfer-Encoding: chunked\r\n\r\n",
+                       fmt::format("{:x}\r\n{}\r\n0\r\n\r\n", ok_body.size(), ok_body),
+                       deadline());
+  EXPECT_TRUE(reply.starts_with("HTTP/1.1 200")) << reply;
+  // An absurd Content-Length: 413 without a byte of the body sent (no wait for a read timeout;
+  // the deadline only bounds a failure).
+  reply = raw_exchange(srv_->port(),
+                       "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + auth +
+                           "Content-Length: 99999999999999\r\n\r\n",
+                       "", deadline());
+  EXPECT_TRUE(reply.starts_with("HTTP/1.1 413")) << reply;
+  reply = raw_exchange(srv_->port(),
+                       "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + auth +
+                           "Content-Length: 99999999999999999999999999\r\n\r\n",
+                       "", deadline());
+  EXPECT_TRUE(reply.starts_with("HTTP/1.1 413")) << reply;
+  // The server is still fine.
+  EXPECT_TRUE(srv_->alive()) << srv_->log();
+  post_json(*c, "/v1/chat/completions", Json{{"messages", user_msgs()}, {"max_tokens", 2}});
+}
+
+// A second server on a port already taken fails to start, naming host:port (httplib's default
+// SO_REUSEPORT once let both listen and share the connections).
+TEST_F(ServerProcessTest, SecondServerOnATakenPortExits) {
+  const std::string addr = fmt::format("127.0.0.1:{}", srv_->port());
+  int rc = 0;
+  const std::string out =
+      shell(fmt::format("timeout 300 {} serve --port {} 2>&1", MOEFLUX_BIN, srv_->port()), &rc);
+  EXPECT_NE(rc, 0) << out;
+  EXPECT_NE(rc, 124) << "still running after 300 s: " << out;
+  EXPECT_NE(out.find("cannot bind " + addr), std::string::npos) << out;
+  EXPECT_TRUE(srv_->alive()) << srv_->log();
 }
 
 TEST_F(ServerProcessTest, Metrics) {

@@ -6,6 +6,7 @@
 #include <set>
 
 #include "util/error.h"
+#include "util/json.h"
 #include "util/mapped_file.h"
 
 namespace moeflux {
@@ -15,13 +16,7 @@ using json = nlohmann::json;
 namespace {
 
 json parse_json_file(const std::string& path) {
-  try {
-    return json::parse(read_text_file(path));
-  } catch (const json::parse_error& e) {
-    fail(ErrorKind::kFormat, "{}: malformed JSON at byte {}: {}", path, e.byte, e.what());
-  } catch (const json::exception& e) {  // e.g. a number that overflows a double
-    fail(ErrorKind::kFormat, "{}: malformed JSON: {}", path, e.what());
-  }
+  return parse_json(read_text_file(path), path);
 }
 
 // Field access on one config object with errors that name the file and the field.
@@ -34,7 +29,8 @@ struct Fields {
     if (!has(k)) fail(ErrorKind::kFormat, "{}: missing field '{}'", where, k);
     const json& v = j[k];
     if (!v.is_number_integer())
-      fail(ErrorKind::kFormat, "{}: field '{}' must be an integer, got {}", where, k, v.dump());
+      fail(ErrorKind::kFormat, "{}: field '{}' must be an integer, got {}", where, k,
+           json_brief(v));
     return v.get<int64_t>();
   }
   int get_size(const char* k) const {
@@ -47,20 +43,22 @@ struct Fields {
   double get_num_or(const char* k, double def) const {
     if (!has(k)) return def;
     if (!j[k].is_number())
-      fail(ErrorKind::kFormat, "{}: field '{}' must be a number, got {}", where, k, j[k].dump());
+      fail(ErrorKind::kFormat, "{}: field '{}' must be a number, got {}", where, k,
+           json_brief(j[k]));
     return j[k].get<double>();
   }
   bool get_bool_or(const char* k, bool def) const {
     if (!has(k)) return def;
     if (!j[k].is_boolean())
       fail(ErrorKind::kFormat, "{}: field '{}' must be true or false, got {}", where, k,
-           j[k].dump());
+           json_brief(j[k]));
     return j[k].get<bool>();
   }
   std::string get_str_or(const char* k, const std::string& def) const {
     if (!has(k)) return def;
     if (!j[k].is_string())
-      fail(ErrorKind::kFormat, "{}: field '{}' must be a string, got {}", where, k, j[k].dump());
+      fail(ErrorKind::kFormat, "{}: field '{}' must be a string, got {}", where, k,
+           json_brief(j[k]));
     return j[k].get<std::string>();
   }
 };
@@ -69,7 +67,8 @@ void add_ids(const json& v, std::vector<int>* out, const std::string& where, con
   if (v.is_null()) return;
   auto add = [&](const json& x) {
     if (!x.is_number_integer())
-      fail(ErrorKind::kFormat, "{}: field '{}' must hold token ids, got {}", where, k, x.dump());
+      fail(ErrorKind::kFormat, "{}: field '{}' must hold token ids, got {}", where, k,
+           json_brief(x));
     int id = x.get<int>();
     for (int e : *out)
       if (e == id) return;
@@ -126,8 +125,9 @@ HfConfig read_hf_config(const std::string& dir) {
   if (f.get_bool_or("attention_bias", false))
     fail(ErrorKind::kUnsupported, "{}: attention_bias = true is not supported", where);
   if (f.has("sliding_window") && (mt == "mixtral" || f.get_bool_or("use_sliding_window", false)))
-    fail(ErrorKind::kUnsupported, "{}: sliding-window attention (sliding_window = {}) is not supported",
-         where, (*cfg)["sliding_window"].dump());
+    fail(ErrorKind::kUnsupported,
+         "{}: sliding-window attention (sliding_window = {}) is not supported", where,
+         json_brief((*cfg)["sliding_window"]));
 
   s.vocab_size = f.get_size("vocab_size");
   s.hidden_size = f.get_size("hidden_size");
@@ -141,13 +141,13 @@ HfConfig read_hf_config(const std::string& dir) {
     if (!lt.is_array() || int(lt.size()) != s.n_layers)
       fail(ErrorKind::kFormat,
            "{}: field 'layer_types' must list {} layer kinds (num_hidden_layers), got {}", where,
-           s.n_layers, lt.is_array() ? fmt::format("{} entries", lt.size()) : lt.dump());
+           s.n_layers, lt.is_array() ? fmt::format("{} entries", lt.size()) : json_brief(lt));
     for (size_t i = 0; i < lt.size(); i++) {
       if (lt[i] == "full_attention") s.attn.push_back(AttnKind::kFull);
       else if (lt[i] == "linear_attention" && hybrid) s.attn.push_back(AttnKind::kLinear);
       else
         fail(ErrorKind::kUnsupported, "{}: layer_types[{}] = {} is not supported for {}", where, i,
-             lt[i].dump(), mt);
+             json_brief(lt[i]), mt);
     }
   } else if (hybrid) {
     int interval = f.get_size_or("full_attention_interval", 4);

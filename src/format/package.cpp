@@ -7,6 +7,7 @@
 #include <algorithm>
 
 #include "util/error.h"
+#include "util/json.h"
 #include "util/mapped_file.h"
 
 namespace moeflux {
@@ -58,7 +59,7 @@ struct Reader {
     const json& v = field(j, k, ctx);
     if (!v.is_number_unsigned())
       fail(ErrorKind::kFormat, "{}: {}field '{}' must be a non-negative integer, got {}", where,
-           ctx, k, v.dump());
+           ctx, k, json_brief(v));
     return v.get<uint64_t>();
   }
   std::string get_str(const json& j, const char* k, const std::string& ctx = "") const {
@@ -84,10 +85,11 @@ struct Reader {
     uint64_t numel = 1;
     for (const auto& d : shape) {
       if (!d.is_number_unsigned() || d.get<uint64_t>() == 0 || d.get<uint64_t>() > (1ull << 32))
-        fail(ErrorKind::kFormat, "{}: {}bad dimension {} in shape", where, c, d.dump());
+        fail(ErrorKind::kFormat, "{}: {}bad dimension {} in shape", where, c, json_brief(d));
       // Four dims of up to 2^32 overflow 64 bits (numel() and the byte count would wrap).
       if (numel > (uint64_t(1) << 48) / d.get<uint64_t>())
-        fail(ErrorKind::kFormat, "{}: {}shape {} is implausibly large", where, c, shape.dump());
+        fail(ErrorKind::kFormat, "{}: {}shape {} is implausibly large", where, c,
+             json_brief(shape));
       numel *= d.get<uint64_t>();
       t.shape.push_back(d.get<int64_t>());
     }
@@ -153,14 +155,7 @@ Manifest read_manifest(const std::string& dir) {
   const std::string path = manifest_path(dir);
   if (!file_exists(path))
     fail(ErrorKind::kIo, "{}: not a moeflux package (no moeflux.json)", dir);
-  json j;
-  try {
-    j = json::parse(read_text_file(path));
-  } catch (const json::parse_error& e) {
-    fail(ErrorKind::kFormat, "{}: malformed JSON at byte {}: {}", path, e.byte, e.what());
-  } catch (const json::exception& e) {  // e.g. a number that overflows a double
-    fail(ErrorKind::kFormat, "{}: malformed JSON: {}", path, e.what());
-  }
+  const json j = parse_json(read_text_file(path), path);
   Reader r{path};
   if (!j.is_object() || !j.contains("format") || j["format"] != "moeflux")
     fail(ErrorKind::kFormat, "{}: not a moeflux manifest (field 'format' != \"moeflux\")", path);
@@ -209,7 +204,8 @@ Manifest read_manifest(const std::string& dir) {
   if (!layers.is_array()) fail(ErrorKind::kFormat, "{}: experts.layers must be an array", path);
   for (const auto& l : layers) {
     if (!l.is_number_unsigned() || l.get<uint64_t>() >= uint64_t(s.n_layers))
-      fail(ErrorKind::kFormat, "{}: experts.layers entry {} is not a layer index", path, l.dump());
+      fail(ErrorKind::kFormat, "{}: experts.layers entry {} is not a layer index", path,
+           json_brief(l));
     m.experts.layers.push_back(l.get<int>());
   }
   std::vector<int> want;

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "util/error.h"
+#include "util/json.h"
 
 namespace moeflux {
 
@@ -34,14 +35,18 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : file_(path) {
     fail(ErrorKind::kFormat, "{}: safetensors header of {} bytes is implausibly large", path,
          header_len);
   const uint8_t* hdr = file_.data() + 8;
+  const std::string_view text(reinterpret_cast<const char*>(hdr), header_len);
+  if (std::string why = json_limit_violation(text, kJsonFileLimits); !why.empty())
+    fail(ErrorKind::kFormat, "{}: safetensors header JSON {}", path, why);
   json j;
   try {
-    j = json::parse(hdr, hdr + header_len);
+    j = json::parse(text);
   } catch (const json::parse_error& e) {
-    fail(ErrorKind::kFormat, "{}: malformed safetensors header JSON at byte {}: {}", path,
-         e.byte, e.what());
+    fail(ErrorKind::kFormat, "{}: malformed safetensors header JSON at byte {}: {}", path, e.byte,
+         json_error_brief(e));
   } catch (const json::exception& e) {  // e.g. a number that overflows a double
-    fail(ErrorKind::kFormat, "{}: malformed safetensors header JSON: {}", path, e.what());
+    fail(ErrorKind::kFormat, "{}: malformed safetensors header JSON: {}", path,
+         json_error_brief(e));
   }
   if (!j.is_object()) fail(ErrorKind::kFormat, "{}: safetensors header is not a JSON object", path);
   const uint64_t data_start = 8 + header_len;
@@ -124,14 +129,7 @@ Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
   std::vector<std::string> shard_files;
   const std::string index_path = dir + "/model.safetensors.index.json";
   if (fs::exists(index_path)) {
-    json j;
-    try {
-      j = json::parse(read_text_file(index_path));
-    } catch (const json::parse_error& e) {
-      fail(ErrorKind::kFormat, "{}: malformed JSON at byte {}: {}", index_path, e.byte, e.what());
-    } catch (const json::exception& e) {  // e.g. a number that overflows a double
-      fail(ErrorKind::kFormat, "{}: malformed JSON: {}", index_path, e.what());
-    }
+    json j = parse_json(read_text_file(index_path), index_path);
     if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
       fail(ErrorKind::kFormat, "{}: missing object 'weight_map'", index_path);
     for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {

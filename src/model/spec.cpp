@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include "util/error.h"
+#include "util/json.h"
 
 namespace moeflux {
 
@@ -108,7 +109,7 @@ ModelSpec spec_from_json(const json& j, const std::string& where) {
     const json& v = field(k);
     if (!v.is_number_integer() || v.get<int64_t>() < -1 || v.get<int64_t>() > (1ll << 31) - 1)
       fail(ErrorKind::kFormat, "{}: model field '{}' must be an integer, got {}", where, k,
-           v.dump());
+           json_brief(v));
     return v.get<int>();
   };
   auto get_num = [&](const char* k) {
@@ -132,12 +133,14 @@ ModelSpec spec_from_json(const json& j, const std::string& where) {
   for (const auto& a : field("attn")) {
     if (a == "full") s.attn.push_back(AttnKind::kFull);
     else if (a == "linear") s.attn.push_back(AttnKind::kLinear);
-    else fail(ErrorKind::kFormat, "{}: model field 'attn' has unknown kind {}", where, a.dump());
+    else
+      fail(ErrorKind::kFormat, "{}: model field 'attn' has unknown kind {}", where, json_brief(a));
   }
   for (const auto& f : field("ffn")) {
     if (f == "moe") s.ffn.push_back(FfnKind::kMoe);
     else if (f == "dense") s.ffn.push_back(FfnKind::kDense);
-    else fail(ErrorKind::kFormat, "{}: model field 'ffn' has unknown kind {}", where, f.dump());
+    else
+      fail(ErrorKind::kFormat, "{}: model field 'ffn' has unknown kind {}", where, json_brief(f));
   }
   s.rms_eps = float(get_num("rms_eps"));
   s.n_heads = get_int("n_heads");

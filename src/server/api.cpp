@@ -5,6 +5,8 @@
 #include <cmath>
 #include <limits>
 
+#include "util/json.h"
+
 namespace moeflux::server {
 
 namespace {
@@ -133,7 +135,7 @@ void parse_common(const Json& body, GenRequest& r) {
   if (const Json* lb = member(body, "logit_bias")) {
     if (!lb->is_object()) wrong_type("logit_bias", "an object", *lb);
     for (auto& [k, v] : lb->items()) {
-      const std::string field = "logit_bias." + k;
+      const std::string field = "logit_bias." + (k.size() <= 40 ? k : k.substr(0, 40) + "…");
       char* end = nullptr;
       const long id = std::strtol(k.c_str(), &end, 10);
       if (k.empty() || *end || id < 0 || id > std::numeric_limits<int32_t>::max())
@@ -183,9 +185,9 @@ std::string content_text(const Json& content, const std::string& field) {
                      pf + ".type", "missing_required_parameter");
     if (*type != "text")
       throw ApiError(400,
-                     fmt::format("Invalid value for '{}.type': '{}'; only text content is "
+                     fmt::format("Invalid value for '{}.type': {}; only text content is "
                                  "supported.",
-                                 pf, type->get<std::string>()),
+                                 pf, quote_brief(type->get_ref<const std::string&>())),
                      pf + ".type", "unsupported_value");
     auto text = part.find("text");
     if (text == part.end() || !text->is_string())
@@ -208,9 +210,9 @@ Json message_json(const Json& m, size_t i) {
   if (r == "developer") r = "system";  // OpenAI's newer name; chat templates know "system"
   if (r != "system" && r != "user" && r != "assistant" && r != "tool" && r != "function")
     throw ApiError(400,
-                   fmt::format("Invalid value for '{}.role': '{}'; expected one of system, "
+                   fmt::format("Invalid value for '{}.role': {}; expected one of system, "
                                "developer, user, assistant, tool.",
-                               f, r),
+                               f, quote_brief(r)),
                    f + ".role", "invalid_value");
   Json out = Json::object();
   out["role"] = r;
@@ -267,6 +269,11 @@ Json error_json(const ApiError& e) {
 }
 
 Json parse_body(std::string_view body) {
+  if (std::string why = json_limit_violation(body, {kMaxRequestJsonDepth, body.size()});
+      !why.empty())
+    throw ApiError(400,
+                   fmt::format("We could not parse the JSON body of your request: it is {}.", why),
+                   "", "invalid_json");
   Json j;
   try {
     j = Json::parse(body);
@@ -276,6 +283,11 @@ Json parse_body(std::string_view body) {
                                "byte {}.",
                                e.byte),
                    "", "invalid_json");
+  } catch (const nlohmann::json::exception& e) {  // a number beyond double range (found by fuzzing)
+    throw ApiError(
+        400,
+        fmt::format("We could not parse the JSON body of your request: {}", json_error_brief(e)),
+        "", "invalid_json");
   }
   if (!j.is_object())
     throw ApiError(400, fmt::format("The request body must be a JSON object, not {}.",
@@ -468,6 +480,27 @@ Json usage_chunk(const ResponseMeta& m, bool chat, const Usage& u) {
   j["choices"] = Json::array();
   j["usage"] = usage_json(u);
   return j;
+}
+
+ApiReply check_request(std::string_view method, std::string_view path, std::string_view body,
+                       const std::function<std::string(const GenRequest&)>& render) {
+  auto reply = [](int status, const Json& j) { return ApiReply{status, dump(j)}; };
+  try {
+    const bool chat = path == "/v1/chat/completions" || path == "/chat/completions";
+    const bool completion = path == "/v1/completions" || path == "/completions";
+    if ((!chat && !completion) || method != "POST")
+      throw ApiError(
+          404, fmt::format("Unknown request URL: {} {}.", quote_brief(method), quote_brief(path)),
+          "", "unknown_url");
+    const Json j = parse_body(body);
+    const GenRequest g = chat ? parse_chat_request(j) : parse_completion_request(j);
+    if (render && g.chat) render(g);
+    return reply(200, Json{{"ok", true}});
+  } catch (const ApiError& e) {
+    return reply(e.status, error_json(e));
+  } catch (const std::exception& e) {
+    return reply(500, error_json(ApiError(500, e.what())));
+  }
 }
 
 std::string dump(const Json& j) {

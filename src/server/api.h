@@ -5,7 +5,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -33,7 +35,12 @@ class ApiError : public std::runtime_error {
 
 Json error_json(const ApiError& e);
 
-// The request body as JSON (400 "invalid JSON ... at byte N" otherwise; an object required).
+// Request bodies nest at most this deep (a chat request needs 4: body, messages, message,
+// content parts); deeper is refused before parsing, as copying or dumping a deep value recurses.
+inline constexpr size_t kMaxRequestJsonDepth = 64;
+
+// The request body as JSON (400 "invalid JSON ... at byte N" or naming the depth limit
+// otherwise; an object required).
 Json parse_body(std::string_view body);
 
 struct GenRequest {
@@ -104,6 +111,17 @@ Json usage_chunk(const ResponseMeta& m, bool chat, const Usage& u);
 // One server-sent event: "data: <json>\n\n" (JSON on one line, invalid UTF-8 replaced).
 std::string sse_event(const Json& j);
 inline constexpr std::string_view kSseDone = "data: [DONE]\n\n";
+
+// The model-free part of the request -> response path, for the fuzzer and tests: a POST body
+// to a generation route parsed and checked, a chat's messages rendered by `render` (e.g. the
+// chat template) when given. Returns the status and body the server would send up to the point
+// where tokens and a slot are needed (200 {"ok": true} when it got there). Throws nothing.
+struct ApiReply {
+  int status = 200;
+  std::string body;
+};
+ApiReply check_request(std::string_view method, std::string_view path, std::string_view body,
+                       const std::function<std::string(const GenRequest&)>& render = nullptr);
 
 // Serialises for the wire (one line, invalid UTF-8 replaced by U+FFFD).
 std::string dump(const Json& j);

@@ -12,12 +12,15 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <random>
+#include <set>
 #include <thread>
 
 #include "engine/generate.h"
@@ -192,6 +195,8 @@ struct Server::Impl {
   std::thread watcher;
 
   void routes();
+  std::set<std::string> post_paths;  // the routes that take a body (read by post() in routes())
+  void refuse_too_large(httplib::Response& res) const;
   void watch();
   void handle_generate(const httplib::Request& req, httplib::Response& res, bool chat);
   std::vector<int32_t> prompt_tokens(const GenRequest& g);
@@ -425,6 +430,16 @@ void Server::Impl::watch() {
 // ---------------------------------------------------------------------------------------------
 // Routes.
 
+// 413, and the connection closes: the rest of the body is not read.
+void Server::Impl::refuse_too_large(httplib::Response& res) const {
+  send_error(res, ApiError(413,
+                           fmt::format("The request body is larger than the limit of {} bytes "
+                                       "(--max-body).",
+                                       opt.max_body),
+                           "", "request_too_large"));
+  res.set_header("Connection", "close");
+}
+
 void Server::Impl::routes() {
   auto wrap = [](std::function<void(const httplib::Request&, httplib::Response&)> fn) {
     return [fn](const httplib::Request& req, httplib::Response& res) {
@@ -439,12 +454,42 @@ void Server::Impl::routes() {
       }
     };
   };
+  // POST bodies are read here, not by httplib: its payload limit (0.11) holds only for a body
+  // with a Content-Length, and a chunked one would grow without bound. An oversized
+  // Content-Length is refused before any of it is read (set_pre_routing_handler below).
+  using Handler = std::function<void(const httplib::Request&, httplib::Response&)>;
+  auto post = [this](const char* path, Handler fn) {
+    post_paths.insert(path);
+    http.Post(path, [this, fn](const httplib::Request& req, httplib::Response& res,
+                               const httplib::ContentReader& reader) {
+      httplib::Request full = req;
+      bool too_large = false;
+      const bool ok = reader([&](const char* data, size_t n) {
+        if (n > opt.max_body - full.body.size()) {
+          too_large = true;
+          return false;
+        }
+        full.body.append(data, n);
+        return true;
+      });
+      if (too_large) {
+        refuse_too_large(res);
+        return;
+      }
+      if (!ok) {
+        send_error(res, ApiError(400, "The request body could not be read.", "", "bad_body"));
+        res.set_header("Connection", "close");
+        return;
+      }
+      fn(full, res);
+    });
+  };
   auto chat = wrap([this](const auto& req, auto& res) { handle_generate(req, res, true); });
   auto completions = wrap([this](const auto& req, auto& res) { handle_generate(req, res, false); });
-  http.Post("/v1/chat/completions", chat);
-  http.Post("/chat/completions", chat);
-  http.Post("/v1/completions", completions);
-  http.Post("/completions", completions);
+  post("/v1/chat/completions", chat);
+  post("/chat/completions", chat);
+  post("/v1/completions", completions);
+  post("/completions", completions);
 
   auto models = wrap([this](const auto&, auto& res) {
     Json m = Json::object();
@@ -477,58 +522,81 @@ void Server::Impl::routes() {
                  "text/plain; version=0.0.4; charset=utf-8");
            }));
 
-  http.Post("/tokenize", wrap([this](const auto& req, auto& res) {
-              const Json body = parse_body(req.body);
-              auto c = body.find("content");
-              if (c == body.end() || !c->is_string())
-                throw ApiError(400, "'content' must be a string.", "content", "invalid_type");
-              bool with_pieces = false, parse_special = true;
-              for (auto [key, flag] : {std::pair{"with_pieces", &with_pieces},
-                                       std::pair{"parse_special", &parse_special}}) {
-                auto it = body.find(key);
-                if (it == body.end() || it->is_null()) continue;
-                if (!it->is_boolean())
-                  throw ApiError(400, fmt::format("'{}' must be a boolean.", key), key,
-                                 "invalid_type");
-                *flag = it->template get<bool>();
-              }
-              const std::vector<int32_t> ids = tok.encode(c->template get<std::string>(),
-                                                          parse_special);
-              Json tokens = Json::array();
-              for (int32_t id : ids)
-                if (with_pieces)
-                  tokens.push_back(Json{{"id", id}, {"piece", std::string(tok.token_bytes(id))}});
-                else
-                  tokens.push_back(id);
-              send_json(res, 200, Json{{"tokens", tokens}});
-            }));
+  post("/tokenize", wrap([this](const auto& req, auto& res) {
+         const Json body = parse_body(req.body);
+         auto c = body.find("content");
+         if (c == body.end() || !c->is_string())
+           throw ApiError(400, "'content' must be a string.", "content", "invalid_type");
+         bool with_pieces = false, parse_special = true;
+         for (auto [key, flag] : {std::pair{"with_pieces", &with_pieces},
+                                  std::pair{"parse_special", &parse_special}}) {
+           auto it = body.find(key);
+           if (it == body.end() || it->is_null()) continue;
+           if (!it->is_boolean())
+             throw ApiError(400, fmt::format("'{}' must be a boolean.", key), key, "invalid_type");
+           *flag = it->template get<bool>();
+         }
+         const std::vector<int32_t> ids = tok.encode(c->template get<std::string>(), parse_special);
+         Json tokens = Json::array();
+         for (int32_t id : ids)
+           if (with_pieces)
+             tokens.push_back(Json{{"id", id}, {"piece", std::string(tok.token_bytes(id))}});
+           else
+             tokens.push_back(id);
+         send_json(res, 200, Json{{"tokens", tokens}});
+       }));
 
-  http.Post("/detokenize", wrap([this](const auto& req, auto& res) {
-              const Json body = parse_body(req.body);
-              auto t = body.find("tokens");
-              if (t == body.end() || !t->is_array())
-                throw ApiError(400, "'tokens' must be an array of token ids.", "tokens",
-                               "invalid_type");
-              std::vector<int32_t> ids;
-              for (size_t i = 0; i < t->size(); i++) {
-                const Json& v = (*t)[i];
-                if (!v.is_number_integer() || v.template get<int64_t>() < 0 ||
-                    v.template get<int64_t>() >= tok.vocab_size())
-                  throw ApiError(400,
-                                 fmt::format("'tokens[{}]' is not a token id in [0, {}).", i,
-                                             tok.vocab_size()),
-                                 fmt::format("tokens[{}]", i), "invalid_value");
-                ids.push_back(int32_t(v.template get<int64_t>()));
-              }
-              send_json(res, 200, Json{{"content", tok.decode(ids)}});
-            }));
+  post("/detokenize", wrap([this](const auto& req, auto& res) {
+         const Json body = parse_body(req.body);
+         auto t = body.find("tokens");
+         if (t == body.end() || !t->is_array())
+           throw ApiError(400, "'tokens' must be an array of token ids.", "tokens", "invalid_type");
+         std::vector<int32_t> ids;
+         for (size_t i = 0; i < t->size(); i++) {
+           const Json& v = (*t)[i];
+           if (!v.is_number_integer() || v.template get<int64_t>() < 0 ||
+               v.template get<int64_t>() >= tok.vocab_size())
+             throw ApiError(
+                 400,
+                 fmt::format("'tokens[{}]' is not a token id in [0, {}).", i, tok.vocab_size()),
+                 fmt::format("tokens[{}]", i), "invalid_value");
+           ids.push_back(int32_t(v.template get<int64_t>()));
+         }
+         send_json(res, 200, Json{{"content", tok.decode(ids)}});
+       }));
 
   http.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
-    if (opt.api_key.empty() || req.path == "/health") return httplib::Server::HandlerResponse::Unhandled;
+    // Refused at once, not after reading (httplib skips a body over its limit by reading it).
+    if (req.has_header("Content-Length")) {
+      const std::string len = req.get_header_value("Content-Length");
+      char* end = nullptr;
+      errno = 0;
+      const unsigned long long n = std::strtoull(len.c_str(), &end, 10);
+      if (len.empty() || *end || len[0] == '-' || errno == ERANGE || n > opt.max_body) {
+        if (len.empty() || *end || len[0] == '-')
+          send_error(res, ApiError(400, "The Content-Length header is not a number.", "",
+                                   "bad_content_length"));
+        else
+          refuse_too_large(res);
+        res.set_header("Connection", "close");
+        return httplib::Server::HandlerResponse::Handled;
+      }
+    }
     const std::string auth = req.get_header_value("Authorization");
     const std::string bearer = "Bearer ";
-    if (auth.starts_with(bearer) && same_secret(auth.substr(bearer.size()), opt.api_key))
-      return httplib::Server::HandlerResponse::Unhandled;
+    if (opt.api_key.empty() || req.path == "/health" ||
+        (auth.starts_with(bearer) && same_secret(auth.substr(bearer.size()), opt.api_key))) {
+      // httplib reads the body of any POST, PUT, PATCH, ... before finding no route for it
+      // (and a chunked one without bound): refuse those before reading.
+      if (req.method == "GET" || req.method == "HEAD" ||
+          (req.method == "POST" && post_paths.count(req.path)))
+        return httplib::Server::HandlerResponse::Unhandled;
+      send_error(res,
+                 ApiError(404, fmt::format("Unknown request URL: {} {}.", req.method, req.path), "",
+                          "unknown_url", "invalid_request_error"));
+      res.set_header("Connection", "close");
+      return httplib::Server::HandlerResponse::Handled;
+    }
     send_error(res, ApiError(401,
                              auth.empty() ? "You didn't provide an API key. Pass it in the "
                                             "Authorization header: Bearer YOUR_KEY."
@@ -539,15 +607,20 @@ void Server::Impl::routes() {
 
   // Responses httplib makes itself (no route: 404, body over the limit: 413, a request it
   // cannot parse: 400) get a JSON body; ours already have one.
-  http.set_error_handler(httplib::Server::HandlerWithResponse(
-      [](const httplib::Request& req, httplib::Response& res) {
+  http.set_error_handler(httplib::Server::HandlerWithResponse([max_body = opt.max_body](
+                                                                  const httplib::Request& req,
+                                                                  httplib::Response& res) {
     if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
     if (res.status == 404)
       send_error(res, ApiError(404, fmt::format("Unknown request URL: {} {}.", req.method,
                                                 req.path),
                                "", "unknown_url", "invalid_request_error"));
     else if (res.status == 413)
-      send_error(res, ApiError(413, "The request body is too large.", "", "request_too_large"));
+      send_error(res, ApiError(413,
+                               fmt::format("The request body is larger than the limit of {} "
+                                           "bytes (--max-body).",
+                                           max_body),
+                               "", "request_too_large"));
     else
       send_error(res, ApiError(res.status, status_text(res.status)));
     return httplib::Server::HandlerResponse::Handled;
@@ -593,7 +666,14 @@ Server::Server(const Model& model, ExpertStore& store, const Tokenizer& tokenize
   const size_t workers = size_t(s.opt.parallel + s.opt.queue + 16);
   s.http.new_task_queue = [workers] { return new httplib::ThreadPool(workers); };
   s.http.set_payload_max_length(s.opt.max_body);
-  s.http.set_tcp_nodelay(true);  // one small SSE chunk per token: do not wait to coalesce
+  s.http.set_tcp_nodelay(true);
+  // httplib's default sets SO_REUSEPORT, so a second server on a taken port binds too and the
+  // kernel splits connections between the two. SO_REUSEADDR alone still allows a restart while
+  // the old socket is in TIME_WAIT, but a port in use fails to bind.
+  s.http.set_socket_options([](socket_t sock) {
+    int yes = 1;
+    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
+  });  // one small SSE chunk per token: do not wait to coalesce
   s.routes();
 }
 
@@ -605,12 +685,14 @@ Server::~Server() {
 int Server::bind() {
   Impl& s = *impl_;
   int port = s.opt.port;
+  errno = 0;  // httplib reports only false; the failing call's errno says why
+  auto why = [] { return errno ? std::string(": ") + std::strerror(errno) : std::string(); };
   if (port == 0) {
     port = s.http.bind_to_any_port(s.opt.host);
-    if (port < 0) fail(ErrorKind::kIo, "serve: cannot bind {} (any port)", s.opt.host);
+    if (port < 0) fail(ErrorKind::kIo, "serve: cannot bind {} (any port){}", s.opt.host, why());
   } else if (!s.http.bind_to_port(s.opt.host, port)) {
-    fail(ErrorKind::kIo, "serve: cannot bind {}:{} (in use, or not an address of this machine)",
-         s.opt.host, port);
+    fail(ErrorKind::kIo, "serve: cannot bind {}:{}{} (in use, or not an address of this machine)",
+         s.opt.host, port, why());
   }
   return port;
 }

@@ -5,6 +5,7 @@
 #include <sstream>
 
 #include "util/error.h"
+#include "util/json.h"
 
 namespace moeflux {
 
@@ -22,11 +23,7 @@ std::string read_file(const std::string& path) {
 }
 
 Json parse_json_file(const std::string& path) {
-  try {
-    return Json::parse(read_file(path));
-  } catch (const nlohmann::json::exception& e) {
-    fail(ErrorKind::kFormat, "{}: invalid JSON: {}", path, e.what());
-  }
+  return parse_json<Json>(read_file(path), path);
 }
 
 // transformers' special_tokens_map: the tokens that are set, as strings. A token may be written

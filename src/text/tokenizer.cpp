@@ -12,6 +12,7 @@
 
 #include "text/unicode.h"
 #include "util/error.h"
+#include "util/json.h"
 #include "util/mapped_file.h"
 
 namespace moeflux {
@@ -149,9 +150,7 @@ class MergeMap {
 // JSON access: every failure names the file and the field path ("model.merges[12]").
 
 std::string brief(const json& j) {
-  std::string s = j.dump(-1, ' ', false, json::error_handler_t::replace);
-  if (s.size() > 60) s = s.substr(0, 57) + "...";
-  return s;
+  return json_brief(j, 60);
 }
 
 struct Field {
@@ -1251,12 +1250,15 @@ json parse_tokenizer_json(std::string_view text, const std::string& source,
   // Capacity for a typical file (~75 bytes of JSON per token and merge), so neither regrows.
   vocab->reserve(text.size() / 64);
   merges->reserve(text.size() / 64);
+  if (std::string why = json_limit_violation(text, kJsonFileLimits); !why.empty())
+    fail(ErrorKind::kFormat, "{}: JSON {}", source, why);
   try {
     return json::parse(text, callback);
   } catch (const json::parse_error& e) {
-    fail(ErrorKind::kFormat, "{}: invalid JSON at byte {}: {}", source, e.byte, e.what());
+    fail(ErrorKind::kFormat, "{}: invalid JSON at byte {}: {}", source, e.byte,
+         json_error_brief(e));
   } catch (const json::exception& e) {  // e.g. out_of_range for a number such as 1e400
-    fail(ErrorKind::kFormat, "{}: invalid JSON: {}", source, e.what());
+    fail(ErrorKind::kFormat, "{}: invalid JSON: {}", source, json_error_brief(e));
   }
 }
 

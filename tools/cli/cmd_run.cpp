@@ -28,6 +28,7 @@
 #include "text/sampler.h"
 #include "text/tokenizer.h"
 #include "util/error.h"
+#include "util/json.h"
 #include "util/mapped_file.h"
 
 namespace moeflux::cli {
@@ -192,12 +193,7 @@ TextAssets load_text(const std::string& model_dir, const std::string& tokenizer_
     }
   }
   if (a.config_path.empty()) return a;
-  Json cfg;
-  try {
-    cfg = Json::parse(read_text_file(a.config_path));
-  } catch (const nlohmann::json::exception& e) {
-    fail(ErrorKind::kFormat, "{}: invalid JSON: {}", a.config_path, e.what());
-  }
+  const Json cfg = parse_json<Json>(read_text_file(a.config_path), a.config_path);
   if (cfg.contains("eos_token")) {
     const Json& e = cfg["eos_token"];
     if (e.is_string()) a.eos_token = e.get<std::string>();
@@ -428,12 +424,7 @@ Json conversation_json(const std::vector<ChatMessage>& msgs) {
 }
 
 std::vector<ChatMessage> conversation_from_json(const std::string& path) {
-  Json j;
-  try {
-    j = Json::parse(read_text_file(path));
-  } catch (const nlohmann::json::exception& e) {
-    fail(ErrorKind::kFormat, "{}: invalid JSON: {}", path, e.what());
-  }
+  Json j = parse_json<Json>(read_text_file(path), path);
   const Json* list = &j;
   if (j.is_object() && j.contains("messages")) list = &j["messages"];
   if (!list->is_array())

@@ -19,6 +19,7 @@
 #include "text/chat_template.h"
 #include "text/tokenizer.h"
 #include "util/error.h"
+#include "util/json.h"
 
 namespace moeflux::cli {
 namespace {
@@ -59,12 +60,7 @@ Text load_text(const std::string& package, const std::string& tokenizer_flag) {
     std::ifstream f(cfg_path);
     std::stringstream ss;
     ss << f.rdbuf();
-    nlohmann::json cfg;
-    try {
-      cfg = nlohmann::json::parse(ss.str());
-    } catch (const nlohmann::json::exception& e) {
-      fail(ErrorKind::kFormat, "{}: invalid JSON: {}", cfg_path.string(), e.what());
-    }
+    const nlohmann::json cfg = parse_json(ss.str(), cfg_path.string());
     if (auto it = cfg.find("eos_token"); it != cfg.end()) {
       if (it->is_string()) t.eos_token = it->get<std::string>();
       if (it->is_object() && it->contains("content") && (*it)["content"].is_string())
