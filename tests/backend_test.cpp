@@ -520,8 +520,8 @@ Outputs check_deltanet_gates(Backend& be) {
 // of S and o the same recurrence on magnitudes (|S|, |k|, |v|, ... with every difference
 // turned into a sum): the Σ|terms| each value is built from. Each token adds a few roundings of
 // that size and carries the earlier ones (the update is a contraction), so tolerance
-// c·eps·(t + 2)·mag, c = 8 for the recurrence; the chunked (WY) form inverts a triangular
-// system per chunk and reorders every sum: c = 32.
+// c·eps·(t + 2)·mag with c = 8, for the recurrence and for the chunked (WY) form alike (which
+// reorders every sum). Measured on the CPU: the recurrence uses 1/10 of it, the chunked 1/17.
 struct DeltaRef {
   std::vector<double> out, out_mag, state, state_mag;
 };
@@ -587,7 +587,7 @@ Outputs check_deltanet(Backend& be, int chunk) {
   p.k_dim = 32;
   p.v_dim = 80;  // a block of 64 columns and a remainder
   const int C = 2 * p.k_heads * p.k_dim + p.v_heads * p.v_dim, nv = p.v_heads;
-  const double c = chunk ? 32 : 8;
+  const double c = 8;
   Rng rng(1000 + uint32_t(chunk));
   std::vector<float> S0 = rng.vec(size_t(nv * p.k_dim * p.v_dim), -0.3f, 0.3f);
   Buffers B(be);
@@ -854,7 +854,7 @@ TEST_P(BackendLayers, HiddenStatesMatchReference) {
       EXPECT_GE(cs, 0.99999) << "hidden " << n << " position " << t;
       worst = std::min(worst, cs);
     }
-    RecordProperty(fmt::format("min_cosine_{}", n), fmt::format("{:.8f}", worst));
+    RecordProperty(fmt::format("one_minus_min_cosine_{}", n), fmt::format("{:.3g}", 1 - worst));
   }
   EXPECT_EQ(n, model->spec().n_layers + 1);
   EXPECT_EQ(int(hidden.size()), n) << "the sink saw hidden states the reference lacks";
