@@ -1,0 +1,873 @@
+// Every op of the backend boundary (engine/backend.h) against an independent float64 reference
+// written here from the maths (DESIGN.md §1, the comments in backend.h), for every backend in
+// backends(): random inputs from fixed seeds, moved only through the backend's own
+// alloc/upload/download (backend memory is never read on the host). Then the same forward pass
+// layer by layer: Session::eval with each backend against HF's float64 hidden states.
+//
+// Tolerances follow f32 rounding: an output that sums terms may be off by c·eps32·Σ|terms|
+// (c stated per op; eps32 = 2^-23), an elementwise op by c·eps32·|result|. Quantised weights
+// are dequantised exactly in double, so only the f32 realisation of each weight (two roundings)
+// and the accumulation remain. A CUDA backend joins by one line in backends().
+#include <fmt/format.h>
+
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "format/quant.h"
+#include "test_util.h"
+#include "util/half.h"
+
+namespace moeflux::test {
+namespace {
+
+using BackendFactory = std::function<std::unique_ptr<Backend>(int threads)>;
+
+struct BackendKind {
+  std::string name;
+  BackendFactory make;
+};
+
+// The backends under test. A new one is one line here.
+std::vector<BackendKind> backends() {
+  std::vector<BackendKind> out;
+  out.push_back({"cpu", [](int threads) { return make_cpu_backend(threads); }});
+#ifdef MOEFLUX_HAVE_CUDA
+  out.push_back({"cuda", [](int threads) { return make_cuda_backend(threads); }});
+#endif
+  return out;
+}
+
+void PrintTo(const BackendKind& k, std::ostream* os) { *os << k.name; }
+
+constexpr double kEps = 1.0 / (1 << 23);  // eps32: one ulp at 1, twice the unit roundoff
+
+// Host-side random numbers, fixed seed per use.
+struct Rng {
+  explicit Rng(uint32_t seed) : g(seed) {}
+  float uni(float lo = -1, float hi = 1) { return std::uniform_real_distribution<float>(lo, hi)(g); }
+  std::vector<float> vec(size_t n, float lo = -1, float hi = 1) {
+    std::vector<float> v(n);
+    for (auto& x : v) x = uni(lo, hi);
+    return v;
+  }
+  std::mt19937 g;
+};
+
+// Backend memory owned by a test; released with it.
+class Buffers {
+ public:
+  explicit Buffers(Backend& be) : be_(be) {}
+  ~Buffers() {
+    for (float* p : ptrs_) be_.release(p);
+  }
+  float* put(const std::vector<float>& h) {
+    float* p = zeros(h.size());
+    be_.upload(p, h.data(), h.size());
+    return p;
+  }
+  float* zeros(size_t n) {
+    ptrs_.push_back(be_.alloc(n));
+    return ptrs_.back();
+  }
+  std::vector<float> get(const float* p, size_t n) {
+    std::vector<float> h(n);
+    be_.download(h.data(), p, n);
+    return h;
+  }
+
+ private:
+  Backend& be_;
+  std::vector<float*> ptrs_;
+};
+
+// |got - want| <= tol elementwise; reports the first violation and returns the worst
+// |got - want| / tol (recorded as a test property so the margin is visible).
+double expect_close(const std::string& what, const std::vector<float>& got,
+                    const std::vector<double>& want, const std::vector<double>& tol) {
+  EXPECT_EQ(got.size(), want.size()) << what;
+  double worst = 0;
+  int bad = 0;
+  for (size_t i = 0; i < std::min(got.size(), want.size()); i++) {
+    const double d = std::fabs(double(got[i]) - want[i]);
+    const double r = tol[i] > 0 ? d / tol[i] : (d == 0 ? 0 : INFINITY);
+    if (!(r <= 1) && bad++ < 3)
+      ADD_FAILURE() << what << "[" << i << "]: got " << got[i] << " want " << want[i]
+                    << " |d| " << d << " tol " << tol[i];
+    if (!(r <= worst)) worst = r;
+  }
+  ::testing::Test::RecordProperty(what, fmt::format("{:.3g}", worst));
+  return worst;
+}
+
+void expect_bits(const std::string& what, const std::vector<float>& a, const std::vector<float>& b) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << what;
+}
+
+double sigmoid(double x) { return 1 / (1 + std::exp(-x)); }
+double silu(double x) { return x * sigmoid(x); }
+double softplus(double x) { return x > 30 ? x : std::log1p(std::exp(x)); }
+
+// ---- Weight matrices of every dtype, with their exact values in double ----------------------
+
+struct HostMat {
+  Mat m;
+  std::vector<double> w;    // [rows, cols] the exact weight the dtype stores
+  std::vector<double> mag;  // [rows, cols] bound on |terms| of its f32 realisation
+  std::vector<float> f32;
+  std::vector<uint16_t> half, scales, biases;
+  std::vector<uint32_t> packed;
+};
+
+std::unique_ptr<HostMat> make_mat(DType dt, int64_t rows, int64_t cols, uint32_t seed) {
+  auto h = std::make_unique<HostMat>();
+  Rng rng(seed);
+  std::vector<float> src = rng.vec(size_t(rows * cols));
+  const size_t n = src.size();
+  h->w.resize(n);
+  h->mag.resize(n);
+  h->m.dtype = dt;
+  h->m.rows = rows;
+  h->m.cols = cols;
+  if (dt == DType::kF32) {
+    h->f32 = src;
+    h->m.data = h->f32.data();
+    for (size_t i = 0; i < n; i++) h->w[i] = src[i];
+  } else if (dt == DType::kBF16 || dt == DType::kF16) {
+    h->half.resize(n);
+    for (size_t i = 0; i < n; i++) {
+      h->half[i] = dt == DType::kBF16 ? f32_to_bf16(src[i]) : f32_to_f16(src[i]);
+      h->w[i] = dt == DType::kBF16 ? bf16_to_f32(h->half[i]) : f16_to_f32(h->half[i]);
+    }
+    h->m.data = h->half.data();
+  } else {
+    const int bits = quant_bits(dt), group = 64;
+    const QuantLayout L = quant_layout(rows, cols, bits, group);
+    h->packed.resize(L.packed_bytes / 4);
+    h->scales.resize(L.scales_bytes / 2);
+    h->biases.resize(L.biases_bytes / 2);
+    quantize_rows(src.data(), rows, cols, bits, group, h->packed.data(), h->scales.data(),
+                  h->biases.data());
+    h->m.data = h->packed.data();
+    h->m.scales = h->scales.data();
+    h->m.biases = h->biases.data();
+    h->m.group = group;
+    // Unpacked here (LSB-first, DESIGN.md §2), not by format/quant.h's dequantiser.
+    const int64_t words = cols * bits / 32, per = 32 / bits;
+    for (int64_t r = 0; r < rows; r++)
+      for (int64_t c = 0; c < cols; c++) {
+        const uint32_t word = h->packed[size_t(r * words + c / per)];
+        const double q = double((word >> ((c % per) * bits)) & ((1u << bits) - 1));
+        const double s = bf16_to_f32(h->scales[size_t(r * (cols / group) + c / group)]);
+        const double b = bf16_to_f32(h->biases[size_t(r * (cols / group) + c / group)]);
+        h->w[size_t(r * cols + c)] = q * s + b;
+        // float(q)*scale + bias in f32 rounds a product and a sum.
+        h->mag[size_t(r * cols + c)] = std::fabs(q * s) + std::fabs(b);
+      }
+    return h;
+  }
+  for (size_t i = 0; i < n; i++) h->mag[i] = std::fabs(h->w[i]);
+  return h;
+}
+
+const DType kWeightTypes[] = {DType::kF32, DType::kBF16, DType::kF16,
+                              DType::kQ8,  DType::kQ4,   DType::kQ2};
+
+// ---- The op checks. Each runs its op on `be`, checks it against the reference and returns
+// every output it downloaded, so a second run with other threads can be compared bit for bit.
+
+using Outputs = std::vector<float>;
+
+void append(Outputs& o, const std::vector<float>& v) { o.insert(o.end(), v.begin(), v.end()); }
+
+Outputs check_memory(Backend& be) {
+  Buffers B(be);
+  Outputs out;
+  const size_t n = 1000;
+  float* z = B.zeros(n);
+  const auto zs = B.get(z, n);
+  for (size_t i = 0; i < n; i++) EXPECT_EQ(zs[i], 0.0f) << "alloc not zeroed at " << i;
+  Rng rng(1);
+  const auto h = rng.vec(n);
+  float* a = B.put(h);
+  expect_bits("upload/download", B.get(a, n), h);
+  be.copy(z + 10, a + 20, 500);
+  const auto c = B.get(z, n);
+  for (size_t i = 0; i < n; i++)
+    EXPECT_EQ(c[i], i >= 10 && i < 510 ? h[i + 10] : 0.0f) << "copy at " << i;
+  append(out, c);
+  return out;
+}
+
+// out[t] = E[tokens[t]]: exact for float dtypes; dequantised rows are q*s + b in f32.
+Outputs check_embed(Backend& be) {
+  Outputs out;
+  const int64_t V = 37, H = 128;
+  const std::vector<int32_t> tokens = {5, 0, 36, 5, 17};
+  const int T = int(tokens.size());
+  for (DType dt : kWeightTypes) {
+    auto E = make_mat(dt, V, H, 100 + uint32_t(dt));
+    Buffers B(be);
+    float* y = B.zeros(size_t(T * H));
+    be.embed(E->m, tokens.data(), T, y);
+    std::vector<double> want(size_t(T * H)), tol(size_t(T * H));
+    for (int t = 0; t < T; t++)
+      for (int64_t c = 0; c < H; c++) {
+        const size_t i = size_t(tokens[size_t(t)] * H + c);
+        want[size_t(t * H + c)] = E->w[i];
+        tol[size_t(t * H + c)] = is_quant_dtype(dt) ? 2 * kEps * E->mag[i] : 0;
+      }
+    const auto got = B.get(y, size_t(T * H));
+    expect_close(fmt::format("embed_{}", dtype_name(dt)), got, want, tol);
+    append(out, got);
+  }
+  return out;
+}
+
+// y[t, r] = Σ_c W[r, c] x[t, c]. Tolerance 4·eps·Σ_c mag(W[r, c])·|x[t, c]|: the weight's f32
+// realisation (exact for float dtypes, two roundings for quantised ones) plus accumulation, which
+// for random signs stays far below the Σ|terms| bound. Also: a token's bits do not depend on T.
+Outputs check_matmul(Backend& be) {
+  Outputs out;
+  const int64_t rows = 40, cols = 192;  // rows not a multiple of 16, cols not of 128
+  for (DType dt : kWeightTypes) {
+    auto W = make_mat(dt, rows, cols, 200 + uint32_t(dt));
+    std::vector<float> row17;
+    for (int T : {1, 3, 17}) {
+      Buffers B(be);
+      Rng rng(300 + uint32_t(T));
+      const auto x = rng.vec(size_t(T * cols), -2, 2);
+      float* xd = B.put(x);
+      float* yd = B.zeros(size_t(T * rows));
+      be.matmul(W->m, xd, yd, T);
+      std::vector<double> want(size_t(T * rows)), tol(size_t(T * rows));
+      for (int t = 0; t < T; t++)
+        for (int64_t r = 0; r < rows; r++) {
+          double s = 0, m = 0;
+          for (int64_t c = 0; c < cols; c++) {
+            s += W->w[size_t(r * cols + c)] * x[size_t(t * cols + c)];
+            m += W->mag[size_t(r * cols + c)] * std::fabs(x[size_t(t * cols + c)]);
+          }
+          want[size_t(t * rows + r)] = s;
+          tol[size_t(t * rows + r)] = 4 * kEps * m;
+        }
+      const auto got = B.get(yd, size_t(T * rows));
+      expect_close(fmt::format("matmul_{}_T{}", dtype_name(dt), T), got, want, tol);
+      append(out, got);
+      if (T == 17) {
+        // Token 5 of the batch alone: same bits (prefill == decode).
+        float* x1 = B.put(std::vector<float>(x.begin() + 5 * cols, x.begin() + 6 * cols));
+        float* y1 = B.zeros(size_t(rows));
+        be.matmul(W->m, x1, y1, 1);
+        expect_bits(fmt::format("matmul_{} token alone vs in batch", dtype_name(dt)),
+                    B.get(y1, size_t(rows)),
+                    std::vector<float>(got.begin() + 5 * rows, got.begin() + 6 * rows));
+      }
+    }
+  }
+  return out;
+}
+
+// y = x·rsqrt(mean x² + eps)·w over n of each stride; floats between rows untouched.
+// Tolerance c·eps·|y| with c = 4 + log2(n): a few roundings for rsqrt and the products plus the
+// sum of squares (a tree-order f32 sum is within log2(n)·eps of it). Rows of tiny values make
+// eps matter (a wrong eps fails them).
+Outputs check_rmsnorm(Backend& be) {
+  Outputs out;
+  const int rows = 6, n = 96, stride = 131;
+  const float eps = 1e-6f;
+  for (bool with_w : {true, false})
+    for (bool in_place : {false, true}) {
+      Rng rng(400 + 2 * with_w + in_place);
+      auto x = rng.vec(size_t(rows) * stride, -3, 3);
+      for (int i = 0; i < n; i++) x[size_t(4 * stride + i)] *= 1e-3f;  // mean x² ~ 3e-6
+      for (int i = 0; i < n; i++) x[size_t(5 * stride + i)] *= 1e-4f;  // eps dominates
+      const auto w = rng.vec(size_t(n), 0.5f, 1.5f);
+      Buffers B(be);
+      float* xd = B.put(x);
+      float* wd = with_w ? B.put(w) : nullptr;
+      float* yd = in_place ? xd : B.put(std::vector<float>(x.size(), 7.0f));
+      be.rmsnorm(xd, wd, yd, rows, n, stride, eps);
+      std::vector<double> want(x.size()), tol(x.size(), 0);
+      for (int r = 0; r < rows; r++) {
+        double ss = 0;
+        for (int i = 0; i < n; i++) ss += double(x[size_t(r * stride + i)]) * x[size_t(r * stride + i)];
+        const double inv = 1 / std::sqrt(ss / n + double(eps));
+        for (int i = 0; i < stride; i++) {
+          const size_t j = size_t(r * stride + i);
+          if (i >= n) {  // the gap between rows is not written
+            want[j] = in_place ? x[j] : 7.0;
+            continue;
+          }
+          want[j] = x[j] * inv * (with_w ? w[size_t(i)] : 1.0);
+          tol[j] = (4 + std::log2(double(n))) * kEps * std::fabs(want[j]);
+        }
+      }
+      const auto got = B.get(yd, x.size());
+      expect_close(fmt::format("rmsnorm_w{}_inplace{}", int(with_w), int(in_place)), got, want, tol);
+      append(out, got);
+    }
+  return out;
+}
+
+// Rotate-half on the first rot_dim dims of each head at position pos0 + t. The angle is the
+// contract's f32 pos·theta^(-2i/rot) (as HF): its own rounding is (2 + ln theta)·eps relative,
+// so tolerance 4·eps·(|a| + |b|)·(2 + (2 + ln theta)·|angle|). Unrotated floats are bit-exact.
+Outputs check_rope(Backend& be) {
+  Outputs out;
+  const int n_heads = 3, head_dim = 32, head_stride = 2 * head_dim, rot = 8;  // partial: 1/4
+  const int row_stride = n_heads * head_stride + 5;
+  const double theta = 1e7;
+  for (auto [T, pos0] : {std::pair{1, 0}, std::pair{17, 7}, std::pair{3, 1000}}) {
+    Rng rng(500 + uint32_t(T));
+    const auto x = rng.vec(size_t(T) * row_stride);
+    Buffers B(be);
+    float* xd = B.put(x);
+    be.rope(xd, T, n_heads, row_stride, head_stride, rot, pos0, theta);
+    std::vector<double> want(x.begin(), x.end()), tol(x.size(), 0);
+    const int half = rot / 2;
+    for (int t = 0; t < T; t++)
+      for (int h = 0; h < n_heads; h++)
+        for (int i = 0; i < half; i++) {
+          const size_t ia = size_t(t * row_stride + h * head_stride + i), ib = ia + size_t(half);
+          const double ang = (pos0 + t) * std::pow(theta, -2.0 * i / rot);
+          const double a = x[ia], b = x[ib];
+          want[ia] = a * std::cos(ang) - b * std::sin(ang);
+          want[ib] = b * std::cos(ang) + a * std::sin(ang);
+          tol[ia] = tol[ib] =
+              4 * kEps * (std::fabs(a) + std::fabs(b)) * (2 + (2 + std::log(theta)) * ang);
+        }
+    const auto got = B.get(xd, x.size());
+    expect_close(fmt::format("rope_T{}_pos{}", T, pos0), got, want, tol);
+    append(out, got);
+  }
+  return out;
+}
+
+// Causal softmax attention, GQA (query head h reads kv head h / group), q rows as gated
+// attention lays them out (head_dim queries then head_dim gates per head). With
+// A = max_j scale·Σ|q·k_j| (the score's terms), a score is off by ~A·eps, a softmax weight by
+// ~(2A + n)·eps relative (n cache positions summed), so tolerance
+// 4·eps·(n + 2 + 2A)·Σ_j p_j·|v_j|. Cache rows past the last position hold huge values: reading
+// them fails.
+Outputs check_attention(Backend& be) {
+  Outputs out;
+  AttentionParams p;
+  p.n_heads = 4;
+  p.n_kv_heads = 2;
+  p.head_dim = 16;
+  p.q_head_stride = 2 * p.head_dim;
+  p.q_stride = p.n_heads * p.q_head_stride;
+  p.kv_stride = p.n_kv_heads * p.head_dim;
+  p.scale = 1.0f / std::sqrt(float(p.head_dim));
+  const int d = p.head_dim, group = p.n_heads / p.n_kv_heads;
+  for (auto [T, pos0] : {std::pair{1, 0}, std::pair{1, 9}, std::pair{3, 5}, std::pair{17, 4}}) {
+    const int ctx = pos0 + T + 3;
+    Rng rng(600 + uint32_t(T * 31 + pos0));
+    const auto q = rng.vec(size_t(T) * p.q_stride, -2, 2);
+    auto k = rng.vec(size_t(ctx) * p.kv_stride, -2, 2);
+    auto v = rng.vec(size_t(ctx) * p.kv_stride);
+    for (size_t i = size_t(pos0 + T) * p.kv_stride; i < k.size(); i++) k[i] = v[i] = 1e4f;
+    Buffers B(be);
+    float* qd = B.put(q);
+    float* kd = B.put(k);
+    float* vd = B.put(v);
+    const size_t n_out = size_t(T) * p.n_heads * d;
+    float* od = B.put(std::vector<float>(n_out, 3.0f));
+    be.attention(qd, kd, vd, od, T, pos0, p);
+    std::vector<double> want(n_out), tol(n_out);
+    for (int t = 0; t < T; t++)
+      for (int h = 0; h < p.n_heads; h++) {
+        const int kvh = h / group, n = pos0 + t + 1;
+        const float* qv = q.data() + size_t(t) * p.q_stride + size_t(h) * p.q_head_stride;
+        std::vector<double> s(static_cast<size_t>(n));
+        double mx = -INFINITY, A = 0;
+        for (int j = 0; j < n; j++) {
+          double dot = 0, m = 0;
+          for (int i = 0; i < d; i++) {
+            const double kv = k[size_t(j) * p.kv_stride + size_t(kvh * d + i)];
+            dot += qv[i] * kv;
+            m += std::fabs(qv[i] * kv);
+          }
+          s[size_t(j)] = dot * p.scale;
+          mx = std::max(mx, s[size_t(j)]);
+          A = std::max(A, m * p.scale);
+        }
+        double sum = 0;
+        for (auto& x : s) sum += (x = std::exp(x - mx));
+        for (int i = 0; i < d; i++) {
+          double o = 0, m = 0;
+          for (int j = 0; j < n; j++) {
+            const double vv = v[size_t(j) * p.kv_stride + size_t(kvh * d + i)];
+            o += s[size_t(j)] / sum * vv;
+            m += s[size_t(j)] / sum * std::fabs(vv);
+          }
+          const size_t idx = size_t(t) * p.n_heads * d + size_t(h * d + i);
+          want[idx] = o;
+          tol[idx] = 4 * kEps * (n + 2 + 2 * A) * m;
+        }
+      }
+    const auto got = B.get(od, n_out);
+    expect_close(fmt::format("attention_T{}_pos{}", T, pos0), got, want, tol);
+    append(out, got);
+  }
+  return out;
+}
+
+// out *= sigmoid(gate) with the gate interleaved in q rows (gated attention). 4·eps·|result|.
+Outputs check_mul_sigmoid_gate(Backend& be) {
+  const int T = 5, nh = 3, d = 16, gate_head_stride = 2 * d, gate_stride = nh * 2 * d + 3;
+  Rng rng(700);
+  const auto o = rng.vec(size_t(T * nh * d), -2, 2);
+  const auto q = rng.vec(size_t(T * gate_stride), -6, 6);
+  Buffers B(be);
+  float* od = B.put(o);
+  float* qd = B.put(q);
+  be.mul_sigmoid_gate(od, qd + d, T, nh, d, gate_stride, gate_head_stride);
+  std::vector<double> want(o.size()), tol(o.size());
+  for (int t = 0; t < T; t++)
+    for (int h = 0; h < nh; h++)
+      for (int i = 0; i < d; i++) {
+        const size_t j = size_t(t * nh * d + h * d + i);
+        want[j] = o[j] * sigmoid(q[size_t(t * gate_stride + h * gate_head_stride + d + i)]);
+        tol[j] = 4 * kEps * std::fabs(want[j]);
+      }
+  const auto got = B.get(od, o.size());
+  expect_close("mul_sigmoid_gate", got, want, tol);
+  return got;
+}
+
+// Causal depthwise conv (window = state then inputs, oldest first) + SiLU, twice in a row so
+// the state written by the first call feeds the second. 4·eps·(Σ|w·x| + |y|); the state is
+// a copy of inputs, bit-exact.
+Outputs check_conv1d_silu(Backend& be) {
+  Outputs out;
+  const int C = 40, K = 4;
+  Rng rng(800);
+  const auto w = rng.vec(size_t(C * K));
+  std::vector<float> state = rng.vec(size_t((K - 1) * C), -2, 2);
+  Buffers B(be);
+  float* wd = B.put(w);
+  float* sd = B.put(state);
+  for (int T : {5, 1, 2}) {
+    const auto x = rng.vec(size_t(T * C), -2, 2);
+    float* xd = B.put(x);
+    float* yd = B.zeros(size_t(T * C));
+    be.conv1d_silu(xd, sd, wd, yd, T, C, K);
+    std::vector<double> want(size_t(T * C)), tol(size_t(T * C));
+    // history = state rows then x rows
+    std::vector<float> hist(state);
+    hist.insert(hist.end(), x.begin(), x.end());
+    for (int t = 0; t < T; t++)
+      for (int c = 0; c < C; c++) {
+        double s = 0, m = 0;
+        for (int i = 0; i < K; i++) {
+          const double term = double(w[size_t(c * K + i)]) * hist[size_t((t + i) * C + c)];
+          s += term;
+          m += std::fabs(term);
+        }
+        want[size_t(t * C + c)] = silu(s);
+        tol[size_t(t * C + c)] = 4 * kEps * (1.1 * m + std::fabs(silu(s)));
+      }
+    const auto got = B.get(yd, size_t(T * C));
+    expect_close(fmt::format("conv1d_silu_T{}", T), got, want, tol);
+    append(out, got);
+    state.assign(hist.end() - (K - 1) * C, hist.end());
+    expect_bits(fmt::format("conv1d_silu_T{} state", T), B.get(sd, state.size()), state);
+  }
+  return out;
+}
+
+// g = -exp(A_log)·softplus(a + dt_bias): the sum a + dt_bias rounds in f32 (relative error of
+// softplus up to eps·|a + dt|), then exp and log1p: 4·eps·|g|·(2 + |a + dt|).
+// beta = sigmoid(b): 4·eps·|beta|·(1 + |b|·(1 - beta)) ~ exp's relative error.
+Outputs check_deltanet_gates(Backend& be) {
+  const int T = 7, nv = 6;
+  Rng rng(900);
+  auto a = rng.vec(size_t(T * nv), -8, 8);
+  a[0] = 40;   // softplus's linear region
+  a[1] = -40;  // and its exponential tail
+  const auto b = rng.vec(size_t(T * nv), -10, 10);
+  const auto A_log = rng.vec(size_t(nv), -2, 2), dt = rng.vec(size_t(nv));
+  Buffers B(be);
+  float* ad = B.put(a);
+  float* bd = B.put(b);
+  be.deltanet_gates(ad, bd, B.put(A_log), B.put(dt), T, nv);
+  std::vector<double> wa(a.size()), ta(a.size()), wb(b.size()), tb(b.size());
+  for (int t = 0; t < T; t++)
+    for (int h = 0; h < nv; h++) {
+      const size_t i = size_t(t * nv + h);
+      const double x = double(a[i]) + dt[size_t(h)];
+      wa[i] = -std::exp(double(A_log[size_t(h)])) * softplus(x);
+      ta[i] = 4 * kEps * std::fabs(wa[i]) * (2 + std::fabs(x));
+      wb[i] = sigmoid(b[i]);
+      tb[i] = 4 * kEps * wb[i] * (1 + std::fabs(b[i]) * (1 - wb[i]));
+    }
+  Outputs out = B.get(ad, a.size());
+  expect_close("deltanet_gates_g", out, wa, ta);
+  const auto gb = B.get(bd, b.size());
+  expect_close("deltanet_gates_beta", gb, wb, tb);
+  append(out, gb);
+  return out;
+}
+
+// The gated delta rule per v-head h (k-head h / (nv/nk)), in double, carrying beside every value
+// of S and o the same recurrence on magnitudes (|S|, |k|, |v|, ... with every difference
+// turned into a sum): the Σ|terms| each value is built from. Each token adds a few roundings of
+// that size and carries the earlier ones (the update is a contraction), so tolerance
+// c·eps·(t + 2)·mag with c = 8, for the recurrence and for the chunked (WY) form alike (which
+// reorders every sum). Measured on the CPU: the recurrence uses 1/10 of it, the chunked 1/17.
+struct DeltaRef {
+  std::vector<double> out, out_mag, state, state_mag;
+};
+
+DeltaRef deltanet_reference(const std::vector<float>& qkv, const std::vector<float>& g,
+                            const std::vector<float>& beta, const std::vector<float>& S0, int T,
+                            const DeltaNetParams& p) {
+  const int nk = p.k_heads, nv = p.v_heads, dk = p.k_dim, dv = p.v_dim;
+  const int C = 2 * nk * dk + nv * dv;
+  DeltaRef r;
+  r.state.assign(S0.begin(), S0.end());
+  r.state_mag.resize(S0.size());
+  for (size_t i = 0; i < S0.size(); i++) r.state_mag[i] = std::fabs(S0[i]);
+  r.out.resize(size_t(T * nv * dv));
+  r.out_mag.resize(r.out.size());
+  auto l2 = [&](const float* x, double scale) {
+    double ss = 0;
+    for (int i = 0; i < dk; i++) ss += double(x[i]) * x[i];
+    std::vector<double> y(static_cast<size_t>(dk));
+    for (int i = 0; i < dk; i++) y[size_t(i)] = x[i] / std::sqrt(ss + 1e-6) * scale;
+    return y;
+  };
+  for (int h = 0; h < nv; h++) {
+    const int kh = h / (nv / nk);
+    double* S = r.state.data() + size_t(h) * dk * dv;
+    double* M = r.state_mag.data() + size_t(h) * dk * dv;
+    for (int t = 0; t < T; t++) {
+      const float* row = qkv.data() + size_t(t) * C;
+      const auto q = l2(row + kh * dk, 1 / std::sqrt(double(dk)));
+      const auto k = l2(row + (nk + kh) * dk, 1);
+      const float* v = row + 2 * nk * dk + h * dv;
+      const double decay = std::exp(double(g[size_t(t * nv + h)]));
+      const double bt = beta[size_t(t * nv + h)];
+      for (int i = 0; i < dk * dv; i++) S[i] *= decay, M[i] *= decay;
+      for (int j = 0; j < dv; j++) {
+        double ks = 0, km = 0;
+        for (int i = 0; i < dk; i++) {
+          ks += k[size_t(i)] * S[i * dv + j];
+          km += std::fabs(k[size_t(i)]) * M[i * dv + j];
+        }
+        const double delta = (v[j] - ks) * bt, dm = (std::fabs(v[j]) + km) * bt;
+        double o = 0, om = 0;
+        for (int i = 0; i < dk; i++) {
+          S[i * dv + j] += k[size_t(i)] * delta;
+          M[i * dv + j] += std::fabs(k[size_t(i)]) * dm;
+          o += q[size_t(i)] * S[i * dv + j];
+          om += std::fabs(q[size_t(i)]) * M[i * dv + j];
+        }
+        r.out[size_t(t * nv * dv + h * dv + j)] = o;
+        r.out_mag[size_t(t * nv * dv + h * dv + j)] = om;
+      }
+    }
+  }
+  return r;
+}
+
+// chunk = 0: the recurrence (Backend::deltanet); else deltanet_chunked with that chunk.
+Outputs check_deltanet(Backend& be, int chunk) {
+  Outputs out;
+  DeltaNetParams p;
+  p.k_heads = 2;
+  p.v_heads = 4;
+  p.k_dim = 32;
+  p.v_dim = 80;  // a block of 64 columns and a remainder
+  const int C = 2 * p.k_heads * p.k_dim + p.v_heads * p.v_dim, nv = p.v_heads;
+  const double c = 8;
+  Rng rng(1000 + uint32_t(chunk));
+  std::vector<float> S0 = rng.vec(size_t(nv * p.k_dim * p.v_dim), -0.3f, 0.3f);
+  Buffers B(be);
+  float* sd = B.put(S0);
+  // Two calls in a row: the state left by the first is the second's input.
+  for (int T : {17, 3}) {
+    const auto qkv = rng.vec(size_t(T * C));
+    const auto g = rng.vec(size_t(T * nv), -1.5f, -0.01f);
+    const auto beta = rng.vec(size_t(T * nv), 0.05f, 0.95f);
+    float* od = B.zeros(size_t(T * nv * p.v_dim));
+    if (chunk)
+      be.deltanet_chunked(B.put(qkv), B.put(g), B.put(beta), sd, od, T, p, chunk);
+    else
+      be.deltanet(B.put(qkv), B.put(g), B.put(beta), sd, od, T, p);
+    const DeltaRef r = deltanet_reference(qkv, g, beta, S0, T, p);
+    std::vector<double> tol(r.out.size()), stol(r.state.size());
+    const int per_t = nv * p.v_dim;
+    for (size_t i = 0; i < tol.size(); i++) tol[i] = c * kEps * (int(i) / per_t + 2) * r.out_mag[i];
+    for (size_t i = 0; i < stol.size(); i++) stol[i] = c * kEps * (T + 1) * r.state_mag[i];
+    const std::string name = chunk ? fmt::format("deltanet_chunked{}_T{}", chunk, T)
+                                   : fmt::format("deltanet_T{}", T);
+    const auto got = B.get(od, r.out.size());
+    expect_close(name, got, r.out, tol);
+    S0 = B.get(sd, S0.size());
+    expect_close(name + "_state", S0, r.state, stol);
+    append(out, got);
+    append(out, S0);
+  }
+  return out;
+}
+
+// x = x·rsqrt(mean x² + eps)·w·silu(z) per row of n: as rmsnorm plus silu's few roundings,
+// (6 + log2 n)·eps·|result|.
+Outputs check_gated_rmsnorm(Backend& be) {
+  const int rows = 5, n = 80;
+  const float eps = 1e-6f;
+  Rng rng(1100);
+  auto x = rng.vec(size_t(rows * n), -2, 2);
+  for (int i = 0; i < n; i++) x[size_t(4 * n + i)] *= 1e-4f;  // eps dominates
+  const auto z = rng.vec(size_t(rows * n), -5, 5), w = rng.vec(size_t(n), 0.5f, 1.5f);
+  Buffers B(be);
+  float* xd = B.put(x);
+  be.gated_rmsnorm(xd, B.put(z), B.put(w), rows, n, eps);
+  std::vector<double> want(x.size()), tol(x.size());
+  for (int r = 0; r < rows; r++) {
+    double ss = 0;
+    for (int i = 0; i < n; i++) ss += double(x[size_t(r * n + i)]) * x[size_t(r * n + i)];
+    const double inv = 1 / std::sqrt(ss / n + double(eps));
+    for (int i = 0; i < n; i++) {
+      const size_t j = size_t(r * n + i);
+      want[j] = x[j] * inv * w[size_t(i)] * silu(z[j]);
+      tol[j] = (6 + std::log2(double(n))) * kEps * std::fabs(want[j]);
+    }
+  }
+  const auto got = B.get(xd, x.size());
+  expect_close("gated_rmsnorm", got, want, tol);
+  return got;
+}
+
+// The elementwise ops: add is one rounding (eps·|y + x|... within half an ulp), silu_mul and
+// scale_rows_sigmoid a few (4·eps·|result|).
+Outputs check_elementwise(Backend& be) {
+  Outputs out;
+  const size_t n = 1001;
+  Rng rng(1200);
+  const auto y = rng.vec(n, -4, 4), x = rng.vec(n, -4, 4);
+  Buffers B(be);
+  {
+    float* yd = B.put(y);
+    be.add(yd, B.put(x), n);
+    std::vector<double> want(n), tol(n);
+    for (size_t i = 0; i < n; i++) {
+      want[i] = double(y[i]) + x[i];
+      tol[i] = 0.5 * kEps * std::fabs(want[i]);
+    }
+    append(out, B.get(yd, n));
+    expect_close("add", B.get(yd, n), want, tol);
+  }
+  {
+    float* gd = B.put(y);
+    be.silu_mul(gd, B.put(x), n);
+    std::vector<double> want(n), tol(n);
+    for (size_t i = 0; i < n; i++) {
+      want[i] = silu(y[i]) * x[i];
+      tol[i] = 4 * kEps * std::fabs(want[i]);
+    }
+    append(out, B.get(gd, n));
+    expect_close("silu_mul", B.get(gd, n), want, tol);
+  }
+  {
+    const int T = 7, m = 143;
+    const auto v = rng.vec(size_t(T * m), -3, 3), s = rng.vec(size_t(T), -8, 8);
+    float* vd = B.put(v);
+    be.scale_rows_sigmoid(vd, B.put(s), T, m);
+    std::vector<double> want(v.size()), tol(v.size());
+    for (int t = 0; t < T; t++)
+      for (int i = 0; i < m; i++) {
+        want[size_t(t * m + i)] = v[size_t(t * m + i)] * sigmoid(s[size_t(t)]);
+        tol[size_t(t * m + i)] = 4 * kEps * std::fabs(want[size_t(t * m + i)]);
+      }
+    append(out, B.get(vd, v.size()));
+    expect_close("scale_rows_sigmoid", B.get(vd, v.size()), want, tol);
+  }
+  return out;
+}
+
+// gather_rows / scatter_rows_scaled with ids (and scales) in host memory: a gather is a copy
+// (bit-exact), a scatter one product (half an ulp); rows no id names are left alone.
+// sum_slots adds the k slots in order j = 0..k-1: that order is part of the contract, so it is
+// checked bit for bit against the sequential f32 sum, on slots whose sum depends on the order.
+Outputs check_rows(Backend& be) {
+  Outputs out;
+  const int src_rows = 9, n = 33;
+  Rng rng(1300);
+  const auto src = rng.vec(size_t(src_rows * n), -3, 3);
+  const std::vector<int32_t> idx = {4, 0, 8, 4, 2};
+  const int rows = int(idx.size());
+  Buffers B(be);
+  float* sd = B.put(src);
+  float* gd = B.zeros(size_t(rows * n));
+  be.gather_rows(sd, idx.data(), rows, n, gd);
+  std::vector<float> want_g;
+  for (int32_t i : idx) want_g.insert(want_g.end(), src.begin() + i * n, src.begin() + (i + 1) * n);
+  const auto got_g = B.get(gd, want_g.size());
+  expect_bits("gather_rows", got_g, want_g);
+  append(out, got_g);
+
+  const std::vector<int32_t> sidx = {3, 7, 0, 5};
+  const std::vector<float> scale = {0.25f, -1.5f, 0.3f, 2.0f};
+  const auto dst0 = rng.vec(size_t(src_rows * n), 10, 20);
+  float* dd = B.put(dst0);
+  be.scatter_rows_scaled(sd, sidx.data(), scale.data(), int(sidx.size()), n, dd);
+  std::vector<double> want_s(dst0.begin(), dst0.end()), tol_s(dst0.size(), 0);
+  for (size_t r = 0; r < sidx.size(); r++)
+    for (int i = 0; i < n; i++) {
+      const size_t j = size_t(sidx[r] * n + i);
+      want_s[j] = double(src[r * n + size_t(i)]) * scale[r];
+      tol_s[j] = 0.5 * kEps * std::fabs(want_s[j]);
+    }
+  const auto got_s = B.get(dd, dst0.size());
+  expect_close("scatter_rows_scaled", got_s, want_s, tol_s);
+  append(out, got_s);
+
+  const int T = 3, k = 4, m = 50;
+  auto slots = rng.vec(size_t(T * k * m), -2, 2);
+  // Token 0, column 0: (1e8 + 1) - 1e8 + 1 is 1 in order, 2 or 0 in others.
+  slots[0] = 1e8f, slots[size_t(m)] = 1.0f, slots[size_t(2 * m)] = -1e8f, slots[size_t(3 * m)] = 1.0f;
+  float* od = B.zeros(size_t(T * m));
+  be.sum_slots(B.put(slots), T, k, m, od);
+  std::vector<float> want_o(size_t(T * m));
+  for (int t = 0; t < T; t++)
+    for (int i = 0; i < m; i++) {
+      float s = slots[size_t(t * k * m + i)];
+      for (int j = 1; j < k; j++) s += slots[size_t((t * k + j) * m + i)];
+      want_o[size_t(t * m + i)] = s;
+    }
+  const auto got_o = B.get(od, want_o.size());
+  EXPECT_EQ(got_o[0], 1.0f) << "sum_slots did not add in slot order";
+  expect_bits("sum_slots", got_o, want_o);
+  append(out, got_o);
+  return out;
+}
+
+// ---- The parametrised suite ------------------------------------------------------------------
+
+class BackendOps : public ::testing::TestWithParam<BackendKind> {
+ protected:
+  // Runs `check` on the backend with 1 thread and with 3 (both against the reference) and
+  // requires the same bits: the boundary promises results independent of the thread count.
+  void run(const std::function<Outputs(Backend&)>& check) {
+    auto one = GetParam().make(1);
+    const Outputs a = check(*one);
+    if (HasFailure()) return;
+    auto three = GetParam().make(3);
+    ASSERT_EQ(three->threads(), 3);
+    const Outputs b = check(*three);
+    expect_bits(std::string(GetParam().name) + ": threads 1 vs 3", a, b);
+  }
+};
+
+TEST_P(BackendOps, Memory) { run(check_memory); }
+TEST_P(BackendOps, Embed) { run(check_embed); }
+TEST_P(BackendOps, Matmul) { run(check_matmul); }
+TEST_P(BackendOps, Rmsnorm) { run(check_rmsnorm); }
+TEST_P(BackendOps, Rope) { run(check_rope); }
+TEST_P(BackendOps, Attention) { run(check_attention); }
+TEST_P(BackendOps, MulSigmoidGate) { run(check_mul_sigmoid_gate); }
+TEST_P(BackendOps, Conv1dSilu) { run(check_conv1d_silu); }
+TEST_P(BackendOps, DeltanetGates) { run(check_deltanet_gates); }
+TEST_P(BackendOps, Deltanet) { run([](Backend& be) { return check_deltanet(be, 0); }); }
+TEST_P(BackendOps, DeltanetChunked) {
+  run([](Backend& be) {
+    Outputs o = check_deltanet(be, 4);  // 17 = four chunks and one token
+    append(o, check_deltanet(be, 64));  // one partial chunk
+    return o;
+  });
+}
+TEST_P(BackendOps, GatedRmsnorm) { run(check_gated_rmsnorm); }
+TEST_P(BackendOps, Elementwise) { run(check_elementwise); }
+TEST_P(BackendOps, Rows) { run(check_rows); }
+
+INSTANTIATE_TEST_SUITE_P(Backends, BackendOps, ::testing::ValuesIn(backends()),
+                         [](const auto& info) { return info.param.name; });
+
+// ---- Layer by layer through the hidden-state sink ----------------------------------------------
+
+struct LayerCase {
+  BackendKind backend;
+  std::string fixture, tokens;
+  enum Mode { kPrefill, kPrefillChunked, kDecode } mode;
+};
+
+void PrintTo(const LayerCase& c, std::ostream* os) { *os << c.backend.name << "/" << c.fixture; }
+
+std::vector<LayerCase> layer_cases() {
+  std::vector<LayerCase> out;
+  for (const auto& b : backends()) {
+    out.push_back({b, "qwen3_5_moe", "chunk", LayerCase::kPrefill});
+    out.push_back({b, "qwen3_5_moe", "chunk", LayerCase::kPrefillChunked});
+    out.push_back({b, "qwen3_5_moe", "short", LayerCase::kDecode});
+    out.push_back({b, "qwen3_moe", "short", LayerCase::kPrefill});
+  }
+  return out;
+}
+
+class BackendLayers : public ::testing::TestWithParam<LayerCase> {};
+
+// Every HF-numbered hidden state (0 = embeddings, i = after layer i-1, L = final norm) of every
+// position against the float64 reference at the oracle's tolerance (DESIGN.md §4).
+TEST_P(BackendLayers, HiddenStatesMatchReference) {
+  const LayerCase& c = GetParam();
+  SafetensorsFile ref(fixture_dir(c.fixture) + "/reference.safetensors");
+  const auto tokens = read_i32(ref, "tokens_" + c.tokens);
+  const int T = int(tokens.size());
+  auto model = Model::load(converted_fixture(c.fixture));
+  auto be = c.backend.make(2);
+  ExpertStore store(*model);
+  SessionParams sp;
+  if (c.mode == LayerCase::kPrefillChunked) {
+    sp.deltanet_chunked_min_tokens = 2;
+    sp.deltanet_chunk = 16;
+  }
+  Session s(*model, *be, store, sp);
+  const int H = model->spec().hidden_size;
+  std::map<int, std::vector<float>> hidden;
+  HiddenSink sink = [&](int i, const float* h, int n) {
+    hidden[i].insert(hidden[i].end(), h, h + size_t(n) * H);
+  };
+  if (c.mode == LayerCase::kDecode)
+    for (int t = 0; t < T; t++) s.eval(&tokens[size_t(t)], 1, nullptr, false, sink);
+  else
+    s.eval(tokens.data(), T, nullptr, false, sink);
+
+  int n = 0;
+  for (;; n++) {
+    const std::string name = fmt::format("hidden_{}_{}", c.tokens, n);
+    if (!ref.find(name)) break;
+    const auto want = read_f32(ref, name);
+    ASSERT_EQ(hidden[n].size(), want.size()) << "hidden " << n;
+    double worst = 1;
+    for (int t = 0; t < T; t++) {
+      const double cs = cosine(hidden[n].data() + size_t(t) * H, want.data() + size_t(t) * H,
+                               size_t(H));
+      EXPECT_GE(cs, 0.99999) << "hidden " << n << " position " << t;
+      worst = std::min(worst, cs);
+    }
+    RecordProperty(fmt::format("one_minus_min_cosine_{}", n), fmt::format("{:.3g}", 1 - worst));
+  }
+  EXPECT_EQ(n, model->spec().n_layers + 1);
+  EXPECT_EQ(int(hidden.size()), n) << "the sink saw hidden states the reference lacks";
+}
+
+std::string layer_case_name(const ::testing::TestParamInfo<LayerCase>& info) {
+  const LayerCase& c = info.param;
+  const char* mode[] = {"prefill", "prefill_chunked", "decode"};
+  return c.backend.name + "_" + c.fixture + "_" + mode[c.mode];
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, BackendLayers, ::testing::ValuesIn(layer_cases()),
+                         layer_case_name);
+
+}  // namespace
+}  // namespace moeflux::test
