@@ -60,8 +60,12 @@ enum {
   MF_ERR_STATE_INVALID = -10,   /* an evaluation failed midway (e.g. an expert read error), so
                                    the session's state is partly updated: evaluation refuses
                                    until mf_memory_clear, mf_memory_seq_rm or mf_state_load */
-  MF_ERR_OUT_OF_MEMORY = -11,
-  MF_ERR_INTERNAL = -12 /* a bug in moeflux */
+  MF_ERR_OUT_OF_MEMORY = -11,   /* an allocation failed (activations, expert buffers, cache) */
+  MF_ERR_INTERNAL = -12,        /* a bug in moeflux */
+  MF_ERR_NUMERIC = -13          /* a layer produced NaN/Inf (the message names the layer and
+                                   position; usually corrupt package weights). Like any failed
+                                   evaluation the session is then MF_ERR_STATE_INVALID until
+                                   cleared, rewound or loaded */
 };
 
 typedef struct mf_model mf_model;

@@ -54,6 +54,10 @@ int code_of(ErrorKind k) {
       return MF_ERR_UNSUPPORTED;
     case ErrorKind::kIo:
       return MF_ERR_IO;
+    case ErrorKind::kOutOfMemory:
+      return MF_ERR_OUT_OF_MEMORY;
+    case ErrorKind::kNumeric:
+      return MF_ERR_NUMERIC;
     case ErrorKind::kInternal:
       return MF_ERR_INTERNAL;
   }
@@ -185,6 +189,8 @@ const char* mf_error_name(int code) {
       return "MF_ERR_OUT_OF_MEMORY";
     case MF_ERR_INTERNAL:
       return "MF_ERR_INTERNAL";
+    case MF_ERR_NUMERIC:
+      return "MF_ERR_NUMERIC";
     default:
       return "unknown";
   }
@@ -306,11 +312,11 @@ int mf_session_new(mf_model* model, const mf_session_params* params, mf_session*
       return set_error(MF_ERR_INVALID_ARGUMENT,
                        fmt::format("mf_session_new: {} = {} is out of range", field, v));
     };
-    if (p.n_ctx < 0) return bad("n_ctx", p.n_ctx);
+    // Only the C API's own sentinels (-1: the model's / the default) are checked here; n_ctx,
+    // checkpoints and checkpoint_interval go to the Session as they are, which checks them.
     if (p.threads < -1) return bad("threads", p.threads);
+    moeflux::resolve_threads(p.threads, "mf_session_new: threads");
     if (p.experts_per_token < -1) return bad("experts_per_token", p.experts_per_token);
-    if (p.checkpoints < 0) return bad("checkpoints", p.checkpoints);
-    if (p.checkpoint_interval < 0) return bad("checkpoint_interval", p.checkpoint_interval);
     if (p.deltanet_chunked_min < -1) return bad("deltanet_chunked_min", p.deltanet_chunked_min);
     const moeflux::SessionParams defaults;
     moeflux::SessionParams sp;

@@ -361,7 +361,9 @@ struct ExpertStore::Impl {
       return p;
     }
     void* p = std::aligned_alloc(kFileAlign, layout.stride);
-    if (!p) fail(ErrorKind::kIo, "out of memory for an expert buffer of {} bytes", layout.stride);
+    if (!p)
+      fail(ErrorKind::kOutOfMemory, "out of memory for an expert buffer of {} bytes",
+           layout.stride);
     return static_cast<uint8_t*>(p);
   }
 
@@ -472,7 +474,7 @@ ExpertStore::ExpertStore(const Model& model, ExpertStoreOptions options)
       void* p = ::mmap(nullptr, m.arena_bytes, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
       if (p == MAP_FAILED)
-        fail(ErrorKind::kIo, "cannot reserve {} for the expert cache: {}",
+        fail(ErrorKind::kOutOfMemory, "cannot reserve {} for the expert cache: {}",
              format_bytes(m.arena_bytes), std::strerror(errno));
       ::madvise(p, m.arena_bytes, MADV_HUGEPAGE);  // fewer faults and TLB misses; advice only
       m.arena = static_cast<uint8_t*>(p);

@@ -37,7 +37,8 @@ MappedFile::MappedFile(const std::string& path, Mode mode) : path_(path) {
     if (p == MAP_FAILED) {
       int e = errno;
       ::close(fd);
-      fail(ErrorKind::kIo, "{}: cannot allocate {} bytes: {}", path, size_, std::strerror(e));
+      fail(ErrorKind::kOutOfMemory, "{}: cannot allocate {} bytes: {}", path, size_,
+           std::strerror(e));
     }
     ::madvise(p, mapped_, MADV_HUGEPAGE);  // advice: fine if the kernel has no THP
     auto* dst = static_cast<uint8_t*>(p);

@@ -77,6 +77,8 @@ static int same(const float* a, const float* b, const mf_model* m) {
 static void test_misc(void) {
   CHECK(strlen(mf_version()) > 0);
   CHECK(strcmp(mf_error_name(MF_ERR_FORMAT), "MF_ERR_FORMAT") == 0);
+  CHECK(strcmp(mf_error_name(MF_ERR_OUT_OF_MEMORY), "MF_ERR_OUT_OF_MEMORY") == 0);
+  CHECK(strcmp(mf_error_name(MF_ERR_NUMERIC), "MF_ERR_NUMERIC") == 0);
   CHECK(strcmp(mf_error_name(12345), "unknown") == 0);
 }
 

@@ -3,6 +3,8 @@
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+#include <new>
+#include <string>
 #include <vector>
 
 #include "cli/commands.h"
@@ -25,6 +27,9 @@ int main(int argc, char** argv) {
   try {
     for (const Command& c : commands)
       if (c.app->parsed()) return c.run();
+  } catch (const std::bad_alloc&) {  // what() is "std::bad_alloc"
+    fmt::print(stderr, "moeflux: error: out of memory\n");
+    return 1;
   } catch (const std::exception& e) {
     fmt::print(stderr, "moeflux: error: {}\n", e.what());
     return 1;
