@@ -14,6 +14,7 @@
 #include "experts/expert_store.h"
 #include "model/model.h"
 #include "util/error.h"
+#include "util/thread_pool.h"
 
 struct mf_model {
   std::unique_ptr<moeflux::Model> model;
@@ -224,6 +225,7 @@ int mf_model_load(const char* path, const mf_model_params* params, mf_model** ou
     if (p.threads < 0)
       return set_error(MF_ERR_INVALID_ARGUMENT,
                        fmt::format("mf_model_load: threads = {} is negative", p.threads));
+    moeflux::resolve_threads(p.threads, "mf_model_load: threads");
     if (p.expert_cache_bytes < -1)
       return set_error(
           MF_ERR_INVALID_ARGUMENT,

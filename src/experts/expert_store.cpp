@@ -406,7 +406,9 @@ ExpertStore::ExpertStore(const Model& model, ExpertStoreOptions options)
     : opt_(std::move(options)), impl_(std::make_unique<Impl>(model, opt_)) {
   Impl& m = *impl_;
   const ExpertLayout& L = m.layout;
-  if (opt_.readers < 1) fail(ErrorKind::kInvalidArgument, "expert readers: {} < 1", opt_.readers);
+  // Each pread reader is a thread: a count in the thousands is a typo, not a setting.
+  if (opt_.readers < 1 || opt_.readers > 256)
+    fail(ErrorKind::kInvalidArgument, "expert readers: {} is not in [1, 256]", opt_.readers);
   m.read_len = align_up(L.bytes, kFileAlign);
   MF_CHECK(m.read_len <= L.stride);
   auto close_all = [&] {

@@ -103,6 +103,10 @@ static void test_model(const char* path) {
     bad.threads = -1;
     CHECK_RC(mf_model_load(path, &bad, &m), MF_ERR_INVALID_ARGUMENT);
     bad = mp;
+    bad.threads = 100000; /* more than 4x the cores */
+    CHECK_RC(mf_model_load(path, &bad, &m), MF_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(mf_last_error(), "threads = 100000 is more than") != NULL);
+    bad = mp;
     bad.io_readers = 0;
     CHECK_RC(mf_model_load(path, &bad, &m), MF_ERR_INVALID_ARGUMENT);
     bad = mp;
@@ -182,6 +186,9 @@ static void test_session_and_eval(mf_model* m) {
     CHECK_RC(mf_session_new(m, &bad, &s), MF_ERR_INVALID_ARGUMENT);
     bad = sp;
     bad.threads = -2;
+    CHECK_RC(mf_session_new(m, &bad, &s), MF_ERR_INVALID_ARGUMENT);
+    bad = sp;
+    bad.threads = 100000;
     CHECK_RC(mf_session_new(m, &bad, &s), MF_ERR_INVALID_ARGUMENT);
     bad = sp;
     bad.experts_per_token = 100000;
