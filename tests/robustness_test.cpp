@@ -490,7 +490,17 @@ TEST(Robustness, CorruptedManifestNamesTheField) {
       {[](json& m) { m["model"]["attn"][2] = "sliding"; },
        {"model field 'attn' has unknown kind \"sliding\""}},
       {[](json& m) { m["model"]["n_kv_heads"] = 3; },
-       {"field 'num_key_value_heads'", "3 does not divide num_attention_heads 4"}},
+       {"model.n_kv_heads = 3 does not divide model.n_heads = 4"}},
+      // Impossible values name moeflux.json's own fields, not the HF config's.
+      {[](json& m) { m["model"]["arch"] = "llama"; },
+       {"model.arch = \"llama\" is not a known arch (qwen3_5_moe, qwen3_next, qwen3_moe, "
+        "mixtral)"}},
+      {[](json& m) { m["model"]["ctx_train"] = 0; }, {"model.ctx_train = 0 must be > 0"}},
+      {[](json& m) { m["model"]["hidden_size"] = -1; }, {"model.hidden_size = -1 must be > 0"}},
+      {[](json& m) { m["model"]["top_k"] = 17; },
+       {"model.top_k = 17 must be in [1, model.n_experts = 16]"}},
+      {[](json& m) { m["model"]["rope_dim"] = 3; }, {"model.rope_dim = 3", "must be even"}},
+      {[](json& m) { m["model"]["bos_id"] = 1 << 30; }, {"model.bos_id = 1073741824"}},
       {[](json& m) { m["resident"]["tensors"] = 5; }, {"resident.tensors must be an array"}},
       {[&](json& m) { resident_entry(m, "blk.1.attn_k")["offset"] = resident_bytes; },
        {"resident tensor 'blk.1.attn_k'",
