@@ -132,6 +132,11 @@ void FileWriter::close() {
 }
 
 std::string read_text_file(const std::string& path) {
+  // An ifstream opens a directory and reads nothing: say so instead of "malformed JSON" or
+  // "no tokens" further on.
+  struct stat st;
+  if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode))
+    fail(ErrorKind::kIo, "{}: is a directory, expected a file", path);
   std::ifstream in(path, std::ios::binary);
   if (!in) fail(ErrorKind::kIo, "{}: cannot open: {}", path, std::strerror(errno));
   std::ostringstream ss;

@@ -19,6 +19,17 @@ int main(int argc, char** argv) {
   for (auto add : {add_convert, add_inspect, add_eval, add_run, add_chat, add_tokenize,
                    add_detokenize, add_synth, add_bench,
                    add_perplexity, add_routing, add_serve}) commands.push_back(add(app));
+  // CLI11 reads an unknown first word as a stray positional and says "A subcommand is
+  // required"; name the word instead.
+  if (argc > 1 && argv[1][0] != '-') {
+    const std::string word = argv[1];
+    bool known = false;
+    for (const Command& c : commands) known = known || c.app->check_name(word);
+    if (!known) {
+      fmt::print(stderr, "moeflux: error: unknown command '{}' (see moeflux --help)\n", word);
+      return 1;
+    }
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
