@@ -60,8 +60,12 @@ enum {
   MF_ERR_STATE_INVALID = -10,   /* an evaluation failed midway (e.g. an expert read error), so
                                    the session's state is partly updated: evaluation refuses
                                    until mf_memory_clear, mf_memory_seq_rm or mf_state_load */
-  MF_ERR_OUT_OF_MEMORY = -11,
-  MF_ERR_INTERNAL = -12 /* a bug in moeflux */
+  MF_ERR_OUT_OF_MEMORY = -11,   /* an allocation failed (activations, expert buffers, cache) */
+  MF_ERR_INTERNAL = -12,        /* a bug in moeflux */
+  MF_ERR_NUMERIC = -13          /* a layer produced NaN/Inf (the message names the layer and
+                                   position; usually corrupt package weights). Like any failed
+                                   evaluation the session is then MF_ERR_STATE_INVALID until
+                                   cleared, rewound or loaded */
 };
 
 typedef struct mf_model mf_model;
@@ -80,21 +84,23 @@ typedef enum mf_io_engine {
 
 typedef struct mf_model_params {
   mf_backend backend;          /* MF_BACKEND_CPU */
-  int32_t threads;             /* compute threads of each session (0: one per core) */
+  int32_t threads;             /* compute threads of each session (0: one per core; more than
+                                  4x the cores is MF_ERR_INVALID_ARGUMENT) */
   int64_t expert_cache_bytes;  /* expert cache budget, shared by the model's sessions:
                                   -1 = default (half the available memory after the resident
                                   weights, at most all experts), 0 = no cache */
   bool prefetch;               /* speculate the next layer's experts and read them early */
   int32_t experts_per_token;   /* routed experts per token (0: the model's top-k); fewer trades
                                   quality for bytes read. Sessions may override it. */
-  int32_t io_readers;          /* expert reader threads (pread) or queue depth (io_uring), >= 1 */
+  int32_t io_readers;          /* expert reader threads (pread) or queue depth (io_uring),
+                                  in [1, 256] */
   bool direct_io;              /* O_DIRECT reads of the expert files (bypass the page cache) */
   mf_io_engine io_engine;
 } mf_model_params;
 
 typedef struct mf_session_params {
   int32_t n_ctx;                 /* positions (0: min(n_ctx_train, 4096)) */
-  int32_t threads;               /* -1: the model's; 0: one per core */
+  int32_t threads;               /* -1: the model's; 0: one per core; at most 4x the cores */
   int32_t experts_per_token;     /* -1: the model's setting; 0: the model's top-k */
   int32_t checkpoints;           /* recurrent-state checkpoints kept for mf_memory_seq_rm on models
                                     with linear attention (0: none, rewinds replay from 0) */

@@ -250,6 +250,41 @@ TEST(ExpertStore, ReadErrorsAreErrorsNeverWrongOutput) {
   }
 }
 
+// When the io_uring ring itself fails, every queued and in-flight read fails at once (their
+// waiters wake and throw, naming expert, layer and file), and the store then fails every read
+// at once with the same reason instead of hanging.
+TEST(ExpertStore, UringRingFailureFailsEveryQueuedRead) {
+  auto model = Model::load(converted_fixture("qwen3_5_moe"));
+  ExpertStoreOptions o;
+  o.cache_bytes = 0;
+  o.io = IoEngine::kUring;
+  o.readers = 2;
+  o.uring_fault_after = 3;
+  std::unique_ptr<ExpertStore> store;
+  try {
+    store = std::make_unique<ExpertStore>(*model, o);
+  } catch (const Error& e) {
+    GTEST_SKIP() << "io_uring unavailable here: " << e.what();
+  }
+  const std::vector<int32_t> prompt = {3, 141, 59, 265, 358, 97};
+  for (int attempt = 0; attempt < 2; attempt++) {
+    SCOPED_TRACE(attempt);
+    auto be = make_cpu_backend(2);
+    Session s(*model, *be, *store);
+    try {
+      s.eval(prompt.data(), 6, nullptr, false);
+      FAIL() << "a failed io_uring ring must fail the evaluation";
+    } catch (const Error& e) {
+      const std::string msg = e.what();
+      EXPECT_EQ(int(e.kind()), int(ErrorKind::kIo)) << msg;
+      for (const char* needle : {"expert ", " of layer ", "the io_uring ring failed",
+                                 "io_uring_wait_cqe", "--io pread"})
+        EXPECT_NE(msg.find(needle), std::string::npos) << needle << " in: " << msg;
+      EXPECT_NE(msg.find(model->dir()), std::string::npos) << msg;
+    }
+  }
+}
+
 TEST(ExpertStore, TruncatedExpertFileIsNamedAtOpen) {
   TempDir tmp;
   const std::string src = converted_fixture("mixtral");

@@ -23,6 +23,7 @@
 #include "util/error.h"
 #include "util/json.h"
 #include "util/mapped_file.h"
+#include "util/thread_pool.h"
 
 namespace moeflux::test {
 namespace {
@@ -435,6 +436,41 @@ TEST(Robustness, TruncatedPackageNamesTheFile) {
   expect_cli_error(fmt::format("inspect {}", tmp / "none"), {tmp / "none", "not a moeflux package"});
 }
 
+// A resident.bin of random bytes passes every size check; the forward pass must stop at the
+// first layer whose output is NaN/Inf and say so (it used to print NaN logits and exit 0).
+TEST(Robustness, RandomResidentWeightsAreANumericError) {
+  TempDir tmp;
+  const std::string dir = make_package(tmp / "r");
+  const uint64_t n = fs::file_size(resident_path(dir));
+  std::mt19937_64 rng(18);
+  std::string bytes(n, '\0');
+  for (uint64_t i = 0; i < n; i += 8) {
+    const uint64_t v = rng();
+    std::memcpy(bytes.data() + i, &v, std::min<uint64_t>(8, n - i));
+  }
+  write_bytes(resident_path(dir), bytes);
+  expect_cli_error(fmt::format("eval -m {} --tokens 1,2,3", dir),
+                   {"produced NaN/Inf at position", "package resident weights corrupt?"});
+  auto model = Model::load(dir);
+  ExpertStore store(*model, ExpertStoreOptions{});
+  auto be = make_cpu_backend(1);
+  Session s(*model, *be, store);
+  const std::vector<int32_t> toks = {1, 2, 3};
+  expect_error([&] { s.eval(toks.data(), 3, nullptr, false); },
+               {"layer ", "produced NaN/Inf at position "}, ErrorKind::kNumeric);
+}
+
+// Thread counts: more than 4x the cores is refused by every front door (it used to start
+// 10,000 threads whose spin-waits livelocked the machine).
+TEST(Robustness, AbsurdThreadCountsAreRefused) {
+  expect_error([] { ThreadPool p(100000); }, {"threads = 100000 is more than", "cores"},
+               ErrorKind::kInvalidArgument);
+  expect_error([] { make_cpu_backend(max_threads() + 1); }, {"is more than"},
+               ErrorKind::kInvalidArgument);
+  EXPECT_EQ(resolve_threads(max_threads(), "t"), max_threads());
+  EXPECT_GE(resolve_threads(0, "t"), 1);
+}
+
 TEST(Robustness, CorruptedManifestNamesTheField) {
   TempDir tmp;
   const json man = fixture_manifest();
@@ -457,7 +493,17 @@ TEST(Robustness, CorruptedManifestNamesTheField) {
       {[](json& m) { m["model"]["attn"][2] = "sliding"; },
        {"model field 'attn' has unknown kind \"sliding\""}},
       {[](json& m) { m["model"]["n_kv_heads"] = 3; },
-       {"field 'num_key_value_heads'", "3 does not divide num_attention_heads 4"}},
+       {"model.n_kv_heads = 3 does not divide model.n_heads = 4"}},
+      // Impossible values name moeflux.json's own fields, not the HF config's.
+      {[](json& m) { m["model"]["arch"] = "llama"; },
+       {"model.arch = \"llama\" is not a known arch (qwen3_5_moe, qwen3_next, qwen3_moe, "
+        "mixtral)"}},
+      {[](json& m) { m["model"]["ctx_train"] = 0; }, {"model.ctx_train = 0 must be > 0"}},
+      {[](json& m) { m["model"]["hidden_size"] = -1; }, {"model.hidden_size = -1 must be > 0"}},
+      {[](json& m) { m["model"]["top_k"] = 17; },
+       {"model.top_k = 17 must be in [1, model.n_experts = 16]"}},
+      {[](json& m) { m["model"]["rope_dim"] = 3; }, {"model.rope_dim = 3", "must be even"}},
+      {[](json& m) { m["model"]["bos_id"] = 1 << 30; }, {"model.bos_id = 1073741824"}},
       {[](json& m) { m["resident"]["tensors"] = 5; }, {"resident.tensors must be an array"}},
       {[&](json& m) { resident_entry(m, "blk.1.attn_k")["offset"] = resident_bytes; },
        {"resident tensor 'blk.1.attn_k'",

@@ -70,7 +70,7 @@ ModelSpec shrink(const std::string& preset, int layers, int experts = 32) {
   if (s.shared_ffn) s.shared_ffn = 128;
   s.eos_ids = {1};
   s.bos_id = -1;
-  s.validate("shrunk " + preset);
+  s.validate("shrunk " + preset, SpecNaming::kPackage);
   return s;
 }
 

@@ -14,6 +14,7 @@
 #include "experts/expert_store.h"
 #include "model/model.h"
 #include "util/error.h"
+#include "util/thread_pool.h"
 
 struct mf_model {
   std::unique_ptr<moeflux::Model> model;
@@ -54,6 +55,10 @@ int code_of(ErrorKind k) {
       return MF_ERR_UNSUPPORTED;
     case ErrorKind::kIo:
       return MF_ERR_IO;
+    case ErrorKind::kOutOfMemory:
+      return MF_ERR_OUT_OF_MEMORY;
+    case ErrorKind::kNumeric:
+      return MF_ERR_NUMERIC;
     case ErrorKind::kInternal:
       return MF_ERR_INTERNAL;
   }
@@ -185,6 +190,8 @@ const char* mf_error_name(int code) {
       return "MF_ERR_OUT_OF_MEMORY";
     case MF_ERR_INTERNAL:
       return "MF_ERR_INTERNAL";
+    case MF_ERR_NUMERIC:
+      return "MF_ERR_NUMERIC";
     default:
       return "unknown";
   }
@@ -218,6 +225,7 @@ int mf_model_load(const char* path, const mf_model_params* params, mf_model** ou
     if (p.threads < 0)
       return set_error(MF_ERR_INVALID_ARGUMENT,
                        fmt::format("mf_model_load: threads = {} is negative", p.threads));
+    moeflux::resolve_threads(p.threads, "mf_model_load: threads");
     if (p.expert_cache_bytes < -1)
       return set_error(
           MF_ERR_INVALID_ARGUMENT,
@@ -306,11 +314,11 @@ int mf_session_new(mf_model* model, const mf_session_params* params, mf_session*
       return set_error(MF_ERR_INVALID_ARGUMENT,
                        fmt::format("mf_session_new: {} = {} is out of range", field, v));
     };
-    if (p.n_ctx < 0) return bad("n_ctx", p.n_ctx);
+    // Only the C API's own sentinels (-1: the model's / the default) are checked here; n_ctx,
+    // checkpoints and checkpoint_interval go to the Session as they are, which checks them.
     if (p.threads < -1) return bad("threads", p.threads);
+    moeflux::resolve_threads(p.threads, "mf_session_new: threads");
     if (p.experts_per_token < -1) return bad("experts_per_token", p.experts_per_token);
-    if (p.checkpoints < 0) return bad("checkpoints", p.checkpoints);
-    if (p.checkpoint_interval < 0) return bad("checkpoint_interval", p.checkpoint_interval);
     if (p.deltanet_chunked_min < -1) return bad("deltanet_chunked_min", p.deltanet_chunked_min);
     const moeflux::SessionParams defaults;
     moeflux::SessionParams sp;

@@ -100,6 +100,11 @@ class Backend {
   virtual void sum_slots(const float* slots, int T, int k, int n, float* out) = 0;
   // y[t] *= sigmoid(s[t]) for rows of n.                                   s: [T]
   virtual void scale_rows_sigmoid(float* y, const float* s, int T, int n) = 0;
+
+  // Checks. The index of the first NaN/Inf among x[0..n), or n when all are finite. Read-only
+  // and cheap (one pass, no arithmetic on the values): the engine runs it on the residual
+  // stream after every layer.
+  virtual size_t first_nonfinite(const float* x, size_t n) = 0;
 };
 
 std::unique_ptr<Backend> make_cpu_backend(int threads);

@@ -178,6 +178,7 @@ void Session::forward(const int32_t* tokens, int T, float* logits, bool all_logi
   };
 
   be_.embed(model_.embed, tokens, T, x);
+  check_finite(-1, x, T);
   for (int l = 0; l < s.n_layers; l++) {
     emit(l, x);
     const LayerWeights& w = model_.layers[size_t(l)];
@@ -189,6 +190,7 @@ void Session::forward(const int32_t* tokens, int T, float* logits, bool all_logi
     if (w.ffn == FfnKind::kMoe) moe(l, x, xn, ffn_out, T);
     else dense_ffn(l, xn, ffn_out, T);
     be_.add(x, ffn_out, TH);
+    check_finite(l, x, T);
   }
   be_.rmsnorm(x, model_.final_norm, xn, T, H, H, s.rms_eps);
   emit(s.n_layers, xn);
@@ -201,6 +203,19 @@ void Session::forward(const int32_t* tokens, int T, float* logits, bool all_logi
     be_.matmul(model_.lm_head, src, out, rows);
     be_.download(logits, out, size_t(rows) * s.vocab_size);
   }
+}
+
+// NaN/Inf in the residual stream never heals (every later layer adds to it) and turns every
+// logit into NaN; stop at the first layer that makes one, naming it. Cost: one read of [T, H]
+// per layer, next to the layer's weight reads (docs/2026-12-03-hostile-inputs.md).
+void Session::check_finite(int l, const float* x, int T) {
+  const size_t H = size_t(spec_.hidden_size), n = size_t(T) * H;
+  const size_t i = be_.first_nonfinite(x, n);
+  if (i == n) return;
+  const std::string what =
+      l < 0 ? std::string("the token embedding (before layer 0)") : fmt::format("layer {}", l);
+  fail(ErrorKind::kNumeric, "{} produced NaN/Inf at position {} (package resident weights "
+       "corrupt?)", what, pos_ + int(i / H));
 }
 
 void Session::full_attention(int l, const float* xn, float* out, int T) {

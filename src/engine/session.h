@@ -132,6 +132,9 @@ class Session {
 
  private:
   float* buf(size_t slot, size_t n);
+  // Throws kNumeric naming layer l (-1: the embedding) and the position when x [T, H] holds
+  // a NaN/Inf.
+  void check_finite(int l, const float* x, int T);
   void full_attention(int l, const float* xn, float* out, int T);
   void linear_attention(int l, const float* xn, float* out, int T);
   void moe(int l, const float* x, const float* xn, float* out, int T);

@@ -17,6 +17,7 @@
 #include <functional>
 #include <mutex>
 #include <thread>
+#include <unordered_map>
 
 #ifdef MOEFLUX_HAVE_LIBURING
 #include <liburing.h>
@@ -134,10 +135,14 @@ class ThreadReadQueue final : public ReadQueue {
 #ifdef MOEFLUX_HAVE_LIBURING
 // io_uring: submitters put reads on the ring under a mutex (up to `depth` in flight, the rest
 // wait in a queue); one thread reaps completions, resubmits short reads and starts queued ones.
+// When the ring itself fails (io_uring_wait_cqe or io_uring_submit errors) nothing more will
+// complete: every queued and in-flight read is failed at once, so their waiters wake and throw,
+// and every later read fails at once with the same reason (the queue is broken for good).
 class UringReadQueue final : public ReadQueue {
  public:
-  UringReadQueue(const std::vector<int>& fds, const std::vector<std::string>& paths, int depth)
-      : fds_(fds), paths_(paths), depth_(std::max(depth, 1)) {
+  UringReadQueue(const std::vector<int>& fds, const std::vector<std::string>& paths, int depth,
+                 int fault_after)
+      : fds_(fds), paths_(paths), depth_(std::max(depth, 1)), fault_after_(fault_after) {
     int r = io_uring_queue_init(unsigned(std::max(depth_ * 2, 8)), &ring_, 0);
     if (r < 0) fail(ErrorKind::kIo, "io_uring_queue_init: {}", std::strerror(-r));
     reaper_ = std::thread([this] { reap(); });
@@ -147,9 +152,9 @@ class UringReadQueue final : public ReadQueue {
       std::lock_guard<std::mutex> g(mu_);
       stop_ = true;
       io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
-      if (sqe) {  // wakes the reaper
+      if (sqe) {  // wakes the reaper (gone already if the ring failed under it)
         io_uring_prep_nop(sqe);
-        io_uring_sqe_set_data(sqe, nullptr);
+        io_uring_sqe_set_data64(sqe, 0);
         io_uring_submit(&ring_);
       }
     }
@@ -157,10 +162,16 @@ class UringReadQueue final : public ReadQueue {
     io_uring_queue_exit(&ring_);
   }
   void submit(Job job) override {
-    auto* op = new Op{std::move(job), 0, Clock::now()};
-    std::lock_guard<std::mutex> g(mu_);
-    if (in_flight_ < depth_) start(op);
-    else waiting_.push_back(op);
+    std::vector<Op*> dead;
+    std::string why;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      auto* op = new Op{std::move(job), 0, Clock::now(), next_id_++};
+      if (broken_.empty() && int(in_flight_.size()) < depth_) start(op);
+      else waiting_.push_back(op);
+      if (!broken_.empty()) dead = drain(&why);
+    }
+    fail_ops(std::move(dead), why, /*async=*/true);
   }
 
  private:
@@ -168,34 +179,80 @@ class UringReadQueue final : public ReadQueue {
     Job job;
     uint64_t done;
     Clock::time_point t0;
+    uint64_t id;  // the sqe's user data (0: the destructor's nop)
   };
-  void start(Op* op) {  // mu_ held
+  void start(Op* op) {  // mu_ held; on a submit error the ring is broken and op stays listed
+    in_flight_[op->id] = op;
+    if (!broken_.empty()) return;
     io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
     MF_CHECK(sqe != nullptr);
     io_uring_prep_read(sqe, fds_[size_t(op->job.file)], op->job.dst + op->done,
                        unsigned(op->job.len - op->done), op->job.offset + op->done);
-    io_uring_sqe_set_data(sqe, op);
-    io_uring_submit(&ring_);
-    in_flight_++;
+    io_uring_sqe_set_data64(sqe, op->id);
+    const int r = io_uring_submit(&ring_);
+    if (r < 0) broken_ = fmt::format("io_uring_submit: {}", std::strerror(-r));
+  }
+  // mu_ held: takes every read out of the queue (the ring is broken) and says why.
+  std::vector<Op*> drain(std::string* why) {
+    std::vector<Op*> ops;
+    for (auto& [id, op] : in_flight_) ops.push_back(op);
+    in_flight_.clear();
+    ops.insert(ops.end(), waiting_.begin(), waiting_.end());
+    waiting_.clear();
+    *why = broken_;
+    return ops;
+  }
+  // Delivers the failures (mu_ not held). From submit(), whose caller holds the store's lock
+  // that done() takes, it must not call done() itself: a thread of its own delivers them.
+  void fail_ops(std::vector<Op*> ops, const std::string& why, bool async) {
+    if (ops.empty()) return;
+    std::vector<std::string> msgs;
+    for (Op* op : ops)
+      msgs.push_back(fmt::format("{}: read at offset {} failed: the io_uring ring failed ({}); "
+                                 "no expert can be read any more (reload the model, or use "
+                                 "--io pread)",
+                                 paths_[size_t(op->job.file)], op->job.offset + op->done, why));
+    auto deliver = [ops = std::move(ops), msgs = std::move(msgs)] {
+      for (size_t i = 0; i < ops.size(); i++) {
+        ops[i]->job.done(msgs[i], seconds_since(ops[i]->t0));
+        delete ops[i];
+      }
+    };
+    if (async) std::thread(std::move(deliver)).detach();
+    else deliver();
   }
   void reap() {
     for (;;) {
       io_uring_cqe* cqe = nullptr;
       int r = io_uring_wait_cqe(&ring_, &cqe);
       if (r == -EINTR) continue;
+      if (r >= 0 && fault_after_ >= 0 && completed_ >= uint64_t(fault_after_))
+        r = -EIO;  // test hook (ExpertStoreOptions::uring_fault_after)
       if (r < 0) {
-        // The ring itself failed: nothing more will complete. Fail what is queued.
-        std::lock_guard<std::mutex> g(mu_);
-        if (stop_) return;
-        continue;
+        std::vector<Op*> dead;
+        std::string why;
+        {
+          std::lock_guard<std::mutex> g(mu_);
+          if (broken_.empty()) broken_ = fmt::format("io_uring_wait_cqe: {}", std::strerror(-r));
+          dead = drain(&why);
+        }
+        fail_ops(std::move(dead), why, /*async=*/false);
+        return;
       }
-      auto* op = static_cast<Op*>(io_uring_cqe_get_data(cqe));
+      const uint64_t id = io_uring_cqe_get_data64(cqe);
       const int res = cqe->res;
       io_uring_cqe_seen(&ring_, cqe);
-      if (!op) {
+      Op* op = nullptr;
+      {
         std::lock_guard<std::mutex> g(mu_);
-        if (stop_ && in_flight_ == 0) return;
-        continue;
+        if (id == 0) {
+          if (stop_ && in_flight_.empty()) return;
+          continue;
+        }
+        auto it = in_flight_.find(id);
+        if (it == in_flight_.end()) continue;  // already failed when the ring broke
+        op = it->second;
+        in_flight_.erase(it);
       }
       std::string err;
       bool finished = true;
@@ -211,32 +268,40 @@ class UringReadQueue final : public ReadQueue {
         op->done += uint64_t(res);
         finished = op->done >= op->job.len;
       }
+      std::vector<Op*> dead;
+      std::string why;
       {
         std::lock_guard<std::mutex> g(mu_);
-        in_flight_--;
-        if (!finished) start(op);
-        while (in_flight_ < depth_ && !waiting_.empty()) {
+        if (finished) completed_++;
+        else start(op);
+        while (broken_.empty() && int(in_flight_.size()) < depth_ && !waiting_.empty()) {
           start(waiting_.front());
           waiting_.pop_front();
         }
+        if (!broken_.empty()) dead = drain(&why);
       }
       if (finished) {
         op->job.done(err, seconds_since(op->t0));
         delete op;
       }
+      fail_ops(std::move(dead), why, /*async=*/false);
       std::lock_guard<std::mutex> g(mu_);
-      if (stop_ && in_flight_ == 0 && waiting_.empty()) return;
+      if (stop_ && in_flight_.empty() && waiting_.empty()) return;
     }
   }
 
   const std::vector<int>& fds_;
   const std::vector<std::string>& paths_;
   int depth_;
+  int fault_after_;  // < 0: off
   io_uring ring_{};
   std::thread reaper_;
   std::mutex mu_;
   std::deque<Op*> waiting_;
-  int in_flight_ = 0;
+  std::unordered_map<uint64_t, Op*> in_flight_;  // by sqe user data
+  uint64_t next_id_ = 1;
+  uint64_t completed_ = 0;  // reads finished (reaper only)
+  std::string broken_;      // why the ring failed; empty while it works
   bool stop_ = false;
 };
 #endif
@@ -361,7 +426,9 @@ struct ExpertStore::Impl {
       return p;
     }
     void* p = std::aligned_alloc(kFileAlign, layout.stride);
-    if (!p) fail(ErrorKind::kIo, "out of memory for an expert buffer of {} bytes", layout.stride);
+    if (!p)
+      fail(ErrorKind::kOutOfMemory, "out of memory for an expert buffer of {} bytes",
+           layout.stride);
     return static_cast<uint8_t*>(p);
   }
 
@@ -404,7 +471,9 @@ ExpertStore::ExpertStore(const Model& model, ExpertStoreOptions options)
     : opt_(std::move(options)), impl_(std::make_unique<Impl>(model, opt_)) {
   Impl& m = *impl_;
   const ExpertLayout& L = m.layout;
-  if (opt_.readers < 1) fail(ErrorKind::kInvalidArgument, "expert readers: {} < 1", opt_.readers);
+  // Each pread reader is a thread: a count in the thousands is a typo, not a setting.
+  if (opt_.readers < 1 || opt_.readers > 256)
+    fail(ErrorKind::kInvalidArgument, "expert readers: {} is not in [1, 256]", opt_.readers);
   m.read_len = align_up(L.bytes, kFileAlign);
   MF_CHECK(m.read_len <= L.stride);
   auto close_all = [&] {
@@ -443,7 +512,8 @@ ExpertStore::ExpertStore(const Model& model, ExpertStoreOptions options)
       const bool want_uring = opt_.io == IoEngine::kUring || (opt_.io == IoEngine::kAuto && opt_.direct_io);
       if (want_uring) {
         try {
-          m.queue = std::make_unique<UringReadQueue>(m.fds, m.paths, opt_.readers);
+          m.queue = std::make_unique<UringReadQueue>(m.fds, m.paths, opt_.readers,
+                                                     opt_.uring_fault_after);
           m.io_name = "io_uring";
         } catch (const Error&) {
           if (opt_.io == IoEngine::kUring) throw;  // asked for explicitly: say why not
@@ -472,7 +542,7 @@ ExpertStore::ExpertStore(const Model& model, ExpertStoreOptions options)
       void* p = ::mmap(nullptr, m.arena_bytes, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
       if (p == MAP_FAILED)
-        fail(ErrorKind::kIo, "cannot reserve {} for the expert cache: {}",
+        fail(ErrorKind::kOutOfMemory, "cannot reserve {} for the expert cache: {}",
              format_bytes(m.arena_bytes), std::strerror(errno));
       ::madvise(p, m.arena_bytes, MADV_HUGEPAGE);  // fewer faults and TLB misses; advice only
       m.arena = static_cast<uint8_t*>(p);

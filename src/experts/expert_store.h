@@ -51,6 +51,9 @@ struct ExpertStoreOptions {
   bool prefetch = false;    // sessions speculate the next layer's experts (see Session)
   // Tests: replaces the file reader (fault injection). The store still opens and checks files.
   std::shared_ptr<ExpertReader> reader;
+  // Tests: with io_uring, the ring reports an error once this many reads have completed, as
+  // a failed io_uring_wait_cqe would (-1: never).
+  int uring_fault_after = -1;
 };
 
 // Per MoE layer (and summed): what the store did.

@@ -236,7 +236,7 @@ HfConfig read_hf_config(const std::string& dir) {
     }
   }
   s.bos_id = bos.empty() ? -1 : bos[0];
-  s.validate(where);
+  s.validate(where, SpecNaming::kHfConfig);
   return out;
 }
 

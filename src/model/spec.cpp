@@ -1,6 +1,10 @@
 #include "model/spec.h"
 
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cmath>
 
 #include "util/error.h"
 #include "util/json.h"
@@ -15,53 +19,98 @@ int ModelSpec::n_moe_layers() const {
   return n;
 }
 
-void ModelSpec::validate(const std::string& where) const {
-  auto need = [&](bool ok, const char* field, const std::string& why) {
-    if (!ok) fail(ErrorKind::kFormat, "{}: field '{}': {}", where, field, why);
+const std::vector<std::string>& ModelSpec::known_archs() {
+  // The normalised arch names convert and synth write (convert maps qwen3_5_moe_text onto
+  // qwen3_5_moe); the runtime is arch-agnostic but refuses a name no converter produced.
+  static const std::vector<std::string> archs = {"qwen3_5_moe", "qwen3_next", "qwen3_moe",
+                                                 "mixtral"};
+  return archs;
+}
+
+void ModelSpec::validate(const std::string& where, SpecNaming naming) const {
+  // Each field under its name in the file being read: moeflux.json's "model" object, or the
+  // HF config.json it was converted from.
+  struct Field {
+    const char* pkg;
+    const char* hf;
   };
-  need(vocab_size > 0, "vocab_size", "must be positive");
-  need(hidden_size > 0, "hidden_size", "must be positive");
-  need(n_layers > 0, "num_hidden_layers", "must be positive");
-  need(int(attn.size()) == n_layers, "layer_types",
-       fmt::format("has {} entries for {} layers", attn.size(), n_layers));
-  need(int(ffn.size()) == n_layers, "ffn", "one entry per layer");
-  need(rms_eps > 0, "rms_norm_eps", "must be positive");
+  auto name = [&](Field f) {
+    return naming == SpecNaming::kPackage ? fmt::format("model.{}", f.pkg)
+                                          : fmt::format("field '{}'", f.hf);
+  };
+  auto need = [&](bool ok, Field f, const auto& value, const std::string& why) {
+    if (!ok) fail(ErrorKind::kFormat, "{}: {} = {} {}", where, name(f), value, why);
+  };
+  const Field kVocab{"vocab_size", "vocab_size"}, kHidden{"hidden_size", "hidden_size"},
+      kLayers{"n_layers", "num_hidden_layers"}, kAttn{"attn", "layer_types"},
+      kFfn{"ffn", "mlp_only_layers"}, kEps{"rms_eps", "rms_norm_eps"},
+      kCtx{"ctx_train", "max_position_embeddings"}, kHeads{"n_heads", "num_attention_heads"},
+      kKvHeads{"n_kv_heads", "num_key_value_heads"}, kHeadDim{"head_dim", "head_dim"},
+      kRopeDim{"rope_dim", "partial_rotary_factor"}, kTheta{"rope_theta", "rope_theta"},
+      kLinK{"lin_k_heads", "linear_num_key_heads"}, kLinV{"lin_v_heads", "linear_num_value_heads"},
+      kLinKDim{"lin_k_dim", "linear_key_head_dim"},
+      kLinVDim{"lin_v_dim", "linear_value_head_dim"},
+      kConv{"conv_kernel", "linear_conv_kernel_dim"}, kExperts{"n_experts", "num_experts"},
+      kTopK{"top_k", "num_experts_per_tok"}, kMoeFfn{"moe_ffn", "moe_intermediate_size"},
+      kShared{"shared_ffn", "shared_expert_intermediate_size"},
+      kDense{"dense_ffn", "intermediate_size"}, kEos{"eos_ids", "eos_token_id"},
+      kBos{"bos_id", "bos_token_id"}, kArch{"arch", "model_type"};
+  const auto& archs = known_archs();
+  need(std::find(archs.begin(), archs.end(), arch) != archs.end(), kArch,
+       fmt::format("\"{}\"", arch),
+       fmt::format("is not a known arch ({})", fmt::join(archs, ", ")));
+  need(vocab_size > 0, kVocab, vocab_size, "must be > 0");
+  need(hidden_size > 0, kHidden, hidden_size, "must be > 0");
+  need(n_layers > 0, kLayers, n_layers, "must be > 0");
+  need(int(attn.size()) == n_layers, kAttn, fmt::format("[{} entries]", attn.size()),
+       fmt::format("must have one per layer ({} = {})", name(kLayers), n_layers));
+  need(int(ffn.size()) == n_layers, kFfn, fmt::format("[{} entries]", ffn.size()),
+       fmt::format("must have one per layer ({} = {})", name(kLayers), n_layers));
+  need(rms_eps > 0 && std::isfinite(rms_eps), kEps, rms_eps, "must be a finite number > 0");
+  need(ctx_train > 0, kCtx, ctx_train, "must be > 0");
   bool any_full = false, any_linear = false, any_moe = false, any_dense = false;
-  for (int i = 0; i < n_layers; i++) {
+  for (size_t i = 0; i < attn.size() && i < ffn.size(); i++) {
     any_full |= attn[i] == AttnKind::kFull;
     any_linear |= attn[i] == AttnKind::kLinear;
     any_moe |= ffn[i] == FfnKind::kMoe;
     any_dense |= ffn[i] == FfnKind::kDense;
   }
   if (any_full) {
-    need(n_heads > 0, "num_attention_heads", "must be positive");
-    need(n_kv_heads > 0 && n_heads % n_kv_heads == 0, "num_key_value_heads",
-         fmt::format("{} does not divide num_attention_heads {}", n_kv_heads, n_heads));
-    need(head_dim > 0, "head_dim", "must be positive");
-    need(rope_dim >= 0 && rope_dim <= head_dim && rope_dim % 2 == 0, "partial_rotary_factor",
-         fmt::format("rotary dims {} must be even and at most head_dim {}", rope_dim, head_dim));
-    need(rope_theta > 0, "rope_theta", "must be positive");
+    need(n_heads > 0, kHeads, n_heads, "must be > 0");
+    need(n_kv_heads > 0 && n_heads % n_kv_heads == 0, kKvHeads, n_kv_heads,
+         fmt::format("does not divide {}",
+                     naming == SpecNaming::kPackage
+                         ? fmt::format("{} = {}", name(kHeads), n_heads)
+                         : fmt::format("num_attention_heads {}", n_heads)));
+    need(head_dim > 0, kHeadDim, head_dim, "must be > 0");
+    need(rope_dim >= 0 && rope_dim <= head_dim && rope_dim % 2 == 0, kRopeDim, rope_dim,
+         fmt::format("(rotary dims) must be even and at most {} = {}", name(kHeadDim), head_dim));
+    need(rope_theta > 0 && std::isfinite(rope_theta), kTheta, rope_theta,
+         "must be a finite number > 0");
   }
   if (any_linear) {
-    need(lin_k_heads > 0, "linear_num_key_heads", "must be positive");
-    need(lin_v_heads > 0 && lin_v_heads % lin_k_heads == 0, "linear_num_value_heads",
-         fmt::format("{} is not a multiple of linear_num_key_heads {}", lin_v_heads,
-                     lin_k_heads));
-    need(lin_k_dim > 0, "linear_key_head_dim", "must be positive");
-    need(lin_v_dim > 0, "linear_value_head_dim", "must be positive");
-    need(conv_kernel > 0, "linear_conv_kernel_dim", "must be positive");
+    need(lin_k_heads > 0, kLinK, lin_k_heads, "must be > 0");
+    need(lin_v_heads > 0 && lin_v_heads % lin_k_heads == 0, kLinV, lin_v_heads,
+         fmt::format("is not a multiple of {} = {}", name(kLinK), lin_k_heads));
+    need(lin_k_dim > 0, kLinKDim, lin_k_dim, "must be > 0");
+    need(lin_v_dim > 0, kLinVDim, lin_v_dim, "must be > 0");
+    need(conv_kernel > 0, kConv, conv_kernel, "must be > 0");
   }
   if (any_moe) {
-    need(n_experts > 0, "num_experts", "must be positive");
-    need(top_k > 0 && top_k <= n_experts, "num_experts_per_tok",
-         fmt::format("{} must be in [1, num_experts={}]", top_k, n_experts));
-    need(moe_ffn > 0, "moe_intermediate_size", "must be positive");
-    need(shared_ffn >= 0, "shared_expert_intermediate_size", "must not be negative");
+    need(n_experts > 0, kExperts, n_experts, "must be > 0");
+    need(top_k > 0 && top_k <= n_experts, kTopK, top_k,
+         fmt::format("must be in [1, {}]", naming == SpecNaming::kPackage
+                                               ? fmt::format("{} = {}", name(kExperts), n_experts)
+                                               : fmt::format("num_experts={}", n_experts)));
+    need(moe_ffn > 0, kMoeFfn, moe_ffn, "must be > 0");
+    need(shared_ffn >= 0, kShared, shared_ffn, "must be >= 0 (0: no shared expert)");
   }
-  if (any_dense) need(dense_ffn > 0, "intermediate_size", "must be positive for dense layers");
+  if (any_dense) need(dense_ffn > 0, kDense, dense_ffn, "must be > 0 for dense layers");
   for (int id : eos_ids)
-    need(id >= 0 && id < vocab_size, "eos_token_id",
-         fmt::format("{} is outside the vocabulary [0, {})", id, vocab_size));
+    need(id >= 0 && id < vocab_size, kEos, id,
+         fmt::format("is outside the vocabulary [0, {})", vocab_size));
+  need(bos_id >= -1 && bos_id < vocab_size, kBos, bos_id,
+       fmt::format("is outside the vocabulary [0, {}) (-1: none)", vocab_size));
 }
 
 void to_json(json& j, const ModelSpec& s) {
@@ -169,7 +218,7 @@ ModelSpec spec_from_json(const json& j, const std::string& where) {
     s.eos_ids.push_back(e.get<int>());
   }
   s.bos_id = get_int("bos_id");
-  s.validate(where);
+  s.validate(where, SpecNaming::kPackage);
   return s;
 }
 

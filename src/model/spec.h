@@ -14,6 +14,12 @@ namespace moeflux {
 enum class AttnKind : uint8_t { kLinear, kFull };  // Gated DeltaNet | softmax attention
 enum class FfnKind : uint8_t { kMoe, kDense };
 
+// Which file a spec came from, so validation errors name that file's own fields.
+enum class SpecNaming {
+  kPackage,   // moeflux.json: "model.ctx_train"
+  kHfConfig,  // HF config.json: "max_position_embeddings"
+};
+
 struct ModelSpec {
   std::string arch;  // qwen3_5_moe | qwen3_next | qwen3_moe | mixtral
   int vocab_size = 0;
@@ -50,8 +56,11 @@ struct ModelSpec {
   int q_rows() const { return n_heads * head_dim * (attn_output_gate ? 2 : 1); }
   int n_moe_layers() const;
 
-  // Throws Error(kFormat) naming `where` and the field when a size is missing or inconsistent.
-  void validate(const std::string& where) const;
+  // Throws Error(kFormat) naming `where` and the field when a size is missing or inconsistent,
+  // or the arch is none of known_archs(). Fields are named as the file being read names them.
+  void validate(const std::string& where, SpecNaming naming) const;
+  // The arch names a package may carry.
+  static const std::vector<std::string>& known_archs();
 };
 
 void to_json(nlohmann::json& j, const ModelSpec& s);

@@ -167,7 +167,7 @@ ModelSpec synth_spec(const std::string& preset) {
     s = full_attention("mixtral", 32000, 4096, 32, 32, 8, 128, 8, 2, 14336, 1e6, 1e-5f, 32768, {2},
                        1);
   }
-  s.validate("synth preset " + preset);
+  s.validate("synth preset " + preset, SpecNaming::kPackage);
   return s;
 }
 
@@ -685,7 +685,7 @@ Manifest synth_plan(const ModelSpec& spec, const std::string& quant) {
 SynthReport synth_package(const ModelSpec& spec, const std::string& out_dir,
                           const SynthOptions& opt) {
   const auto t0 = std::chrono::steady_clock::now();
-  spec.validate("synth " + opt.preset);
+  spec.validate("synth " + opt.preset, SpecNaming::kPackage);
   if (!std::isfinite(opt.routing_skew) || opt.routing_skew < 0 || opt.routing_skew > 8)
     fail(ErrorKind::kInvalidArgument, "--routing-skew: {} is not in [0, 8]", opt.routing_skew);
   if (opt.full_layers != 0 && opt.full_layers < spec.n_layers)

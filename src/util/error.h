@@ -14,6 +14,8 @@ enum class ErrorKind {
   kFormat,           // malformed file: safetensors, config.json, package manifest
   kUnsupported,      // valid input the engine does not handle (arch, dtype, feature)
   kIo,               // open/read/write failures
+  kOutOfMemory,      // an allocation failed (activations, expert buffers, the cache)
+  kNumeric,          // the forward pass produced NaN/Inf (corrupt weights, overflow)
   kInternal,
 };
 

@@ -37,7 +37,8 @@ MappedFile::MappedFile(const std::string& path, Mode mode) : path_(path) {
     if (p == MAP_FAILED) {
       int e = errno;
       ::close(fd);
-      fail(ErrorKind::kIo, "{}: cannot allocate {} bytes: {}", path, size_, std::strerror(e));
+      fail(ErrorKind::kOutOfMemory, "{}: cannot allocate {} bytes: {}", path, size_,
+           std::strerror(e));
     }
     ::madvise(p, mapped_, MADV_HUGEPAGE);  // advice: fine if the kernel has no THP
     auto* dst = static_cast<uint8_t*>(p);
@@ -131,6 +132,11 @@ void FileWriter::close() {
 }
 
 std::string read_text_file(const std::string& path) {
+  // An ifstream opens a directory and reads nothing: say so instead of "malformed JSON" or
+  // "no tokens" further on.
+  struct stat st;
+  if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode))
+    fail(ErrorKind::kIo, "{}: is a directory, expected a file", path);
   std::ifstream in(path, std::ios::binary);
   if (!in) fail(ErrorKind::kIo, "{}: cannot open: {}", path, std::strerror(errno));
   std::ostringstream ss;

@@ -4,6 +4,8 @@
 
 #include <algorithm>
 
+#include "util/error.h"
+
 namespace moeflux {
 
 namespace {
@@ -14,9 +16,22 @@ namespace {
 constexpr int kSpin = 1 << 12;
 }  // namespace
 
+int max_threads() {
+  return 4 * int(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+int resolve_threads(int n, const char* what) {
+  const int cores = int(std::max(1u, std::thread::hardware_concurrency()));
+  if (n <= 0) return cores;
+  if (n > max_threads())
+    fail(ErrorKind::kInvalidArgument,
+         "{} = {} is more than {} (4x the {} cores of this machine; 0: one per core)", what, n,
+         max_threads(), cores);
+  return n;
+}
+
 ThreadPool::ThreadPool(int n_threads) {
-  if (n_threads <= 0) n_threads = int(std::max(1u, std::thread::hardware_concurrency()));
-  n_threads_ = n_threads;
+  n_threads_ = resolve_threads(n_threads, "threads");
   for (int i = 1; i < n_threads_; i++) threads_.emplace_back([this, i] { worker(i); });
 }
 

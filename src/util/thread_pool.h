@@ -13,9 +13,16 @@
 
 namespace moeflux {
 
+// The most compute threads anything takes: 4x the cores. More only time-slice, and at thousands
+// the workers' spin-wait for the next job livelocks the machine; a larger request is an error
+// (kInvalidArgument naming `what`), not a silent cap, so a typo like -t 10000 is seen.
+int max_threads();
+// n <= 0: one per core; otherwise n, checked against max_threads().
+int resolve_threads(int n, const char* what);
+
 class ThreadPool {
  public:
-  explicit ThreadPool(int n_threads);  // n_threads <= 0: one per core
+  explicit ThreadPool(int n_threads);  // resolve_threads(n_threads, "threads")
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;

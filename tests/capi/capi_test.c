@@ -77,6 +77,8 @@ static int same(const float* a, const float* b, const mf_model* m) {
 static void test_misc(void) {
   CHECK(strlen(mf_version()) > 0);
   CHECK(strcmp(mf_error_name(MF_ERR_FORMAT), "MF_ERR_FORMAT") == 0);
+  CHECK(strcmp(mf_error_name(MF_ERR_OUT_OF_MEMORY), "MF_ERR_OUT_OF_MEMORY") == 0);
+  CHECK(strcmp(mf_error_name(MF_ERR_NUMERIC), "MF_ERR_NUMERIC") == 0);
   CHECK(strcmp(mf_error_name(12345), "unknown") == 0);
 }
 
@@ -100,6 +102,10 @@ static void test_model(const char* path) {
     bad = mp;
     bad.threads = -1;
     CHECK_RC(mf_model_load(path, &bad, &m), MF_ERR_INVALID_ARGUMENT);
+    bad = mp;
+    bad.threads = 100000; /* more than 4x the cores */
+    CHECK_RC(mf_model_load(path, &bad, &m), MF_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(mf_last_error(), "threads = 100000 is more than") != NULL);
     bad = mp;
     bad.io_readers = 0;
     CHECK_RC(mf_model_load(path, &bad, &m), MF_ERR_INVALID_ARGUMENT);
@@ -180,6 +186,9 @@ static void test_session_and_eval(mf_model* m) {
     CHECK_RC(mf_session_new(m, &bad, &s), MF_ERR_INVALID_ARGUMENT);
     bad = sp;
     bad.threads = -2;
+    CHECK_RC(mf_session_new(m, &bad, &s), MF_ERR_INVALID_ARGUMENT);
+    bad = sp;
+    bad.threads = 100000;
     CHECK_RC(mf_session_new(m, &bad, &s), MF_ERR_INVALID_ARGUMENT);
     bad = sp;
     bad.experts_per_token = 100000;

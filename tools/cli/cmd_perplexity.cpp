@@ -20,18 +20,10 @@
 #include "cli/common.h"
 #include "text/tokenizer.h"
 #include "util/error.h"
+#include "util/mapped_file.h"
 
 namespace moeflux::cli {
 namespace {
-
-std::string read_text(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) fail(ErrorKind::kIo, "{}: cannot open", path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  if (f.bad()) fail(ErrorKind::kIo, "{}: read failed", path);
-  return ss.str();
-}
 
 // log-softmax of `v` into `out` in double.
 void log_softmax(const float* v, int n, std::vector<double>& out) {
@@ -69,7 +61,7 @@ int cmd_perplexity(const ModelOptions& mo, const std::string& file, const std::s
   if (!std::filesystem::exists(tp))
     fail(ErrorKind::kIo, "{}: no tokenizer (convert from a checkpoint that has tokenizer.json, or pass --tokenizer)", tp);
   Tokenizer tok = Tokenizer::load(tp);
-  const std::string text = read_text(file);
+  const std::string text = read_text_file(file);
   auto t0 = std::chrono::steady_clock::now();
   const std::vector<int32_t> ids = tok.encode(text, false);
   const double tok_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

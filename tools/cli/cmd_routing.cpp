@@ -22,6 +22,7 @@
 #include "cli/common.h"
 #include "text/tokenizer.h"
 #include "util/error.h"
+#include "util/mapped_file.h"
 #include "util/progress.h"
 
 namespace moeflux::cli {
@@ -69,11 +70,7 @@ int cmd_routing(ModelOptions mo, const std::string& file, const std::string& tok
   const ModelSpec& s = model.spec();
   if (s.n_moe_layers() == 0) fail(ErrorKind::kInvalidArgument, "{}: the model has no MoE layers", mo.model);
   const std::string tp = tok_path.empty() ? model.dir() + "/tokenizer.json" : tok_path;
-  std::ifstream f(file, std::ios::binary);
-  if (!f) fail(ErrorKind::kIo, "{}: cannot open", file);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  const std::vector<int32_t> ids = Tokenizer::load(tp).encode(ss.str(), false);
+  const std::vector<int32_t> ids = Tokenizer::load(tp).encode(read_text_file(file), false);
   const int n = std::min<int>(int(ids.size()), max_tokens);
   if (n < 2) fail(ErrorKind::kInvalidArgument, "{}: fewer than 2 tokens", file);
 

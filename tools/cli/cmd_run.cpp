@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <chrono>
 #include <climits>
+#include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -122,9 +123,11 @@ void check_gen_flags(const GenFlags& g) {
     fail(ErrorKind::kInvalidArgument, "--top-p: {} is not in (0, 1]", g.s.top_p);
   if (!(g.s.min_p >= 0.0f && g.s.min_p <= 1.0f))
     fail(ErrorKind::kInvalidArgument, "--min-p: {} is not in [0, 1]", g.s.min_p);
-  if (!(g.s.temp >= 0.0f)) fail(ErrorKind::kInvalidArgument, "--temp: {} is negative", g.s.temp);
-  if (!(g.s.repeat_penalty > 0.0f))
-    fail(ErrorKind::kInvalidArgument, "--repeat-penalty: {} is not positive (1: off)",
+  if (!(std::isfinite(g.s.temp) && g.s.temp >= 0.0f))
+    fail(ErrorKind::kInvalidArgument, "--temp: {} must be a finite number >= 0 (0: greedy)",
+         g.s.temp);
+  if (!(std::isfinite(g.s.repeat_penalty) && g.s.repeat_penalty > 0.0f))
+    fail(ErrorKind::kInvalidArgument, "--repeat-penalty: {} must be a finite number > 0 (1: off)",
          g.s.repeat_penalty);
   if (g.s.repeat_last_n < -1)
     fail(ErrorKind::kInvalidArgument, "--repeat-last-n: {} is below -1", g.s.repeat_last_n);

@@ -20,6 +20,7 @@
 #include "text/tokenizer.h"
 #include "util/error.h"
 #include "util/json.h"
+#include "util/thread_pool.h"
 
 namespace moeflux::cli {
 namespace {
@@ -123,6 +124,7 @@ int cmd_serve(ServeFlags& f) {
                                      : int(std::max(1u, std::thread::hardware_concurrency()));
   if (f.threads_per_slot < 0)
     fail(ErrorKind::kInvalidArgument, "--threads-per-slot: {} is negative", f.threads_per_slot);
+  resolve_threads(f.threads_per_slot, "--threads-per-slot");
   f.so.threads_per_slot =
       f.threads_per_slot > 0 ? f.threads_per_slot : std::max(1, cores / f.so.parallel);
   f.so.session = session_params(f.mo);

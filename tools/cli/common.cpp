@@ -9,13 +9,15 @@
 
 #include "util/error.h"
 #include "util/progress.h"
+#include "util/thread_pool.h"
 
 namespace moeflux::cli {
 
 void add_model_options(CLI::App* app, ModelOptions& o, bool model_required) {
   auto* m = app->add_option("-m,--model", o.model, "package directory");
   if (model_required) m->required();
-  app->add_option("-t,--threads", o.threads, "CPU threads (0: one per core)");
+  app->add_option("-t,--threads", o.threads,
+                  "CPU threads (0: one per core; more than 4x the cores is refused)");
   app->add_option("-c,--ctx", o.ctx, "context size in tokens (0: min(trained context, 4096))");
   app->add_option("--expert-cache", o.expert_cache,
                   "expert cache budget: bytes (2GiB, 512MiB), a share of all experts (25%), "
@@ -55,6 +57,7 @@ Loaded open_model(const ModelOptions& o_in) {
   if (o.model.empty()) o.model = default_model_dir();
   if (o.threads < 0)
     fail(ErrorKind::kInvalidArgument, "--threads: {} is negative (0: one per core)", o.threads);
+  resolve_threads(o.threads, "--threads");
   if (o.ctx < 0)
     fail(ErrorKind::kInvalidArgument, "--ctx: {} is negative (0: min(trained context, 4096))",
          o.ctx);
