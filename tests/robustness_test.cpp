@@ -714,7 +714,7 @@ TEST(Robustness, OutOfMemoryIsAnError) {
   GTEST_SKIP() << "AddressSanitizer aborts on impossible allocations";
 #else
   auto be = make_cpu_backend(1);
-  expect_error([&] { be->alloc(size_t(1) << 60); }, {"out of memory"});
+  expect_error([&] { be->alloc(size_t(1) << 60); }, {"out of memory"}, ErrorKind::kOutOfMemory);
   // A context that cannot be allocated: an error, not a crash (before the fix: SIGSEGV).
   const CliResult r = run_cli(
       fmt::format("eval -m {} --tokens 1,2 --ctx 2000000000", converted_fixture(kFixture)));

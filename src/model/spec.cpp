@@ -38,6 +38,11 @@ void ModelSpec::validate(const std::string& where, SpecNaming naming) const {
     return naming == SpecNaming::kPackage ? fmt::format("model.{}", f.pkg)
                                           : fmt::format("field '{}'", f.hf);
   };
+  // Another field quoted in a message: "model.n_heads = 4" / "num_attention_heads 4".
+  auto ref = [&](Field f, const auto& value) {
+    return naming == SpecNaming::kPackage ? fmt::format("model.{} = {}", f.pkg, value)
+                                          : fmt::format("{} {}", f.hf, value);
+  };
   auto need = [&](bool ok, Field f, const auto& value, const std::string& why) {
     if (!ok) fail(ErrorKind::kFormat, "{}: {} = {} {}", where, name(f), value, why);
   };
@@ -63,9 +68,9 @@ void ModelSpec::validate(const std::string& where, SpecNaming naming) const {
   need(hidden_size > 0, kHidden, hidden_size, "must be > 0");
   need(n_layers > 0, kLayers, n_layers, "must be > 0");
   need(int(attn.size()) == n_layers, kAttn, fmt::format("[{} entries]", attn.size()),
-       fmt::format("must have one per layer ({} = {})", name(kLayers), n_layers));
+       fmt::format("must have one per layer ({})", ref(kLayers, n_layers)));
   need(int(ffn.size()) == n_layers, kFfn, fmt::format("[{} entries]", ffn.size()),
-       fmt::format("must have one per layer ({} = {})", name(kLayers), n_layers));
+       fmt::format("must have one per layer ({})", ref(kLayers, n_layers)));
   need(rms_eps > 0 && std::isfinite(rms_eps), kEps, rms_eps, "must be a finite number > 0");
   need(ctx_train > 0, kCtx, ctx_train, "must be > 0");
   bool any_full = false, any_linear = false, any_moe = false, any_dense = false;
@@ -78,20 +83,17 @@ void ModelSpec::validate(const std::string& where, SpecNaming naming) const {
   if (any_full) {
     need(n_heads > 0, kHeads, n_heads, "must be > 0");
     need(n_kv_heads > 0 && n_heads % n_kv_heads == 0, kKvHeads, n_kv_heads,
-         fmt::format("does not divide {}",
-                     naming == SpecNaming::kPackage
-                         ? fmt::format("{} = {}", name(kHeads), n_heads)
-                         : fmt::format("num_attention_heads {}", n_heads)));
+         fmt::format("does not divide {}", ref(kHeads, n_heads)));
     need(head_dim > 0, kHeadDim, head_dim, "must be > 0");
     need(rope_dim >= 0 && rope_dim <= head_dim && rope_dim % 2 == 0, kRopeDim, rope_dim,
-         fmt::format("(rotary dims) must be even and at most {} = {}", name(kHeadDim), head_dim));
+         fmt::format("(rotary dims) must be even and at most {}", ref(kHeadDim, head_dim)));
     need(rope_theta > 0 && std::isfinite(rope_theta), kTheta, rope_theta,
          "must be a finite number > 0");
   }
   if (any_linear) {
     need(lin_k_heads > 0, kLinK, lin_k_heads, "must be > 0");
     need(lin_v_heads > 0 && lin_v_heads % lin_k_heads == 0, kLinV, lin_v_heads,
-         fmt::format("is not a multiple of {} = {}", name(kLinK), lin_k_heads));
+         fmt::format("is not a multiple of {}", ref(kLinK, lin_k_heads)));
     need(lin_k_dim > 0, kLinKDim, lin_k_dim, "must be > 0");
     need(lin_v_dim > 0, kLinVDim, lin_v_dim, "must be > 0");
     need(conv_kernel > 0, kConv, conv_kernel, "must be > 0");
