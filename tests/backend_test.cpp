@@ -42,14 +42,18 @@ std::vector<BackendKind> backends() {
   return out;
 }
 
-void PrintTo(const BackendKind& k, std::ostream* os) { *os << k.name; }
+void PrintTo(const BackendKind& k, std::ostream* os) {
+  *os << k.name;
+}
 
 constexpr double kEps = 1.0 / (1 << 23);  // eps32: one ulp at 1, twice the unit roundoff
 
 // Host-side random numbers, fixed seed per use.
 struct Rng {
   explicit Rng(uint32_t seed) : g(seed) {}
-  float uni(float lo = -1, float hi = 1) { return std::uniform_real_distribution<float>(lo, hi)(g); }
+  float uni(float lo = -1, float hi = 1) {
+    return std::uniform_real_distribution<float>(lo, hi)(g);
+  }
   std::vector<float> vec(size_t n, float lo = -1, float hi = 1) {
     std::vector<float> v(n);
     for (auto& x : v) x = uni(lo, hi);
@@ -96,22 +100,29 @@ double expect_close(const std::string& what, const std::vector<float>& got,
     const double d = std::fabs(double(got[i]) - want[i]);
     const double r = tol[i] > 0 ? d / tol[i] : (d == 0 ? 0 : INFINITY);
     if (!(r <= 1) && bad++ < 3)
-      ADD_FAILURE() << what << "[" << i << "]: got " << got[i] << " want " << want[i]
-                    << " |d| " << d << " tol " << tol[i];
+      ADD_FAILURE() << what << "[" << i << "]: got " << got[i] << " want " << want[i] << " |d| "
+                    << d << " tol " << tol[i];
     if (!(r <= worst)) worst = r;
   }
   ::testing::Test::RecordProperty(what, fmt::format("{:.3g}", worst));
   return worst;
 }
 
-void expect_bits(const std::string& what, const std::vector<float>& a, const std::vector<float>& b) {
+void expect_bits(const std::string& what, const std::vector<float>& a,
+                 const std::vector<float>& b) {
   ASSERT_EQ(a.size(), b.size()) << what;
   EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << what;
 }
 
-double sigmoid(double x) { return 1 / (1 + std::exp(-x)); }
-double silu(double x) { return x * sigmoid(x); }
-double softplus(double x) { return x > 30 ? x : std::log1p(std::exp(x)); }
+double sigmoid(double x) {
+  return 1 / (1 + std::exp(-x));
+}
+double silu(double x) {
+  return x * sigmoid(x);
+}
+double softplus(double x) {
+  return x > 30 ? x : std::log1p(std::exp(x));
+}
 
 // ---- Weight matrices of every dtype, with their exact values in double ----------------------
 
@@ -183,7 +194,9 @@ const DType kWeightTypes[] = {DType::kF32, DType::kBF16, DType::kF16,
 
 using Outputs = std::vector<float>;
 
-void append(Outputs& o, const std::vector<float>& v) { o.insert(o.end(), v.begin(), v.end()); }
+void append(Outputs& o, const std::vector<float>& v) {
+  o.insert(o.end(), v.begin(), v.end());
+}
 
 Outputs check_memory(Backend& be) {
   Buffers B(be);
@@ -296,7 +309,8 @@ Outputs check_rmsnorm(Backend& be) {
       std::vector<double> want(x.size()), tol(x.size(), 0);
       for (int r = 0; r < rows; r++) {
         double ss = 0;
-        for (int i = 0; i < n; i++) ss += double(x[size_t(r * stride + i)]) * x[size_t(r * stride + i)];
+        for (int i = 0; i < n; i++)
+          ss += double(x[size_t(r * stride + i)]) * x[size_t(r * stride + i)];
         const double inv = 1 / std::sqrt(ss / n + double(eps));
         for (int i = 0; i < stride; i++) {
           const size_t j = size_t(r * stride + i);
@@ -309,7 +323,8 @@ Outputs check_rmsnorm(Backend& be) {
         }
       }
       const auto got = B.get(yd, x.size());
-      expect_close(fmt::format("rmsnorm_w{}_inplace{}", int(with_w), int(in_place)), got, want, tol);
+      expect_close(fmt::format("rmsnorm_w{}_inplace{}", int(with_w), int(in_place)), got, want,
+                   tol);
       append(out, got);
     }
   return out;
@@ -607,8 +622,8 @@ Outputs check_deltanet(Backend& be, int chunk) {
     const int per_t = nv * p.v_dim;
     for (size_t i = 0; i < tol.size(); i++) tol[i] = c * kEps * (int(i) / per_t + 2) * r.out_mag[i];
     for (size_t i = 0; i < stol.size(); i++) stol[i] = c * kEps * (T + 1) * r.state_mag[i];
-    const std::string name = chunk ? fmt::format("deltanet_chunked{}_T{}", chunk, T)
-                                   : fmt::format("deltanet_T{}", T);
+    const std::string name =
+        chunk ? fmt::format("deltanet_chunked{}_T{}", chunk, T) : fmt::format("deltanet_T{}", T);
     const auto got = B.get(od, r.out.size());
     expect_close(name, got, r.out, tol);
     S0 = B.get(sd, S0.size());
@@ -734,7 +749,8 @@ Outputs check_rows(Backend& be) {
   const int T = 3, k = 4, m = 50;
   auto slots = rng.vec(size_t(T * k * m), -2, 2);
   // Token 0, column 0: (1e8 + 1) - 1e8 + 1 is 1 in order, 2 or 0 in others.
-  slots[0] = 1e8f, slots[size_t(m)] = 1.0f, slots[size_t(2 * m)] = -1e8f, slots[size_t(3 * m)] = 1.0f;
+  slots[0] = 1e8f, slots[size_t(m)] = 1.0f, slots[size_t(2 * m)] = -1e8f,
+  slots[size_t(3 * m)] = 1.0f;
   float* od = B.zeros(size_t(T * m));
   be.sum_slots(B.put(slots), T, k, m, od);
   std::vector<float> want_o(size_t(T * m));
@@ -768,16 +784,36 @@ class BackendOps : public ::testing::TestWithParam<BackendKind> {
   }
 };
 
-TEST_P(BackendOps, Memory) { run(check_memory); }
-TEST_P(BackendOps, Embed) { run(check_embed); }
-TEST_P(BackendOps, Matmul) { run(check_matmul); }
-TEST_P(BackendOps, Rmsnorm) { run(check_rmsnorm); }
-TEST_P(BackendOps, Rope) { run(check_rope); }
-TEST_P(BackendOps, Attention) { run(check_attention); }
-TEST_P(BackendOps, MulSigmoidGate) { run(check_mul_sigmoid_gate); }
-TEST_P(BackendOps, Conv1dSilu) { run(check_conv1d_silu); }
-TEST_P(BackendOps, DeltanetGates) { run(check_deltanet_gates); }
-TEST_P(BackendOps, Deltanet) { run([](Backend& be) { return check_deltanet(be, 0); }); }
+TEST_P(BackendOps, Memory) {
+  run(check_memory);
+}
+TEST_P(BackendOps, Embed) {
+  run(check_embed);
+}
+TEST_P(BackendOps, Matmul) {
+  run(check_matmul);
+}
+TEST_P(BackendOps, Rmsnorm) {
+  run(check_rmsnorm);
+}
+TEST_P(BackendOps, Rope) {
+  run(check_rope);
+}
+TEST_P(BackendOps, Attention) {
+  run(check_attention);
+}
+TEST_P(BackendOps, MulSigmoidGate) {
+  run(check_mul_sigmoid_gate);
+}
+TEST_P(BackendOps, Conv1dSilu) {
+  run(check_conv1d_silu);
+}
+TEST_P(BackendOps, DeltanetGates) {
+  run(check_deltanet_gates);
+}
+TEST_P(BackendOps, Deltanet) {
+  run([](Backend& be) { return check_deltanet(be, 0); });
+}
 TEST_P(BackendOps, DeltanetChunked) {
   run([](Backend& be) {
     Outputs o = check_deltanet(be, 4);  // 17 = four chunks and one token
@@ -785,9 +821,15 @@ TEST_P(BackendOps, DeltanetChunked) {
     return o;
   });
 }
-TEST_P(BackendOps, GatedRmsnorm) { run(check_gated_rmsnorm); }
-TEST_P(BackendOps, Elementwise) { run(check_elementwise); }
-TEST_P(BackendOps, Rows) { run(check_rows); }
+TEST_P(BackendOps, GatedRmsnorm) {
+  run(check_gated_rmsnorm);
+}
+TEST_P(BackendOps, Elementwise) {
+  run(check_elementwise);
+}
+TEST_P(BackendOps, Rows) {
+  run(check_rows);
+}
 
 INSTANTIATE_TEST_SUITE_P(Backends, BackendOps, ::testing::ValuesIn(backends()),
                          [](const auto& info) { return info.param.name; });
@@ -800,7 +842,9 @@ struct LayerCase {
   enum Mode { kPrefill, kPrefillChunked, kDecode } mode;
 };
 
-void PrintTo(const LayerCase& c, std::ostream* os) { *os << c.backend.name << "/" << c.fixture; }
+void PrintTo(const LayerCase& c, std::ostream* os) {
+  *os << c.backend.name << "/" << c.fixture;
+}
 
 std::vector<LayerCase> layer_cases() {
   std::vector<LayerCase> out;
@@ -849,8 +893,8 @@ TEST_P(BackendLayers, HiddenStatesMatchReference) {
     ASSERT_EQ(hidden[n].size(), want.size()) << "hidden " << n;
     double worst = 1;
     for (int t = 0; t < T; t++) {
-      const double cs = cosine(hidden[n].data() + size_t(t) * H, want.data() + size_t(t) * H,
-                               size_t(H));
+      const double cs =
+          cosine(hidden[n].data() + size_t(t) * H, want.data() + size_t(t) * H, size_t(H));
       EXPECT_GE(cs, 0.99999) << "hidden " << n << " position " << t;
       worst = std::min(worst, cs);
     }
