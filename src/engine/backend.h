@@ -48,8 +48,8 @@ class Backend {
   virtual void embed(const Mat& E, const int32_t* tokens, int T, float* out) = 0;
   // y[t, r] = sum_c W[r, c] * x[t, c]                      x: [T, W.cols]  y: [T, W.rows]
   virtual void matmul(const Mat& W, const float* x, float* y, int T) = 0;
-  // For each of `rows` rows of n floats at `stride`: y = x * rsqrt(mean(x^2) + eps) * w.
-  // x == y allowed.
+  // For each of `rows` rows of n floats at `stride`: y = x * rsqrt(mean(x^2) + eps) * w
+  // (w null: no weight, 1). x == y allowed; floats between rows are not written.
   virtual void rmsnorm(const float* x, const float* w, float* y, int rows, int n, int stride,
                        float eps) = 0;
   // rotate-half RoPE on the first rot_dim dims of each head; x [T, row_stride], heads of
