@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Configures and builds moeflux into ${BUILD_DIR:-build} (extra arguments go to cmake).
+# Configures and builds moeflux into ${BUILD_DIR:-build} (extra arguments go to cmake); only the
+# targets named in ${TARGETS} (space-separated) when it is set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${BUILD_DIR:-build}
@@ -13,4 +14,6 @@ if command -v ccache >/dev/null; then
 fi
 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=${BUILD_TYPE:-RelWithDebInfo} \
   "${launcher[@]}" "$@" >/dev/null
-cmake --build "$BUILD_DIR" -j "$(nproc)"
+targets=()
+for t in ${TARGETS:-}; do targets+=(--target "$t"); done
+cmake --build "$BUILD_DIR" -j "$(nproc)" "${targets[@]}"

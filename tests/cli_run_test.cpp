@@ -276,7 +276,9 @@ TEST(CliChat, SaveResetLoad) {
 }
 
 TEST(CliTokenize, RoundTripOnTheQwenTokenizer) {
-  if (!have_qwen_tokenizer()) GTEST_SKIP() << "no " << MOEFLUX_TOKENIZER_JSON;
+  if (!have_qwen_tokenizer())
+    MF_SKIP_OR_FAIL_IN_CI(std::string("no ") + MOEFLUX_TOKENIZER_JSON +
+                          " (scripts/fetch_tokenizer.sh)");
   test::TempDir tmp;
   const std::string text =
       "Hello, world! 你好世界 <|im_start|>user\n  two spaces\ttab 1234567 naïve café 🎉\n"

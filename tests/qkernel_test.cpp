@@ -1,4 +1,6 @@
-// matmul_rows (cpu/matmul.h) on every kernel path this CPU has, and the quantiser round trip.
+// matmul_rows (cpu/matmul.h) on each kernel path (scalar, AVX2, AVX-512), and the quantiser round
+// trip. Every property test is instantiated once per path and forces it (set_kernel_path); a
+// path this CPU lacks is a skip that says so, so the log records which paths ran here.
 //
 // Properties, each on random data (never zeros) with y poisoned before each run:
 //   (a) batch invariance: a token alone, in any batch, with any row split gives the same bits;
@@ -47,17 +49,50 @@ bool same_bits(float a, float b) {
   return std::memcmp(&a, &b, 4) == 0;
 }
 
+constexpr KernelPath kPaths[] = {KernelPath::kScalar, KernelPath::kAvx2, KernelPath::kAvx512};
+
 std::vector<KernelPath> paths() {
   std::vector<KernelPath> p;
-  for (KernelPath k : {KernelPath::kScalar, KernelPath::kAvx2, KernelPath::kAvx512})
+  for (KernelPath k : kPaths)
     if (kernel_path_supported(k)) p.push_back(k);
   return p;
+}
+
+// What a path needs of the CPU (best_kernel_path's cpuid checks).
+const char* path_needs(KernelPath p) {
+  switch (p) {
+    case KernelPath::kAvx2:
+      return "AVX2, FMA and F16C";
+    case KernelPath::kAvx512:
+      return "AVX-512 F and BW";
+    default:
+      return "nothing";
+  }
 }
 
 // Restores the automatic path when a test ends, whatever it forced.
 struct PathGuard {
   ~PathGuard() { set_kernel_path(KernelPath::kAuto); }
 };
+
+// A test run with one kernel path forced: skipped, with the reason, when this CPU lacks it.
+class OnKernelPath : public ::testing::TestWithParam<KernelPath> {
+ protected:
+  void SetUp() override {
+    const KernelPath p = GetParam();
+    if (!kernel_path_supported(p))
+      GTEST_SKIP() << kernel_path_name(p) << " path not run: this CPU lacks " << path_needs(p)
+                   << " (best path here: " << kernel_path_name(best_kernel_path()) << ")";
+    set_kernel_path(p);
+    std::printf("[ kernel ] path %s forced (best here: %s)\n", kernel_path_name(p),
+                kernel_path_name(best_kernel_path()));
+  }
+  void TearDown() override { set_kernel_path(KernelPath::kAuto); }
+};
+
+std::string path_param_name(const ::testing::TestParamInfo<KernelPath>& info) {
+  return kernel_path_name(info.param);
+}
 
 // A weight matrix with its storage and its exact f32 values ([rows, cols]).
 struct TestMat {
@@ -164,11 +199,10 @@ struct Shape {
   int64_t rows, cols;
 };
 
-// Checks every path against the double reference (bound above) and against the scalar path
-// (bits), for each T.
-void check_paths(const TestMat& tm, const std::vector<int>& Ts, std::mt19937& rng,
-                 const std::string& what) {
-  PathGuard guard;
+// Checks path p against the double reference (bound above) and against the scalar path (bits),
+// for each T. Leaves p forced.
+void check_path(KernelPath p, const TestMat& tm, const std::vector<int>& Ts, std::mt19937& rng,
+                const std::string& what) {
   const Mat W = tm.mat();
   const int64_t rows = W.rows, cols = W.cols, ys = rows + 3;  // stride past the rows
   const double u = std::ldexp(1.0, -24);
@@ -190,35 +224,35 @@ void check_paths(const TestMat& tm, const std::vector<int>& Ts, std::mt19937& rn
         bound[size_t(t * rows + r)] = gamma * a;
       }
     std::vector<float> scalar_y;
-    for (KernelPath p : paths()) {
+    if (p != KernelPath::kScalar) {
+      set_kernel_path(KernelPath::kScalar);
+      scalar_y = run(W, x, T, ys, 0, rows);
       set_kernel_path(p);
-      const auto y = run(W, x, T, ys, 0, rows);
       if (::testing::Test::HasFailure()) return;
-      int bad = 0;
-      for (int t = 0; t < T && bad < 5; t++)
-        for (int64_t r = 0; r < rows && bad < 5; r++) {
-          const double got = y[size_t(t * ys + r)], want = ref[size_t(t * rows + r)];
-          const double tol = bound[size_t(t * rows + r)];
-          if (!(std::fabs(got - want) <= tol)) {
-            ADD_FAILURE() << what << " path " << kernel_path_name(p) << " T=" << T << " y[" << t
-                          << "," << r << "] = " << got << ", exact " << want << ", |err| "
-                          << std::fabs(got - want) << " > bound " << tol;
-            bad++;
-          }
-        }
-      if (p == KernelPath::kScalar) {
-        scalar_y = y;
-      } else if (!scalar_y.empty()) {
-        for (size_t i = 0; i < y.size() && bad < 5; i++)
-          if (!same_bits(y[i], scalar_y[i])) {
-            ADD_FAILURE() << what << " path " << kernel_path_name(p) << " T=" << T
-                          << " differs from scalar at " << i << ": " << y[i] << " vs "
-                          << scalar_y[i];
-            bad++;
-          }
-      }
-      if (bad) return;
     }
+    const auto y = run(W, x, T, ys, 0, rows);
+    if (::testing::Test::HasFailure()) return;
+    int bad = 0;
+    for (int t = 0; t < T && bad < 5; t++)
+      for (int64_t r = 0; r < rows && bad < 5; r++) {
+        const double got = y[size_t(t * ys + r)], want = ref[size_t(t * rows + r)];
+        const double tol = bound[size_t(t * rows + r)];
+        if (!(std::fabs(got - want) <= tol)) {
+          ADD_FAILURE() << what << " path " << kernel_path_name(p) << " T=" << T << " y[" << t
+                        << "," << r << "] = " << got << ", exact " << want << ", |err| "
+                        << std::fabs(got - want) << " > bound " << tol;
+          bad++;
+        }
+      }
+    if (p != KernelPath::kScalar) {
+      for (size_t i = 0; i < y.size() && bad < 5; i++)
+        if (!same_bits(y[i], scalar_y[i])) {
+          ADD_FAILURE() << what << " path " << kernel_path_name(p) << " T=" << T
+                        << " differs from scalar at " << i << ": " << y[i] << " vs " << scalar_y[i];
+          bad++;
+        }
+    }
+    if (bad) return;
   }
 }
 
@@ -273,22 +307,23 @@ TEST(QKernelPaths, ActivePathCanBeForcedAndRestored) {
 }
 
 // (c) float dtypes: odd rows, cols of every residue mod 16.
-TEST(QKernelAccuracy, FloatDtypesMatchReferenceOnEveryPath) {
+class QKernelAccuracy : public OnKernelPath {};
+TEST_P(QKernelAccuracy, FloatDtypesMatchReferenceAndScalar) {
   std::mt19937 rng(2);
   const std::vector<Shape> shapes = {{1, 1},  {3, 5},    {7, 16},  {17, 31},
                                      {5, 33}, {37, 100}, {9, 257}, {11, 520}};
   for (DType dt : {DType::kF32, DType::kBF16, DType::kF16})
     for (const Shape& s : shapes) {
       const TestMat t = make_float(dt, s.rows, s.cols, random_values(s.rows, s.cols, rng));
-      check_paths(t, s.cols > 300 ? std::vector<int>{1, 2, 3, 7, 64} : kTs, rng,
-                  std::string(dtype_name(dt)) + " " + std::to_string(s.rows) + "x" +
-                      std::to_string(s.cols));
+      check_path(GetParam(), t, s.cols > 300 ? std::vector<int>{1, 2, 3, 7, 64} : kTs, rng,
+                 std::string(dtype_name(dt)) + " " + std::to_string(s.rows) + "x" +
+                     std::to_string(s.cols));
       if (HasFailure()) return;
     }
 }
 
 // (c) quantised: every bits x group, cols = group * k with odd k, odd rows, quantize_rows data.
-TEST(QKernelAccuracy, QuantisedMatchReferenceOnEveryPath) {
+TEST_P(QKernelAccuracy, QuantisedMatchReferenceAndScalar) {
   std::mt19937 rng(3);
   for (int bits : {8, 4, 2})
     for (int group : {32, 64, 128})
@@ -296,17 +331,18 @@ TEST(QKernelAccuracy, QuantisedMatchReferenceOnEveryPath) {
                              Shape{3, 1056 / group * group}}) {
         const TestMat t =
             make_quant(bits, group, s.rows, s.cols, random_values(s.rows, s.cols, rng));
-        check_paths(t, kTs, rng,
-                    "q" + std::to_string(bits) + " g" + std::to_string(group) + " " +
-                        std::to_string(s.rows) + "x" + std::to_string(s.cols));
+        check_path(GetParam(), t, kTs, rng,
+                   "q" + std::to_string(bits) + " g" + std::to_string(group) + " " +
+                       std::to_string(s.rows) + "x" + std::to_string(s.cols));
         if (HasFailure()) return;
       }
 }
 
 // (a) batch invariance: every token of a 513-token batch equals that token alone, and any
 // split of the rows and of the batch gives the same bits.
-TEST(QKernelBatchInvariance, TokenAloneEqualsBatchForAnySplit) {
-  PathGuard guard;
+class QKernelBatchInvariance : public OnKernelPath {};
+TEST_P(QKernelBatchInvariance, TokenAloneEqualsBatchForAnySplit) {
+  const KernelPath p = GetParam();
   std::mt19937 rng(4);
   const int T = 513;
   struct Case {
@@ -325,41 +361,39 @@ TEST(QKernelBatchInvariance, TokenAloneEqualsBatchForAnySplit) {
     const Mat W = t.mat();
     const int64_t rows = W.rows, cols = W.cols, ys = rows;
     const auto x = random_values(T, cols, rng);
-    for (KernelPath p : paths()) {
-      set_kernel_path(p);
-      const std::string what = std::string(dtype_name(cs.dt)) + " " + kernel_path_name(p);
-      const auto full = run(W, x, T, ys, 0, rows);
-      if (HasFailure()) return;
-      // every token alone, all rows
-      for (int t = 0; t < T; t++) {
-        std::vector<float> one(size_t(rows), poison());
-        matmul_rows(W, 0, rows, x.data() + size_t(t) * cols, 1, one.data(), rows);
-        for (int64_t r = 0; r < rows; r++)
-          ASSERT_TRUE(same_bits(one[size_t(r)], full[size_t(t * ys + r)]))
-              << what << ": token " << t << " alone differs at row " << r;
-      }
-      // random row chunks x random token batches (sizes 1..70), written into one y
-      std::vector<float> y(full.size(), poison());
-      std::uniform_int_distribution<int> rd(1, 23), td(1, 70);
-      for (int64_t r0 = 0; r0 < rows;) {
-        const int64_t r1 = std::min<int64_t>(rows, r0 + rd(rng));
-        for (int t0 = 0; t0 < T;) {
-          const int n = std::min(T - t0, td(rng));
-          matmul_rows(W, r0, r1, x.data() + size_t(t0) * cols, n, y.data() + size_t(t0) * ys, ys);
-          t0 += n;
-        }
-        r0 = r1;
-      }
-      for (size_t i = 0; i < y.size(); i++)
-        ASSERT_TRUE(same_bits(y[i], full[i])) << what << ": split run differs at " << i;
+    const std::string what = std::string(dtype_name(cs.dt)) + " " + kernel_path_name(p);
+    const auto full = run(W, x, T, ys, 0, rows);
+    if (HasFailure()) return;
+    // every token alone, all rows
+    for (int t = 0; t < T; t++) {
+      std::vector<float> one(size_t(rows), poison());
+      matmul_rows(W, 0, rows, x.data() + size_t(t) * cols, 1, one.data(), rows);
+      for (int64_t r = 0; r < rows; r++)
+        ASSERT_TRUE(same_bits(one[size_t(r)], full[size_t(t * ys + r)]))
+            << what << ": token " << t << " alone differs at row " << r;
     }
+    // random row chunks x random token batches (sizes 1..70), written into one y
+    std::vector<float> y(full.size(), poison());
+    std::uniform_int_distribution<int> rd(1, 23), td(1, 70);
+    for (int64_t r0 = 0; r0 < rows;) {
+      const int64_t r1 = std::min<int64_t>(rows, r0 + rd(rng));
+      for (int t0 = 0; t0 < T;) {
+        const int n = std::min(T - t0, td(rng));
+        matmul_rows(W, r0, r1, x.data() + size_t(t0) * cols, n, y.data() + size_t(t0) * ys, ys);
+        t0 += n;
+      }
+      r0 = r1;
+    }
+    for (size_t i = 0; i < y.size(); i++)
+      ASSERT_TRUE(same_bits(y[i], full[i])) << what << ": split run differs at " << i;
   }
 }
 
 // (b) f32, bf16 and f16 matrices with the same values give the same bits on each path; and so
 // do a quantised matrix and its dequantised f32 copy.
-TEST(QKernelDtypes, SameValuesSameBitsAcrossDtypes) {
-  PathGuard guard;
+class QKernelDtypes : public OnKernelPath {};
+TEST_P(QKernelDtypes, SameValuesSameBitsAcrossDtypes) {
+  const KernelPath p = GetParam();
   std::mt19937 rng(5);
   for (const Shape& s : {Shape{1, 7}, Shape{13, 48}, Shape{29, 133}, Shape{8, 2048}}) {
     // m * 2^e, |m| < 256, e in [-14, -4]: exact in bf16 and f16 alike
@@ -373,18 +407,13 @@ TEST(QKernelDtypes, SameValuesSameBitsAcrossDtypes) {
     ASSERT_EQ(h.exact, vals);
     for (int T : kTs) {
       const auto x = random_values(T, s.cols, rng);
-      for (KernelPath p : paths()) {
-        set_kernel_path(p);
-        const auto yf = run(f.mat(), x, T, s.rows, 0, s.rows);
-        const auto yb = run(b.mat(), x, T, s.rows, 0, s.rows);
-        const auto yh = run(h.mat(), x, T, s.rows, 0, s.rows);
-        ASSERT_EQ(0, std::memcmp(yf.data(), yb.data(), yf.size() * 4))
-            << "bf16 vs f32, " << kernel_path_name(p) << " T=" << T << " " << s.rows << "x"
-            << s.cols;
-        ASSERT_EQ(0, std::memcmp(yf.data(), yh.data(), yf.size() * 4))
-            << "f16 vs f32, " << kernel_path_name(p) << " T=" << T << " " << s.rows << "x"
-            << s.cols;
-      }
+      const auto yf = run(f.mat(), x, T, s.rows, 0, s.rows);
+      const auto yb = run(b.mat(), x, T, s.rows, 0, s.rows);
+      const auto yh = run(h.mat(), x, T, s.rows, 0, s.rows);
+      ASSERT_EQ(0, std::memcmp(yf.data(), yb.data(), yf.size() * 4))
+          << "bf16 vs f32, " << kernel_path_name(p) << " T=" << T << " " << s.rows << "x" << s.cols;
+      ASSERT_EQ(0, std::memcmp(yf.data(), yh.data(), yf.size() * 4))
+          << "f16 vs f32, " << kernel_path_name(p) << " T=" << T << " " << s.rows << "x" << s.cols;
     }
   }
   for (int bits : {8, 4, 2}) {
@@ -393,20 +422,18 @@ TEST(QKernelDtypes, SameValuesSameBitsAcrossDtypes) {
     const TestMat f = make_float(DType::kF32, rows, cols, q.exact);
     for (int T : {1, 3, 64}) {
       const auto x = random_values(T, cols, rng);
-      for (KernelPath p : paths()) {
-        set_kernel_path(p);
-        const auto yq = run(q.mat(), x, T, rows, 0, rows);
-        const auto yf = run(f.mat(), x, T, rows, 0, rows);
-        ASSERT_EQ(0, std::memcmp(yq.data(), yf.data(), yq.size() * 4))
-            << "q" << bits << " vs its f32 copy, " << kernel_path_name(p) << " T=" << T;
-      }
+      const auto yq = run(q.mat(), x, T, rows, 0, rows);
+      const auto yf = run(f.mat(), x, T, rows, 0, rows);
+      ASSERT_EQ(0, std::memcmp(yq.data(), yf.data(), yq.size() * 4))
+          << "q" << bits << " vs its f32 copy, " << kernel_path_name(p) << " T=" << T;
     }
   }
 }
 
 // (d) repeated runs and runs split over threads give the same bits.
-TEST(QKernelDeterminism, RepeatedAndThreadedRunsAgree) {
-  PathGuard guard;
+class QKernelDeterminism : public OnKernelPath {};
+TEST_P(QKernelDeterminism, RepeatedAndThreadedRunsAgree) {
+  const KernelPath p = GetParam();
   std::mt19937 rng(6);
   const int64_t rows = 203, cols = 512;
   const auto vals = random_values(rows, cols, rng);
@@ -417,28 +444,31 @@ TEST(QKernelDeterminism, RepeatedAndThreadedRunsAgree) {
   for (const TestMat& t : mats)
     for (int T : {1, 5, 64}) {
       const auto x = random_values(T, cols, rng);
-      for (KernelPath p : paths()) {
-        set_kernel_path(p);
-        const auto first = run(t.mat(), x, T, rows, 0, rows);
-        for (int rep = 0; rep < 3; rep++) {
-          const auto again = run(t.mat(), x, T, rows, 0, rows);
-          ASSERT_EQ(0, std::memcmp(first.data(), again.data(), first.size() * 4))
-              << kernel_path_name(p) << " repeat " << rep;
-        }
-        for (int64_t grain : {1, 8, 16}) {
-          std::vector<float> y(first.size(), poison());
-          pool.parallel_for(
-              rows,
-              [&](int64_t r0, int64_t r1) {
-                matmul_rows(t.mat(), r0, r1, x.data(), T, y.data(), rows);
-              },
-              grain);
-          ASSERT_EQ(0, std::memcmp(first.data(), y.data(), first.size() * 4))
-              << kernel_path_name(p) << " threaded, grain " << grain;
-        }
+      const auto first = run(t.mat(), x, T, rows, 0, rows);
+      for (int rep = 0; rep < 3; rep++) {
+        const auto again = run(t.mat(), x, T, rows, 0, rows);
+        ASSERT_EQ(0, std::memcmp(first.data(), again.data(), first.size() * 4))
+            << kernel_path_name(p) << " repeat " << rep;
+      }
+      for (int64_t grain : {1, 8, 16}) {
+        std::vector<float> y(first.size(), poison());
+        pool.parallel_for(
+            rows,
+            [&](int64_t r0, int64_t r1) {
+              matmul_rows(t.mat(), r0, r1, x.data(), T, y.data(), rows);
+            },
+            grain);
+        ASSERT_EQ(0, std::memcmp(first.data(), y.data(), first.size() * 4))
+            << kernel_path_name(p) << " threaded, grain " << grain;
       }
     }
 }
+
+INSTANTIATE_TEST_SUITE_P(Paths, QKernelAccuracy, ::testing::ValuesIn(kPaths), path_param_name);
+INSTANTIATE_TEST_SUITE_P(Paths, QKernelBatchInvariance, ::testing::ValuesIn(kPaths),
+                         path_param_name);
+INSTANTIATE_TEST_SUITE_P(Paths, QKernelDtypes, ::testing::ValuesIn(kPaths), path_param_name);
+INSTANTIATE_TEST_SUITE_P(Paths, QKernelDeterminism, ::testing::ValuesIn(kPaths), path_param_name);
 
 }  // namespace
 }  // namespace moeflux::test

@@ -907,9 +907,14 @@ TEST(RobustnessFuzz, SafetensorsMutations) {
   RecordProperty("parsed", parsed);
   RecordProperty("rejected", rejected);
   RecordProperty("checksum", int(sink));
+  RecordProperty("seconds", fmt::format("{:.1f}", secs));
   EXPECT_GT(parsed, 0);
   EXPECT_GT(rejected, kIters / 2);
+  // No input may make the parser slow; a time bound says so only without sanitizers, whose
+  // slowdown (several times, more on a loaded machine) would make it a coin toss.
+#ifndef MF_TEST_ASAN
   EXPECT_LT(secs, 20.0);
+#endif
 }
 
 TEST(RobustnessFuzz, ManifestMutations) {
@@ -966,9 +971,13 @@ TEST(RobustnessFuzz, ManifestMutations) {
   RecordProperty("loaded", loaded);
   RecordProperty("evaluated", evaluated);
   RecordProperty("rejected", rejected);
+  RecordProperty("seconds", fmt::format("{:.1f}", secs));
   EXPECT_GT(evaluated, 0);
   EXPECT_GT(rejected, kIters / 2);
+  // As above: a time bound only without sanitizers.
+#ifndef MF_TEST_ASAN
   EXPECT_LT(secs, 20.0);
+#endif
 }
 
 }  // namespace

@@ -26,6 +26,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <regex>
 #include <sstream>
 #include <thread>
@@ -63,6 +64,17 @@ std::string slurp(const std::string& path) {
 
 double since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// Polls `done` every millisecond until it holds or `limit_s` has passed; whether it held. A
+// deadline, not a guessed sleep: as quick as the machine allows, and patient when it is loaded.
+bool wait_until(const std::function<bool()>& done, double limit_s = 60) {
+  const auto t0 = Clock::now();
+  while (!done()) {
+    if (since(t0) > limit_s) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return true;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -381,14 +393,14 @@ TEST_F(ServerSlots, AcquirePicksTheLongestPrefixAndQueuesInOrder) {
   // Both busy: a waiter gets the first slot released; a cancelled waiter gives up.
   std::atomic<bool> cancel{false};
   std::thread waiter([&] { EXPECT_EQ(pool.acquire(p, &cancel), nullptr); });
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  EXPECT_EQ(pool.queued(), 1);
+  EXPECT_TRUE(wait_until([&] { return pool.queued() == 1; })) << "queued " << pool.queued();
   cancel = true;
   waiter.join();
   EXPECT_EQ(pool.queued(), 0);
   server::Slot* got = nullptr;
   std::thread waiter2([&] { got = pool.acquire(p, nullptr); });
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  // Released only once the waiter waits, so it is the queue that hands the slot over.
+  EXPECT_TRUE(wait_until([&] { return pool.queued() == 1; })) << "queued " << pool.queued();
   pool.release(s);
   waiter2.join();
   EXPECT_EQ(got, s);
@@ -645,7 +657,7 @@ std::vector<std::string> sse_data(const std::string& body) {
 }
 
 TEST_F(ServerProcessTest, SseFramingWithCurl) {
-  if (!have("curl")) GTEST_SKIP() << "curl is not installed (scripts/setup.sh installs it)";
+  if (!have("curl")) MF_SKIP_OR_FAIL_IN_CI("curl is not installed (scripts/setup.sh installs it)");
   const Json body = {
       {"messages", Json::array({Json{{"role", "user"}, {"content", "Let there be light"}}})},
       {"max_tokens", 12},
@@ -956,7 +968,7 @@ TEST_F(ServerProcessTest, Metrics) {
 
 TEST_F(ServerProcessTest, OpenAiNodeClient) {
   const std::string why = node_skip_reason();
-  if (!why.empty()) GTEST_SKIP() << why;
+  if (!why.empty()) MF_SKIP_OR_FAIL_IN_CI(why);
   int rc = 0;
   const std::string out =
       shell(fmt::format("node {}/tests/server/openai_client.mjs http://127.0.0.1:{}/v1 {} {} 2>&1",
@@ -968,7 +980,7 @@ TEST_F(ServerProcessTest, OpenAiNodeClient) {
 
 TEST_F(ServerProcessTest, LoadTest) {
   const std::string why = node_skip_reason();
-  if (!why.empty()) GTEST_SKIP() << why;
+  if (!why.empty()) MF_SKIP_OR_FAIL_IN_CI(why);
   auto run_load = [&](int clients, int requests, int max_tokens, Json* result) {
     int rc = 0;
     const std::string out = shell(
@@ -1053,7 +1065,11 @@ TEST_F(ServerProcessTest, PromptCacheTimeToFirstToken) {
                "prompt cache, %.1f ms without (median of %d)\n",
                prompt_tokens, cached_tokens, w * 1e3, wo * 1e3, rounds);
   EXPECT_GT(prompt_tokens, 1800);
+  // The cache's reuse is checked above by token counts; the time it saves is compared only
+  // without sanitizers, where there are three rounds to take a median of.
+#if !MF_TEST_ASAN
   EXPECT_LT(w, wo);
+#endif
 }
 
 // Sends a POST over a socket of its own and returns the socket (to read from and hang up).
@@ -1072,7 +1088,8 @@ int raw_post(int port, const std::string& path, const std::string& body) {
   return fd;
 }
 
-// Retries a short request while the server answers 503; the seconds until it was served.
+// Retries a short request while the server answers 503; the seconds until it was served (1e9
+// when not within 60 s).
 double served_after_hangup(httplib::Client& c) {
   const Json body = {{"prompt", "And"}, {"max_tokens", 4}};
   const auto t0 = Clock::now();
@@ -1086,7 +1103,7 @@ double served_after_hangup(httplib::Client& c) {
       EXPECT_EQ(r->status, 200) << r->body;
       return since(t0);
     }
-    if (since(t0) > 30) return 1e9;
+    if (since(t0) > 60) return 1e9;
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
 }
@@ -1130,7 +1147,11 @@ TEST(ServerDisconnect, HangUpFreesTheSlot) {
 
   close(fd);
   const double wait_stream = served_after_hangup(*c);
-  EXPECT_LT(wait_stream, 5.0) << "the hung-up stream kept the slot";
+  // Served at all is the check (the slot was freed); how soon, only without sanitizers.
+  EXPECT_LT(wait_stream, 1e9) << "the hung-up stream kept the slot";
+#if !MF_TEST_ASAN
+  EXPECT_LT(wait_stream, 5.0) << "the hung-up stream kept the slot for long";
+#endif
   EXPECT_EQ(metric(*c, "moeflux_generations_cancelled_total"), 1);
 
   // Not streamed: nothing is written until the end, so the hang-up is seen on the socket.
@@ -1141,7 +1162,10 @@ TEST(ServerDisconnect, HangUpFreesTheSlot) {
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
   close(fd);
   const double wait_plain = served_after_hangup(*c);
-  EXPECT_LT(wait_plain, 5.0) << "the hung-up request kept the slot";
+  EXPECT_LT(wait_plain, 1e9) << "the hung-up request kept the slot";
+#if !MF_TEST_ASAN
+  EXPECT_LT(wait_plain, 5.0) << "the hung-up request kept the slot for long";
+#endif
   EXPECT_EQ(metric(*c, "moeflux_generations_cancelled_total"), 2);
   EXPECT_LT(metric(*c, "moeflux_tokens_generated_total"), 4000) << "a cancelled generation ran on";
   std::fprintf(stderr,
