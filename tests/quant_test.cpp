@@ -455,7 +455,9 @@ TEST(MlxReference, QuantizeRowsAgainstMlxQuantiser) {
         const bool mask = std::fabs(mn) > std::fabs(mx);
         const float edge = mask ? mn : mx;
         EXPECT_TRUE(b_m == bf16_to_f32(f32_to_bf16(edge)) || b_m == 0.0f) << "row " << r << " group " << g;
-        if (mx > mn) EXPECT_EQ(s_m > 0, mask) << "row " << r << " group " << g;
+        if (mx > mn) {
+          EXPECT_EQ(s_m > 0, mask) << "row " << r << " group " << g;
+        }
         bool same = os[r * G + g] == ms[r * G + g] && ob[r * G + g] == mb[r * G + g];
         for (int i = 0; i < c.group; i++) {
           const int64_t col = g * c.group + i;
