@@ -181,8 +181,10 @@ bool put_quantised(std::map<std::string, Blob>& out, const std::string& base,
 
 // Rewrites a fixture the way mlx-lm saves a 4-bit model: experts stacked into
 // mlp.switch_mlp.*, conv1d as [C, K, 1], zero-centred norms stored as 1 + w (f32 here so
-// nothing is lost), matrices q4 (lm_head q8), routers kept as they are.
-std::string write_mlx_checkpoint(const TempDir& tmp, const std::string& fixture, bool q8_router) {
+// nothing is lost), matrices q4 (lm_head q8), routers kept as they are. Entries of `replace`
+// (checkpoint name -> blob) are written in place of what this function would write.
+std::string write_mlx_checkpoint(const TempDir& tmp, const std::string& fixture, bool q8_router,
+                                 const std::map<std::string, Blob>& replace = {}) {
   const std::string src = fixture_dir(fixture);
   json cfg = json::parse(std::ifstream(src + "/config.json"));
   const std::string mt = cfg["model_type"];
@@ -239,6 +241,7 @@ std::string write_mlx_checkpoint(const TempDir& tmp, const std::string& fixture,
       if (!put_quantised(out, base, all, {E}, rows, cols, 4)) throw std::runtime_error("cannot quantise " + base);
     }
   }
+  for (const auto& [n, b] : replace) out[n] = b;
   const std::string dir = tmp / ("mlx_" + fixture);
   fs::create_directories(dir);
   std::vector<TensorToWrite> w;
@@ -314,6 +317,170 @@ TEST(QuantFormat, UnquantisableMatricesStayFloatWithANote) {
   // and it still runs
   const auto l = run_tokens(tmp / "p", {3, 17, 250}, 2).logits;
   for (float x : l) ASSERT_TRUE(std::isfinite(x));
+}
+
+// ---- Against an independent MLX reference (issue 19) ---------------------------------------
+// tests/data/refs/mlx_quantize_ref.safetensors is written by tools/refs/mlx_quantize_ref.py, a
+// numpy port of MLX's own CPU quantiser (mlx/backend/cpu/quantized.cpp @ 784203f0), not by
+// quantize_rows: inputs `<m>.input` (bf16) and `<m>.q<b>g<G>.{weight,scales,biases}`.
+
+std::string refs_path() { return data_dir() + "/refs/mlx_quantize_ref.safetensors"; }
+
+Blob blob_of(const SafetensorsFile& f, const std::string& name) {
+  const TensorInfo* t = f.find(name);
+  if (!t) throw std::runtime_error("missing reference tensor " + name);
+  return {t->dtype, t->shape, {t->data, t->data + t->nbytes}};
+}
+
+std::vector<uint8_t> concat(std::initializer_list<std::pair<const uint8_t*, size_t>> parts) {
+  std::vector<uint8_t> out;
+  for (const auto& [p, n] : parts) out.insert(out.end(), p, p + n);
+  return out;
+}
+
+std::vector<uint8_t> read_range(const std::string& path, uint64_t offset, uint64_t n) {
+  std::ifstream in(path, std::ios::binary);
+  in.seekg(std::streamoff(offset));
+  std::vector<uint8_t> out(n);
+  in.read(reinterpret_cast<char*>(out.data()), std::streamsize(n));
+  return out;
+}
+
+// (a) An MLX-layout checkpoint whose layer-0 q_proj and stacked expert gate_proj are MLX's arrays
+// imports them bit for bit: the packed words, scales and biases land in the package unchanged.
+TEST(MlxReference, ImportKeepsMlxArraysBitForBit) {
+  SafetensorsFile ref(refs_path());
+  std::map<std::string, Blob> replace;
+  for (const char* part : {"weight", "scales", "biases"}) {
+    replace[fmt::format("model.layers.0.self_attn.q_proj.{}", part)] =
+        blob_of(ref, fmt::format("q_proj.q4g64.{}", part));
+    replace[fmt::format("model.layers.0.mlp.switch_mlp.gate_proj.{}", part)] =
+        blob_of(ref, fmt::format("experts_gate.q4g64.{}", part));
+  }
+  TempDir tmp;
+  const std::string mlx = write_mlx_checkpoint(tmp, "qwen3_moe", /*q8_router=*/false, replace);
+  const std::string pkg = convert_with(tmp, mlx, "pkg", "none");
+  const Manifest m = read_manifest(pkg);
+
+  const PackedTensor* q = m.find("blk.0.attn_q");
+  ASSERT_NE(q, nullptr);
+  EXPECT_EQ(q->dtype, DType::kQ4);
+  EXPECT_EQ(q->group, 64);
+  const auto& w = replace["model.layers.0.self_attn.q_proj.weight"].bytes;
+  const auto& s = replace["model.layers.0.self_attn.q_proj.scales"].bytes;
+  const auto& b = replace["model.layers.0.self_attn.q_proj.biases"].bytes;
+  const auto want = concat({{w.data(), w.size()}, {s.data(), s.size()}, {b.data(), b.size()}});
+  ASSERT_EQ(q->nbytes, want.size());
+  EXPECT_TRUE(read_range(resident_path(pkg), q->offset, q->nbytes) == want) << "blk.0.attn_q";
+
+  // Experts of layer 0: expert e's gate part is MLX's [e] slice of each array.
+  const PackedTensor& gate = m.experts.parts[0];
+  EXPECT_EQ(gate.dtype, DType::kQ4);
+  const auto& ew = replace["model.layers.0.mlp.switch_mlp.gate_proj.weight"].bytes;
+  const auto& es = replace["model.layers.0.mlp.switch_mlp.gate_proj.scales"].bytes;
+  const auto& eb = replace["model.layers.0.mlp.switch_mlp.gate_proj.biases"].bytes;
+  const int E = m.experts.count;
+  ASSERT_EQ(E, 16);
+  const size_t nw = ew.size() / E, ns = es.size() / E, nb = eb.size() / E;
+  for (int e = 0; e < E; e++) {
+    const auto want_e = concat({{ew.data() + e * nw, nw}, {es.data() + e * ns, ns}, {eb.data() + e * nb, nb}});
+    ASSERT_EQ(gate.nbytes, want_e.size());
+    EXPECT_TRUE(read_range(expert_file_path(pkg, 0), e * m.experts.stride + gate.offset, gate.nbytes) == want_e)
+        << "expert " << e;
+  }
+}
+
+struct RefCase {
+  const char* matrix;
+  int bits, group;
+  int identical_groups;  // groups where quantize_rows and MLX agree bit for bit (measured)
+};
+
+// (b) quantize_rows against MLX's quantiser. They are not the same algorithm (finding of issue
+// 19, see tools/refs/README.md): ours is the min/max quantiser of DESIGN.md §2 (bias = min,
+// scale = (max - min)/n >= 0, q against the bf16-rounded scale/bias); MLX snaps the extreme of
+// larger magnitude to the grid (bias = that extreme, scale negative when it is the max, scale
+// = edge / rint(edge / scale)) and computes q against the float scale/bias before rounding them
+// to bf16. What holds, and is checked here, per group:
+//  - the format is the same: our dequantize_row of MLX's arrays is q * scale + bias;
+//  - ours: scale = bf16((max - min)/n), bias = bf16(min), |w - w'| <= s(1/2 + n 2^-8) + |min| 2^-8;
+//  - MLX: bias = bf16(edge) (or 0 when the edge rounds to grid point 0), sign(scale) as above,
+//    |w - w'| <= |s|(1 + n 2^-8) + |bias| 2^-8 (up to one step: the far extreme can land one
+//    step past the clamp after the edge snap; n 2^-8 from quantising against the unrounded scale);
+//  - the number of groups where the two agree bit for bit (small: mostly where ours and MLX's
+//    edge coincide and the snap does not move the scale).
+TEST(MlxReference, QuantizeRowsAgainstMlxQuantiser) {
+  SafetensorsFile ref(refs_path());
+  const RefCase cases[] = {
+      {"q_proj", 4, 64, 1},       {"q_proj", 8, 64, 5},     {"q_proj", 2, 64, 0},
+      {"q_proj", 4, 32, 3},       {"experts_gate", 4, 64, 9}, {"edge_cases", 4, 64, 1},
+      {"edge_cases", 8, 64, 1},   {"edge_cases", 2, 64, 0}, {"edge_cases", 4, 32, 2},
+  };
+  for (const RefCase& c : cases) {
+    SCOPED_TRACE(fmt::format("{} q{} group {}", c.matrix, c.bits, c.group));
+    const TensorInfo* in = ref.find(std::string(c.matrix) + ".input");
+    ASSERT_NE(in, nullptr);
+    const std::vector<float> w = as_f32(*in);
+    const int64_t cols = in->shape.back(), rows = int64_t(w.size()) / cols, G = cols / c.group;
+    const std::string key = fmt::format("{}.q{}g{}", c.matrix, c.bits, c.group);
+    const TensorInfo& rw = *ref.find(key + ".weight");
+    const auto* mw = reinterpret_cast<const uint32_t*>(rw.data);
+    const auto* ms = reinterpret_cast<const uint16_t*>(ref.find(key + ".scales")->data);
+    const auto* mb = reinterpret_cast<const uint16_t*>(ref.find(key + ".biases")->data);
+    ASSERT_EQ(rw.nbytes, uint64_t(rows * cols * c.bits / 8));
+
+    std::vector<uint32_t> ow(size_t(rows * cols * c.bits / 32));
+    std::vector<uint16_t> os(size_t(rows * G)), ob(os.size());
+    quantize_rows(w.data(), rows, cols, c.bits, c.group, ow.data(), os.data(), ob.data());
+
+    const int n = (1 << c.bits) - 1, per_word = 32 / c.bits;
+    auto q_at = [&](const uint32_t* p, int64_t r, int64_t col) {
+      return (p[r * cols / per_word + col / per_word] >> (uint32_t(col % per_word) * uint32_t(c.bits))) & uint32_t(n);
+    };
+    int identical = 0;
+    double err_ours = 0, err_mlx = 0;
+    std::vector<float> dq(static_cast<size_t>(cols));
+    for (int64_t r = 0; r < rows; r++) {
+      dequantize_row(mw + r * cols / per_word, ms + r * G, mb + r * G, cols, c.bits, c.group, dq.data());
+      for (int64_t g = 0; g < G; g++) {
+        const float* wg = w.data() + r * cols + g * c.group;
+        float mn = wg[0], mx = wg[0];
+        for (int i = 1; i < c.group; i++) mn = std::min(mn, wg[i]), mx = std::max(mx, wg[i]);
+        const float s_m = bf16_to_f32(ms[r * G + g]), b_m = bf16_to_f32(mb[r * G + g]);
+        const float s_o = bf16_to_f32(os[r * G + g]), b_o = bf16_to_f32(ob[r * G + g]);
+        // ours, as DESIGN.md §2 states it
+        EXPECT_EQ(os[r * G + g], f32_to_bf16((mx - mn) / float(n))) << "row " << r << " group " << g;
+        EXPECT_EQ(ob[r * G + g], f32_to_bf16(mn)) << "row " << r << " group " << g;
+        // MLX's edge choice
+        const bool mask = std::fabs(mn) > std::fabs(mx);
+        const float edge = mask ? mn : mx;
+        EXPECT_TRUE(b_m == bf16_to_f32(f32_to_bf16(edge)) || b_m == 0.0f) << "row " << r << " group " << g;
+        if (mx > mn) {
+          EXPECT_EQ(s_m > 0, mask) << "row " << r << " group " << g;
+        }
+        bool same = os[r * G + g] == ms[r * G + g] && ob[r * G + g] == mb[r * G + g];
+        for (int i = 0; i < c.group; i++) {
+          const int64_t col = g * c.group + i;
+          const uint32_t qm = q_at(mw, r, col), qo = q_at(ow.data(), r, col);
+          same &= qm == qo;
+          // the shared format: dequantize_row reads MLX's arrays as q * scale + bias
+          ASSERT_EQ(dq[size_t(col)], float(qm) * s_m + b_m);
+          const double e_m = std::fabs(double(wg[i]) - dq[size_t(col)]);
+          const double e_o = std::fabs(double(wg[i]) - (float(qo) * s_o + b_o));
+          EXPECT_LE(e_m, std::fabs(s_m) * (1 + n / 256.0) + std::fabs(b_m) / 256.0 + 1e-7)
+              << "MLX row " << r << " col " << col;
+          EXPECT_LE(e_o, s_o * (0.5 + n / 256.0) + std::fabs(mn) / 256.0 + 1e-7)
+              << "ours row " << r << " col " << col;
+          err_mlx = std::max(err_mlx, e_m);
+          err_ours = std::max(err_ours, e_o);
+        }
+        identical += same;
+      }
+    }
+    std::printf("[mlx-ref] %-12s q%d g%-3d groups %4lld  identical %3d  max|w-w'| ours %.3g  mlx %.3g\n",
+                c.matrix, c.bits, c.group, (long long)(rows * G), identical, err_ours, err_mlx);
+    EXPECT_EQ(identical, c.identical_groups);
+  }
 }
 
 }  // namespace

@@ -6,6 +6,12 @@
 // dequantisation w' = q * scale + bias uses exactly the values the quantiser aimed at.
 // q is packed LSB-first into u32 words: element j of a word occupies bits [j*b, (j+1)*b).
 //
+// MLX-compatible means the storage format, not the quantiser: MLX's own `quantize` snaps the
+// extreme of larger magnitude to the grid (bias = that extreme, scale negative when it is the
+// max) and rounds q against the unrounded scale, so it gives other bits than quantize_rows for
+// most groups; MLX checkpoints are imported as they are, never requantised. tools/refs/README.md
+// and tests/quant_test.cpp (MlxReference) compare the two.
+//
 // In a package, a quantised tensor is one region: packed words [rows, cols*b/32] (u32), then
 // scales [rows, cols/group] (bf16), then biases [rows, cols/group] (bf16).
 #pragma once
