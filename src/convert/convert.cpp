@@ -12,6 +12,7 @@
 #include "format/package.h"
 #include "format/quant.h"
 #include "format/safetensors.h"
+#include "util/atomic_file.h"
 #include "util/error.h"
 #include "util/half.h"
 #include "util/mapped_file.h"
@@ -620,7 +621,11 @@ ConvertReport Converter::run() {
 
 ConvertReport convert_checkpoint(const std::string& hf_dir, const std::string& out_dir,
                                  const ConvertOptions& opt) {
-  return Converter(hf_dir, out_dir, opt).run();
+  check_dirs_disjoint(hf_dir, out_dir);
+  StagedDir stage(out_dir, opt.force);
+  ConvertReport r = Converter(hf_dir, stage.path(), opt).run();
+  stage.commit();
+  return r;
 }
 
 }  // namespace moeflux

@@ -32,6 +32,7 @@ struct ConvertOptions {
   std::optional<DType> dtype;  // unquantised matrices; default: the checkpoint's own float dtype
   QuantRecipe quant;           // float tensors only: MLX-quantised matrices are kept as they are
   bool progress = true;
+  bool force = false;  // replace an existing package in out_dir (whole; never a mix)
 };
 
 struct ConvertReport {
@@ -40,6 +41,9 @@ struct ConvertReport {
   uint64_t expert_bytes = 0;  // all layers, all experts (used bytes, not padding)
 };
 
+// Writes into a temporary directory beside out_dir and renames it into place when complete
+// (util/atomic_file.h): a failure leaves out_dir as it was. out_dir must not exist, be empty,
+// or with opt.force hold a package; it may not be, lie inside or contain hf_dir.
 ConvertReport convert_checkpoint(const std::string& hf_dir, const std::string& out_dir,
                                  const ConvertOptions& opt);
 

@@ -480,9 +480,23 @@ ExpertStore::ExpertStore(const Model& model, ExpertStoreOptions options)
     for (int f : m.fds) ::close(f);
     m.fds.clear();
   };
-  for (int layer : L.layers) {
+  for (size_t i = 0; i < L.layers.size(); i++) {
+    const int layer = L.layers[i];
     std::string path = expert_file_path(model.dir(), layer);
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | (opt_.direct_io ? O_DIRECT : 0));
+    // The file the Model opened at load, not whatever has the name now (a package replaced
+    // by rename since): reopened through /proc for this store's own flags (O_DIRECT).
+    const int flags = O_RDONLY | O_CLOEXEC | (opt_.direct_io ? O_DIRECT : 0);
+    int fd = ::open(fmt::format("/proc/self/fd/{}", model.expert_fd(i)).c_str(), flags);
+    if (fd < 0 && errno == ENOENT) {  // no /proc: by name, and only if it is the same file
+      fd = ::open(path.c_str(), flags);
+      const FileIdentity a = fd_identity(fd), b = fd_identity(model.expert_fd(i));
+      if (fd >= 0 && (a.dev != b.dev || a.ino != b.ino)) {
+        ::close(fd);
+        close_all();
+        fail(ErrorKind::kIo, "{}: replaced on disk since the package was loaded; load it again",
+             path);
+      }
+    }
     if (fd < 0) {
       int e = errno;
       close_all();

@@ -3,6 +3,12 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
 #include "util/error.h"
 
 namespace moeflux {
@@ -58,11 +64,61 @@ const float* Model::bind_vec(const std::string& name, std::vector<int64_t> shape
   return reinterpret_cast<const float*>(resident_.data() + t.offset);
 }
 
+Model::~Model() {
+  for (int fd : expert_fds_) ::close(fd);
+}
+
+std::string Model::changed_on_disk() const {
+  const FileIdentity man = file_identity(manifest_path(dir_));
+  const FileIdentity res = file_identity(resident_path(dir_));
+  const char* what = !man.exists || !res.exists ? "removed"
+                     : man.dev != manifest_id_.dev || man.ino != manifest_id_.ino ||
+                             res.dev != resident_.identity().dev || res.ino != resident_.identity().ino
+                         ? "replaced"
+                     : !(man == manifest_id_) || !(res == resident_.identity()) ? "rewritten in place"
+                                                                                 : nullptr;
+  if (!what) return "";
+  return fmt::format("{}: the package on disk was {} after it was loaded; this process goes on "
+                     "with the loaded one (restart to use the new one)",
+                     dir_, what);
+}
+
+void Model::check_resident() const {
+  uint64_t now = 0;
+  if (resident_.shrunk(&now))
+    fail(ErrorKind::kIo,
+         "{}: shrank from {} to {} bytes under the running process (rewritten in place, not "
+         "replaced); restart to load the package again",
+         resident_.path(), resident_.size(), now);
+}
+
 std::unique_ptr<Model> Model::load(const std::string& dir, bool use_mmap) {
   auto m = std::unique_ptr<Model>(new Model());
   m->dir_ = dir;
+  // The files are opened one after another by name; a package renamed into place meanwhile
+  // would give a mix, so each is checked against its name once all are open.
+  const FileIdentity dir_id = file_identity(dir);
+  m->manifest_id_ = file_identity(manifest_path(dir));
   m->manifest_ = read_manifest(dir);
   m->resident_ = MappedFile(resident_path(dir), use_mmap ? MappedFile::kMap : MappedFile::kRead);
+  for (int layer : m->manifest_.experts.layers) {
+    const std::string path = expert_file_path(dir, layer);
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) fail(ErrorKind::kIo, "{}: cannot open: {}", path, std::strerror(errno));
+    m->expert_fds_.push_back(fd);
+  }
+  auto same = [](const FileIdentity& a, const FileIdentity& b) {
+    return a.exists && b.exists && a.dev == b.dev && a.ino == b.ino;
+  };
+  bool stable = same(file_identity(dir), dir_id) &&
+                file_identity(manifest_path(dir)) == m->manifest_id_ &&
+                same(file_identity(resident_path(dir)), m->resident_.identity());
+  for (size_t i = 0; stable && i < m->expert_fds_.size(); i++)
+    stable = same(file_identity(expert_file_path(dir, m->manifest_.experts.layers[i])),
+                  fd_identity(m->expert_fds_[i]));
+  if (!stable)
+    fail(ErrorKind::kIo, "{}: the package changed on disk while it was loading; load it again",
+         dir);
   const ModelSpec& s = m->manifest_.spec;
   const int64_t H = s.hidden_size, V = s.vocab_size;
 

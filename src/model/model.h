@@ -57,7 +57,23 @@ class Model {
   // Reads and validates the package; throws Error naming the file/tensor/field.
   // The resident weights are read into (huge-page) memory, or mapped with `use_mmap` (faster
   // start, shared page cache, more page faults and TLB misses while running).
+  //
+  // Every package file is opened once here and kept open (expert files too: ExpertStore
+  // reads through expert_fd), so a package replaced on disk by rename, as convert and synth
+  // replace one, does not reach a loaded Model; a package replaced while it loads is an error.
   static std::unique_ptr<Model> load(const std::string& dir, bool use_mmap = false);
+  ~Model();
+
+  // One line when moeflux.json or resident.bin under dir() is no longer the file loaded
+  // (replaced, rewritten, removed: another inode, size or mtime); empty while unchanged. The
+  // Model goes on with what it loaded.
+  std::string changed_on_disk() const;
+  // Throws Error (kIo) when the mapped resident.bin (use_mmap) has shrunk below its loaded
+  // size, where touching a weight would raise SIGBUS; Session::eval calls it first. A
+  // truncation after this check is not caught (docs/2026-12-03-atomic-writes.md).
+  void check_resident() const;
+  // The open expert file of MoE layer i (index into manifest().experts.layers).
+  int expert_fd(size_t i) const { return expert_fds_.at(i); }
 
   const ModelSpec& spec() const { return manifest_.spec; }
   const Manifest& manifest() const { return manifest_; }
@@ -75,6 +91,8 @@ class Model {
   std::string dir_;
   Manifest manifest_;
   MappedFile resident_;
+  FileIdentity manifest_id_;     // moeflux.json as read
+  std::vector<int> expert_fds_;  // [moe layer], O_RDONLY
 };
 
 }  // namespace moeflux

@@ -508,11 +508,14 @@ void Server::Impl::routes() {
 
   http.Get("/health", wrap([this](const auto&, auto& res) {
              const int busy = pool.busy();
-             send_json(res, 200,
-                       Json{{"status", "ok"},
-                            {"slots_idle", pool.size() - busy},
-                            {"slots_processing", busy},
-                            {"requests_queued", pool.queued()}});
+             Json j{{"status", "ok"},
+                    {"slots_idle", pool.size() - busy},
+                    {"slots_processing", busy},
+                    {"requests_queued", pool.queued()}};
+             // Still serving the package as loaded (Model keeps its files open); say so.
+             if (const std::string changed = model.changed_on_disk(); !changed.empty())
+               j["warning"] = changed;
+             send_json(res, 200, j);
            }));
 
   http.Get("/metrics", wrap([this](const auto&, auto& res) {

@@ -18,6 +18,7 @@
 
 #include "format/quant.h"
 #include "text/tokenizer.h"
+#include "util/atomic_file.h"
 #include "util/error.h"
 #include "util/half.h"
 #include "util/mapped_file.h"
@@ -641,24 +642,15 @@ nlohmann::json recipe_json(const QuantRecipe& r) {
   return {{"name", r.name}, {"group_size", r.group}, {"classes", classes}};
 }
 
-void prepare_out_dir(const std::string& dir, uint64_t need) {
+// `dir` is the (new, empty) staging directory; messages name the target.
+void prepare_out_dir(const std::string& dir, const std::string& target, uint64_t need) {
   std::error_code ec;
-  const fs::file_status st = fs::status(dir, ec);
-  if (fs::exists(st)) {
-    if (!fs::is_directory(st)) fail(ErrorKind::kIo, "{}: exists and is not a directory", dir);
-    if (!fs::is_empty(dir, ec))
-      fail(ErrorKind::kIo, "{}: exists and is not empty{}; remove it or choose another directory",
-           dir, file_exists(manifest_path(dir)) ? " (it holds a moeflux package)" : "");
-  } else {
-    fs::create_directories(dir, ec);
-    if (ec) fail(ErrorKind::kIo, "{}: cannot create the package directory: {}", dir, ec.message());
-  }
   if (::access(dir.c_str(), W_OK | X_OK) != 0)
-    fail(ErrorKind::kIo, "{}: the package directory is not writable: {}", dir,
+    fail(ErrorKind::kIo, "{}: the package directory is not writable: {}", target,
          std::strerror(errno));
   const fs::space_info sp = fs::space(dir, ec);
   if (!ec && sp.available < need)
-    fail(ErrorKind::kIo, "{}: the package needs {} but the file system has {} free", dir,
+    fail(ErrorKind::kIo, "{}: the package needs {} but the file system has {} free", target,
          format_bytes(need), format_bytes(sp.available));
   fs::create_directories(dir + "/experts", ec);
   if (ec) fail(ErrorKind::kIo, "{}/experts: cannot create: {}", dir, ec.message());
@@ -682,7 +674,7 @@ Manifest synth_plan(const ModelSpec& spec, const std::string& quant) {
   return make_plan(spec, quant, spec.n_layers).m;
 }
 
-SynthReport synth_package(const ModelSpec& spec, const std::string& out_dir,
+SynthReport synth_package(const ModelSpec& spec, const std::string& target_dir,
                           const SynthOptions& opt) {
   const auto t0 = std::chrono::steady_clock::now();
   spec.validate("synth " + opt.preset, SpecNaming::kPackage);
@@ -714,7 +706,10 @@ SynthReport synth_package(const ModelSpec& spec, const std::string& out_dir,
   SynthReport r;
   r.resident_bytes = m.resident_bytes;
   r.expert_bytes = m.experts.stride * uint64_t(m.experts.count) * m.experts.layers.size();
-  prepare_out_dir(out_dir, r.total_bytes() + (64 << 20));
+  StagedDir stage(target_dir, opt.force);
+  const std::string& out_dir = stage.path();
+  // With --force the old package stays until the new one is complete: both need room.
+  prepare_out_dir(out_dir, target_dir, r.total_bytes() + (64 << 20));
 
   ThreadPool pool(opt.threads);
   Progress bar("synth", r.total_bytes(), opt.progress);
@@ -764,7 +759,8 @@ SynthReport synth_package(const ModelSpec& spec, const std::string& out_dir,
                     {"routing_skew", opt.routing_skew},
                     {"values", "random (docs/2026-11-26-synth.md): not a trained model"}}},
                   {"notes", nlohmann::json::array()}};
-  write_manifest(out_dir, m);  // last: a package cut short has no manifest
+  write_manifest(out_dir, m);
+  stage.commit();
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return r;
 }

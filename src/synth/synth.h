@@ -65,6 +65,7 @@ struct SynthOptions {
   std::string tokenizer;  // tokenizer.json to copy in (with tokenizer_config.json beside it)
   int threads = 0;        // generator threads; 0: one per core
   bool progress = true;
+  bool force = false;  // replace an existing package in out_dir (whole; never a mix)
 };
 
 struct SynthReport {
@@ -77,8 +78,10 @@ struct SynthReport {
 // The manifest a synth package of `spec` has under `quant` (offsets, sizes), without writing.
 Manifest synth_plan(const ModelSpec& spec, const std::string& quant);
 
-// Writes the package into `out_dir`, which must not exist or be empty. Throws Error naming the
-// directory or file (not writable, not empty, not enough space, tokenizer too large).
+// Writes the package into `out_dir`, which must not exist, be empty, or with opt.force hold a
+// package (replaced whole). The files are written into a temporary directory beside it and
+// renamed into place when complete (util/atomic_file.h). Throws Error naming the directory or
+// file (not writable, not empty, not enough space, tokenizer too large).
 SynthReport synth_package(const ModelSpec& spec, const std::string& out_dir,
                           const SynthOptions& opt);
 

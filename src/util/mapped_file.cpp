@@ -30,6 +30,7 @@ MappedFile::MappedFile(const std::string& path, Mode mode) : path_(path) {
     fail(ErrorKind::kIo, "{}: is a directory, expected a file", path);
   }
   size_ = size_t(st.st_size);
+  identity_ = fd_identity(fd);
   if (size_ > 0 && mode == kRead) {
     const size_t huge = size_t(2) << 20;
     mapped_ = (size_ + huge - 1) / huge * huge;
@@ -66,33 +67,55 @@ MappedFile::MappedFile(const std::string& path, Mode mode) : path_(path) {
       fail(ErrorKind::kIo, "{}: cannot map {} bytes: {}", path, size_, std::strerror(e));
     }
     data_ = static_cast<const uint8_t*>(p);
+    fd_ = fd;  // a map follows the file: shrunk() asks it for its size
+    return;
   }
   ::close(fd);
 }
 
-MappedFile::~MappedFile() {
+void MappedFile::reset() {
   if (data_) ::munmap(const_cast<uint8_t*>(data_), mapped_);
+  if (fd_ >= 0) ::close(fd_);
+  data_ = nullptr;
+  size_ = 0;
+  mapped_ = 0;
+  fd_ = -1;
 }
 
+MappedFile::~MappedFile() { reset(); }
+
 MappedFile::MappedFile(MappedFile&& o) noexcept
-    : path_(std::move(o.path_)), data_(o.data_), size_(o.size_), mapped_(o.mapped_) {
+    : path_(std::move(o.path_)), data_(o.data_), size_(o.size_), mapped_(o.mapped_), fd_(o.fd_),
+      identity_(o.identity_) {
   o.data_ = nullptr;
   o.size_ = 0;
   o.mapped_ = 0;
+  o.fd_ = -1;
 }
 
 MappedFile& MappedFile::operator=(MappedFile&& o) noexcept {
   if (this != &o) {
-    if (data_) ::munmap(const_cast<uint8_t*>(data_), mapped_);
+    reset();
     path_ = std::move(o.path_);
     data_ = o.data_;
     size_ = o.size_;
     mapped_ = o.mapped_;
+    fd_ = o.fd_;
+    identity_ = o.identity_;
     o.data_ = nullptr;
     o.size_ = 0;
     o.mapped_ = 0;
+    o.fd_ = -1;
   }
   return *this;
+}
+
+bool MappedFile::shrunk(uint64_t* now) const {
+  if (fd_ < 0) return false;
+  struct stat st;
+  if (::fstat(fd_, &st) != 0) return false;
+  if (now) *now = uint64_t(st.st_size);
+  return uint64_t(st.st_size) < uint64_t(size_);
 }
 
 FileWriter::FileWriter(const std::string& path) : path_(path) {
@@ -153,6 +176,23 @@ void write_text_file(const std::string& path, const std::string& text) {
 bool file_exists(const std::string& path) {
   struct stat st;
   return ::stat(path.c_str(), &st) == 0;
+}
+
+namespace {
+FileIdentity identity_of(const struct stat& st) {
+  return {st.st_dev, st.st_ino, st.st_size,
+          int64_t(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec, true};
+}
+}  // namespace
+
+FileIdentity file_identity(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0 ? identity_of(st) : FileIdentity{};
+}
+
+FileIdentity fd_identity(int fd) {
+  struct stat st;
+  return ::fstat(fd, &st) == 0 ? identity_of(st) : FileIdentity{};
 }
 
 }  // namespace moeflux

@@ -1,12 +1,27 @@
 // Read-only memory map of a whole file, and a small writer with checked writes.
 #pragma once
 
+#include <sys/types.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <string>
 
 namespace moeflux {
+
+// Identity of a file as the kernel sees it: a replaced (renamed-over) file has another inode,
+// a rewritten one another size or mtime.
+struct FileIdentity {
+  dev_t dev = 0;
+  ino_t ino = 0;
+  off_t size = 0;
+  int64_t mtime_ns = 0;
+  bool exists = false;
+  bool operator==(const FileIdentity&) const = default;
+};
+FileIdentity file_identity(const std::string& path);  // exists = false when stat fails
+FileIdentity fd_identity(int fd);
 
 // A whole file in memory, read-only: mapped (kMap, pages come from the page cache on first
 // touch), or read into anonymous memory backed by transparent huge pages where the kernel
@@ -26,12 +41,19 @@ class MappedFile {
   const uint8_t* data() const { return data_; }
   size_t size() const { return size_; }
   const std::string& path() const { return path_; }
+  const FileIdentity& identity() const { return identity_; }  // of the file opened
+  // kMap: the file (the one opened, whatever its name now) is shorter than when mapped, so
+  // touching the pages past its end raises SIGBUS; `now` gets its size. kRead: always false.
+  bool shrunk(uint64_t* now = nullptr) const;
 
  private:
+  void reset();
   std::string path_;
   const uint8_t* data_ = nullptr;
   size_t size_ = 0;
   size_t mapped_ = 0;  // bytes to munmap
+  int fd_ = -1;        // kMap: kept open for shrunk()
+  FileIdentity identity_;
 };
 
 // Sequential writer; every failure throws an Error naming the file.

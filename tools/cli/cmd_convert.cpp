@@ -22,9 +22,10 @@ struct QuantFlags {
 };
 
 int cmd_convert(const std::string& in, const std::string& out, const std::string& dtype,
-                bool quiet, const QuantFlags& qf) {
+                bool quiet, bool force, const QuantFlags& qf) {
   ConvertOptions opt;
   opt.progress = !quiet;
+  opt.force = force;
   opt.quant = quant_recipe(qf.recipe);
   for (const auto& [cls, dt] : qf.overrides)
     if (!dt.empty()) override_recipe(opt.quant, cls, dt);
@@ -116,15 +117,19 @@ int cmd_inspect(const std::string& dir) {
 Command add_convert(CLI::App& app) {
   struct Args {
     std::string in, out, dtype;
-    bool quiet = false;
+    bool quiet = false, force = false;
     QuantFlags qf;
   };
   auto a = std::make_shared<Args>();
   auto* conv = app.add_subcommand("convert", "Hugging Face checkpoint -> moeflux package");
   conv->add_option("hf_dir", a->in, "checkpoint directory (config.json + safetensors)")->required();
-  conv->add_option("package_dir", a->out, "output package directory")->required();
+  conv->add_option("package_dir", a->out,
+                   "output package directory (must not exist or be empty, unless --force)")
+      ->required();
   conv->add_option("--dtype", a->dtype, "matrix dtype: bf16, f16 or f32 (default: the checkpoint's)");
   conv->add_flag("-q,--quiet", a->quiet, "no progress bar");
+  conv->add_flag("--force", a->force,
+                 "replace the package already in package_dir, whole, once the new one is complete");
   QuantFlags& qf = a->qf;
   for (const char* c : {"experts", "attn", "shared", "dense", "embed", "lm-head"}) qf.overrides[c];
   conv->add_option("--quant", qf.recipe,
@@ -137,7 +142,7 @@ Command add_convert(CLI::App& app) {
   conv->add_option("--dense", qf.overrides["dense"], "override dense FFN layers");
   conv->add_option("--embed", qf.overrides["embed"], "override the embedding");
   conv->add_option("--lm-head", qf.overrides["lm-head"], "override the output projection");
-  return {conv, [a] { return cmd_convert(a->in, a->out, a->dtype, a->quiet, a->qf); }};
+  return {conv, [a] { return cmd_convert(a->in, a->out, a->dtype, a->quiet, a->force, a->qf); }};
 }
 
 Command add_inspect(CLI::App& app) {

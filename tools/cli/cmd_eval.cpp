@@ -12,6 +12,7 @@
 #include "cli/commands.h"
 #include "cli/common.h"
 #include "format/safetensors.h"
+#include "util/atomic_file.h"
 #include "util/error.h"
 #include "util/progress.h"
 
@@ -23,7 +24,7 @@ int argmax(const float* v, int n) {
 }
 
 int cmd_eval(const ModelOptions& ro, const std::string& tokens_str, const std::string& dump,
-             bool dump_hidden, int greedy) {
+             bool dump_hidden, bool force, int greedy) {
   std::vector<int32_t> tokens = parse_tokens(tokens_str);
   // The last greedy token is printed, not evaluated.
   const int64_t positions = int64_t(tokens.size()) + std::max(greedy - 1, 0);
@@ -31,11 +32,8 @@ int cmd_eval(const ModelOptions& ro, const std::string& tokens_str, const std::s
     fail(ErrorKind::kInvalidArgument,
          "--ctx {} is too small: {} prompt tokens and {} greedy tokens need {} positions", ro.ctx,
          tokens.size(), greedy, positions);
-  if (!dump.empty()) {
-    const auto parent = std::filesystem::path(dump).parent_path();
-    if (!parent.empty() && !std::filesystem::is_directory(parent))
-      fail(ErrorKind::kIo, "--dump-logits {}: directory {} does not exist", dump, parent.string());
-  }
+  // Checked before the model runs; written to a temporary beside it and renamed into place.
+  if (!dump.empty()) check_output_file(dump, "--dump-logits", force, ro.model);
   Loaded L = open_model(ro);
   const Model* model = L.model.get();
   Backend* backend = L.backend.get();
@@ -64,7 +62,9 @@ int cmd_eval(const ModelOptions& ro, const std::string& tokens_str, const std::s
     for (auto& [i, h] : hidden) names.push_back(fmt::format("hidden_{}", i));
     size_t k = 0;
     for (auto& [i, h] : hidden) out.push_back({names[k++], DType::kF32, {T, H}, h.data()});
-    write_safetensors(dump, out);
+    StagedFile staged(dump);
+    write_safetensors(staged.path(), out);
+    staged.commit();
   }
   if (greedy > 0) {
     std::vector<int> gen;
@@ -99,7 +99,7 @@ Command add_eval(CLI::App& app) {
   struct Args {
     ModelOptions mo;
     std::string tokens, dump;
-    bool hidden = false;
+    bool hidden = false, force = false;
     int greedy = 0;
   };
   auto a = std::make_shared<Args>();
@@ -108,12 +108,13 @@ Command add_eval(CLI::App& app) {
   ev->add_option("--tokens", a->tokens, "comma-separated token ids")->required();
   ev->add_option("--dump-logits", a->dump, "write F32 'logits' [T, vocab] to this safetensors file");
   ev->add_flag("--dump-hidden", a->hidden, "also write hidden_<i> [T, hidden] (HF numbering)");
+  ev->add_flag("--force", a->force, "replace the --dump-logits file when it exists");
   ev->add_option("--greedy", a->greedy, "continue with N greedy tokens (one-token decode path)")
       ->check(CLI::NonNegativeNumber);
   return {ev, [a] {
             if (a->hidden && a->dump.empty())
               fail(ErrorKind::kInvalidArgument, "--dump-hidden needs --dump-logits FILE");
-            return cmd_eval(a->mo, a->tokens, a->dump, a->hidden, a->greedy);
+            return cmd_eval(a->mo, a->tokens, a->dump, a->hidden, a->force, a->greedy);
           }};
 }
 

@@ -28,6 +28,7 @@
 #include "text/chat_template.h"
 #include "text/sampler.h"
 #include "text/tokenizer.h"
+#include "util/atomic_file.h"
 #include "util/error.h"
 #include "util/json.h"
 #include "util/mapped_file.h"
@@ -454,7 +455,8 @@ std::vector<ChatMessage> conversation_from_json(const std::string& path) {
 }
 
 const char* kChatHelp =
-    "commands: /reset (new conversation), /save FILE (conversation as JSON messages), "
+    "commands: /reset (new conversation), /save FILE (conversation as JSON messages; /save! "
+    "FILE replaces an existing file), "
     "/load FILE (replace the conversation and evaluate it again; exact state snapshots come "
     "later), /exit (or Ctrl-D), /help. Ctrl-C stops an answer; twice at the prompt quits. "
     "A line ending in \\ continues on the next.\n";
@@ -480,10 +482,21 @@ class Chat {
     clear_cache();
   }
 
-  void save(const std::string& path) {
-    std::ofstream f(path, std::ios::binary);
-    f << conversation_json(msgs_).dump(2) << "\n";
-    if (!f) fail(ErrorKind::kIo, "{}: cannot write", path);
+  // Like every file the CLI writes: never onto a package file, an existing file only when
+  // asked (/save!), and through a temporary renamed into place.
+  void save(const std::string& path, bool replace) {
+    check_output_file(path, replace ? "/save!" : "/save", true, L_.model->dir());
+    if (!replace && file_exists(path))
+      fail(ErrorKind::kInvalidArgument, "/save {}: the file exists; /save! {} replaces it", path,
+           path);
+    StagedFile staged(path);
+    {
+      std::ofstream f(staged.path(), std::ios::binary);
+      f << conversation_json(msgs_).dump(2) << "\n";
+      f.close();
+      if (!f) fail(ErrorKind::kIo, "{}: cannot write", staged.path());
+    }
+    staged.commit();
     fmt::print(stderr, "saved {} messages to {}\n", msgs_.size(), path);
   }
 
@@ -655,10 +668,10 @@ int cmd_chat(GenFlags g) {
         } else if (cmd == "/reset") {
           chat.reset();
           fmt::print(stderr, "new conversation\n");
-        } else if ((cmd == "/save" || cmd == "/load") && arg.empty()) {
+        } else if ((cmd == "/save" || cmd == "/save!" || cmd == "/load") && arg.empty()) {
           fmt::print(stderr, "{} needs a file name\n", cmd);
-        } else if (cmd == "/save") {
-          chat.save(arg);
+        } else if (cmd == "/save" || cmd == "/save!") {
+          chat.save(arg, cmd == "/save!");
         } else if (cmd == "/load") {
           chat.load(arg);
         } else {

@@ -17,7 +17,7 @@ struct SynthArgs {
   uint64_t seed = 0;
   double skew = 0;
   int threads = 0;
-  bool quiet = false, dry_run = false, list = false;
+  bool quiet = false, dry_run = false, list = false, force = false;
 };
 
 uint64_t package_bytes(const Manifest& m) {
@@ -76,6 +76,7 @@ int cmd_synth(const SynthArgs& a) {
   opt.tokenizer = a.tokenizer;
   opt.threads = a.threads;
   opt.progress = !a.quiet;
+  opt.force = a.force;
   const SynthReport r = synth_package(spec, a.out, opt);
   fmt::print(stderr, "wrote {}: {} ({} layers), resident {}, experts {} in {:.2f}s ({:.0f} MB/s)\n",
              a.out, a.preset, spec.n_layers, format_bytes(r.resident_bytes),
@@ -89,7 +90,8 @@ Command add_synth(CLI::App& app) {
   auto a = std::make_shared<SynthArgs>();
   auto* c = app.add_subcommand(
       "synth", "write a random-weight package of a real model's shape (for speed measurements)");
-  c->add_option("package_dir", a->out, "output package directory (must not exist or be empty)");
+  c->add_option("package_dir", a->out, 
+                "output package directory (must not exist or be empty, unless --force)");
   c->add_option("--preset", a->preset, "model shape: " + synth_preset_names());
   c->add_option("--layers", a->layers,
                 "keep the first N layers (default: all; the layer pattern is kept)");
@@ -105,6 +107,8 @@ Command add_synth(CLI::App& app) {
                 "tokenizer.json to copy into the package (tokenizer_config.json beside it too)");
   c->add_option("-t,--threads", a->threads, "generator threads (0: one per core)");
   c->add_flag("-q,--quiet", a->quiet, "no progress bar");
+  c->add_flag("--force", a->force,
+              "replace the package already in package_dir, whole, once the new one is complete");
   c->add_flag("--dry-run", a->dry_run, "print the parameter count and package size, write nothing");
   c->add_flag("--list", a->list, "list the presets with parameter counts and q4 sizes");
   return {c, [a] { return cmd_synth(*a); }};
