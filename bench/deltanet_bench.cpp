@@ -1,5 +1,5 @@
 // moeflux_bench_deltanet: the Gated DeltaNet core over T tokens, token-by-token recurrence
-// (Backend::deltanet) against the chunked WY form (Backend::deltanet_chunked), on the CPU
+// (Context::deltanet) against the chunked WY form (Context::deltanet_chunked), on the CPU
 // backend, at one linear-attention layer's shapes.
 //
 //   moeflux_bench_deltanet [--threads N] [--runs N] [--tokens T] [--chunk C]
@@ -74,7 +74,7 @@ int run(int argc, char** argv) {
       return 2;
     }
   }
-  auto be = make_cpu_backend(threads);
+  auto be = make_cpu_context(threads);
   const int C = 2 * nk * dk + nv * dv;
   std::mt19937 rng(7);
   std::normal_distribution<float> nd(0.0f, 1.0f);

@@ -78,7 +78,7 @@ int run(int argc, char** argv) {
       parse_cache_size(cache, ex.stride * uint64_t(ex.count) * ex.layers.size(), "--expert-cache");
   so.direct_io = direct;
   ExpertStore store(*model, so);
-  auto be = make_cpu_backend(threads);
+  auto be = make_cpu_context(threads);
   SessionParams sp;
   sp.ctx = P;
   sp.deltanet_chunked_min_tokens = chunked_min;

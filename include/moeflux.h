@@ -73,7 +73,9 @@ typedef struct mf_session mf_session;
 
 typedef enum mf_backend {
   MF_BACKEND_CPU = 0,
-  MF_BACKEND_CUDA = 1 /* reserved: mf_model_load returns MF_ERR_UNSUPPORTED in this build */
+  MF_BACKEND_CUDA = 1, /* MF_ERR_UNSUPPORTED (with the reason in mf_last_error) when this build
+                          has no CUDA or the machine no usable GPU */
+  MF_BACKEND_AUTO = 2  /* CUDA when usable, else the CPU */
 } mf_backend;
 
 typedef enum mf_io_engine {

@@ -176,7 +176,7 @@ TEST(AtomicWrite, ConvertCliNeedsForceToReplace) {
 }
 
 std::vector<float> eval_logits(const Model& model, const std::vector<int32_t>& toks) {
-  auto be = make_cpu_backend(1);
+  auto be = make_cpu_context(1);
   ExpertStore store(model);
   Session s(model, *be, store);
   std::vector<float> logits(size_t(model.spec().vocab_size) * toks.size());
@@ -214,7 +214,7 @@ TEST(AtomicWrite, AMappedResidentCutShortIsAnErrorNotSigbus) {
   const std::string pkg = tmp / "pkg";
   convert_checkpoint(fixture_dir(kFixture), pkg, quiet_convert());
   auto model = Model::load(pkg, /*use_mmap=*/true);
-  auto be = make_cpu_backend(1);
+  auto be = make_cpu_context(1);
   ExpertStore store(*model);
   Session s(*model, *be, store);
   const std::vector<int32_t> toks = {5, 6, 7};

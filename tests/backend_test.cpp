@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <numeric>
 #include <random>
 #include <string>
 #include <utility>
@@ -25,19 +26,27 @@
 namespace moeflux::test {
 namespace {
 
-using BackendFactory = std::function<std::unique_ptr<Backend>(int threads)>;
-
 struct BackendKind {
   std::string name;
-  BackendFactory make;
+  moeflux::BackendKind kind;
+  // Whether this machine runs it (a CUDA build on a machine without a GPU does not: skipped).
+  bool usable() const {
+    try {
+      resolve_backend_kind(kind);
+      return true;
+    } catch (const Error&) {
+      return false;
+    }
+  }
+  std::unique_ptr<Context> make(int threads) const { return get_device(kind).context(threads); }
 };
 
 // The backends under test. A new one is one line here.
 std::vector<BackendKind> backends() {
   std::vector<BackendKind> out;
-  out.push_back({"cpu", [](int threads) { return make_cpu_backend(threads); }});
+  out.push_back({"cpu", moeflux::BackendKind::kCpu});
 #ifdef MOEFLUX_HAVE_CUDA
-  out.push_back({"cuda", [](int threads) { return make_cuda_backend(threads); }});
+  out.push_back({"cuda", moeflux::BackendKind::kCuda});
 #endif
   return out;
 }
@@ -62,12 +71,33 @@ struct Rng {
   std::mt19937 g;
 };
 
-// Backend memory owned by a test; released with it.
+// Context memory owned by a test; released with it.
 class Buffers {
  public:
-  explicit Buffers(Backend& be) : be_(be) {}
+  explicit Buffers(Context& be) : be_(be) {}
   ~Buffers() {
-    for (float* p : ptrs_) be_.release(p);
+    for (void* p : ptrs_) be_.release(p);
+  }
+  void* bytes(const void* h, size_t n) {
+    ptrs_.push_back(be_.alloc_bytes(n));
+    be_.upload_bytes(ptrs_.back(), h, n);
+    return ptrs_.back();
+  }
+  int32_t* put(const std::vector<int32_t>& h) {
+    return static_cast<int32_t*>(bytes(h.data(), h.size() * sizeof(int32_t)));
+  }
+  // A weight matrix in context memory (where the device's ops read weights).
+  Mat put(const Mat& h) {
+    Mat m = h;
+    if (is_quant_dtype(h.dtype)) {
+      const QuantLayout L = quant_layout(h.rows, h.cols, quant_bits(h.dtype), h.group);
+      m.data = bytes(h.data, L.packed_bytes);
+      m.scales = static_cast<const uint16_t*>(bytes(h.scales, L.scales_bytes));
+      m.biases = static_cast<const uint16_t*>(bytes(h.biases, L.biases_bytes));
+    } else {
+      m.data = bytes(h.data, size_t(h.rows * h.cols) * (h.dtype == DType::kF32 ? 4 : 2));
+    }
+    return m;
   }
   float* put(const std::vector<float>& h) {
     float* p = zeros(h.size());
@@ -76,7 +106,7 @@ class Buffers {
   }
   float* zeros(size_t n) {
     ptrs_.push_back(be_.alloc(n));
-    return ptrs_.back();
+    return static_cast<float*>(ptrs_.back());
   }
   std::vector<float> get(const float* p, size_t n) {
     std::vector<float> h(n);
@@ -85,8 +115,8 @@ class Buffers {
   }
 
  private:
-  Backend& be_;
-  std::vector<float*> ptrs_;
+  Context& be_;
+  std::vector<void*> ptrs_;
 };
 
 // |got - want| <= tol elementwise; reports the first violation and returns the worst
@@ -198,7 +228,7 @@ void append(Outputs& o, const std::vector<float>& v) {
   o.insert(o.end(), v.begin(), v.end());
 }
 
-Outputs check_memory(Backend& be) {
+Outputs check_memory(Context& be) {
   Buffers B(be);
   Outputs out;
   const size_t n = 1000;
@@ -218,7 +248,7 @@ Outputs check_memory(Backend& be) {
 }
 
 // out[t] = E[tokens[t]]: exact for float dtypes; dequantised rows are q*s + b in f32.
-Outputs check_embed(Backend& be) {
+Outputs check_embed(Context& be) {
   Outputs out;
   const int64_t V = 37, H = 128;
   const std::vector<int32_t> tokens = {5, 0, 36, 5, 17};
@@ -227,7 +257,7 @@ Outputs check_embed(Backend& be) {
     auto E = make_mat(dt, V, H, 100 + uint32_t(dt));
     Buffers B(be);
     float* y = B.zeros(size_t(T * H));
-    be.embed(E->m, tokens.data(), T, y);
+    be.embed(B.put(E->m), B.put(tokens), T, y);
     std::vector<double> want(size_t(T * H)), tol(size_t(T * H));
     for (int t = 0; t < T; t++)
       for (int64_t c = 0; c < H; c++) {
@@ -245,7 +275,7 @@ Outputs check_embed(Backend& be) {
 // y[t, r] = Σ_c W[r, c] x[t, c]. Tolerance 4·eps·Σ_c mag(W[r, c])·|x[t, c]|: the weight's f32
 // realisation (exact for float dtypes, two roundings for quantised ones) plus accumulation, which
 // for random signs stays far below the Σ|terms| bound. Also: a token's bits do not depend on T.
-Outputs check_matmul(Backend& be) {
+Outputs check_matmul(Context& be) {
   Outputs out;
   const int64_t rows = 40, cols = 192;  // rows not a multiple of 16, cols not of 128
   for (DType dt : kWeightTypes) {
@@ -257,7 +287,8 @@ Outputs check_matmul(Backend& be) {
       const auto x = rng.vec(size_t(T * cols), -2, 2);
       float* xd = B.put(x);
       float* yd = B.zeros(size_t(T * rows));
-      be.matmul(W->m, xd, yd, T);
+      const Mat Wd = B.put(W->m);
+      be.matmul(Wd, xd, yd, T);
       std::vector<double> want(size_t(T * rows)), tol(size_t(T * rows));
       for (int t = 0; t < T; t++)
         for (int64_t r = 0; r < rows; r++) {
@@ -276,7 +307,7 @@ Outputs check_matmul(Backend& be) {
         // Token 5 of the batch alone: same bits (prefill == decode).
         float* x1 = B.put(std::vector<float>(x.begin() + 5 * cols, x.begin() + 6 * cols));
         float* y1 = B.zeros(size_t(rows));
-        be.matmul(W->m, x1, y1, 1);
+        be.matmul(Wd, x1, y1, 1);
         expect_bits(fmt::format("matmul_{} token alone vs in batch", dtype_name(dt)),
                     B.get(y1, size_t(rows)),
                     std::vector<float>(got.begin() + 5 * rows, got.begin() + 6 * rows));
@@ -290,7 +321,7 @@ Outputs check_matmul(Backend& be) {
 // Tolerance c·eps·|y| with c = 4 + log2(n): a few roundings for rsqrt and the products plus the
 // sum of squares (a tree-order f32 sum is within log2(n)·eps of it). Rows of tiny values make
 // eps matter (a wrong eps fails them).
-Outputs check_rmsnorm(Backend& be) {
+Outputs check_rmsnorm(Context& be) {
   Outputs out;
   const int rows = 6, n = 96, stride = 131;
   const float eps = 1e-6f;
@@ -333,7 +364,7 @@ Outputs check_rmsnorm(Backend& be) {
 // Rotate-half on the first rot_dim dims of each head at position pos0 + t. The angle is the
 // contract's f32 pos·theta^(-2i/rot) (as HF): its own rounding is (2 + ln theta)·eps relative,
 // so tolerance 4·eps·(|a| + |b|)·(2 + (2 + ln theta)·|angle|). Unrotated floats are bit-exact.
-Outputs check_rope(Backend& be) {
+Outputs check_rope(Context& be) {
   Outputs out;
   const int n_heads = 3, head_dim = 32, head_stride = 2 * head_dim, rot = 8;  // partial: 1/4
   const int row_stride = n_heads * head_stride + 5;
@@ -343,7 +374,8 @@ Outputs check_rope(Backend& be) {
     const auto x = rng.vec(size_t(T) * row_stride);
     Buffers B(be);
     float* xd = B.put(x);
-    be.rope(xd, T, n_heads, row_stride, head_stride, rot, pos0, theta);
+    be.set_pos(pos0);
+    be.rope(xd, T, n_heads, row_stride, head_stride, rot, theta);
     std::vector<double> want(x.begin(), x.end()), tol(x.size(), 0);
     const int half = rot / 2;
     for (int t = 0; t < T; t++)
@@ -370,7 +402,7 @@ Outputs check_rope(Backend& be) {
 // ~(2A + n)·eps relative (n cache positions summed), so tolerance
 // 4·eps·(n + 2 + 2A)·Σ_j p_j·|v_j|. Cache rows past the last position hold huge values: reading
 // them fails.
-Outputs check_attention(Backend& be) {
+Outputs check_attention(Context& be) {
   Outputs out;
   AttentionParams p;
   p.n_heads = 4;
@@ -394,7 +426,8 @@ Outputs check_attention(Backend& be) {
     float* vd = B.put(v);
     const size_t n_out = size_t(T) * p.n_heads * d;
     float* od = B.put(std::vector<float>(n_out, 3.0f));
-    be.attention(qd, kd, vd, od, T, pos0, p);
+    be.set_pos(pos0);
+    be.attention(qd, kd, vd, od, T, p);
     std::vector<double> want(n_out), tol(n_out);
     for (int t = 0; t < T; t++)
       for (int h = 0; h < p.n_heads; h++) {
@@ -435,7 +468,7 @@ Outputs check_attention(Backend& be) {
 }
 
 // out *= sigmoid(gate) with the gate interleaved in q rows (gated attention). 4·eps·|result|.
-Outputs check_mul_sigmoid_gate(Backend& be) {
+Outputs check_mul_sigmoid_gate(Context& be) {
   const int T = 5, nh = 3, d = 16, gate_head_stride = 2 * d, gate_stride = nh * 2 * d + 3;
   Rng rng(700);
   const auto o = rng.vec(size_t(T * nh * d), -2, 2);
@@ -460,7 +493,7 @@ Outputs check_mul_sigmoid_gate(Backend& be) {
 // Causal depthwise conv (window = state then inputs, oldest first) + SiLU, twice in a row so
 // the state written by the first call feeds the second. 4·eps·(Σ|w·x| + |y|); the state is
 // a copy of inputs, bit-exact.
-Outputs check_conv1d_silu(Backend& be) {
+Outputs check_conv1d_silu(Context& be) {
   Outputs out;
   const int C = 40, K = 4;
   Rng rng(800);
@@ -501,7 +534,7 @@ Outputs check_conv1d_silu(Backend& be) {
 // g = -exp(A_log)·softplus(a + dt_bias): the sum a + dt_bias rounds in f32 (relative error of
 // softplus up to eps·|a + dt|), then exp and log1p: 4·eps·|g|·(2 + |a + dt|).
 // beta = sigmoid(b): 4·eps·|beta|·(1 + |b|·(1 - beta)) ~ exp's relative error.
-Outputs check_deltanet_gates(Backend& be) {
+Outputs check_deltanet_gates(Context& be) {
   const int T = 7, nv = 6;
   Rng rng(900);
   auto a = rng.vec(size_t(T * nv), -8, 8);
@@ -593,8 +626,8 @@ DeltaRef deltanet_reference(const std::vector<float>& qkv, const std::vector<flo
   return r;
 }
 
-// chunk = 0: the recurrence (Backend::deltanet); else deltanet_chunked with that chunk.
-Outputs check_deltanet(Backend& be, int chunk) {
+// chunk = 0: the recurrence (Context::deltanet); else deltanet_chunked with that chunk.
+Outputs check_deltanet(Context& be, int chunk) {
   Outputs out;
   DeltaNetParams p;
   p.k_heads = 2;
@@ -636,7 +669,7 @@ Outputs check_deltanet(Backend& be, int chunk) {
 
 // x = x·rsqrt(mean x² + eps)·w·silu(z) per row of n: as rmsnorm plus silu's few roundings,
 // (6 + log2 n)·eps·|result|.
-Outputs check_gated_rmsnorm(Backend& be) {
+Outputs check_gated_rmsnorm(Context& be) {
   const int rows = 5, n = 80;
   const float eps = 1e-6f;
   Rng rng(1100);
@@ -662,9 +695,9 @@ Outputs check_gated_rmsnorm(Backend& be) {
   return got;
 }
 
-// The elementwise ops: add is one rounding (eps·|y + x|... within half an ulp), silu_mul and
-// scale_rows_sigmoid a few (4·eps·|result|).
-Outputs check_elementwise(Backend& be) {
+// The elementwise ops: add is one rounding (eps·|y + x|... within half an ulp), silu_mul a
+// few (4·eps·|result|).
+Outputs check_elementwise(Context& be) {
   Outputs out;
   const size_t n = 1001;
   Rng rng(1200);
@@ -692,79 +725,276 @@ Outputs check_elementwise(Backend& be) {
     append(out, B.get(gd, n));
     expect_close("silu_mul", B.get(gd, n), want, tol);
   }
-  {
-    const int T = 7, m = 143;
-    const auto v = rng.vec(size_t(T * m), -3, 3), s = rng.vec(size_t(T), -8, 8);
-    float* vd = B.put(v);
-    be.scale_rows_sigmoid(vd, B.put(s), T, m);
-    std::vector<double> want(v.size()), tol(v.size());
-    for (int t = 0; t < T; t++)
-      for (int i = 0; i < m; i++) {
-        want[size_t(t * m + i)] = v[size_t(t * m + i)] * sigmoid(s[size_t(t)]);
-        tol[size_t(t * m + i)] = 4 * kEps * std::fabs(want[size_t(t * m + i)]);
+  return out;
+}
+
+// kv_append writes rows [pos, pos + T) of a cache and nothing else (a copy: bit-exact).
+Outputs check_kv_append(Context& be) {
+  const int ctx = 20, row = 24, T = 5, pos = 9;
+  Rng rng(1300);
+  const auto cache = rng.vec(size_t(ctx * row), 10, 20), src = rng.vec(size_t(T * row));
+  Buffers B(be);
+  float* cd = B.put(cache);
+  be.set_pos(pos);
+  be.kv_append(cd, B.put(src), T, row);
+  std::vector<float> want = cache;
+  std::copy(src.begin(), src.end(), want.begin() + pos * row);
+  const auto got = B.get(cd, cache.size());
+  expect_bits("kv_append", got, want);
+  return got;
+}
+
+// The router: ids must be exactly the reference's (best first, equal scores to the lower index,
+// NaN last); weights within (8 + log2 E)·eps relative (an f32 exp and sum on a device; the CPU
+// computes in double and rounds once).
+Outputs check_route(Context& be) {
+  Outputs out;
+  const int T = 6, E = 40, K = 6;
+  Rng rng(1400);
+  auto logits = rng.vec(size_t(T * E), -4, 4);
+  // Token 1: a tie for first place (experts 7 and 3) and for the 6th (11 and 30 equal).
+  logits[size_t(1 * E + 3)] = logits[size_t(1 * E + 7)] = 9.0f;
+  for (int e : {11, 30}) logits[size_t(1 * E + e)] = 5.0f;
+  for (int e : {0, 1, 2}) logits[size_t(1 * E + e)] = 6.0f + float(e) * 0.5f;
+  // Token 2: NaN scores rank last.
+  logits[size_t(2 * E + 5)] = NAN;
+  logits[size_t(2 * E + 6)] = NAN;
+  const auto bias = rng.vec(size_t(E), -0.2f, 0.2f);
+  for (auto scoring : {RouteScoring::kSoftmax, RouteScoring::kSigmoid})
+    for (bool norm : {true, false}) {
+      Buffers B(be);
+      RouteParams p;
+      p.n_experts = E;
+      p.k = K;
+      p.scoring = scoring;
+      p.norm_topk_prob = norm;
+      p.bias = scoring == RouteScoring::kSigmoid ? B.put(bias) : nullptr;
+      p.scale = norm ? 1.0f : 2.5f;
+      auto* ids = static_cast<int32_t*>(B.bytes(std::vector<int32_t>(T * K, -1).data(),
+                                                size_t(T * K) * sizeof(int32_t)));
+      float* w = B.zeros(size_t(T * K));
+      const bool softmax = scoring == RouteScoring::kSoftmax;
+      // Token 2 has NaN logits: a softmax over them is NaN, so it is routed but not weighed.
+      be.route(B.put(logits), T, p, ids, w);
+      std::vector<int32_t> got_ids(size_t(T * K));
+      be.download(got_ids.data(), ids, got_ids.size() * sizeof(int32_t));
+      const auto got_w = B.get(w, size_t(T * K));
+      std::vector<double> want_w, tol_w;
+      std::vector<float> got_w_checked;
+      for (int t = 0; t < T; t++) {
+        const float* lg = logits.data() + size_t(t) * E;
+        std::vector<double> prob(static_cast<size_t>(E)), score(static_cast<size_t>(E));
+        double mx = -INFINITY, sum = 0;
+        for (int e = 0; e < E; e++)
+          if (!std::isnan(lg[e])) mx = std::max(mx, double(lg[e]));
+        for (int e = 0; e < E; e++) {
+          prob[size_t(e)] = softmax ? std::exp(double(lg[e]) - mx) : sigmoid(lg[e]);
+          sum += prob[size_t(e)];
+          score[size_t(e)] = softmax ? lg[e] : prob[size_t(e)] + bias[size_t(e)];
+        }
+        std::vector<int> order(static_cast<size_t>(E));
+        std::iota(order.begin(), order.end(), 0);
+        std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
+          const bool na = std::isnan(score[size_t(a)]), nb = std::isnan(score[size_t(b)]);
+          if (na || nb) return !na && nb;
+          return score[size_t(a)] > score[size_t(b)];
+        });
+        double top = 0;
+        for (int j = 0; j < K; j++) top += prob[size_t(order[size_t(j)])];
+        for (int j = 0; j < K; j++) {
+          const int e = order[size_t(j)];
+          EXPECT_EQ(got_ids[size_t(t * K + j)], e)
+              << "token " << t << " choice " << j << " softmax " << softmax << " norm " << norm;
+          if (t == 2 && softmax) continue;
+          const double want = (norm ? prob[size_t(e)] / top : softmax ? prob[size_t(e)] / sum
+                                                                       : prob[size_t(e)]) *
+                              p.scale;
+          want_w.push_back(want);
+          tol_w.push_back((8 + std::log2(double(E))) * kEps * std::fabs(want));
+          got_w_checked.push_back(got_w[size_t(t * K + j)]);
+        }
       }
-    append(out, B.get(vd, v.size()));
-    expect_close("scale_rows_sigmoid", B.get(vd, v.size()), want, tol);
+      expect_close(fmt::format("route_{}_norm{}", softmax ? "softmax" : "sigmoid", int(norm)),
+                   got_w_checked, want_w, tol_w);
+      append(out, got_w);
+      for (int32_t i : got_ids) out.push_back(float(i));
+      // Ids only (prefetch): the same ids.
+      auto* ids2 = static_cast<int32_t*>(B.bytes(std::vector<int32_t>(T * K, -1).data(),
+                                                 size_t(T * K) * sizeof(int32_t)));
+      be.route(B.put(logits), T, p, ids2, nullptr);
+      std::vector<int32_t> got_ids2(size_t(T * K));
+      be.download(got_ids2.data(), ids2, got_ids2.size() * sizeof(int32_t));
+      EXPECT_EQ(got_ids2, got_ids) << "route without weights";
+    }
+  return out;
+}
+
+// Experts handed over in a chosen arrival order, as an ExpertStore's batch does.
+class TestExperts final : public ExpertSource {
+ public:
+  TestExperts(std::vector<int> ids, std::vector<ExpertWeights> w, std::vector<size_t> arrival)
+      : ids_(std::move(ids)), w_(std::move(w)), arrival_(std::move(arrival)) {}
+  size_t size() const override { return ids_.size(); }
+  int id(size_t i) const override { return ids_[i]; }
+  size_t next() override { return arrival_.at(taken_++); }
+  const ExpertWeights& weights(size_t i) const override { return w_[i]; }
+
+ private:
+  std::vector<int> ids_;
+  std::vector<ExpertWeights> w_;
+  std::vector<size_t> arrival_;
+  size_t taken_ = 0;
+};
+
+// y = W x in double with its bound Σ|W||x| (the f32 realisation of W: mag).
+void ref_matvec(const HostMat& W, const std::vector<double>& x, const std::vector<double>& xerr,
+                std::vector<double>& y, std::vector<double>& err) {
+  const size_t R = size_t(W.m.rows), C = size_t(W.m.cols);
+  y.assign(R, 0);
+  err.assign(R, 0);
+  for (size_t r = 0; r < R; r++) {
+    double s = 0, m = 0, e = 0;
+    for (size_t c = 0; c < C; c++) {
+      s += W.w[r * C + c] * x[c];
+      m += W.mag[r * C + c] * std::fabs(x[c]);
+      e += std::fabs(W.w[r * C + c]) * xerr[c];
+    }
+    y[r] = s;
+    err[r] = 4 * kEps * m + e;  // this product's rounding plus the input's error carried
+  }
+}
+
+// One expert FFN on x in double: down(silu(gate x) * up x), with a propagated error bound
+// (silu' is within [-0.1, 1.1]).
+void ref_ffn(const HostMat& gate, const HostMat& up, const HostMat& down,
+             const std::vector<double>& x, std::vector<double>& y, std::vector<double>& err) {
+  const std::vector<double> zero(x.size(), 0);
+  std::vector<double> g, ge, u, ue;
+  ref_matvec(gate, x, zero, g, ge);
+  ref_matvec(up, x, zero, u, ue);
+  std::vector<double> h(g.size()), he(g.size());
+  for (size_t i = 0; i < g.size(); i++) {
+    h[i] = silu(g[i]) * u[i];
+    he[i] = 1.1 * ge[i] * std::fabs(u[i]) + std::fabs(silu(g[i])) * ue[i] + 4 * kEps * std::fabs(h[i]);
+  }
+  ref_matvec(down, h, he, y, err);
+}
+
+// The grouped expert FFN: every (token, choice) against the double reference, the shared expert
+// with its sigmoid gate, and the same bits whatever order the experts arrive in.
+Outputs check_moe_experts(Context& be) {
+  Outputs out;
+  const int T = 5, K = 3, H = 128, I = 64, S = 64, E = 7;
+  Rng rng(1500);
+  std::vector<std::unique_ptr<HostMat>> gate, up, down;
+  for (int e = 0; e < E; e++) {
+    const DType dt = e % 2 ? DType::kQ4 : DType::kBF16;
+    gate.push_back(make_mat(dt, I, H, 1510 + uint32_t(e)));
+    up.push_back(make_mat(dt, I, H, 1530 + uint32_t(e)));
+    down.push_back(make_mat(dt, H, I, 1550 + uint32_t(e)));
+  }
+  auto sg = make_mat(DType::kQ8, S, H, 1570), su = make_mat(DType::kQ8, S, H, 1571);
+  auto sd = make_mat(DType::kQ8, H, S, 1572), sr = make_mat(DType::kF32, 1, H, 1573);
+  // [T, K]: a token's k choices are distinct experts.
+  const std::vector<int32_t> ids = {4, 0, 6, 0, 4, 2, 6, 2, 5, 2, 0, 4, 5, 6, 0};
+  const std::vector<int> used = {0, 2, 4, 5, 6};  // expert 1 and 3 unused
+  const auto wts = rng.vec(size_t(T * K), 0.05f, 0.6f);
+  const auto x = rng.vec(size_t(T * H), -1.5f, 1.5f);
+
+  for (bool with_shared : {false, true}) {
+    std::vector<float> first;
+    for (const std::vector<size_t>& arrival :
+         {std::vector<size_t>{0, 1, 2, 3, 4}, std::vector<size_t>{3, 0, 4, 2, 1}}) {
+      Buffers B(be);
+      std::vector<ExpertWeights> w;
+      for (int e : used)
+        w.push_back({B.put(gate[size_t(e)]->m), B.put(up[size_t(e)]->m), B.put(down[size_t(e)]->m)});
+      TestExperts src(used, std::move(w), arrival);
+      const Mat g = B.put(sg->m), u = B.put(su->m), d = B.put(sd->m), r = B.put(sr->m);
+      SharedExpert shared{&g, &u, &d, &r, S};
+      MoeParams p;
+      p.T = T;
+      p.k = K;
+      p.hidden = H;
+      p.inter = I;
+      float* od = B.put(std::vector<float>(size_t(T * H), 9.0f));
+      be.moe_experts(B.put(x), B.put(ids), B.put(wts), src, with_shared ? &shared : nullptr, od,
+                     p);
+      const auto got = B.get(od, size_t(T * H));
+      if (first.empty()) {
+        std::vector<double> want(size_t(T * H), 0), tol(size_t(T * H), 0);
+        for (int t = 0; t < T; t++) {
+          const std::vector<double> xt(x.begin() + t * H, x.begin() + (t + 1) * H);
+          std::vector<double> y, err;
+          for (int j = 0; j < K; j++) {
+            const int e = ids[size_t(t * K + j)];
+            ref_ffn(*gate[size_t(e)], *up[size_t(e)], *down[size_t(e)], xt, y, err);
+            const double wj = wts[size_t(t * K + j)];
+            for (int c = 0; c < H; c++) {
+              want[size_t(t * H + c)] += wj * y[size_t(c)];
+              // the weighting and the K-term sum: a rounding each
+              tol[size_t(t * H + c)] += wj * (err[size_t(c)] + 4 * kEps * std::fabs(y[size_t(c)]));
+            }
+          }
+          if (with_shared) {
+            ref_ffn(*sg, *su, *sd, xt, y, err);
+            double z = 0, zm = 0;
+            for (int c = 0; c < H; c++) {
+              z += sr->w[size_t(c)] * xt[size_t(c)];
+              zm += std::fabs(sr->w[size_t(c)] * xt[size_t(c)]);
+            }
+            const double gz = sigmoid(z);
+            for (int c = 0; c < H; c++) {
+              want[size_t(t * H + c)] += gz * y[size_t(c)];
+              tol[size_t(t * H + c)] += gz * err[size_t(c)] +
+                                        (4 * kEps * zm * 0.25 + 4 * kEps * gz) * std::fabs(y[size_t(c)]);
+            }
+          }
+          for (int c = 0; c < H; c++)
+            tol[size_t(t * H + c)] += 4 * kEps * std::fabs(want[size_t(t * H + c)]);
+        }
+        expect_close(fmt::format("moe_experts_shared{}", int(with_shared)), got, want, tol);
+        first = got;
+        append(out, got);
+      } else {
+        expect_bits(fmt::format("moe_experts_shared{}: arrival order", int(with_shared)), got,
+                    first);
+      }
+    }
   }
   return out;
 }
 
-// gather_rows / scatter_rows_scaled with ids (and scales) in host memory: a gather is a copy
-// (bit-exact), a scatter one product (half an ulp); rows no id names are left alone.
-// sum_slots adds the k slots in order j = 0..k-1: that order is part of the contract, so it is
-// checked bit for bit against the sequential f32 sum, on slots whose sum depends on the order.
-Outputs check_rows(Backend& be) {
-  Outputs out;
-  const int src_rows = 9, n = 33;
-  Rng rng(1300);
-  const auto src = rng.vec(size_t(src_rows * n), -3, 3);
-  const std::vector<int32_t> idx = {4, 0, 8, 4, 2};
-  const int rows = int(idx.size());
+// check_finite notes the first NaN/Inf and its tag; take_nonfinite reads and clears it.
+Outputs check_nonfinite(Context& be) {
+  const size_t n = 5000;
+  Rng rng(1600);
+  auto x = rng.vec(n, -1e30f, 1e30f);
   Buffers B(be);
-  float* sd = B.put(src);
-  float* gd = B.zeros(size_t(rows * n));
-  be.gather_rows(sd, idx.data(), rows, n, gd);
-  std::vector<float> want_g;
-  for (int32_t i : idx) want_g.insert(want_g.end(), src.begin() + i * n, src.begin() + (i + 1) * n);
-  const auto got_g = B.get(gd, want_g.size());
-  expect_bits("gather_rows", got_g, want_g);
-  append(out, got_g);
-
-  const std::vector<int32_t> sidx = {3, 7, 0, 5};
-  const std::vector<float> scale = {0.25f, -1.5f, 0.3f, 2.0f};
-  const auto dst0 = rng.vec(size_t(src_rows * n), 10, 20);
-  float* dd = B.put(dst0);
-  be.scatter_rows_scaled(sd, sidx.data(), scale.data(), int(sidx.size()), n, dd);
-  std::vector<double> want_s(dst0.begin(), dst0.end()), tol_s(dst0.size(), 0);
-  for (size_t r = 0; r < sidx.size(); r++)
-    for (int i = 0; i < n; i++) {
-      const size_t j = size_t(sidx[r] * n + i);
-      want_s[j] = double(src[r * n + size_t(i)]) * scale[r];
-      tol_s[j] = 0.5 * kEps * std::fabs(want_s[j]);
-    }
-  const auto got_s = B.get(dd, dst0.size());
-  expect_close("scatter_rows_scaled", got_s, want_s, tol_s);
-  append(out, got_s);
-
-  const int T = 3, k = 4, m = 50;
-  auto slots = rng.vec(size_t(T * k * m), -2, 2);
-  // Token 0, column 0: (1e8 + 1) - 1e8 + 1 is 1 in order, 2 or 0 in others.
-  slots[0] = 1e8f, slots[size_t(m)] = 1.0f, slots[size_t(2 * m)] = -1e8f,
-  slots[size_t(3 * m)] = 1.0f;
-  float* od = B.zeros(size_t(T * m));
-  be.sum_slots(B.put(slots), T, k, m, od);
-  std::vector<float> want_o(size_t(T * m));
-  for (int t = 0; t < T; t++)
-    for (int i = 0; i < m; i++) {
-      float s = slots[size_t(t * k * m + i)];
-      for (int j = 1; j < k; j++) s += slots[size_t((t * k + j) * m + i)];
-      want_o[size_t(t * m + i)] = s;
-    }
-  const auto got_o = B.get(od, want_o.size());
-  EXPECT_EQ(got_o[0], 1.0f) << "sum_slots did not add in slot order";
-  expect_bits("sum_slots", got_o, want_o);
-  append(out, got_o);
-  return out;
+  float* clean = B.put(x);
+  x[3333] = INFINITY;
+  x[4000] = NAN;
+  float* inf = B.put(x);
+  x[100] = -NAN;
+  float* nan = B.put(x);
+  int tag = -7;
+  size_t index = 0;
+  be.check_finite(clean, n, 1);
+  EXPECT_FALSE(be.take_nonfinite(&tag, &index)) << "finite values flagged";
+  be.check_finite(clean, n, 1);
+  be.check_finite(inf, n, 2);
+  be.check_finite(nan, n, 3);  // a later one does not replace the first
+  EXPECT_TRUE(be.take_nonfinite(&tag, &index));
+  EXPECT_EQ(tag, 2);
+  EXPECT_EQ(index, 3333u);
+  EXPECT_FALSE(be.take_nonfinite(&tag, &index)) << "not cleared";
+  be.check_finite(nan, 4000, -1);
+  EXPECT_TRUE(be.take_nonfinite(&tag, &index));
+  EXPECT_EQ(tag, -1);
+  EXPECT_EQ(index, 100u);
+  be.check_finite(inf, 3333, 9);  // the Inf is just past the range
+  EXPECT_FALSE(be.take_nonfinite(&tag, &index));
+  return {float(tag), float(index)};
 }
 
 // ---- The parametrised suite ------------------------------------------------------------------
@@ -773,7 +1003,8 @@ class BackendOps : public ::testing::TestWithParam<BackendKind> {
  protected:
   // Runs `check` on the backend with 1 thread and with 3 (both against the reference) and
   // requires the same bits: the boundary promises results independent of the thread count.
-  void run(const std::function<Outputs(Backend&)>& check) {
+  void run(const std::function<Outputs(Context&)>& check) {
+    if (!GetParam().usable()) GTEST_SKIP() << GetParam().name << " does not run on this machine";
     auto one = GetParam().make(1);
     const Outputs a = check(*one);
     if (HasFailure()) return;
@@ -812,10 +1043,10 @@ TEST_P(BackendOps, DeltanetGates) {
   run(check_deltanet_gates);
 }
 TEST_P(BackendOps, Deltanet) {
-  run([](Backend& be) { return check_deltanet(be, 0); });
+  run([](Context& be) { return check_deltanet(be, 0); });
 }
 TEST_P(BackendOps, DeltanetChunked) {
-  run([](Backend& be) {
+  run([](Context& be) {
     Outputs o = check_deltanet(be, 4);  // 17 = four chunks and one token
     append(o, check_deltanet(be, 64));  // one partial chunk
     return o;
@@ -827,8 +1058,17 @@ TEST_P(BackendOps, GatedRmsnorm) {
 TEST_P(BackendOps, Elementwise) {
   run(check_elementwise);
 }
-TEST_P(BackendOps, Rows) {
-  run(check_rows);
+TEST_P(BackendOps, KvAppend) {
+  run(check_kv_append);
+}
+TEST_P(BackendOps, Route) {
+  run(check_route);
+}
+TEST_P(BackendOps, MoeExperts) {
+  run(check_moe_experts);
+}
+TEST_P(BackendOps, Nonfinite) {
+  run(check_nonfinite);
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, BackendOps, ::testing::ValuesIn(backends()),
@@ -866,9 +1106,12 @@ TEST_P(BackendLayers, HiddenStatesMatchReference) {
   SafetensorsFile ref(fixture_dir(c.fixture) + "/reference.safetensors");
   const auto tokens = read_i32(ref, "tokens_" + c.tokens);
   const int T = int(tokens.size());
+  if (!c.backend.usable()) GTEST_SKIP() << c.backend.name << " does not run on this machine";
   auto model = Model::load(converted_fixture(c.fixture));
   auto be = c.backend.make(2);
-  ExpertStore store(*model);
+  ExpertStoreOptions so;
+  so.memory = &be->device().expert_memory();
+  ExpertStore store(*model, so);
   SessionParams sp;
   if (c.mode == LayerCase::kPrefillChunked) {
     sp.deltanet_chunked_min_tokens = 2;

@@ -9,12 +9,12 @@ namespace {
 
 struct Loaded {
   std::unique_ptr<Model> model;
-  std::unique_ptr<Backend> be;
+  std::unique_ptr<Context> be;
   std::unique_ptr<ExpertStore> store;
   std::unique_ptr<Session> session;
   explicit Loaded(const std::string& fixture, int threads = 2) {
     model = Model::load(converted_fixture(fixture));
-    be = make_cpu_backend(threads);
+    be = make_cpu_context(threads);
     store = std::make_unique<ExpertStore>(*model);
     session = std::make_unique<Session>(*model, *be, *store);
   }

@@ -60,7 +60,7 @@ const Config kConfigs[] = {
 // Prefill of 6 tokens, then 8 one-token decodes (fixed tokens, so every config sees the same
 // requests); returns every logit row.
 std::vector<float> run_sequence(const Model& model, ExpertStore& store) {
-  auto be = make_cpu_backend(2);
+  auto be = make_cpu_context(2);
   Session s(model, *be, store);
   const int V = model.spec().vocab_size;
   const std::vector<int32_t> prompt = {3, 141, 59, 265, 358, 97};
@@ -282,7 +282,7 @@ TEST(ExpertStore, ReadErrorsAreErrorsNeverWrongOutput) {
       return broken && file == 2 && off / stride < 1000;
     });
     ExpertStore store(*model, o);
-    auto be = make_cpu_backend(2);
+    auto be = make_cpu_context(2);
     Session s(*model, *be, store);
     const std::vector<int32_t> prompt = {3, 141, 59, 265, 358, 97};
     std::vector<float> logits(size_t(model->spec().vocab_size) * 6);
@@ -324,7 +324,7 @@ TEST(ExpertStore, UringRingFailureFailsEveryQueuedRead) {
   const std::vector<int32_t> prompt = {3, 141, 59, 265, 358, 97};
   for (int attempt = 0; attempt < 2; attempt++) {
     SCOPED_TRACE(attempt);
-    auto be = make_cpu_backend(2);
+    auto be = make_cpu_context(2);
     Session s(*model, *be, *store);
     try {
       s.eval(prompt.data(), 6, nullptr, false);

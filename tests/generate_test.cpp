@@ -34,7 +34,7 @@ class Generate : public ::testing::Test {
   }
 
   void SetUp() override {
-    be_ = make_cpu_backend(2);
+    be_ = make_cpu_context(2);
     store_ = std::make_unique<ExpertStore>(*model_);
   }
 
@@ -81,7 +81,7 @@ class Generate : public ::testing::Test {
 
   static Model* model_;
   static Tokenizer* tok_;
-  std::unique_ptr<Backend> be_;
+  std::unique_ptr<Context> be_;
   std::unique_ptr<ExpertStore> store_;
 };
 

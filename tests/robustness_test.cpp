@@ -453,7 +453,7 @@ TEST(Robustness, RandomResidentWeightsAreANumericError) {
                    {"produced NaN/Inf at position", "package resident weights corrupt?"});
   auto model = Model::load(dir);
   ExpertStore store(*model, ExpertStoreOptions{});
-  auto be = make_cpu_backend(1);
+  auto be = make_cpu_context(1);
   Session s(*model, *be, store);
   const std::vector<int32_t> toks = {1, 2, 3};
   expect_error([&] { s.eval(toks.data(), 3, nullptr, false); },
@@ -465,7 +465,7 @@ TEST(Robustness, RandomResidentWeightsAreANumericError) {
 TEST(Robustness, AbsurdThreadCountsAreRefused) {
   expect_error([] { ThreadPool p(100000); }, {"threads = 100000 is more than", "cores"},
                ErrorKind::kInvalidArgument);
-  expect_error([] { make_cpu_backend(max_threads() + 1); }, {"is more than"},
+  expect_error([] { make_cpu_context(max_threads() + 1); }, {"is more than"},
                ErrorKind::kInvalidArgument);
   EXPECT_EQ(resolve_threads(max_threads(), "t"), max_threads());
   EXPECT_GE(resolve_threads(0, "t"), 1);
@@ -642,7 +642,7 @@ TEST(Robustness, TokenErrorsNameIdAndPosition) {
   expect_cli_error(ev("' '"), {"--tokens", "empty item at position 0"});
   // Library: the same check, before any state changes.
   auto model = Model::load(pkg);
-  auto be = make_cpu_backend(1);
+  auto be = make_cpu_context(1);
   ExpertStore store(*model);
   Session s(*model, *be, store);
   const std::vector<int32_t> bad = {3, 4, -1};
@@ -672,7 +672,7 @@ TEST(Robustness, FlagErrors) {
                    {"--dtype: 'q3'"});
   // Library: a full context is refused before any state changes.
   auto model = Model::load(pkg);
-  auto be = make_cpu_backend(1);
+  auto be = make_cpu_context(1);
   ExpertStore store(*model);
   Session s(*model, *be, store, [] { SessionParams p; p.ctx = 4; return p; }());
   const std::vector<int32_t> toks = {1, 2, 3};
@@ -690,7 +690,7 @@ TEST(Robustness, ExpertFileShrinksAfterLoad) {
   TempDir tmp;
   const std::string dir = make_package(tmp / "p");
   auto model = Model::load(dir);
-  auto be = make_cpu_backend(1);
+  auto be = make_cpu_context(1);
   ExpertStore store(*model);
   Session s(*model, *be, store);
   // Inside expert 0 of MoE layer 1, so every expert of that layer is cut short: the error names
@@ -713,7 +713,7 @@ TEST(Robustness, OutOfMemoryIsAnError) {
 #ifdef MF_TEST_ASAN
   GTEST_SKIP() << "AddressSanitizer aborts on impossible allocations";
 #else
-  auto be = make_cpu_backend(1);
+  auto be = make_cpu_context(1);
   expect_error([&] { be->alloc(size_t(1) << 60); }, {"out of memory"}, ErrorKind::kOutOfMemory);
   // A context that cannot be allocated: an error, not a crash (before the fix: SIGSEGV).
   const CliResult r = run_cli(
@@ -922,7 +922,7 @@ TEST(RobustnessFuzz, ManifestMutations) {
   const std::string dir = make_package(tmp / "p");
   const std::string base_text = read_text_file(manifest_path(dir));
   const json base = json::parse(base_text);
-  auto be = make_cpu_backend(1);
+  auto be = make_cpu_context(1);
   const std::vector<int32_t> toks = {3, 1, 4};
   std::vector<float> logits(size_t(3) * 4096);
 

@@ -50,7 +50,7 @@ DeltaInputs random_delta_inputs(int T, const DeltaNetParams& p, bool with_state,
 }
 
 // Runs one form; returns out [T, nv*dv] followed by the final state.
-std::vector<float> run_delta(Backend& be, const DeltaInputs& in, int T, const DeltaNetParams& p,
+std::vector<float> run_delta(Context& be, const DeltaInputs& in, int T, const DeltaNetParams& p,
                              int chunk) {
   std::vector<float> state = in.state;
   std::vector<float> out(size_t(T) * p.v_heads * p.v_dim);
@@ -151,7 +151,7 @@ double float_bound(int T, const DeltaNetParams& p) {
 }
 
 TEST(DeltaNetRecurrence, MatchesADoubleReference) {
-  auto be = make_cpu_backend(2);
+  auto be = make_cpu_context(2);
   for (const DeltaNetParams& p : {DeltaNetParams{2, 4, 16, 16}, DeltaNetParams{1, 2, 32, 80},
                                   DeltaNetParams{2, 4, 128, 128}, DeltaNetParams{2, 2, 24, 40}}) {
     for (bool with_state : {false, true}) {
@@ -174,7 +174,7 @@ TEST(DeltaNetRecurrence, MatchesADoubleReference) {
 }
 
 TEST(DeltaNetChunked, MatchesTheRecurrence) {
-  auto be = make_cpu_backend(2);
+  auto be = make_cpu_context(2);
   struct Shape {
     DeltaNetParams p;
     int chunk;
@@ -218,10 +218,10 @@ TEST(DeltaNetChunked, MatchesTheRecurrence) {
 TEST(DeltaNetChunked, SameBitsForAnyThreadCount) {
   const DeltaNetParams p{2, 4, 32, 32};
   const DeltaInputs in = random_delta_inputs(150, p, true, 99);
-  auto be1 = make_cpu_backend(1);
+  auto be1 = make_cpu_context(1);
   const auto base = run_delta(*be1, in, 150, p, 64);
   for (int threads : {2, 3}) {
-    auto be = make_cpu_backend(threads);
+    auto be = make_cpu_context(threads);
     const auto r = run_delta(*be, in, 150, p, 64);
     EXPECT_EQ(0, std::memcmp(r.data(), base.data(), base.size() * sizeof(float))) << threads;
   }
@@ -231,13 +231,13 @@ TEST(DeltaNetChunked, SameBitsForAnyThreadCount) {
 
 struct Loaded {
   std::unique_ptr<Model> model;
-  std::unique_ptr<Backend> be;
+  std::unique_ptr<Context> be;
   std::unique_ptr<ExpertStore> store;
   std::unique_ptr<Session> session;
   explicit Loaded(const std::string& fixture, SessionParams sp = {},
                   std::shared_ptr<ExpertReader> reader = nullptr) {
     model = Model::load(converted_fixture(fixture));
-    be = make_cpu_backend(1);  // tiny models: a second thread only adds hand-offs
+    be = make_cpu_context(1);  // tiny models: a second thread only adds hand-offs
     ExpertStoreOptions o;
     o.reader = std::move(reader);
     store = std::make_unique<ExpertStore>(*model, o);
@@ -464,7 +464,7 @@ TEST(SeqRm, AFailedEvaluationIsNeverContinuedFrom) {
   o.cache_bytes = 0;  // every token reads
   o.reader = reader;
   ExpertStore store(*model, o);
-  auto be = make_cpu_backend(2);
+  auto be = make_cpu_context(2);
   Session s(*model, *be, store);
   const auto all = chunk_tokens("qwen3_5_moe");
   const int V = model->spec().vocab_size;

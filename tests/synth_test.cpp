@@ -342,7 +342,7 @@ Popularity measure_popularity(const std::string& pkg, int n_tokens) {
     for (int i = 0; i < T * k; i++) c[size_t(experts[i])]++;
   };
   ExpertStore store(*model);
-  auto be = make_cpu_backend(2);
+  auto be = make_cpu_context(2);
   Session session(*model, *be, store, sp);
   const auto toks = random_tokens(n_tokens, model->spec().vocab_size, 11);
   session.eval(toks.data(), int(toks.size()), nullptr, false);

@@ -52,7 +52,7 @@ const std::string& converted_fixture(const std::string& name) {
 RunResult run_tokens(const std::string& package, const std::vector<int32_t>& tokens, int threads,
                      bool want_hidden) {
   auto model = Model::load(package);
-  auto be = make_cpu_backend(threads);
+  auto be = make_cpu_context(threads);
   ExpertStore store(*model);
   Session s(*model, *be, store);
   RunResult r;

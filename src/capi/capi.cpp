@@ -17,6 +17,7 @@
 #include "util/thread_pool.h"
 
 struct mf_model {
+  moeflux::Device* device = nullptr;  // the process's device of the asked backend
   std::unique_ptr<moeflux::Model> model;
   std::unique_ptr<moeflux::ExpertStore> store;
   mf_model_params params;
@@ -25,7 +26,7 @@ struct mf_model {
 
 struct mf_session {
   mf_model* model = nullptr;
-  std::unique_ptr<moeflux::Backend> backend;
+  std::unique_ptr<moeflux::Context> backend;
   std::unique_ptr<moeflux::Session> session;
 };
 
@@ -217,11 +218,17 @@ int mf_model_load(const char* path, const mf_model_params* params, mf_model** ou
   return guarded([&]() -> int {
     const mf_model_params p = params ? *params : mf_model_default_params();
     const int backend = enum_value(p.backend), io = enum_value(p.io_engine);
-    if (backend == MF_BACKEND_CUDA)
-      return set_error(MF_ERR_UNSUPPORTED, "mf_model_load: this build has no CUDA backend");
-    if (backend != MF_BACKEND_CPU)
+    if (backend != MF_BACKEND_CPU && backend != MF_BACKEND_CUDA && backend != MF_BACKEND_AUTO)
       return set_error(MF_ERR_INVALID_ARGUMENT,
                        fmt::format("mf_model_load: unknown backend {}", backend));
+    moeflux::Device* device = nullptr;
+    try {
+      device = &moeflux::get_device(backend == MF_BACKEND_CPU    ? moeflux::BackendKind::kCpu
+                                    : backend == MF_BACKEND_CUDA ? moeflux::BackendKind::kCuda
+                                                                 : moeflux::BackendKind::kAuto);
+    } catch (const Error& e) {
+      return set_error(MF_ERR_UNSUPPORTED, std::string("mf_model_load: ") + e.what());
+    }
     if (p.threads < 0)
       return set_error(MF_ERR_INVALID_ARGUMENT,
                        fmt::format("mf_model_load: threads = {} is negative", p.threads));
@@ -238,6 +245,7 @@ int mf_model_load(const char* path, const mf_model_params* params, mf_model** ou
       return set_error(MF_ERR_INVALID_ARGUMENT,
                        fmt::format("mf_model_load: unknown io_engine {}", io));
     auto m = std::make_unique<mf_model>();
+    m->device = device;
     m->params = p;
     m->model = moeflux::Model::load(path);
     const int n_experts = m->model->spec().n_experts;
@@ -251,6 +259,7 @@ int mf_model_load(const char* path, const mf_model_params* params, mf_model** ou
     so.direct_io = p.direct_io;
     so.io = io_engine(io);
     so.prefetch = p.prefetch;
+    so.memory = &device->expert_memory();
     m->store = std::make_unique<moeflux::ExpertStore>(*m->model, so);
     m->fingerprint = moeflux::model_fingerprint(*m->model);
     *out = m.release();
@@ -331,8 +340,8 @@ int mf_session_new(mf_model* model, const mf_session_params* params, mf_session*
         p.deltanet_chunked_min >= 0 ? p.deltanet_chunked_min : defaults.deltanet_chunked_min_tokens;
     auto s = std::make_unique<mf_session>();
     s->model = model;
-    // Each session its own backend: the CPU backend's thread pool runs one job at a time.
-    s->backend = moeflux::make_cpu_backend(p.threads >= 0 ? p.threads : model->params.threads);
+    // Each session its own context (its queue; on the CPU its own thread pool).
+    s->backend = model->device->context(p.threads >= 0 ? p.threads : model->params.threads);
     s->session = std::make_unique<moeflux::Session>(*model->model, *s->backend, *model->store, sp);
     *out = s.release();
     return MF_OK;

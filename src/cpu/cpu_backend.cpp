@@ -1,8 +1,14 @@
 // CPU backend: f32 compute over f32/bf16/f16 and q8/q4/q2 weights. Work is split by output rows
 // (or heads), never inside a reduction, so results are bit-identical for any thread count.
+#include <sys/mman.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <numeric>
 #include <vector>
 
 #include "cpu/deltanet.h"
@@ -20,29 +26,33 @@ inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
 inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
 
-class CpuBackend final : public Backend {
+class CpuContext final : public Context {
  public:
-  explicit CpuBackend(int threads) : pool_(threads) {}
+  CpuContext(Device& device, int threads) : device_(device), pool_(threads) {}
 
-  const char* name() const override { return "cpu"; }
+  Device& device() override { return device_; }
   int threads() const override { return pool_.size(); }
 
-  float* alloc(size_t n) override {
-    void* p = std::calloc(std::max<size_t>(n, 1), sizeof(float));
-    if (!p) fail(ErrorKind::kOutOfMemory, "out of memory: cannot allocate {} floats ({} bytes)", n,
-                 n * sizeof(float));
-    return static_cast<float*>(p);
+  void* alloc_bytes(size_t bytes) override {
+    // calloc of whole 256-byte blocks, aligned: aligned_alloc does not zero, so memset.
+    const size_t n = (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
+    void* p = std::aligned_alloc(256, n);
+    if (!p) fail(ErrorKind::kOutOfMemory, "out of memory: cannot allocate {} bytes", bytes);
+    std::memset(p, 0, n);
+    return p;
   }
-  void release(float* p) override { std::free(p); }
-  void upload(float* dst, const float* host, size_t n) override {
-    std::memcpy(dst, host, n * sizeof(float));
+  void release(void* p) override { std::free(p); }
+  void upload_bytes(void* dst, const void* host, size_t bytes) override {
+    std::memcpy(dst, host, bytes);
   }
-  void download(float* host, const float* src, size_t n) override {
-    std::memcpy(host, src, n * sizeof(float));
+  void download_bytes_async(void* host, const void* src, size_t bytes) override {
+    std::memcpy(host, src, bytes);
   }
-  void copy(float* dst, const float* src, size_t n) override {
-    std::memmove(dst, src, n * sizeof(float));
+  void copy_bytes(void* dst, const void* src, size_t bytes) override {
+    std::memmove(dst, src, bytes);
   }
+  void sync() override {}
+  void set_pos(int pos) override { pos_ = pos; }
 
   void embed(const Mat& E, const int32_t* tokens, int T, float* out) override {
     for (int t = 0; t < T; t++) mat_row_f32(E, tokens[t], out + size_t(t) * E.cols);
@@ -68,8 +78,9 @@ class CpuBackend final : public Backend {
     }
   }
 
-  void rope(float* x, int T, int n_heads, int row_stride, int head_stride, int rot_dim, int pos0,
+  void rope(float* x, int T, int n_heads, int row_stride, int head_stride, int rot_dim,
             double theta) override {
+    const int pos0 = pos_;
     const int half = rot_dim / 2;
     std::vector<float> cs(static_cast<size_t>(half)), sn(static_cast<size_t>(half));
     for (int t = 0; t < T; t++) {
@@ -91,8 +102,13 @@ class CpuBackend final : public Backend {
     }
   }
 
-  void attention(const float* q, const float* k, const float* v, float* out, int T, int pos0,
+  void kv_append(float* cache, const float* src, int T, int row) override {
+    std::memcpy(cache + size_t(pos_) * row, src, size_t(T) * row * sizeof(float));
+  }
+
+  void attention(const float* q, const float* k, const float* v, float* out, int T,
                  const AttentionParams& p) override {
+    const int pos0 = pos_;
     const int group = p.n_heads / p.n_kv_heads, d = p.head_dim;
     pool_.parallel_for(int64_t(T) * p.n_heads, [&](int64_t i0, int64_t i1) {
       std::vector<float> sc;
@@ -197,33 +213,142 @@ class CpuBackend final : public Backend {
   void silu_mul(float* gate, const float* up, size_t n) override {
     for (size_t i = 0; i < n; i++) gate[i] = silu(gate[i]) * up[i];
   }
-  void gather_rows(const float* src, const int32_t* idx, int rows, int n, float* dst) override {
-    for (int r = 0; r < rows; r++)
-      std::memcpy(dst + size_t(r) * n, src + size_t(idx[r]) * n, size_t(n) * sizeof(float));
-  }
-  void scatter_rows_scaled(const float* src, const int32_t* idx, const float* scale, int rows,
-                           int n, float* dst) override {
-    for (int r = 0; r < rows; r++) {
-      float* d = dst + size_t(idx[r]) * n;
-      const float* s = src + size_t(r) * n;
-      for (int i = 0; i < n; i++) d[i] = s[i] * scale[r];
-    }
-  }
-  void sum_slots(const float* slots, int T, int k, int n, float* out) override {
+
+  void route(const float* logits, int T, const RouteParams& p, int32_t* ids,
+             float* weights) override {
+    const int E = p.n_experts, K = p.k;
+    std::vector<int> order(static_cast<size_t>(E));
+    std::vector<double> prob(static_cast<size_t>(E));
+    std::vector<float> score(static_cast<size_t>(E));
     for (int t = 0; t < T; t++) {
-      float* o = out + size_t(t) * n;
-      std::memcpy(o, slots + size_t(t) * k * n, size_t(n) * sizeof(float));
-      for (int j = 1; j < k; j++) add(o, slots + (size_t(t) * k + j) * n, size_t(n));
-    }
-  }
-  void scale_rows_sigmoid(float* y, const float* s, int T, int n) override {
-    for (int t = 0; t < T; t++) {
-      const float g = sigmoid(s[t]);
-      for (int i = 0; i < n; i++) y[size_t(t) * n + i] *= g;
+      const float* lg = logits + size_t(t) * E;
+      double sum = 0;
+      if (p.scoring == RouteScoring::kSoftmax) {
+        // Softmax in double; the order is the logits' (exp is monotonic).
+        float mx = -INFINITY;
+        for (int e = 0; e < E; e++) mx = std::max(mx, lg[e]);
+        for (int e = 0; e < E; e++) sum += (prob[size_t(e)] = std::exp(double(lg[e]) - mx));
+        for (int e = 0; e < E; e++) score[size_t(e)] = lg[e];
+      } else {
+        for (int e = 0; e < E; e++) {
+          prob[size_t(e)] = 1.0 / (1.0 + std::exp(-double(lg[e])));
+          score[size_t(e)] = float(prob[size_t(e)]) + (p.bias ? p.bias[e] : 0.0f);
+        }
+      }
+      // Best first, equal scores to the lower index, NaN last (a strict weak order).
+      std::iota(order.begin(), order.end(), 0);
+      std::partial_sort(order.begin(), order.begin() + K, order.end(), [&](int a, int b) {
+        const float sa = score[size_t(a)], sb = score[size_t(b)];
+        if (std::isnan(sa) || std::isnan(sb)) return std::isnan(sa) == std::isnan(sb) ? a < b
+                                                                                       : std::isnan(sb);
+        return sa != sb ? sa > sb : a < b;
+      });
+      double top = 0;
+      for (int j = 0; j < K; j++) top += prob[size_t(order[size_t(j)])];
+      for (int j = 0; j < K; j++) {
+        const int e = order[size_t(j)];
+        ids[size_t(t) * K + j] = e;
+        if (!weights) continue;
+        const double w = p.norm_topk_prob ? prob[size_t(e)] / top
+                         : p.scoring == RouteScoring::kSoftmax ? prob[size_t(e)] / sum
+                                                               : prob[size_t(e)];
+        weights[size_t(t) * K + j] = float(w) * p.scale;
+      }
     }
   }
 
-  size_t first_nonfinite(const float* x, size_t n) override {
+  void moe_experts(const float* xn, const int32_t* ids, const float* weights,
+                   ExpertSource& experts, const SharedExpert* shared, float* out,
+                   const MoeParams& p) override {
+    const int T = p.T, K = p.k, H = p.hidden, I = p.inter;
+    // The (token, choice) slots of each expert, in slot order.
+    std::vector<std::vector<int32_t>> slots_of(experts.size());
+    {
+      std::vector<int> req_of_id;
+      for (size_t i = 0; i < experts.size(); i++) {
+        const int e = experts.id(i);
+        if (size_t(e) >= req_of_id.size()) req_of_id.resize(size_t(e) + 1, -1);
+        req_of_id[size_t(e)] = int(i);
+      }
+      for (int s = 0; s < T * K; s++) {
+        const int e = ids[s];
+        MF_CHECK(e >= 0 && size_t(e) < req_of_id.size() && req_of_id[size_t(e)] >= 0);
+        slots_of[size_t(req_of_id[size_t(e)])].push_back(s);
+      }
+    }
+    float* slots = grow(moe_slots_, size_t(T) * K * H);
+    float* xe = grow(moe_x_, size_t(T) * H);
+    float* g = grow(moe_g_, size_t(T) * std::max(I, shared ? shared->inter : 0));
+    float* u = grow(moe_u_, size_t(T) * std::max(I, shared ? shared->inter : 0));
+    float* y = grow(moe_y_, size_t(T) * H);
+    std::vector<int32_t> rows;
+    std::vector<float> scale;
+    // Experts in arrival order; each writes only its own slots and the K slots of a token are
+    // added in a fixed order, so the result does not depend on the order they came in.
+    for (size_t done = 0; done < experts.size(); done++) {
+      const size_t i = experts.next();
+      const ExpertWeights& ew = experts.weights(i);
+      const std::vector<int32_t>& sl = slots_of[i];
+      const int n = int(sl.size());
+      rows.clear();
+      scale.clear();
+      for (int32_t s : sl) {
+        rows.push_back(s / K);
+        scale.push_back(weights[s]);
+      }
+      for (int r = 0; r < n; r++)
+        std::memcpy(xe + size_t(r) * H, xn + size_t(rows[size_t(r)]) * H, size_t(H) * sizeof(float));
+      matmul(ew.gate, xe, g, n);
+      matmul(ew.up, xe, u, n);
+      silu_mul(g, u, size_t(n) * I);
+      matmul(ew.down, g, y, n);
+      for (int r = 0; r < n; r++) {
+        float* d = slots + size_t(sl[size_t(r)]) * H;
+        const float* src = y + size_t(r) * H;
+        for (int c = 0; c < H; c++) d[c] = src[c] * scale[size_t(r)];
+      }
+    }
+    for (int t = 0; t < T; t++) {
+      float* o = out + size_t(t) * H;
+      std::memcpy(o, slots + size_t(t) * K * H, size_t(H) * sizeof(float));
+      for (int j = 1; j < K; j++) add(o, slots + (size_t(t) * K + j) * H, size_t(H));
+    }
+    if (shared && shared->gate && *shared->gate) {
+      const int S = shared->inter;
+      matmul(*shared->gate, xn, g, T);
+      matmul(*shared->up, xn, u, T);
+      silu_mul(g, u, size_t(T) * S);
+      matmul(*shared->down, g, y, T);
+      if (shared->router && *shared->router) {
+        float* sr = grow(moe_r_, size_t(T));
+        matmul(*shared->router, xn, sr, T);
+        for (int t = 0; t < T; t++) {
+          const float gt = sigmoid(sr[t]);
+          for (int c = 0; c < H; c++) y[size_t(t) * H + c] *= gt;
+        }
+      }
+      add(out, y, size_t(T) * H);
+    }
+  }
+
+  void check_finite(const float* x, size_t n, int tag) override {
+    if (nonfinite_) return;
+    const size_t i = first_nonfinite(x, n);
+    if (i == n) return;
+    nonfinite_ = true;
+    nonfinite_tag_ = tag;
+    nonfinite_index_ = i;
+  }
+  bool take_nonfinite(int* tag, size_t* index) override {
+    if (!nonfinite_) return false;
+    nonfinite_ = false;
+    if (tag) *tag = nonfinite_tag_;
+    if (index) *index = nonfinite_index_;
+    return true;
+  }
+
+ private:
+  static size_t first_nonfinite(const float* x, size_t n) {
     // NaN and Inf are the floats whose exponent bits are all set: then (u & kExp) + kExpLsb
     // carries into bit 31. Whole blocks OR that (integer and/add/or only, so -O2 vectorises it:
     // 3 GB/s on one loaded core, docs/2026-12-03-hostile-inputs.md); the block with a hit and
@@ -246,14 +371,69 @@ class CpuBackend final : public Backend {
     return n;
   }
 
- private:
+  // Scratch of moe_experts, grown on demand (its size is set by the first micro-batch).
+  static float* grow(std::vector<float>& v, size_t n) {
+    if (v.size() < n) v.resize(n);
+    return v.data();
+  }
+
+  Device& device_;
   ThreadPool pool_;
+  int pos_ = 0;
+  std::vector<float> moe_slots_, moe_x_, moe_g_, moe_u_, moe_y_, moe_r_;
+  bool nonfinite_ = false;
+  int nonfinite_tag_ = 0;
+  size_t nonfinite_index_ = 0;
+};
+
+// Expert slots in host memory: anonymous, committed page by page as slots fill (RSS follows
+// what is cached), on transparent huge pages where the kernel gives them.
+class HostExpertMemory final : public ExpertMemory {
+ public:
+  explicit HostExpertMemory(Device& device) : device_(device) {}
+  Device& device() override { return device_; }
+  uint8_t* alloc(size_t bytes) override {
+    void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED)
+      fail(ErrorKind::kOutOfMemory, "cannot reserve {} bytes of host memory for the expert "
+           "cache: {} (a smaller --expert-cache helps)", bytes, std::strerror(errno));
+    ::madvise(p, bytes, MADV_HUGEPAGE);  // fewer faults and TLB misses; advice only
+    return static_cast<uint8_t*>(p);
+  }
+  void release(uint8_t* p, size_t bytes) override {
+    if (p) ::munmap(p, bytes);
+  }
+  bool host_visible() const override { return true; }
+  void write(uint8_t* dst, const uint8_t* host, size_t n) override { std::memcpy(dst, host, n); }
+
+ private:
+  Device& device_;
+};
+
+// The CPU reads the package's memory directly: binding a model copies nothing.
+class CpuDevice final : public Device {
+ public:
+  const char* name() const override { return "cpu"; }
+  std::shared_ptr<const ModelWeights> bind(const Model& model) override {
+    return std::make_shared<const ModelWeights>(model.host_weights());
+  }
+  ExpertMemory& expert_memory() override { return memory_; }
+  std::unique_ptr<Context> context(int threads) override {
+    return std::make_unique<CpuContext>(*this, threads);
+  }
+
+ private:
+  HostExpertMemory memory_{*this};
 };
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cpu_backend(int threads) {
-  return std::make_unique<CpuBackend>(threads);
+Device& cpu_device() {
+  static CpuDevice device;
+  return device;
 }
+
+std::unique_ptr<Context> make_cpu_context(int threads) { return cpu_device().context(threads); }
 
 }  // namespace moeflux

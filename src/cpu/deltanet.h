@@ -17,14 +17,14 @@
 
 namespace moeflux {
 
-// Heads [h0, h1) of the gated delta rule, token by token (the recurrence; Backend::deltanet).
+// Heads [h0, h1) of the gated delta rule, token by token (the recurrence; Context::deltanet).
 // Per element the same operations in the same order as the plain loop over S (decay, S^T k,
 // rank-1 update, S^T q, no FMA), so decode and prefill give the same bits; the passes are fused
 // per block of columns so S is read from L2 once per token instead of four times.
 void deltanet_recurrent_heads(const float* qkv, const float* g, const float* beta, float* state,
                               float* out, int T, int nk, int nv, int dk, int dv, int h0, int h1);
 
-// Heads [h0, h1) of the gated delta rule, chunked. Layout as Backend::deltanet: qkv [T, C] with
+// Heads [h0, h1) of the gated delta rule, chunked. Layout as Context::deltanet: qkv [T, C] with
 // C = 2*nk*dk + nv*dv (q heads | k heads | v heads), g/beta [T, nv], state [nv, dk, dv] updated,
 // out [T, nv*dv]. q and k are L2-normalised per head here and q scaled by 1/sqrt(dk), exactly
 // as the recurrence does (same l2norm). PRECONDITIONS: chunk >= 1, nv % nk == 0.

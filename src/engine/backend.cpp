@@ -2,6 +2,10 @@
 
 #include "util/error.h"
 
+#ifdef MOEFLUX_HAVE_CUDA
+#include "cuda/cuda_device.h"
+#endif
+
 namespace moeflux {
 
 BackendKind parse_backend_kind(const std::string& text, const std::string& what) {
@@ -21,15 +25,28 @@ const char* backend_kind_name(BackendKind kind) {
 }
 
 BackendKind resolve_backend_kind(BackendKind kind) {
+#ifdef MOEFLUX_HAVE_CUDA
+  if (kind == BackendKind::kCuda) {
+    cuda_device();  // throws one line: no GPU, no driver, ...
+    return kind;
+  }
+  if (kind == BackendKind::kAuto) return cuda_usable(nullptr) ? BackendKind::kCuda : BackendKind::kCpu;
+  return kind;
+#else
   if (kind == BackendKind::kCuda)
     fail(ErrorKind::kUnsupported,
-         "backend cuda: this build of moeflux has no CUDA backend yet; use --backend cpu (or auto)");
-  return BackendKind::kCpu;  // auto: the only backend built
+         "backend cuda: this build of moeflux has no CUDA backend (built without nvcc); use "
+         "--backend cpu (or auto)");
+  return BackendKind::kCpu;
+#endif
 }
 
-std::unique_ptr<Backend> make_backend(BackendKind kind, int threads) {
-  resolve_backend_kind(kind);
-  return make_cpu_backend(threads);
+Device& get_device(BackendKind kind) {
+  kind = resolve_backend_kind(kind);
+#ifdef MOEFLUX_HAVE_CUDA
+  if (kind == BackendKind::kCuda) return cuda_device();
+#endif
+  return cpu_device();
 }
 
 }  // namespace moeflux

@@ -1,11 +1,18 @@
-// The backend boundary (DESIGN.md §3): every numeric operation of the forward pass. The
-// engine (engine/forward.cpp) holds no arithmetic of its own; a backend owns the memory that
-// activations and state live in (host RAM for CPU, device memory for CUDA) and implements
-// these ops. CPU and CUDA implement the same signatures so tests can compare them op by op.
+// The backend boundary (DESIGN.md §3; docs/2026-12-03-backend-boundary.md): every numeric
+// operation of the forward pass, in two parts.
 //
-// Conventions: activations are row-major f32 `[T, n]` (T tokens); pointers marked "backend
-// memory" come from Backend::alloc. Weights (Mat, const float*) point into the package mapping
-// or into expert buffers from the ExpertStore.
+//  * Device: one per process, shared by every session, C API model and server slot. It binds a
+//    loaded Model once (its resident weights as the device's ops read them, in the LayerWeights
+//    shape), provides the memory expert-cache slots live in, and makes Contexts.
+//  * Context: one per session (one per thread using it). Its queue (CUDA: a stream), the
+//    memory it hands out (KV, recurrent state, checkpoints, the session's workspace), the
+//    current position, and the ops. Ops run in the order they are called; on a device backend
+//    they are queued and return at once, and only download(), sync() and take_nonfinite()
+//    wait.
+//
+// Conventions: activations are row-major f32 `[T, n]` (T tokens). "Context memory" is memory
+// from Context::alloc; weights (Mat, const float*) come from Device::bind or from expert slots
+// in Device::expert_memory(). Nothing an op reads or writes is host memory unless it says so.
 // Determinism: every op computes each output element in one fixed order whatever the thread
 // count, and each op gives the same bits for a token whether it runs alone or in a batch.
 #pragma once
@@ -19,6 +26,9 @@
 
 namespace moeflux {
 
+class Context;
+class Device;
+
 struct AttentionParams {
   int n_heads, n_kv_heads, head_dim;
   int q_stride;       // floats between consecutive tokens' q rows
@@ -31,35 +41,137 @@ struct DeltaNetParams {
   int k_heads, v_heads, k_dim, v_dim;
 };
 
-class Backend {
+// How router logits become expert choices.
+enum class RouteScoring : uint8_t {
+  kSoftmax,  // p = softmax(logits) over all experts; top-k of p
+  kSigmoid,  // p = sigmoid(logits); top-k of p + bias (bias only chooses, DeepSeek-V3)
+};
+
+struct RouteParams {
+  int n_experts = 0, k = 0;
+  RouteScoring scoring = RouteScoring::kSoftmax;
+  bool norm_topk_prob = true;   // weights = p / sum of the k chosen p (else p as is)
+  const float* bias = nullptr;  // kSigmoid: [n_experts] selection bias (device memory) or null
+  float scale = 1.0f;           // weights *= scale (routed_scaling_factor)
+};
+
+struct MoeParams {
+  int T = 0, k = 0;       // tokens, experts per token
+  int hidden = 0, inter = 0;
+};
+
+// The shared expert of a MoE layer (Qwen2-MoE style): y = sigmoid(router·x) · down(silu(gate
+// x) * up x), added to the routed sum. Null mats: no shared expert.
+struct SharedExpert {
+  const Mat* gate = nullptr;
+  const Mat* up = nullptr;
+  const Mat* down = nullptr;
+  const Mat* router = nullptr;  // [1, hidden] f32, or null: no gate
+  int inter = 0;
+};
+
+// The routed experts one MoE layer needs for a micro-batch, as they become readable by the
+// device (ExpertBatch adapts to it): the op takes them in arrival order, so compute on the
+// first overlaps the reads of the rest.
+class ExpertSource {
  public:
-  virtual ~Backend() = default;
+  virtual ~ExpertSource() = default;
+  virtual size_t size() const = 0;    // distinct experts
+  virtual int id(size_t i) const = 0;  // expert id of request i
+  // The next request to become readable (each index once); blocks until then; throws Error
+  // if its read failed.
+  virtual size_t next() = 0;
+  virtual const ExpertWeights& weights(size_t i) const = 0;  // after next() returned i
+};
+
+// Memory for the ExpertStore's cache slots, provided by the device: host memory (transparent
+// huge pages) on the CPU, device memory on CUDA. Expert files are read into host-visible
+// memory directly; into other memory through a host staging buffer and write().
+class ExpertMemory {
+ public:
+  virtual ~ExpertMemory() = default;
+  virtual Device& device() = 0;  // whose ops read it
+  // `bytes` of slot memory (committed as it is first written where the device allows);
+  // throws Error kOutOfMemory saying what was asked and what is free.
+  virtual uint8_t* alloc(size_t bytes) = 0;
+  virtual void release(uint8_t* p, size_t bytes) = 0;
+  virtual bool host_visible() const = 0;
+  // Copies n bytes of host memory into slot memory; complete when it returns.
+  virtual void write(uint8_t* dst, const uint8_t* host, size_t n) = 0;
+};
+
+class Device {
+ public:
+  virtual ~Device() = default;
   virtual const char* name() const = 0;
+  // The model's weights as this device's ops read them: made once per Model and shared by
+  // every caller while any holds it (CPU: views of the Model's own memory, nothing copied;
+  // CUDA: uploaded once). The Model must outlive the returned weights. Thread-safe.
+  virtual std::shared_ptr<const ModelWeights> bind(const Model& model) = 0;
+  virtual ExpertMemory& expert_memory() = 0;
+  // A new context; `threads` CPU threads for its ops (0: one per core).
+  virtual std::unique_ptr<Context> context(int threads) = 0;
+};
+
+class Context {
+ public:
+  virtual ~Context() = default;
+  virtual Device& device() = 0;
+  const char* name() { return device().name(); }
   virtual int threads() const = 0;
 
-  // Memory.
-  virtual float* alloc(size_t n) = 0;  // n floats, zeroed
-  virtual void release(float* p) = 0;
-  virtual void upload(float* dst, const float* host, size_t n) = 0;
-  virtual void download(float* host, const float* src, size_t n) = 0;
-  virtual void copy(float* dst, const float* src, size_t n) = 0;
+  // ---- Memory and copies ------------------------------------------------------------------
+  // `bytes` of context memory, zeroed, aligned to 256 bytes; Error kOutOfMemory when there is
+  // not that much (the message says what is free).
+  virtual void* alloc_bytes(size_t bytes) = 0;
+  virtual void release(void* p) = 0;
+  // Queued; `host` may be reused as soon as upload returns.
+  virtual void upload_bytes(void* dst, const void* host, size_t bytes) = 0;
+  // Queued; `host` holds the data once sync() returns.
+  virtual void download_bytes_async(void* host, const void* src, size_t bytes) = 0;
+  // Queued context-to-context copy (regions may overlap).
+  virtual void copy_bytes(void* dst, const void* src, size_t bytes) = 0;
+  // Waits for everything queued so far.
+  virtual void sync() = 0;
 
-  // out[t] = E[tokens[t]]                                  out: [T, E.cols]
+  float* alloc(size_t n) { return static_cast<float*>(alloc_bytes(n * sizeof(float))); }
+  void upload(float* dst, const float* host, size_t n) {
+    upload_bytes(dst, host, n * sizeof(float));
+  }
+  void download(void* host, const void* src, size_t bytes) {
+    download_bytes_async(host, src, bytes);
+    sync();
+  }
+  void download(float* host, const float* src, size_t n) {
+    download(static_cast<void*>(host), static_cast<const void*>(src), n * sizeof(float));
+  }
+  void copy(float* dst, const float* src, size_t n) { copy_bytes(dst, src, n * sizeof(float)); }
+
+  // ---- Position ---------------------------------------------------------------------------
+  // The position of the first token of the ops that follow (rope, kv_append, attention). Queued
+  // like an op (CUDA: written to device memory in stream order), so a captured decode graph
+  // reads the position of each replay.
+  virtual void set_pos(int pos) = 0;
+
+  // ---- Ops --------------------------------------------------------------------------------
+  // out[t] = E[tokens[t]]; tokens in context memory.            out: [T, E.cols]
   virtual void embed(const Mat& E, const int32_t* tokens, int T, float* out) = 0;
-  // y[t, r] = sum_c W[r, c] * x[t, c]                      x: [T, W.cols]  y: [T, W.rows]
+  // y[t, r] = sum_c W[r, c] * x[t, c]                            x: [T, W.cols]  y: [T, W.rows]
   virtual void matmul(const Mat& W, const float* x, float* y, int T) = 0;
   // For each of `rows` rows of n floats at `stride`: y = x * rsqrt(mean(x^2) + eps) * w
   // (w null: no weight, 1). x == y allowed; floats between rows are not written.
   virtual void rmsnorm(const float* x, const float* w, float* y, int rows, int n, int stride,
                        float eps) = 0;
   // rotate-half RoPE on the first rot_dim dims of each head; x [T, row_stride], heads of
-  // head_dim at head_stride; token t sits at position pos0 + t.
+  // head_dim at head_stride; token t sits at position pos + t.
   virtual void rope(float* x, int T, int n_heads, int row_stride, int head_stride, int rot_dim,
-                    int pos0, double theta) = 0;
-  // Causal attention of T queries at positions pos0.. over cache positions [0, pos0 + t].
+                    double theta) = 0;
+  // cache[pos + t] = src[t] for rows of `row` floats.
+  virtual void kv_append(float* cache, const float* src, int T, int row) = 0;
+  // Causal attention of T queries at positions pos.. over cache positions [0, pos + t].
   // k, v: [ctx, kv_stride]; out: [T, n_heads * head_dim].
   virtual void attention(const float* q, const float* k, const float* v, float* out, int T,
-                         int pos0, const AttentionParams& p) = 0;
+                         const AttentionParams& p) = 0;
   // out[t, h*d + i] *= sigmoid(gate[t * gate_stride + h * gate_head_stride + i]).
   virtual void mul_sigmoid_gate(float* out, const float* gate, int T, int n_heads, int d,
                                 int gate_stride, int gate_head_stride) = 0;
@@ -91,33 +203,47 @@ class Backend {
   virtual void add(float* y, const float* x, size_t n) = 0;
   // gate = silu(gate) * up, n floats.
   virtual void silu_mul(float* gate, const float* up, size_t n) = 0;
-  // dst[i] = src[idx[i]] rows of n floats (idx in host memory).
-  virtual void gather_rows(const float* src, const int32_t* idx, int rows, int n, float* dst) = 0;
-  // dst[idx[i]] = src[i] * scale[i] rows of n floats (idx, scale in host memory).
-  virtual void scatter_rows_scaled(const float* src, const int32_t* idx, const float* scale,
-                                   int rows, int n, float* dst) = 0;
-  // out[t] = sum_j slots[t * k + j] for j = 0..k-1, in that order.       slots: [T*k, n]
-  virtual void sum_slots(const float* slots, int T, int k, int n, float* out) = 0;
-  // y[t] *= sigmoid(s[t]) for rows of n.                                   s: [T]
-  virtual void scale_rows_sigmoid(float* y, const float* s, int T, int n) = 0;
 
-  // Checks. The index of the first NaN/Inf among x[0..n), or n when all are finite. Read-only
-  // and cheap (one pass, no arithmetic on the values): the engine runs it on the residual
-  // stream after every layer.
-  virtual size_t first_nonfinite(const float* x, size_t n) = 0;
+  // Router: logits [T, n_experts] -> ids [T, k] (int32, best first; equal scores go to the
+  // lower index; NaN scores last) and weights [T, k] (null: ids only, e.g. for prefetch).
+  // Softmax probabilities are computed in double and rounded once.
+  virtual void route(const float* logits, int T, const RouteParams& p, int32_t* ids,
+                     float* weights) = 0;
+  // The routed experts of a MoE layer over T tokens, shaped like ggml's mul_mat_id: for every
+  // (token t, choice j), slot[t, j] = weights[t, j] * down(silu(gate x_t) * up x_t) with the
+  // weights of expert ids[t, j] from `experts` (which holds every id in ids); then
+  // out[t] = sum over j = 0..k-1, in that order, plus the shared expert's gated output when
+  // `shared` is given. xn, ids, weights, out: context memory. The result does not depend on
+  // the order experts arrive in.
+  virtual void moe_experts(const float* xn, const int32_t* ids, const float* weights,
+                           ExpertSource& experts, const SharedExpert* shared, float* out,
+                           const MoeParams& p) = 0;
+
+  // ---- Checks -----------------------------------------------------------------------------
+  // Notes the first NaN/Inf among x[0..n) under `tag` unless one is already noted (read-only,
+  // one pass; the engine runs it on the residual stream after every layer). Queued: the
+  // result is read by take_nonfinite, once per evaluation, so no op waits for it.
+  virtual void check_finite(const float* x, size_t n, int tag) = 0;
+  // Waits; true (with the first noted tag and index) when check_finite found a NaN/Inf since
+  // the last call, which clears it.
+  virtual bool take_nonfinite(int* tag, size_t* index) = 0;
 };
 
-std::unique_ptr<Backend> make_cpu_backend(int threads);
+// The CPU device (a process-wide one: it holds nothing a context needs but the model views).
+Device& cpu_device();
+// A context of the CPU device with `threads` threads (0: one per core).
+std::unique_ptr<Context> make_cpu_context(int threads);
 
 // Which backend a front end asked for (--backend, mf_model_params::backend).
 enum class BackendKind { kAuto, kCpu, kCuda };
 // Parses "auto", "cpu", "cuda"; an error names `what` (the flag) and the choices.
 BackendKind parse_backend_kind(const std::string& text, const std::string& what);
 const char* backend_kind_name(BackendKind kind);
-// Fails with one clear line when `kind` cannot run here (this build has no CUDA backend yet);
-// kAuto resolves to what runs. Front ends call it before loading anything.
+// Fails with one clear line when `kind` cannot run here (no CUDA in this build, no GPU, no
+// driver); kAuto resolves to CUDA when a GPU is usable, else the CPU. Front ends call it before
+// loading anything.
 BackendKind resolve_backend_kind(BackendKind kind);
-// The backend of `kind` (resolved) with `threads` CPU threads (0: one per core).
-std::unique_ptr<Backend> make_backend(BackendKind kind, int threads);
+// The process's device of `kind` (resolved): made on first use, shared afterwards.
+Device& get_device(BackendKind kind);
 
 }  // namespace moeflux

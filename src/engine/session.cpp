@@ -10,15 +10,13 @@
 
 namespace moeflux {
 
-namespace {
-// Scratch slots; each op's temporaries get a fixed slot so buffers are reused across layers.
-enum Slot : size_t {
-  kX, kXn, kAttnOut, kFfnOut, kA, kB, kC, kD, kE, kF, kG, kHost, kSlots, kNumSlots
-};
-}  // namespace
-
-Session::Session(const Model& model, Backend& backend, ExpertStore& store, SessionParams params)
-    : model_(model), spec_(model.spec()), be_(backend), store_(store) {
+Session::Session(const Model& model, Context& context, ExpertStore& store, SessionParams params)
+    : model_(model),
+      spec_(model.spec()),
+      be_(context),
+      weights_(context.device().bind(model)),
+      w_(*weights_),
+      store_(store) {
   ctx_ = params.ctx > 0 ? params.ctx : std::min(spec_.ctx_train > 0 ? spec_.ctx_train : 4096, 4096);
   const ModelSpec& s = spec_;
   if (params.ctx < 0) fail(ErrorKind::kInvalidArgument, "context size {} is negative", params.ctx);
@@ -40,6 +38,9 @@ Session::Session(const Model& model, Backend& backend, ExpertStore& store, Sessi
   if (params.ubatch < 1)
     fail(ErrorKind::kInvalidArgument, "micro-batch size (ubatch) {} < 1", params.ubatch);
   ubatch_ = params.ubatch;
+  if (&store.memory() != &context.device().expert_memory())
+    fail(ErrorKind::kInvalidArgument, "the expert store keeps its experts in another device's "
+         "memory than the session's ({})", context.name());
   max_checkpoints_ = params.checkpoints;
   checkpoint_interval_ = params.checkpoint_interval;
   chunked_min_ = params.deltanet_chunked_min_tokens;
@@ -60,14 +61,14 @@ Session::Session(const Model& model, Backend& backend, ExpertStore& store, Sessi
       state_a_n_.push_back(na);
       state_b_n_.push_back(nb);
     }
+    alloc_workspace();
   } catch (...) {
     // The destructor does not run for a throwing constructor: give back what was allocated.
     for (float* p : state_a_) be_.release(p);
     for (float* p : state_b_) be_.release(p);
+    release_workspace();
     throw;
   }
-  scratch_.assign(kNumSlots, nullptr);
-  scratch_n_.assign(kNumSlots, 0);
   predicted_.resize(size_t(s.n_moe_layers()));
 }
 
@@ -75,7 +76,7 @@ Session::~Session() {
   for (Checkpoint& c : checkpoints_) release(c);
   for (float* p : state_a_) be_.release(p);
   for (float* p : state_b_) be_.release(p);
-  for (float* p : scratch_) if (p) be_.release(p);
+  release_workspace();
 }
 
 void Session::clear() {
@@ -98,13 +99,62 @@ void Session::zero_linear_state() {
   }
 }
 
-float* Session::buf(size_t slot, size_t n) {
-  if (scratch_n_[slot] < n) {
-    if (scratch_[slot]) be_.release(scratch_[slot]);
-    scratch_[slot] = be_.alloc(n);
-    scratch_n_[slot] = n;
+void Session::alloc_workspace() {
+  const ModelSpec& s = spec_;
+  const size_t U = size_t(ubatch_cap_ = std::min(ubatch_, ctx_)), H = size_t(s.hidden_size);
+  const size_t K = size_t(top_k_), E = size_t(s.n_experts);
+  bool full = false, linear = false, moe = false, dense = false;
+  for (int l = 0; l < s.n_layers; l++) {
+    (s.attn[size_t(l)] == AttnKind::kFull ? full : linear) = true;
+    (s.ffn[size_t(l)] == FfnKind::kMoe ? moe : dense) = true;
   }
-  return scratch_[slot];
+  auto f = [&](size_t n) {
+    ws_blocks_.push_back(be_.alloc(n));
+    return static_cast<float*>(ws_blocks_.back());
+  };
+  auto i32 = [&](size_t n) {
+    ws_blocks_.push_back(be_.alloc_bytes(n * sizeof(int32_t)));
+    return static_cast<int32_t*>(ws_blocks_.back());
+  };
+  Workspace& w = ws_;
+  w.tokens = i32(U);
+  w.x = f(U * H);
+  w.xn = f(U * H);
+  w.mix = f(U * H);
+  if (full) {
+    const size_t kvd = size_t(s.n_kv_heads) * s.head_dim;
+    w.q = f(U * size_t(s.q_rows()));
+    w.k = f(U * kvd);
+    w.v = f(U * kvd);
+    w.o = f(U * size_t(s.n_heads) * s.head_dim);
+  }
+  if (linear) {
+    const size_t C = size_t(s.lin_qkv_dim()), vd = size_t(s.lin_value_dim());
+    w.qkv = f(U * C);
+    w.conv = f(U * C);
+    w.z = f(U * vd);
+    w.core = f(U * vd);
+    w.la = f(U * size_t(s.lin_v_heads));
+    w.lb = f(U * size_t(s.lin_v_heads));
+  }
+  if (moe) {
+    w.router = f(U * E);
+    w.ids = i32(U * K);
+    w.weights = f(U * K);
+    w.xp = f(U * H);
+    w.ids_next = i32(U * K);
+  }
+  if (dense) {
+    w.g = f(U * size_t(s.dense_ffn));
+    w.u = f(U * size_t(s.dense_ffn));
+  }
+  w.logits = f(std::min<size_t>(U, kLogitRows) * size_t(s.vocab_size));
+}
+
+void Session::release_workspace() {
+  for (void* p : ws_blocks_) be_.release(p);
+  ws_blocks_.clear();
+  ws_ = Workspace{};
 }
 
 void Session::validate_tokens(const int32_t* tokens, int T) const {
@@ -166,10 +216,9 @@ void Session::forward(const int32_t* tokens, int T, float* logits, bool all_logi
   const ModelSpec& s = spec_;
   const int H = s.hidden_size;
   const size_t TH = size_t(T) * H;
-  float* x = buf(kX, TH);
-  float* xn = buf(kXn, TH);
-  float* attn_out = buf(kAttnOut, TH);
-  float* ffn_out = buf(kFfnOut, TH);
+  MF_CHECK(T <= ubatch_cap_);
+  float* x = ws_.x;
+  float* xn = ws_.xn;
   std::vector<float> host;
   auto emit = [&](int index, const float* v) {
     if (!hidden) return;
@@ -178,193 +227,159 @@ void Session::forward(const int32_t* tokens, int T, float* logits, bool all_logi
     hidden(index, host.data(), T);
   };
 
-  be_.embed(model_.embed, tokens, T, x);
-  check_finite(-1, x, T);
+  be_.set_pos(pos_);
+  be_.upload_bytes(ws_.tokens, tokens, size_t(T) * sizeof(int32_t));
+  be_.embed(w_.embed, ws_.tokens, T, x);
+  be_.check_finite(x, TH, -1);
   for (int l = 0; l < s.n_layers; l++) {
     emit(l, x);
-    const LayerWeights& w = model_.layers[size_t(l)];
+    const LayerWeights& w = w_.layers[size_t(l)];
     be_.rmsnorm(x, w.attn_norm, xn, T, H, H, s.rms_eps);
-    if (w.attn == AttnKind::kFull) full_attention(l, xn, attn_out, T);
-    else linear_attention(l, xn, attn_out, T);
-    be_.add(x, attn_out, TH);
+    if (w.attn == AttnKind::kFull) full_attention(l, T);
+    else linear_attention(l, T);
+    be_.add(x, ws_.mix, TH);
     be_.rmsnorm(x, w.ffn_norm, xn, T, H, H, s.rms_eps);
-    if (w.ffn == FfnKind::kMoe) moe(l, x, xn, ffn_out, T);
-    else dense_ffn(l, xn, ffn_out, T);
-    be_.add(x, ffn_out, TH);
-    check_finite(l, x, T);
+    if (w.ffn == FfnKind::kMoe) moe(l, T);
+    else dense_ffn(l, T);
+    be_.add(x, ws_.mix, TH);
+    be_.check_finite(x, TH, l);
   }
-  be_.rmsnorm(x, model_.final_norm, xn, T, H, H, s.rms_eps);
+  be_.rmsnorm(x, w_.final_norm, xn, T, H, H, s.rms_eps);
   emit(s.n_layers, xn);
-  pos_ += T;
-  tokens_.insert(tokens_.end(), tokens, tokens + T);
   if (logits) {
+    // The lm_head kLogitRows rows at a time (each row's bits do not depend on the batch).
     const int rows = all_logits ? T : 1;
     const float* src = all_logits ? xn : xn + size_t(T - 1) * H;
-    float* out = buf(kA, size_t(rows) * s.vocab_size);
-    be_.matmul(model_.lm_head, src, out, rows);
-    be_.download(logits, out, size_t(rows) * s.vocab_size);
+    const size_t V = size_t(s.vocab_size);
+    for (int r0 = 0; r0 < rows; r0 += kLogitRows) {
+      const int n = std::min(kLogitRows, rows - r0);
+      be_.matmul(w_.lm_head, src + size_t(r0) * H, ws_.logits, n);
+      be_.download_bytes_async(logits + size_t(r0) * V, ws_.logits, size_t(n) * V * sizeof(float));
+      if (r0 + n < rows) be_.sync();  // before the next piece overwrites ws_.logits
+    }
   }
+  raise_nonfinite();  // waits for the queue
+  pos_ += T;
+  tokens_.insert(tokens_.end(), tokens, tokens + T);
 }
 
 // NaN/Inf in the residual stream never heals (every later layer adds to it) and turns every
-// logit into NaN; stop at the first layer that makes one, naming it. Cost: one read of [T, H]
-// per layer, next to the layer's weight reads (docs/2026-12-03-hostile-inputs.md).
-void Session::check_finite(int l, const float* x, int T) {
-  const size_t H = size_t(spec_.hidden_size), n = size_t(T) * H;
-  const size_t i = be_.first_nonfinite(x, n);
-  if (i == n) return;
+// logit into NaN; the evaluation fails naming the first layer that made one. Cost: one read of
+// [T, H] per layer, next to the layer's weight reads (docs/2026-12-03-hostile-inputs.md).
+void Session::raise_nonfinite() {
+  int l = 0;
+  size_t i = 0;
+  if (!be_.take_nonfinite(&l, &i)) return;
+  const size_t H = size_t(spec_.hidden_size);
   const std::string what =
       l < 0 ? std::string("the token embedding (before layer 0)") : fmt::format("layer {}", l);
   fail(ErrorKind::kNumeric, "{} produced NaN/Inf at position {} (package resident weights "
        "corrupt?)", what, pos_ + int(i / H));
 }
 
-void Session::full_attention(int l, const float* xn, float* out, int T) {
+void Session::full_attention(int l, int T) {
   const ModelSpec& s = spec_;
-  const LayerWeights& w = model_.layers[size_t(l)];
+  const LayerWeights& w = w_.layers[size_t(l)];
   const int hd = s.head_dim, nh = s.n_heads, nkv = s.n_kv_heads;
   const int kvd = nkv * hd, q_rows = s.q_rows(), qhs = s.attn_output_gate ? 2 * hd : hd;
-  float* q = buf(kA, size_t(T) * q_rows);  // [T, nh * (hd | 2hd)]
-  float* k = buf(kB, size_t(T) * kvd);
-  float* v = buf(kC, size_t(T) * kvd);
-  float* o = buf(kD, size_t(T) * nh * hd);
-  be_.matmul(w.q, xn, q, T);
-  be_.matmul(w.k, xn, k, T);
-  be_.matmul(w.v, xn, v, T);
+  float *q = ws_.q, *k = ws_.k, *v = ws_.v, *o = ws_.o;
+  be_.matmul(w.q, ws_.xn, q, T);
+  be_.matmul(w.k, ws_.xn, k, T);
+  be_.matmul(w.v, ws_.xn, v, T);
   if (w.q_norm) be_.rmsnorm(q, w.q_norm, q, T * nh, hd, qhs, s.rms_eps);
   if (w.k_norm) be_.rmsnorm(k, w.k_norm, k, T * nkv, hd, hd, s.rms_eps);
   if (s.rope_dim > 0) {
-    be_.rope(q, T, nh, q_rows, qhs, s.rope_dim, pos_, s.rope_theta);
-    be_.rope(k, T, nkv, kvd, hd, s.rope_dim, pos_, s.rope_theta);
+    be_.rope(q, T, nh, q_rows, qhs, s.rope_dim, s.rope_theta);
+    be_.rope(k, T, nkv, kvd, hd, s.rope_dim, s.rope_theta);
   }
   float* kc = state_a_[size_t(l)];
   float* vc = state_b_[size_t(l)];
-  be_.copy(kc + size_t(pos_) * kvd, k, size_t(T) * kvd);
-  be_.copy(vc + size_t(pos_) * kvd, v, size_t(T) * kvd);
+  be_.kv_append(kc, k, T, kvd);
+  be_.kv_append(vc, v, T, kvd);
   AttentionParams p{nh, nkv, hd, q_rows, qhs, kvd, 1.0f / std::sqrt(float(hd))};
-  be_.attention(q, kc, vc, o, T, pos_, p);
+  be_.attention(q, kc, vc, o, T, p);
   if (s.attn_output_gate) be_.mul_sigmoid_gate(o, q + hd, T, nh, hd, q_rows, qhs);
-  be_.matmul(w.o, o, out, T);
+  be_.matmul(w.o, o, ws_.mix, T);
 }
 
-void Session::linear_attention(int l, const float* xn, float* out, int T) {
+void Session::linear_attention(int l, int T) {
   const ModelSpec& s = spec_;
-  const LayerWeights& w = model_.layers[size_t(l)];
-  const int C = s.lin_qkv_dim(), vd = s.lin_value_dim(), nv = s.lin_v_heads;
-  float* qkv = buf(kA, size_t(T) * C);
-  float* z = buf(kB, size_t(T) * vd);
-  float* b = buf(kC, size_t(T) * nv);
-  float* a = buf(kD, size_t(T) * nv);
-  float* conv = buf(kE, size_t(T) * C);
-  float* core = buf(kF, size_t(T) * vd);
-  be_.matmul(w.lin_qkv, xn, qkv, T);
-  be_.matmul(w.lin_z, xn, z, T);
-  be_.matmul(w.lin_b, xn, b, T);
-  be_.matmul(w.lin_a, xn, a, T);
-  be_.conv1d_silu(qkv, state_a_[size_t(l)], w.conv, conv, T, C, s.conv_kernel);
-  be_.deltanet_gates(a, b, w.A_log, w.dt_bias, T, nv);
+  const LayerWeights& w = w_.layers[size_t(l)];
+  const int C = s.lin_qkv_dim(), nv = s.lin_v_heads;
+  be_.matmul(w.lin_qkv, ws_.xn, ws_.qkv, T);
+  be_.matmul(w.lin_z, ws_.xn, ws_.z, T);
+  be_.matmul(w.lin_b, ws_.xn, ws_.lb, T);
+  be_.matmul(w.lin_a, ws_.xn, ws_.la, T);
+  be_.conv1d_silu(ws_.qkv, state_a_[size_t(l)], w.conv, ws_.conv, T, C, s.conv_kernel);
+  be_.deltanet_gates(ws_.la, ws_.lb, w.A_log, w.dt_bias, T, nv);
   DeltaNetParams p{s.lin_k_heads, nv, s.lin_k_dim, s.lin_v_dim};
   if (chunked_min_ > 0 && T >= chunked_min_)
-    be_.deltanet_chunked(conv, a, b, state_b_[size_t(l)], core, T, p, chunk_);
+    be_.deltanet_chunked(ws_.conv, ws_.la, ws_.lb, state_b_[size_t(l)], ws_.core, T, p, chunk_);
   else
-    be_.deltanet(conv, a, b, state_b_[size_t(l)], core, T, p);
-  be_.gated_rmsnorm(core, z, w.lin_norm, T * nv, s.lin_v_dim, s.rms_eps);
-  be_.matmul(w.lin_out, core, out, T);
+    be_.deltanet(ws_.conv, ws_.la, ws_.lb, state_b_[size_t(l)], ws_.core, T, p);
+  be_.gated_rmsnorm(ws_.core, ws_.z, w.lin_norm, T * nv, s.lin_v_dim, s.rms_eps);
+  be_.matmul(w.lin_out, ws_.core, ws_.mix, T);
 }
 
-void Session::moe(int l, const float* x, const float* xn, float* out, int T) {
+namespace {
+// An ExpertBatch as the context's moe_experts takes it.
+class BatchSource final : public ExpertSource {
+ public:
+  BatchSource(ExpertBatch& batch, const std::vector<int>& ids) : batch_(batch), ids_(ids) {}
+  size_t size() const override { return ids_.size(); }
+  int id(size_t i) const override { return ids_[i]; }
+  size_t next() override { return batch_.next(); }
+  const ExpertWeights& weights(size_t i) const override { return batch_.weights(i); }
+
+ private:
+  ExpertBatch& batch_;
+  const std::vector<int>& ids_;
+};
+}  // namespace
+
+void Session::moe(int l, int T) {
   const ModelSpec& s = spec_;
-  const LayerWeights& w = model_.layers[size_t(l)];
-  const int H = s.hidden_size, E = s.n_experts, K = top_k_, I = s.moe_ffn;
+  const LayerWeights& w = w_.layers[size_t(l)];
+  const int E = s.n_experts, K = top_k_;
 
-  // Routing on the host: softmax over all experts, top-k (ties to the lower index),
-  // renormalised over the k when norm_topk_prob.
-  float* rl = buf(kA, size_t(T) * E);
-  be_.matmul(w.router, xn, rl, T);
-  std::vector<float> logits(size_t(T) * E);
-  be_.download(logits.data(), rl, logits.size());
-  std::vector<int> sel(size_t(T) * K);
-  std::vector<float> wts(size_t(T) * K);
-  std::vector<int> order(static_cast<size_t>(E));
-  std::vector<double> prob(static_cast<size_t>(E));
-  for (int t = 0; t < T; t++) {
-    const float* lg = logits.data() + size_t(t) * E;
-    const float mx = *std::max_element(lg, lg + E);
-    double sum = 0;
-    for (int e = 0; e < E; e++) sum += (prob[size_t(e)] = std::exp(double(lg[e]) - mx));
-    std::iota(order.begin(), order.end(), 0);
-    std::partial_sort(order.begin(), order.begin() + K, order.end(), [&](int a, int b) {
-      return lg[a] != lg[b] ? lg[a] > lg[b] : a < b;
-    });
-    double top = 0;
-    for (int j = 0; j < K; j++) top += prob[size_t(order[size_t(j)])];
-    for (int j = 0; j < K; j++) {
-      const int e = order[size_t(j)];
-      sel[size_t(t) * K + j] = e;
-      wts[size_t(t) * K + j] =
-          float(s.norm_topk_prob ? prob[size_t(e)] / top : prob[size_t(e)] / sum);
-    }
-  }
-
+  be_.matmul(w.router, ws_.xn, ws_.router, T);
+  RouteParams rp;
+  rp.n_experts = E;
+  rp.k = K;
+  rp.norm_topk_prob = s.norm_topk_prob;
+  be_.route(ws_.router, T, rp, ws_.ids, ws_.weights);
+  // Only the chosen ids cross to the host, for the store.
+  std::vector<int32_t> sel(size_t(T) * K);
+  be_.download(sel.data(), ws_.ids, sel.size() * sizeof(int32_t));
   if (on_route_) on_route_(l, T, K, sel.data());
 
-  // Group by expert so each routed expert is fetched once and applied to all its tokens.
-  std::vector<std::vector<int>> slots_of(static_cast<size_t>(E));
-  for (int i = 0; i < T * K; i++) slots_of[size_t(sel[size_t(i)])].push_back(i);
+  std::vector<char> chosen(static_cast<size_t>(E), 0);
+  for (int32_t e : sel) chosen[size_t(e)] = 1;
   std::vector<int> used;
   for (int e = 0; e < E; e++)
-    if (!slots_of[size_t(e)].empty()) used.push_back(e);
+    if (chosen[size_t(e)]) used.push_back(e);
   auto batch = store_.fetch(w.moe_index, used);
   score_prediction(w.moe_index, used);
   // While this layer's experts arrive: guess the next MoE layer's and start reading them.
-  if (store_.options().prefetch) prefetch_next(l, x, T);
+  if (store_.options().prefetch) prefetch_next(l, T);
 
-  // Experts in arrival order; each writes only its own slots and sum_slots adds the K slots of
-  // a token in a fixed order, so the result does not depend on the order they came in.
-  float* slots = buf(kSlots, size_t(T) * K * H);
-  float* xe = buf(kB, size_t(T) * H);
-  float* g = buf(kC, size_t(T) * I);
-  float* u = buf(kD, size_t(T) * I);
-  float* y = buf(kE, size_t(T) * H);
-  std::vector<int32_t> rows, dst;
-  std::vector<float> scale;
-  for (size_t done = 0; done < used.size(); done++) {
-    const size_t i = batch->next();
-    const ExpertWeights& ew = batch->weights(i);
-    const auto& sl = slots_of[size_t(used[i])];
-    const int n = int(sl.size());
-    rows.clear();
-    dst.clear();
-    scale.clear();
-    for (int slot : sl) {
-      rows.push_back(slot / K);
-      dst.push_back(slot);
-      scale.push_back(wts[size_t(slot)]);
-    }
-    be_.gather_rows(xn, rows.data(), n, H, xe);
-    be_.matmul(ew.gate, xe, g, n);
-    be_.matmul(ew.up, xe, u, n);
-    be_.silu_mul(g, u, size_t(n) * I);
-    be_.matmul(ew.down, g, y, n);
-    be_.scatter_rows_scaled(y, dst.data(), scale.data(), n, H, slots);
-  }
-  batch.reset();  // unpins this layer's experts
-  be_.sum_slots(slots, T, K, H, out);
-
+  BatchSource src(*batch, used);
+  SharedExpert shared;
   if (s.shared_ffn > 0) {
-    const int S = s.shared_ffn;
-    float* sg = buf(kC, size_t(T) * S);
-    float* su = buf(kD, size_t(T) * S);
-    float* sy = buf(kE, size_t(T) * H);
-    float* sr = buf(kF, size_t(T));
-    be_.matmul(w.sh_gate, xn, sg, T);
-    be_.matmul(w.sh_up, xn, su, T);
-    be_.silu_mul(sg, su, size_t(T) * S);
-    be_.matmul(w.sh_down, sg, sy, T);
-    be_.matmul(w.sh_router, xn, sr, T);
-    be_.scale_rows_sigmoid(sy, sr, T, H);
-    be_.add(out, sy, size_t(T) * H);
+    shared.gate = &w.sh_gate;
+    shared.up = &w.sh_up;
+    shared.down = &w.sh_down;
+    shared.router = &w.sh_router;
+    shared.inter = s.shared_ffn;
   }
+  MoeParams mp;
+  mp.T = T;
+  mp.k = K;
+  mp.hidden = s.hidden_size;
+  mp.inter = s.moe_ffn;
+  be_.moe_experts(ws_.xn, ws_.ids, ws_.weights, src, s.shared_ffn > 0 ? &shared : nullptr,
+                  ws_.mix, mp);
+  be_.sync();  // the experts' memory is read before the batch unpins it
 }
 
 void Session::score_prediction(int moe_index, const std::vector<int>& used) {
@@ -376,32 +391,26 @@ void Session::score_prediction(int moe_index, const std::vector<int>& used) {
   pred.clear();
 }
 
-void Session::prefetch_next(int l, const float* x, int T) {
+void Session::prefetch_next(int l, int T) {
   const ModelSpec& s = spec_;
   int nl = l + 1;
-  while (nl < s.n_layers && model_.layers[size_t(nl)].ffn != FfnKind::kMoe) nl++;
+  while (nl < s.n_layers && w_.layers[size_t(nl)].ffn != FfnKind::kMoe) nl++;
   if (nl >= s.n_layers) return;
   // Layer nl's router applied to the residual stream as it stands (after layer l's attention),
   // normed with layer nl's FFN norm: the input layer nl's router will see, minus what layers
   // l..nl-1 still add.
-  const LayerWeights& w = model_.layers[size_t(nl)];
+  const LayerWeights& w = w_.layers[size_t(nl)];
   const int H = s.hidden_size, E = s.n_experts, K = top_k_;
-  float* xp = buf(kG, size_t(T) * H);
-  be_.rmsnorm(x, w.ffn_norm, xp, T, H, H, s.rms_eps);
-  float* rl = buf(kF, size_t(T) * E);
-  be_.matmul(w.router, xp, rl, T);
-  std::vector<float> logits(size_t(T) * E);
-  be_.download(logits.data(), rl, logits.size());
+  be_.rmsnorm(ws_.x, w.ffn_norm, ws_.xp, T, H, H, s.rms_eps);
+  be_.matmul(w.router, ws_.xp, ws_.router, T);
+  RouteParams rp;
+  rp.n_experts = E;
+  rp.k = K;
+  be_.route(ws_.router, T, rp, ws_.ids_next, nullptr);
+  std::vector<int32_t> guess(size_t(T) * K);
+  be_.download(guess.data(), ws_.ids_next, guess.size() * sizeof(int32_t));
   std::vector<char> want(static_cast<size_t>(E), 0);
-  std::vector<int> order(static_cast<size_t>(E));
-  for (int t = 0; t < T; t++) {
-    const float* lg = logits.data() + size_t(t) * E;
-    std::iota(order.begin(), order.end(), 0);
-    std::partial_sort(order.begin(), order.begin() + K, order.end(), [&](int a, int b) {
-      return lg[a] != lg[b] ? lg[a] > lg[b] : a < b;
-    });
-    for (int j = 0; j < K; j++) want[size_t(order[size_t(j)])] = 1;
-  }
+  for (int32_t e : guess) want[size_t(e)] = 1;
   auto& pred = predicted_[size_t(w.moe_index)];
   pred.clear();
   for (int e = 0; e < E; e++)
@@ -409,15 +418,13 @@ void Session::prefetch_next(int l, const float* x, int T) {
   store_.prefetch(w.moe_index, pred);
 }
 
-void Session::dense_ffn(int l, const float* xn, float* out, int T) {
-  const LayerWeights& w = model_.layers[size_t(l)];
+void Session::dense_ffn(int l, int T) {
+  const LayerWeights& w = w_.layers[size_t(l)];
   const int I = spec_.dense_ffn;
-  float* g = buf(kC, size_t(T) * I);
-  float* u = buf(kD, size_t(T) * I);
-  be_.matmul(w.ffn_gate, xn, g, T);
-  be_.matmul(w.ffn_up, xn, u, T);
-  be_.silu_mul(g, u, size_t(T) * I);
-  be_.matmul(w.ffn_down, g, out, T);
+  be_.matmul(w.ffn_gate, ws_.xn, ws_.g, T);
+  be_.matmul(w.ffn_up, ws_.xn, ws_.u, T);
+  be_.silu_mul(ws_.g, ws_.u, size_t(T) * I);
+  be_.matmul(w.ffn_down, ws_.g, ws_.mix, T);
 }
 
 // ---- memory: checkpoints, seq_rm ------------------------------------------------------------

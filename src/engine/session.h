@@ -31,7 +31,7 @@ struct SessionParams {
   int checkpoints = 4;
   int checkpoint_interval = 256;
   // Gated DeltaNet: evals of at least this many tokens use the chunked form
-  // (Backend::deltanet_chunked, `deltanet_chunk` tokens a chunk), which is NOT bit-identical to
+  // (Context::deltanet_chunked, `deltanet_chunk` tokens a chunk), which is NOT bit-identical to
   // the token-by-token recurrence; 0 = always the recurrence (prefill == decode bit for bit).
   // The default is what measured faster on the CPU (docs/2026-11-26-sessions-capi.md).
   int deltanet_chunked_min_tokens = 0;
@@ -78,7 +78,9 @@ using HiddenSink = std::function<void(int index, const float* h, int T)>;
 
 class Session {
  public:
-  Session(const Model& model, Backend& backend, ExpertStore& store, SessionParams params = {});
+  // `context` runs the session's ops (one session per context at a time) and binds the model on
+  // its device; `store` must hold its experts in that device's expert memory.
+  Session(const Model& model, Context& context, ExpertStore& store, SessionParams params = {});
   ~Session();
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;
@@ -131,16 +133,48 @@ class Session {
   uint64_t fingerprint() const { return fingerprint_; }
 
  private:
-  float* buf(size_t slot, size_t n);
-  // Throws kNumeric naming layer l (-1: the embedding) and the position when x [T, H] holds
-  // a NaN/Inf.
-  void check_finite(int l, const float* x, int T);
-  void full_attention(int l, const float* xn, float* out, int T);
-  void linear_attention(int l, const float* xn, float* out, int T);
-  void moe(int l, const float* x, const float* xn, float* out, int T);
-  void prefetch_next(int l, const float* x, int T);
+  // The workspace: context memory sized once from the spec and the micro-batch U, at fixed
+  // addresses (a captured decode graph replays over them). Shapes per micro-batch of T <= U.
+  struct Workspace {
+    int32_t* tokens = nullptr;  // [U]
+    float* x = nullptr;         // [U, H] residual stream
+    float* xn = nullptr;        // [U, H] normed input of the current block
+    float* mix = nullptr;       // [U, H] attention / FFN output, added to x
+    // full attention
+    float* q = nullptr;  // [U, q_rows] (per head: head_dim queries, then head_dim gates)
+    float* k = nullptr;  // [U, kv_dim]
+    float* v = nullptr;  // [U, kv_dim]
+    float* o = nullptr;  // [U, n_heads * head_dim]
+    // linear attention (Gated DeltaNet)
+    float* qkv = nullptr;   // [U, C] projections
+    float* conv = nullptr;  // [U, C] after conv1d + SiLU
+    float* z = nullptr;     // [U, v_heads * v_dim] output gate
+    float* core = nullptr;  // [U, v_heads * v_dim] delta-rule output
+    float* la = nullptr;    // [U, v_heads] a -> g
+    float* lb = nullptr;    // [U, v_heads] b -> beta
+    // MoE
+    float* router = nullptr;      // [U, E] logits
+    int32_t* ids = nullptr;       // [U, k] chosen experts, best first
+    float* weights = nullptr;     // [U, k]
+    float* xp = nullptr;          // [U, H] prefetch: x normed for the next MoE layer
+    int32_t* ids_next = nullptr;  // [U, k] prefetch: its router's guess
+    // dense FFN
+    float* g = nullptr;  // [U, dense_ffn]
+    float* u = nullptr;  // [U, dense_ffn]
+    float* logits = nullptr;  // [kLogitRows, V]
+  };
+  static constexpr int kLogitRows = 64;  // all-logits evals run the lm_head this many rows at a time
+  void alloc_workspace();
+  void release_workspace();
+  void full_attention(int l, int T);
+  void linear_attention(int l, int T);
+  void moe(int l, int T);
+  void prefetch_next(int l, int T);
   void score_prediction(int moe_index, const std::vector<int>& used);
-  void dense_ffn(int l, const float* xn, float* out, int T);
+  void dense_ffn(int l, int T);
+  // Throws kNumeric naming the first layer (-1: the embedding) and position where the residual
+  // stream held a NaN/Inf in the evaluation just run, if any.
+  void raise_nonfinite();
   void forward(const int32_t* tokens, int T, float* logits, bool all_logits,
                const HiddenSink& hidden);
   void forward_ubatched(const int32_t* tokens, int T, float* logits, bool all_logits,
@@ -151,7 +185,7 @@ class Session {
   void zero_linear_state();
   void check_snapshot(const uint8_t* src, size_t n) const;
 
-  // A copy of every linear layer's conv (a) and recurrent (b) state at position `pos`, backend
+  // A copy of every linear layer's conv (a) and recurrent (b) state at position `pos`, context
   // memory, indexed like state_a_/state_b_ (null for full-attention layers).
   struct Checkpoint {
     int pos = 0;
@@ -161,18 +195,20 @@ class Session {
 
   const Model& model_;
   const ModelSpec& spec_;
-  Backend& be_;
+  Context& be_;
+  std::shared_ptr<const ModelWeights> weights_;  // bound on be_'s device
+  const ModelWeights& w_;
   ExpertStore& store_;
   int ctx_ = 0, pos_ = 0;
   int top_k_ = 0;  // routed experts per token
   std::function<void(int, int, int, const int*)> on_route_;
-  // state, backend memory: per layer either K and V caches [ctx, kv_dim] or conv state
+  // state, context memory: per layer either K and V caches [ctx, kv_dim] or conv state
   // [K-1, qkv_dim] and recurrent state [v_heads, k_dim, v_dim]
   std::vector<float*> state_a_, state_b_;
   std::vector<size_t> state_a_n_, state_b_n_;
-  // scratch, backend memory, grown on demand
-  std::vector<float*> scratch_;
-  std::vector<size_t> scratch_n_;
+  int ubatch_cap_ = 0;  // U: the workspace's micro-batch
+  Workspace ws_;
+  std::vector<void*> ws_blocks_;
   // prefetch: the experts predicted for each MoE layer (sorted), scored at its next fetch
   std::vector<std::vector<int>> predicted_;
   // memory: token history [pos], checkpoints (oldest first), session settings

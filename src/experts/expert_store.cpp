@@ -25,6 +25,7 @@
 
 #include <fmt/format.h>
 
+#include "engine/backend.h"
 #include "util/error.h"
 #include "util/progress.h"
 
@@ -366,13 +367,22 @@ struct ExpertStore::Impl {
   std::vector<int> slot_of;  // key -> slot or -1
   int lru_head = -1, lru_tail = -1;
   std::vector<int> free_slots;
-  // private buffers of batches, reused
+  // private buffers of batches (expert memory), reused
   std::vector<uint8_t*> spare;
+  // Expert memory the device reads (ExpertMemory): files are read into it directly when it is
+  // host-visible, else into host staging buffers and copied in (staging under its own lock).
+  ExpertMemory* memory = nullptr;
+  std::mutex staging_mu;
+  std::vector<uint8_t*> staging;
   int reads_in_flight = 0;
   // stats
   std::vector<ExpertLayerStats> stats;
 
-  Impl(const Model& m, ExpertStoreOptions o) : model(m), layout(m.manifest().experts), opt(std::move(o)) {}
+  Impl(const Model& m, ExpertStoreOptions o)
+      : model(m),
+        layout(m.manifest().experts),
+        opt(std::move(o)),
+        memory(opt.memory ? opt.memory : &cpu_device().expert_memory()) {}
 
   uint8_t* slot_mem(int s) const { return arena + size_t(s) * layout.stride; }
 
@@ -425,18 +435,48 @@ struct ExpertStore::Impl {
       spare.pop_back();
       return p;
     }
+    if (!memory->host_visible()) return memory->alloc(layout.stride);
+    return host_buffer();
+  }
+  uint8_t* host_buffer() const {
     void* p = std::aligned_alloc(kFileAlign, layout.stride);
     if (!p)
       fail(ErrorKind::kOutOfMemory, "out of memory for an expert buffer of {} bytes",
            layout.stride);
     return static_cast<uint8_t*>(p);
   }
+  void free_spare(uint8_t* p) {
+    if (memory->host_visible()) std::free(p);
+    else memory->release(p, layout.stride);
+  }
 
   // Starts the read of expert `e` of layer `li` into `dst`; `finish` runs under mu.
   void start_read(int li, int e, uint8_t* dst, std::function<void(const std::string&)> finish) {
     reads_in_flight++;
-    Job job{li, uint64_t(e) * layout.stride, read_len, dst,
-            [this, li, finish = std::move(finish)](const std::string& err, double secs) {
+    // Not host-visible: read into a staging buffer, copied into dst before the read counts as
+    // done (dst is pinned and not ready until then, so nothing reads it meanwhile).
+    uint8_t* stage = nullptr;
+    if (!memory->host_visible()) {
+      std::lock_guard<std::mutex> g(staging_mu);
+      if (!staging.empty()) {
+        stage = staging.back();
+        staging.pop_back();
+      }
+    }
+    if (!memory->host_visible() && !stage) stage = host_buffer();
+    Job job{li, uint64_t(e) * layout.stride, read_len, stage ? stage : dst,
+            [this, li, dst, stage, finish = std::move(finish)](std::string err, double secs) {
+              if (stage) {
+                if (err.empty()) {
+                  try {
+                    memory->write(dst, stage, layout.bytes);
+                  } catch (const std::exception& ex) {
+                    err = ex.what();
+                  }
+                }
+                std::lock_guard<std::mutex> g(staging_mu);
+                staging.push_back(stage);
+              }
               // Notified under the lock: the store's destructor may run as soon as it is released.
               std::lock_guard<std::mutex> g(mu);
               ExpertLayerStats& st = stats[size_t(li)];
@@ -551,15 +591,8 @@ ExpertStore::ExpertStore(const Model& model, ExpertStoreOptions options)
     budget = std::min(budget, all);
     const size_t n_slots = L.stride ? size_t(budget / L.stride) : 0;
     if (n_slots) {
-      // Anonymous memory is committed page by page as slots fill: RSS follows what is cached.
+      m.arena = m.memory->alloc(n_slots * L.stride);
       m.arena_bytes = n_slots * L.stride;
-      void* p = ::mmap(nullptr, m.arena_bytes, PROT_READ | PROT_WRITE,
-                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-      if (p == MAP_FAILED)
-        fail(ErrorKind::kOutOfMemory, "cannot reserve {} for the expert cache: {}",
-             format_bytes(m.arena_bytes), std::strerror(errno));
-      ::madvise(p, m.arena_bytes, MADV_HUGEPAGE);  // fewer faults and TLB misses; advice only
-      m.arena = static_cast<uint8_t*>(p);
     }
     m.slots.resize(n_slots);
     for (size_t s = n_slots; s-- > 0;) m.free_slots.push_back(int(s));
@@ -579,11 +612,13 @@ ExpertStore::~ExpertStore() {
     m.cv.wait(g, [&] { return m.reads_in_flight == 0; });
   }
   m.queue.reset();
-  for (uint8_t* p : m.spare) std::free(p);
-  if (m.arena) ::munmap(m.arena, m.arena_bytes);
+  for (uint8_t* p : m.spare) m.free_spare(p);
+  for (uint8_t* p : m.staging) std::free(p);
+  if (m.arena) m.memory->release(m.arena, m.arena_bytes);
   for (int f : m.fds) ::close(f);
 }
 
+ExpertMemory& ExpertStore::memory() const { return *impl_->memory; }
 uint64_t ExpertStore::expert_bytes() const { return impl_->layout.bytes; }
 uint64_t ExpertStore::expert_stride() const { return impl_->layout.stride; }
 int ExpertStore::n_layers() const { return int(impl_->layout.layers.size()); }

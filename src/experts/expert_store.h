@@ -25,9 +25,7 @@
 
 namespace moeflux {
 
-struct ExpertWeights {
-  Mat gate, up, down;  // [I, H], [I, H], [H, I]
-};
+class ExpertMemory;
 
 // Reads bytes of an expert file. The store's readers call it from several threads at once.
 // Implementations throw Error on failure (tests inject faults through this).
@@ -54,6 +52,9 @@ struct ExpertStoreOptions {
   // Tests: with io_uring, the ring reports an error once this many reads have completed, as
   // a failed io_uring_wait_cqe would (-1: never).
   int uring_fault_after = -1;
+  // Where cache slots live: the memory of the device the sessions run on
+  // (Device::expert_memory()); null: host memory (the CPU device's).
+  ExpertMemory* memory = nullptr;
 };
 
 // Per MoE layer (and summed): what the store did.
@@ -109,6 +110,7 @@ class ExpertStore {
   void drop_cache();
 
   const ExpertStoreOptions& options() const { return opt_; }
+  ExpertMemory& memory() const;    // where the cache slots live
   uint64_t expert_bytes() const;   // used bytes of one expert
   uint64_t expert_stride() const;  // bytes one expert occupies in the cache and in the file
   int n_layers() const;            // MoE layers

@@ -52,6 +52,19 @@ struct LayerWeights {
   Mat ffn_gate, ffn_up, ffn_down;
 };
 
+// The weights of one routed expert.
+struct ExpertWeights {
+  Mat gate, up, down;  // [I, H], [I, H], [H, I]
+};
+
+// A model's resident weights as a device's ops read them (Device::bind): on the CPU, views of
+// the Model's own memory; on a GPU, device copies.
+struct ModelWeights {
+  Mat embed, lm_head;  // lm_head aliases embed when tied
+  const float* final_norm = nullptr;
+  std::vector<LayerWeights> layers;
+};
+
 class Model {
  public:
   // Reads and validates the package; throws Error naming the file/tensor/field.
@@ -74,6 +87,9 @@ class Model {
   void check_resident() const;
   // The open expert file of MoE layer i (index into manifest().experts.layers).
   int expert_fd(size_t i) const { return expert_fds_.at(i); }
+
+  // The resident weights as views of this Model's memory (what the CPU device binds).
+  ModelWeights host_weights() const { return {embed, lm_head, final_norm, layers}; }
 
   const ModelSpec& spec() const { return manifest_.spec; }
   const Manifest& manifest() const { return manifest_; }

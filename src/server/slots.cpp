@@ -55,7 +55,7 @@ SlotPool::SlotPool(const Model& model, ExpertStore& store, int n_slots, int thre
   for (int i = 0; i < n_slots; i++) {
     auto s = std::make_unique<Slot>();
     s->id = i;
-    s->backend = make_cpu_backend(threads);
+    s->backend = store.memory().device().context(threads);  // the device the store serves
     s->session = std::make_unique<Session>(model, *s->backend, store, params);
     s->vocab_size = model.spec().vocab_size;
     slots_.push_back(std::move(s));

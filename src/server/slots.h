@@ -39,7 +39,7 @@ namespace moeflux::server {
 
 struct Slot {
   int id = 0;
-  std::unique_ptr<Backend> backend;
+  std::unique_ptr<Context> backend;
   std::unique_ptr<Session> session;
   int vocab_size = 0;  // the model's
   uint64_t last_used = 0;

@@ -57,7 +57,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   moeflux::write_text_file(path, std::string(reinterpret_cast<const char*>(data), size));
   try {
     auto model = moeflux::Model::load(g_dir);
-    static auto backend = moeflux::make_cpu_backend(1);
+    static auto backend = moeflux::make_cpu_context(1);
     moeflux::ExpertStore store(*model);
     moeflux::Session session(*model, *backend, store, moeflux::SessionParams{8});
     const int V = model->spec().vocab_size;

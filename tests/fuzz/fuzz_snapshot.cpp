@@ -31,7 +31,7 @@ namespace {
 
 std::string g_dir;
 std::unique_ptr<moeflux::Model> g_model;
-std::unique_ptr<moeflux::Backend> g_backend;
+std::unique_ptr<moeflux::Context> g_backend;
 std::unique_ptr<moeflux::ExpertStore> g_store;
 std::unique_ptr<moeflux::Session> g_session;
 std::vector<uint8_t> g_good;  // the session's snapshot, which every refused input must leave
@@ -52,7 +52,7 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
   opt.progress = false;
   moeflux::convert_checkpoint(std::string(MOEFLUX_TEST_DATA) + "/qwen3_5_moe", g_dir, opt);
   g_model = moeflux::Model::load(g_dir);
-  g_backend = moeflux::make_cpu_backend(1);
+  g_backend = moeflux::make_cpu_context(1);
   g_store = std::make_unique<moeflux::ExpertStore>(*g_model);
   moeflux::SessionParams sp;
   sp.ctx = 16;

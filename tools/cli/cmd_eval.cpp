@@ -36,7 +36,7 @@ int cmd_eval(const ModelOptions& ro, const std::string& tokens_str, const std::s
   if (!dump.empty()) check_output_file(dump, "--dump-logits", force, ro.model);
   Loaded L = open_model(ro);
   const Model* model = L.model.get();
-  Backend* backend = L.backend.get();
+  Context* backend = L.backend.get();
   ExpertStore& store = *L.store;
   const ModelSpec& s = model->spec();
   SessionParams sp = session_params(ro);

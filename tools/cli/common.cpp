@@ -79,7 +79,9 @@ Loaded open_model(const ModelOptions& o_in) {
   const uint64_t all = ex.stride * uint64_t(ex.count) * ex.layers.size();
   so.cache_bytes = o.expert_cache == "auto" ? default_cache_bytes(*l.model)
                                             : parse_cache_size(o.expert_cache, all, "--expert-cache");
-  l.backend = make_backend(backend, o.threads);
+  Device& device = get_device(backend);
+  so.memory = &device.expert_memory();
+  l.backend = device.context(o.threads);
   l.store = std::make_unique<ExpertStore>(*l.model, so);
   return l;
 }

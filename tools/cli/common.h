@@ -38,7 +38,7 @@ void add_model_options(CLI::App* app, ModelOptions& o, bool model_required = tru
 
 struct Loaded {
   std::unique_ptr<Model> model;
-  std::unique_ptr<Backend> backend;
+  std::unique_ptr<Context> backend;
   std::unique_ptr<ExpertStore> store;
 };
 
