@@ -50,6 +50,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using server::ApiError;
+using server::api_error_of;
 using server::Json;
 using Clock = std::chrono::steady_clock;
 
@@ -254,6 +255,27 @@ TEST(ServerApi, ErrorAndSseShapes) {
   EXPECT_TRUE(u["choices"].empty());
   EXPECT_EQ(u["usage"]["total_tokens"], 13);
   EXPECT_EQ(u["usage"]["prompt_tokens_details"]["cached_tokens"], 4);
+}
+
+// Engine errors raised while serving: the client's (400), memory (503, retry), NaN/Inf from the
+// model (500 naming it), anything else 500; each with its machine-readable code.
+TEST(ServerApi, EngineErrorsGetTheirStatus) {
+  const struct {
+    ErrorKind kind;
+    int status;
+    const char* code;
+  } cases[] = {{ErrorKind::kInvalidArgument, 400, ""},
+               {ErrorKind::kOutOfMemory, 503, "out_of_memory"},
+               {ErrorKind::kNumeric, 500, "numeric_error"},
+               {ErrorKind::kIo, 500, ""},
+               {ErrorKind::kInternal, 500, ""}};
+  for (const auto& c : cases) {
+    const ApiError e = api_error_of(Error(c.kind, "layer 3 produced NaN/Inf at position 7"));
+    EXPECT_EQ(e.status, c.status);
+    EXPECT_EQ(e.code, c.code);
+    EXPECT_EQ(e.type, c.status >= 500 ? "server_error" : "invalid_request_error");
+    EXPECT_STREQ(e.what(), "layer 3 produced NaN/Inf at position 7");
+  }
 }
 
 TEST(ServerApi, ReasoningSplitter) {

@@ -94,37 +94,30 @@ int null_arg(const char* fn, const char* what) noexcept {
   }
 }
 
-// Checks the tokens and the context the way Session::eval does, with the C API's finer codes.
-int check_tokens(mf_session* s, const int32_t* tokens, size_t n, const char* fn) {
-  const moeflux::Session& ss = *s->session;
-  const int vocab = s->model->model->spec().vocab_size;
-  for (size_t i = 0; i < n; i++)
-    if (tokens[i] < 0 || tokens[i] >= vocab)
-      return set_error(MF_ERR_BAD_TOKEN,
-                       fmt::format("{}: token id {} at position {} is out of range [0, {})", fn,
-                                   tokens[i], uint64_t(ss.pos()) + i, vocab));
-  if (n > uint64_t(ss.ctx() - ss.pos()))
-    return set_error(MF_ERR_CONTEXT_FULL,
-                     fmt::format("{}: context full: {} tokens at position {} exceed the context "
-                                 "of {} positions",
-                                 fn, n, ss.pos(), ss.ctx()));
-  if (!ss.valid())
-    return set_error(MF_ERR_STATE_INVALID,
-                     fmt::format("{}: the session's state is invalid (an evaluation failed "
-                                 "midway); clear it, rewind it or load a snapshot",
-                                 fn));
-  return MF_OK;
-}
-
 int eval(mf_session* s, const int32_t* tokens, size_t n, float* logits, const char* fn) {
   if (!s) return null_arg(fn, "session");
   if (!tokens) return null_arg(fn, "tokens");
   return guarded([&]() -> int {
     if (n == 0) return set_error(MF_ERR_INVALID_ARGUMENT, std::string(fn) + ": no tokens (n = 0)");
-    if (int rc = check_tokens(s, tokens, n, fn)) return rc;
-    // Past the checks a failure is one inside the forward pass (an expert read, memory); the
+    const moeflux::Session& ss = *s->session;
+    if (n > uint64_t(ss.ctx() - ss.pos()))  // also keeps n within int
+      return set_error(MF_ERR_CONTEXT_FULL,
+                       fmt::format("{}: context full: {} tokens at position {} exceed the "
+                                   "context of {} positions",
+                                   fn, n, ss.pos(), ss.ctx()));
+    // The session checks the ids, the context and its state before changing anything; past
+    // those a failure is one inside the forward pass (an expert read, memory, NaN), and the
     // session then refuses further evaluation (MF_ERR_STATE_INVALID) until reset.
-    s->session->eval(tokens, int(n), logits, false);
+    try {
+      s->session->eval(tokens, int(n), logits, false);
+    } catch (const moeflux::EvalError& e) {
+      using R = moeflux::EvalError;
+      const int code = e.reason() == R::kBadToken       ? MF_ERR_BAD_TOKEN
+                       : e.reason() == R::kContextFull  ? MF_ERR_CONTEXT_FULL
+                       : e.reason() == R::kStateInvalid ? MF_ERR_STATE_INVALID
+                                                        : MF_ERR_INVALID_ARGUMENT;
+      return set_error(code, fmt::format("{}: {}", fn, e.what()));
+    }
     return MF_OK;
   });
 }

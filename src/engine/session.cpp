@@ -159,26 +159,27 @@ void Session::release_workspace() {
 
 void Session::validate_tokens(const int32_t* tokens, int T) const {
   const ModelSpec& s = spec_;
-  if (T <= 0) fail(ErrorKind::kInvalidArgument, "no tokens to evaluate");
+  if (T <= 0) throw EvalError(EvalError::kNoTokens, "no tokens to evaluate");
   for (int t = 0; t < T; t++)
     if (tokens[t] < 0 || tokens[t] >= s.vocab_size)
-      fail(ErrorKind::kInvalidArgument, "token id {} at position {} is out of range [0, {})",
-           tokens[t], pos_ + t, s.vocab_size);
+      throw EvalError(EvalError::kBadToken,
+                      fmt::format("token id {} at position {} is out of range [0, {})", tokens[t],
+                                  pos_ + t, s.vocab_size));
   if (int64_t(pos_) + T > ctx_)
-    fail(ErrorKind::kInvalidArgument,
-         "context full: {} tokens at position {} exceed the context of {} positions", T, pos_,
-         ctx_);
+    throw EvalError(EvalError::kContextFull,
+                    fmt::format("context full: {} tokens at position {} exceed the context of {} "
+                                "positions",
+                                T, pos_, ctx_));
 }
 
 void Session::eval(const int32_t* tokens, int T, float* logits, bool all_logits,
                    const HiddenSink& hidden) {
   validate_tokens(tokens, T);
   if (broken_)
-    fail(ErrorKind::kInvalidArgument,
-         "the session's state is invalid (an evaluation failed midway at position {}): clear "
-         "it, rewind it with seq_rm or load a snapshot",
-         pos_);
-  model_.check_resident();  // a mapped resident.bin cut short: an error here, not SIGBUS below
+    throw EvalError(EvalError::kStateInvalid,
+                    fmt::format("the session's state is invalid (an evaluation failed midway at "
+                                "position {}): clear it, rewind it with seq_rm or load a snapshot",
+                                pos_));
   try {
     forward_ubatched(tokens, T, logits, all_logits, hidden);
   } catch (...) {

@@ -43,6 +43,23 @@ struct SessionParams {
   int ubatch = 512;
 };
 
+// Why Session::eval refused its input (before anything changed). Kind kInvalidArgument; the C
+// API maps the reason to its codes.
+class EvalError : public Error {
+ public:
+  enum Reason {
+    kNoTokens,      // T <= 0
+    kBadToken,      // an id outside [0, vocab)
+    kContextFull,   // pos() + T > ctx()
+    kStateInvalid,  // an earlier evaluation failed midway (see Session::valid)
+  };
+  EvalError(Reason r, const std::string& msg) : Error(ErrorKind::kInvalidArgument, msg), reason_(r) {}
+  Reason reason() const { return reason_; }
+
+ private:
+  Reason reason_;
+};
+
 // Why Session::state_load refused a snapshot (the session is unchanged in every case).
 class SnapshotError : public Error {
  public:
@@ -88,8 +105,8 @@ class Session {
   // Evaluates T tokens at positions pos()..pos()+T-1, in micro-batches of at most
   // SessionParams::ubatch tokens. With `logits` non-null it receives [T, vocab] when
   // all_logits, else [1, vocab] for the last token; `hidden` receives each index once with all
-  // T rows. Throws Error for an out-of-range token id or a full context, before any state
-  // changes.
+  // T rows. Throws EvalError for no tokens, an out-of-range token id, a full context or an
+  // invalid state, before any state changes.
   void eval(const int32_t* tokens, int T, float* logits, bool all_logits,
             const HiddenSink& hidden = nullptr);
 

@@ -257,6 +257,15 @@ ApiError::ApiError(int status_, std::string message, std::string param_, std::st
       param(std::move(param_)),
       code(std::move(code_)) {}
 
+ApiError api_error_of(const Error& e) {
+  switch (e.kind()) {
+    case ErrorKind::kInvalidArgument: return ApiError(400, e.what());
+    case ErrorKind::kOutOfMemory: return ApiError(503, e.what(), "", "out_of_memory");
+    case ErrorKind::kNumeric: return ApiError(500, e.what(), "", "numeric_error");
+    default: return ApiError(500, e.what());
+  }
+}
+
 Json error_json(const ApiError& e) {
   Json err = Json::object();
   err["message"] = e.what();

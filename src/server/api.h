@@ -16,6 +16,7 @@
 
 #include "engine/generate.h"
 #include "text/sampler.h"
+#include "util/error.h"
 
 namespace moeflux::server {
 
@@ -34,6 +35,12 @@ class ApiError : public std::runtime_error {
 };
 
 Json error_json(const ApiError& e);
+
+// The response for an engine Error raised while serving: a bad argument is the client's (400),
+// running out of memory is the server's for now (503, "out_of_memory": try again later or with
+// less), NaN/Inf in the forward pass the model's (500, "numeric_error", naming layer and
+// position), anything else 500.
+ApiError api_error_of(const Error& e);
 
 // Request bodies nest at most this deep (a chat request needs 4: body, messages, message,
 // content parts); deeper is refused before parsing, as copying or dumping a deep value recurses.

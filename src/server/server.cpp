@@ -354,6 +354,8 @@ void Server::Impl::stream(Job& job, httplib::DataSink& sink) {
     write(std::string(kSseDone));
   } catch (const ApiError& e) {
     write(sse_event(error_json(e)));
+  } catch (const Error& e) {
+    write(sse_event(error_json(api_error_of(e))));
   } catch (const std::exception& e) {
     write(sse_event(error_json(ApiError(500, e.what()))));
   }
@@ -448,7 +450,7 @@ void Server::Impl::routes() {
       } catch (const ApiError& e) {
         send_error(res, e);
       } catch (const Error& e) {
-        send_error(res, ApiError(e.kind() == ErrorKind::kInvalidArgument ? 400 : 500, e.what()));
+        send_error(res, api_error_of(e));
       } catch (const std::exception& e) {
         send_error(res, ApiError(500, e.what()));
       }
