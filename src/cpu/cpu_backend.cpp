@@ -33,15 +33,23 @@ class CpuContext final : public Context {
   Device& device() override { return device_; }
   int threads() const override { return pool_.size(); }
 
+  // calloc (large blocks come zeroed from mmap and are committed only as they are written, so
+  // RSS follows use), aligned to 256 bytes by hand: the block's own pointer is kept just before.
   void* alloc_bytes(size_t bytes) override {
-    // calloc of whole 256-byte blocks, aligned: aligned_alloc does not zero, so memset.
-    const size_t n = (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
-    void* p = std::aligned_alloc(256, n);
-    if (!p) fail(ErrorKind::kOutOfMemory, "out of memory: cannot allocate {} bytes", bytes);
-    std::memset(p, 0, n);
+    constexpr size_t kAlign = 256;
+    void* raw = std::calloc(bytes + kAlign, 1);
+    if (!raw) fail(ErrorKind::kOutOfMemory, "out of memory: cannot allocate {} bytes", bytes);
+    const uintptr_t at = (reinterpret_cast<uintptr_t>(raw) + kAlign) & ~uintptr_t(kAlign - 1);
+    void* p = reinterpret_cast<void*>(at);
+    std::memcpy(static_cast<char*>(p) - sizeof(void*), &raw, sizeof raw);
     return p;
   }
-  void release(void* p) override { std::free(p); }
+  void release(void* p) override {
+    if (!p) return;
+    void* raw;
+    std::memcpy(&raw, static_cast<char*>(p) - sizeof(void*), sizeof raw);
+    std::free(raw);
+  }
   void upload_bytes(void* dst, const void* host, size_t bytes) override {
     std::memcpy(dst, host, bytes);
   }
