@@ -181,6 +181,50 @@ INSTANTIATE_TEST_SUITE_P(Archs, StoreBitIdentity,
                            return std::get<0>(info.param) + "_" + std::get<1>(info.param).name;
                          });
 
+// Every expert resident (load_all, what a GPU uses when they fit): sessions skip fetch and the
+// backend reads the ids where the router left them; the logits are those of the uncached run,
+// bit for bit, and nothing is read again. A budget short of all experts is refused, naming it.
+TEST(ExpertStore, ResidentExpertsChangeNoBit) {
+  for (const std::string arch : {"qwen3_5_moe", "qwen3_next", "mixtral", "qwen3_moe"}) {
+    SCOPED_TRACE(arch);
+    auto model = Model::load(converted_fixture(arch));
+    ExpertStoreOptions ref_opt;
+    ref_opt.cache_bytes = 0;
+    ExpertStore ref_store(*model, ref_opt);
+    const std::vector<float> ref = run_sequence(*model, ref_store);
+
+    ExpertStoreOptions o;
+    o.cache_bytes = int64_t(all_expert_bytes(*model));
+    ExpertStore store(*model, o);
+    EXPECT_EQ(store.resident(0), nullptr);
+    store.load_all();
+    const uint64_t read = store.stats().total.bytes_read;
+    EXPECT_EQ(read, all_expert_bytes(*model) / model->manifest().experts.stride *
+                        store.expert_bytes());
+    for (int l = 0; l < store.n_layers(); l++) ASSERT_NE(store.resident(l), nullptr);
+    const std::vector<float> got = run_sequence(*model, store);
+    ASSERT_EQ(got.size(), ref.size());
+    EXPECT_EQ(std::memcmp(got.data(), ref.data(), ref.size() * sizeof(float)), 0)
+        << "logits with every expert resident differ from the uncached run";
+    EXPECT_EQ(store.stats().total.bytes_read, read) << "a resident expert was read again";
+    store.drop_cache();  // pinned for good: stays
+    EXPECT_EQ(std::memcmp(run_sequence(*model, store).data(), ref.data(),
+                          ref.size() * sizeof(float)),
+              0);
+
+    ExpertStoreOptions small;
+    small.cache_bytes = int64_t(all_expert_bytes(*model)) - 1;
+    ExpertStore short_store(*model, small);
+    try {
+      short_store.load_all();
+      ADD_FAILURE() << "load_all with a budget short of all experts";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::kInvalidArgument);
+      EXPECT_NE(std::string(e.what()).find("--expert-cache all"), std::string::npos) << e.what();
+    }
+  }
+}
+
 TEST(ExpertStore, LruEvictsTheLeastRecentlyUsed) {
   auto model = Model::load(converted_fixture("qwen3_5_moe"));
   ExpertStoreOptions o;

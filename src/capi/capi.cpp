@@ -254,6 +254,11 @@ int mf_model_load(const char* path, const mf_model_params* params, mf_model** ou
     so.prefetch = p.prefetch;
     so.memory = &device->expert_memory();
     m->store = std::make_unique<moeflux::ExpertStore>(*m->model, so);
+    // As the CLI: on a GPU, experts that all fit are loaded now and stay resident.
+    const auto& ex = m->model->manifest().experts;
+    if (!device->expert_memory().host_visible() &&
+        m->store->options().cache_bytes >= int64_t(ex.stride * uint64_t(ex.count) * ex.layers.size()))
+      m->store->load_all();
     m->fingerprint = moeflux::model_fingerprint(*m->model);
     *out = m.release();
     return MF_OK;

@@ -298,6 +298,7 @@ class CpuContext final : public Context {
       const ExpertWeights& ew = experts.weights(i);
       const std::vector<int32_t>& sl = slots_of[i];
       const int n = int(sl.size());
+      if (n == 0) continue;  // a resident expert no token chose
       rows.clear();
       scale.clear();
       for (int32_t s : sl) {

@@ -82,6 +82,10 @@ class ExpertSource {
   // if its read failed.
   virtual size_t next() = 0;
   virtual const ExpertWeights& weights(size_t i) const = 0;  // after next() returned i
+  // Every expert of the layer resident for good (ExpertStore::load_all): size() is the layer's
+  // expert count, id(i) == i, next() never waits, and weights(e) is expert e's. A device
+  // backend may then read the ids where route left them, with no host round trip.
+  virtual bool all_resident() const { return false; }
 };
 
 // Memory for the ExpertStore's cache slots, provided by the device: host memory (transparent

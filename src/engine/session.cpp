@@ -324,6 +324,21 @@ void Session::linear_attention(int l, int T) {
 
 namespace {
 // An ExpertBatch as the context's moe_experts takes it.
+// Every expert of a layer, resident for good (ExpertStore::load_all).
+class ResidentSource final : public ExpertSource {
+ public:
+  ResidentSource(const ExpertWeights* table, int n) : table_(table), n_(size_t(n)) {}
+  size_t size() const override { return n_; }
+  int id(size_t i) const override { return int(i); }
+  size_t next() override { return next_++; }
+  const ExpertWeights& weights(size_t i) const override { return table_[i]; }
+  bool all_resident() const override { return true; }
+
+ private:
+  const ExpertWeights* table_;
+  size_t n_, next_ = 0;
+};
+
 class BatchSource final : public ExpertSource {
  public:
   BatchSource(ExpertBatch& batch, const std::vector<int>& ids) : batch_(batch), ids_(ids) {}
@@ -349,6 +364,26 @@ void Session::moe(int l, int T) {
   rp.k = K;
   rp.norm_topk_prob = s.norm_topk_prob;
   be_.route(ws_.router, T, rp, ws_.ids, ws_.weights);
+  SharedExpert shared;
+  if (s.shared_ffn > 0) {
+    shared.gate = &w.sh_gate;
+    shared.up = &w.sh_up;
+    shared.down = &w.sh_down;
+    shared.router = &w.sh_router;
+    shared.inter = s.shared_ffn;
+  }
+  MoeParams mp;
+  mp.T = T;
+  mp.k = K;
+  mp.hidden = s.hidden_size;
+  mp.inter = s.moe_ffn;
+  const SharedExpert* sh = s.shared_ffn > 0 ? &shared : nullptr;
+  if (const ExpertWeights* table = store_.resident(w.moe_index); table && !on_route_) {
+    // Every expert resident: the ids stay where route left them (nothing to fetch or predict).
+    ResidentSource src(table, E);
+    be_.moe_experts(ws_.xn, ws_.ids, ws_.weights, src, sh, ws_.mix, mp);
+    return;
+  }
   // Only the chosen ids cross to the host, for the store.
   std::vector<int32_t> sel(size_t(T) * K);
   be_.download(sel.data(), ws_.ids, sel.size() * sizeof(int32_t));
@@ -365,21 +400,7 @@ void Session::moe(int l, int T) {
   if (store_.options().prefetch) prefetch_next(l, T);
 
   BatchSource src(*batch, used);
-  SharedExpert shared;
-  if (s.shared_ffn > 0) {
-    shared.gate = &w.sh_gate;
-    shared.up = &w.sh_up;
-    shared.down = &w.sh_down;
-    shared.router = &w.sh_router;
-    shared.inter = s.shared_ffn;
-  }
-  MoeParams mp;
-  mp.T = T;
-  mp.k = K;
-  mp.hidden = s.hidden_size;
-  mp.inter = s.moe_ffn;
-  be_.moe_experts(ws_.xn, ws_.ids, ws_.weights, src, s.shared_ffn > 0 ? &shared : nullptr,
-                  ws_.mix, mp);
+  be_.moe_experts(ws_.xn, ws_.ids, ws_.weights, src, sh, ws_.mix, mp);
   be_.sync();  // the experts' memory is read before the batch unpins it
 }
 

@@ -16,6 +16,7 @@
 #include <fstream>
 #include <functional>
 #include <mutex>
+#include <numeric>
 #include <thread>
 #include <unordered_map>
 
@@ -377,6 +378,8 @@ struct ExpertStore::Impl {
   int reads_in_flight = 0;
   // stats
   std::vector<ExpertLayerStats> stats;
+  // load_all: [moe layer][expert] views of slots pinned for good
+  std::vector<std::vector<ExpertWeights>> resident;
 
   Impl(const Model& m, ExpertStoreOptions o)
       : model(m),
@@ -654,6 +657,44 @@ void ExpertStore::drop_cache() {
     x = Slot{};
     m.free_slots.push_back(int(s));
   }
+}
+
+void ExpertStore::load_all() {
+  Impl& m = *impl_;
+  const int E = m.layout.count, L = int(m.layout.layers.size());
+  if (!m.resident.empty()) return;
+  const uint64_t all = uint64_t(E) * uint64_t(L);
+  if (m.slots.size() < all)
+    fail(ErrorKind::kInvalidArgument,
+         "keeping every expert resident needs a cache of all {} experts ({}); the budget holds "
+         "{} (--expert-cache all)",
+         all, format_bytes(all * m.layout.stride), m.slots.size());
+  std::vector<int> every(static_cast<size_t>(E));
+  std::iota(every.begin(), every.end(), 0);
+  std::vector<std::vector<ExpertWeights>> table(static_cast<size_t>(L));
+  for (int li = 0; li < L; li++) {
+    auto batch = fetch(li, every);
+    for (int i = 0; i < E; i++) batch->next();  // throws on a read error
+    std::lock_guard<std::mutex> g(m.mu);
+    const auto& p = m.layout.parts;
+    for (int e = 0; e < E; e++) {
+      const int s = m.slot_of[size_t(li * E + e)];
+      MF_CHECK(s >= 0 && m.slots[size_t(s)].state == Slot::kReady);
+      m.slots[size_t(s)].pins++;  // for good: never evicted
+      const uint8_t* base = m.slot_mem(s);
+      table[size_t(li)].push_back({mat_view(p[0], base + p[0].offset),
+                                   mat_view(p[1], base + p[1].offset),
+                                   mat_view(p[2], base + p[2].offset)});
+    }
+  }
+  std::lock_guard<std::mutex> g(m.mu);
+  m.resident = std::move(table);
+}
+
+const ExpertWeights* ExpertStore::resident(int moe_index) const {
+  const Impl& m = *impl_;
+  std::lock_guard<std::mutex> g(impl_->mu);
+  return m.resident.empty() ? nullptr : m.resident.at(size_t(moe_index)).data();
 }
 
 void ExpertStore::note_prediction(int moe_index, uint64_t scored, uint64_t hit) {

@@ -108,6 +108,14 @@ class ExpertStore {
   void reset_stats();
   // Drops every cached expert (waits for reads in flight).
   void drop_cache();
+  // Reads every expert of every layer into the cache and keeps it there (pinned for the
+  // store's life): afterwards resident() gives each layer's table and sessions skip fetch (on a
+  // GPU, no host round trip per layer). Needs a budget of all experts (else Error
+  // kInvalidArgument saying so); a read error is thrown. Fetches after it are not counted in
+  // stats() (there is nothing to count: every one would hit).
+  void load_all();
+  // [n_experts()] weights of MoE layer `moe_index` by expert id after load_all(), else null.
+  const ExpertWeights* resident(int moe_index) const;
 
   const ExpertStoreOptions& options() const { return opt_; }
   ExpertMemory& memory() const;    // where the cache slots live

@@ -83,6 +83,10 @@ Loaded open_model(const ModelOptions& o_in) {
   so.memory = &device.expert_memory();
   l.backend = device.context(o.threads);
   l.store = std::make_unique<ExpertStore>(*l.model, so);
+  // On a device whose expert memory the host cannot read (a GPU), experts that all fit are
+  // loaded now and stay: a token then needs no host round trip per layer.
+  if (!device.expert_memory().host_visible() && uint64_t(so.cache_bytes) >= all)
+    l.store->load_all();
   return l;
 }
 
