@@ -4,9 +4,11 @@
 // Where the expected strings come from:
 //  - ChatTemplateGolden: tests/data/tokenizer/qwen3/golden.json, rendered by transformers'
 //    apply_chat_template (copied from ../shared/tokenizer/qwen3).
-//  - ChatTemplateQwen3 / ChatTemplateQwen35 / ChatTemplateMixtral: derived by hand, by walking
-//    the template text (tests/data/tokenizer/*) statement by statement for the given messages;
-//    each test says which branches it exercises.
+//  - ChatTemplateTransformers: tests/data/chat_templates/*.renderings.json, the official Mixtral
+//    and Qwen3.5 templates rendered by transformers (tools/refs/render_chat_templates.py).
+//  - ChatTemplateQwen3: derived by hand, by walking the template text
+//    (tests/data/tokenizer/qwen3) statement by statement for the given messages; each test says
+//    which branches it exercises.
 //  - ChatTemplateJinja: Jinja2 3.1 semantics as documented and as implemented in jinja2's
 //    lexer/parser/filters, with HF's environment (trim_blocks, lstrip_blocks, its tojson).
 #include <gtest/gtest.h>
@@ -80,13 +82,6 @@ const char* kWeatherToolJson =
 
 ChatTemplate qwen3() {
   return ChatTemplate::from_tokenizer_config(data_path("tokenizer/qwen3/tokenizer_config.json"));
-}
-
-ChatTemplate qwen35() {
-  Json tokens = {{"eos_token", "<|im_end|>"}, {"pad_token", "<|endoftext|>"}};
-  return ChatTemplate::from_source(
-      read_text(data_path("tokenizer/qwen3_5_moe/chat_template.jinja")), tokens,
-      "qwen3.5 chat_template.jinja");
 }
 
 ChatTemplate mixtral() {
@@ -208,149 +203,56 @@ TEST(ChatTemplateQwen3, ReasoningInThinkTags) {
 }
 
 // ================================================================================================
-// Qwen3.5 (tests/data/tokenizer/qwen3_5_moe/chat_template.jinja): macros, loop.previtem /
-// nextitem, |items, |safe, `is sequence`, XML-style tool calls, "<think>\n" opened by default.
+// Mixtral and Qwen3.5: the official template texts against transformers' own rendering.
+// tests/data/chat_templates/<name>.renderings.json were written by
+// tools/refs/render_chat_templates.py (transformers' render_jinja_template, the function behind
+// apply_chat_template) from chat_templates/conversations.json; SOURCE there says where each
+// template text comes from. Where transformers raised, our engine must fail with the template's
+// own message.
 
-TEST(ChatTemplateQwen35, SystemAndUser) {
-  // No tools: the system message goes through render_content(...)|trim; the generation prompt
-  // opens "<think>\n" unless enable_thinking is false.
-  std::vector<ChatMessage> msgs = {msg("system", "You are terse."), msg("user", "Name a colour.")};
-  const std::string head =
-      "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n"
-      "<|im_start|>assistant\n";
-  ChatTemplate t = qwen35();
-  EXPECT_EQ(t.render(msgs, true), head + "<think>\n");
-  EXPECT_EQ(t.render(msgs, true, {{"enable_thinking", false}}), head + "<think>\n\n</think>\n\n");
-  EXPECT_EQ(
-      t.render(msgs, false),
-      "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n");
+void expect_matches_transformers(const std::string& name) {
+  Json doc = Json::parse(read_text(data_path("chat_templates/" + name + ".renderings.json")));
+  const std::string tpl_path = data_path(doc["template"].get<std::string>());
+  ChatTemplate t =
+      tpl_path.ends_with(".json")
+          ? ChatTemplate::from_tokenizer_config(tpl_path)
+          : ChatTemplate::from_source(read_text(tpl_path), doc["special_tokens"], name);
+  ASSERT_GE(doc["cases"].size(), 10u);
+  for (auto& c : doc["cases"]) {
+    SCOPED_TRACE(name + " / " + c["name"].get<std::string>());
+    auto run = [&] {
+      return t.render_json(c["messages"], c["add_generation_prompt"].get<bool>(), c["kwargs"]);
+    };
+    if (c.contains("text")) {
+      EXPECT_EQ(run(), c["text"].get<std::string>());
+    } else {
+      expect_error(run, ErrorKind::kInvalidArgument, {c["error"]["message"].get<std::string>()});
+    }
+  }
 }
 
-TEST(ChatTemplateQwen35, MultiTurnAndReasoning) {
-  ChatTemplate t = qwen35();
-  // An assistant turn before the last query gets no <think> block.
-  std::vector<ChatMessage> msgs = {msg("user", "Hi"), msg("assistant", "Hello! How can I help?"),
-                                   msg("user", "Tell me a joke.")};
-  EXPECT_EQ(t.render(msgs, true),
-            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello! How can I help?"
-            "<|im_end|>\n<|im_start|>user\nTell me a joke.<|im_end|>\n<|im_start|>assistant\n"
-            "<think>\n");
-  // After the last query: reasoning_content|trim inside <think>, content after.
-  std::vector<ChatMessage> r = {msg("user", "Q"), msg("assistant", "Answer.")};
-  r[1].reasoning_content = "  Thinking.\n";
-  EXPECT_EQ(t.render(r, false),
-            "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n<think>\nThinking.\n</think>\n\n"
-            "Answer.<|im_end|>\n");
+TEST(ChatTemplateTransformers, MixtralMatches) {
+  expect_matches_transformers("mixtral");
+}
+TEST(ChatTemplateTransformers, MixtralDec2023Matches) {
+  expect_matches_transformers("mixtral_dec2023");
+}
+TEST(ChatTemplateTransformers, Qwen35Matches) {
+  expect_matches_transformers("qwen3_5_moe");
 }
 
-TEST(ChatTemplateQwen35, ToolsAndXmlToolCalls) {
-  // Derivation: tools is a non-mapping iterable -> system header with the tool JSON and the
-  // <IMPORTANT> block; the system content is appended after "\n\n". last_query_index = 1.
-  // The assistant turn (index 2 > 1) opens an empty <think> block; with empty content the first
-  // call starts "<tool_call>\n<function=get_weather>\n"; arguments|items in insertion order:
-  // a string is printed with |string, an int likewise, a list with |tojson|safe. The tool turn's
-  // loop.previtem is the assistant -> "<|im_start|>user"; it is loop.last -> "<|im_end|>\n".
-  std::vector<ChatMessage> msgs = {msg("system", "Be brief."), msg("user", "Weather in Paris?"),
-                                   msg("assistant", ""), msg("tool", R"({"temperature": 21})")};
-  msgs[2].tool_calls = Json::parse(R"([{"type": "function", "function": {"name": "get_weather",
-      "arguments": {"city": "Paris", "days": 2, "units": ["c"]}}}])");
-  std::string expected =
-      std::string(
-          "<|im_start|>system\n# Tools\n\nYou have access to the following functions:\n\n"
-          "<tools>\n") +
-      kWeatherToolJson +
-      "\n</tools>\n\nIf you choose to call a function ONLY reply in the following format with NO "
-      "suffix:\n\n<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>\n"
-      "value_1\n</parameter>\n<parameter=example_parameter_2>\nThis is the value for the second "
-      "parameter\nthat can span\nmultiple lines\n</parameter>\n</function>\n</tool_call>\n\n"
-      "<IMPORTANT>\nReminder:\n- Function calls MUST follow the specified format: an inner "
-      "<function=...></function> block must be nested within <tool_call></tool_call> XML tags\n"
-      "- Required parameters MUST be specified\n- You may provide optional reasoning for your "
-      "function call in natural language BEFORE the function call, but NOT after\n- If there is "
-      "no function call available, answer the question like normal with your current knowledge "
-      "and do not tell the user about function calls\n</IMPORTANT>\n\nBe brief.<|im_end|>\n"
-      "<|im_start|>user\nWeather in Paris?<|im_end|>\n"
-      "<|im_start|>assistant\n<think>\n\n</think>\n\n<tool_call>\n<function=get_weather>\n"
-      "<parameter=city>\nParis\n</parameter>\n<parameter=days>\n2\n</parameter>\n"
-      "<parameter=units>\n[\"c\"]\n</parameter>\n</function>\n</tool_call><|im_end|>\n"
-      "<|im_start|>user\n<tool_response>\n{\"temperature\": 21}\n</tool_response><|im_end|>\n"
-      "<|im_start|>assistant\n<think>\n\n</think>\n\n";
-  Json extra = {{"tools", Json::array({weather_tool()})}, {"enable_thinking", false}};
-  EXPECT_EQ(qwen35().render(msgs, true, extra), expected);
-}
-
-TEST(ChatTemplateQwen35, MultimodalContentList) {
-  // render_content() walks a content list: text items verbatim, an image becomes the vision
-  // placeholder (numbered with add_vision_id).
-  Json msgs = Json::parse(R"([{"role": "user", "content": [{"type": "image"},
-      {"type": "text", "text": "What is this?"}]}])");
-  ChatTemplate t = qwen35();
-  EXPECT_EQ(
-      t.render_json(msgs, false),
-      "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is this?<|im_end|>\n");
-  EXPECT_EQ(t.render_json(msgs, false, {{"add_vision_id", true}}),
-            "<|im_start|>user\nPicture 1: <|vision_start|><|image_pad|><|vision_end|>What is this?"
-            "<|im_end|>\n");
-}
-
-TEST(ChatTemplateQwen35, RaisesOnBadConversations) {
-  ChatTemplate t = qwen35();
-  expect_error([&] { t.render({msg("system", "only a system prompt")}, true); },
-               ErrorKind::kInvalidArgument, {"No user query found in messages."});
-  expect_error(
-      [&] {
-        t.render({msg("user", "hi"), msg("system", "late")}, true);
-      },
-      ErrorKind::kInvalidArgument, {"System message must be at the beginning."});
-  expect_error([&] { t.render({}, true); }, ErrorKind::kInvalidArgument, {"No messages provided."});
-  expect_error(
-      [&] {
-        t.render({msg("user", "hi"), msg("robot", "beep")}, true);
-      },
-      ErrorKind::kInvalidArgument, {"Unexpected message role."});
-}
-
-// ================================================================================================
-// Mixtral (tests/data/tokenizer/mixtral/tokenizer_config.json): [INST] with bos/eos tokens.
-
-TEST(ChatTemplateMixtral, MultiTurn) {
-  // No system: loop_messages = messages; bos, then " [INST] " + user + " [/INST]", and
-  // " " + assistant + eos_token. add_generation_prompt is not used by this template.
+// What the renderings do not check: the special tokens read from tokenizer_config.json, and
+// where a raise_exception() error points.
+TEST(ChatTemplateMixtral, TokensAndErrorLocation) {
   ChatTemplate t = mixtral();
   EXPECT_EQ(t.bos_token(), "<s>");
   EXPECT_EQ(t.eos_token(), "</s>");
-  std::vector<ChatMessage> msgs = {msg("user", "Hi"), msg("assistant", "Hello"),
-                                   msg("user", "How are you?")};
-  EXPECT_EQ(t.render(msgs, true), "<s> [INST] Hi [/INST] Hello</s> [INST] How are you? [/INST]");
-}
-
-TEST(ChatTemplateMixtral, SystemMessageGoesIntoFirstInst) {
-  // system_message is set at top level (inside an if, which has no scope) and is visible in the
-  // loop; it is prepended to the first user turn with "\n\n".
-  std::vector<ChatMessage> msgs = {msg("system", "Be brief."), msg("user", "Hi"),
-                                   msg("assistant", "Hello"), msg("user", "Bye")};
-  EXPECT_EQ(mixtral().render(msgs, true),
-            "<s> [INST] Be brief.\n\nHi [/INST] Hello</s> [INST] Bye [/INST]");
-}
-
-TEST(ChatTemplateMixtral, RaisesWhenRolesDoNotAlternate) {
-  ChatTemplate t = mixtral();
   // The raise_exception call is on line 11 of the template.
   expect_error(
       [&] {
         t.render({msg("user", "a"), msg("user", "b")}, true);
       },
-      ErrorKind::kInvalidArgument,
-      {"After the optional system message, conversation roles must alternate "
-       "user/assistant/user/assistant/...",
-       "line 11"});
-  expect_error([&] { t.render({msg("assistant", "first")}, true); }, ErrorKind::kInvalidArgument,
-               {"conversation roles must alternate"});
-  expect_error(
-      [&] {
-        t.render({msg("user", "a"), msg("tool", "b")}, true);
-      },
-      ErrorKind::kInvalidArgument, {"Only user and assistant roles are supported"});
+      ErrorKind::kInvalidArgument, {"conversation roles must alternate", "line 11"});
 }
 
 // ================================================================================================
