@@ -12,6 +12,7 @@
 #include "format/package.h"
 #include "format/quant.h"
 #include "format/safetensors.h"
+#include "format/schema.h"
 #include "util/atomic_file.h"
 #include "util/error.h"
 #include "util/half.h"
@@ -91,12 +92,14 @@ class Converter {
   const TensorInfo& need(const std::string& name, std::vector<int64_t> shape);
   const TensorInfo* find_any(const std::vector<std::string>& names);
   PackedTensor plan(const std::string& name, std::vector<int64_t> shape, const Source& src);
-  void add_resident(const std::string& name, std::vector<int64_t> shape, Source src);
+  Source source(const TensorSpec& t);
+  Source fused_linear_attn(const TensorSpec& t, const std::string& la);
+  Source conv(const std::string& hf_name, int64_t channels, int64_t kernel);
+  std::string moe_prefix(int l) const;
   Source matrix(const std::string& hf_name, int64_t rows, int64_t cols, TensorClass cls);
   Source stacked(const std::string& hf_name, int64_t n, int64_t rows, int64_t cols,
                  TensorClass cls);
   Source vec(const std::string& hf_name, int64_t n, Source::Kind kind);
-  void plan_layer(int l);
   void plan_experts(int l);
   void write_tensor(FileWriter& w, const PackedTensor& t, const Source& src);
   void check_leftovers();
@@ -242,121 +245,135 @@ PackedTensor Converter::plan(const std::string& name, std::vector<int64_t> shape
   return t;
 }
 
-void Converter::add_resident(const std::string& name, std::vector<int64_t> shape, Source src) {
-  m_.resident.push_back(plan(name, std::move(shape), src));
-  resident_src_.push_back(std::move(src));
+// The checkpoint tensor behind each package tensor of a layer (format/schema.h) that has one,
+// after "<prefix>layers.N.".
+const std::map<std::string, std::string, std::less<>> kHfLayerNames = {
+    {"attn_norm", "input_layernorm.weight"},
+    {"ffn_norm", "post_attention_layernorm.weight"},
+    {"attn_q", "self_attn.q_proj.weight"},
+    {"attn_k", "self_attn.k_proj.weight"},
+    {"attn_v", "self_attn.v_proj.weight"},
+    {"attn_o", "self_attn.o_proj.weight"},
+    {"attn_q_norm", "self_attn.q_norm.weight"},
+    {"attn_k_norm", "self_attn.k_norm.weight"},
+    {"lin_qkv", "linear_attn.in_proj_qkv.weight"},
+    {"lin_z", "linear_attn.in_proj_z.weight"},
+    {"lin_b", "linear_attn.in_proj_b.weight"},
+    {"lin_a", "linear_attn.in_proj_a.weight"},
+    {"lin_conv", "linear_attn.conv1d.weight"},
+    {"lin_A_log", "linear_attn.A_log"},
+    {"lin_dt_bias", "linear_attn.dt_bias"},
+    {"lin_norm", "linear_attn.norm.weight"},
+    {"lin_out", "linear_attn.out_proj.weight"},
+    {"ffn_gate", "mlp.gate_proj.weight"},
+    {"ffn_up", "mlp.up_proj.weight"},
+    {"ffn_down", "mlp.down_proj.weight"},
+};
+// The same for the tensors of a MoE layer, after its MoE block (moe_prefix).
+const std::map<std::string, std::string, std::less<>> kHfMoeNames = {
+    {"moe_router", "gate.weight"},
+    {"shexp_gate", "shared_expert.gate_proj.weight"},
+    {"shexp_up", "shared_expert.up_proj.weight"},
+    {"shexp_down", "shared_expert.down_proj.weight"},
+    {"shexp_router", "shared_expert_gate.weight"},
+};
+
+// "<prefix>layers.N.mlp.", or Mixtral's "<prefix>layers.N.block_sparse_moe.".
+std::string Converter::moe_prefix(int l) const {
+  const std::string hp = fmt::format("{}layers.{}.", prefix_, l);
+  return hp + (ckpt_.find(hp + "block_sparse_moe.gate.weight") ? "block_sparse_moe." : "mlp.");
 }
 
-void Converter::plan_layer(int l) {
+// The checkpoint rows that make package tensor `t`, shapes checked against the schema's.
+Source Converter::source(const TensorSpec& t) {
+  std::string hf;
+  if (t.layer < 0) {
+    hf = t.key == "embed"            ? prefix_ + "embed_tokens.weight"
+         : t.key == "final_norm"     ? prefix_ + "norm.weight"
+         : ckpt_.find(lm_head_name_) ? lm_head_name_
+                                     : "lm_head.weight";
+  } else {
+    const std::string hp = fmt::format("{}layers.{}.", prefix_, t.layer);
+    const std::string la = hp + "linear_attn.";
+    if ((t.key == "lin_qkv" || t.key == "lin_z" || t.key == "lin_b" || t.key == "lin_a") &&
+        ckpt_.find(la + "in_proj_qkvz.weight"))
+      return fused_linear_attn(t, la);
+    auto moe = kHfMoeNames.find(t.key);
+    hf =
+        moe != kHfMoeNames.end() ? moe_prefix(t.layer) + moe->second : hp + kHfLayerNames.at(t.key);
+    if (t.key == "lin_conv") return conv(hf, t.shape[0], t.shape[1]);
+  }
+  switch (t.role) {
+    case TensorRole::kNorm:
+      // The gated norm inside the DeltaNet scales by plain w (not 1 + w) in every arch.
+      return vec(hf, t.shape[0], t.key == "lin_norm" ? Source::kVectorF32 : Source::kNormF32);
+    case TensorRole::kVector:
+      return vec(hf, t.shape[0], Source::kVectorF32);
+    case TensorRole::kRouter: {
+      // Routers stay f32: they decide which experts run (an MLX 8-bit router is dequantised).
+      Source r = matrix(hf, t.shape[0], t.shape[1], t.cls);
+      r.kind = Source::kVectorF32;
+      return r;
+    }
+    case TensorRole::kMatrix:
+      break;
+  }
+  return matrix(hf, t.shape[0], t.shape[1], t.cls);
+}
+
+// Qwen3-Next packs [q k v z] per key-head group and [b a] per group; the rows are reordered into
+// the Qwen3.5 layout ([q all | k all | v all], z, b, a).
+Source Converter::fused_linear_attn(const TensorSpec& t, const std::string& la) {
   const ModelSpec& s = cfg_.spec;
-  const int64_t H = s.hidden_size;
-  const std::string hp = fmt::format("{}layers.{}.", prefix_, l);
-  const std::string pp = fmt::format("blk.{}.", l);
-  const auto norm = Source::kNormF32;
-  using C = TensorClass;
-
-  add_resident(pp + "attn_norm", {H}, vec(hp + "input_layernorm.weight", H, norm));
-  add_resident(pp + "ffn_norm", {H}, vec(hp + "post_attention_layernorm.weight", H, norm));
-
-  if (s.attn[size_t(l)] == AttnKind::kFull) {
-    const int64_t hd = s.head_dim, kv = int64_t(s.n_kv_heads) * hd;
-    const std::string a = hp + "self_attn.";
-    add_resident(pp + "attn_q", {s.q_rows(), H}, matrix(a + "q_proj.weight", s.q_rows(), H, C::kAttn));
-    add_resident(pp + "attn_k", {kv, H}, matrix(a + "k_proj.weight", kv, H, C::kAttn));
-    add_resident(pp + "attn_v", {kv, H}, matrix(a + "v_proj.weight", kv, H, C::kAttn));
-    const int64_t o_in = int64_t(s.n_heads) * hd;
-    add_resident(pp + "attn_o", {H, o_in}, matrix(a + "o_proj.weight", H, o_in, C::kAttn));
-    if (s.qk_norm) {
-      add_resident(pp + "attn_q_norm", {hd}, vec(a + "q_norm.weight", hd, norm));
-      add_resident(pp + "attn_k_norm", {hd}, vec(a + "k_norm.weight", hd, norm));
+  const int64_t H = s.hidden_size, nk = s.lin_k_heads, dk = s.lin_k_dim, dv = s.lin_v_dim;
+  const int64_t r = s.lin_v_heads / nk, grp = 2 * dk + 2 * r * dv;
+  std::vector<std::pair<int64_t, int64_t>> runs;  // (first row, rows) of the fused tensor
+  Source from;
+  if (t.key == "lin_qkv" || t.key == "lin_z") {
+    from = matrix(la + "in_proj_qkvz.weight", nk * grp, H, t.cls);
+    if (t.key == "lin_qkv") {
+      for (int64_t g = 0; g < nk; g++) runs.push_back({g * grp, dk});
+      for (int64_t g = 0; g < nk; g++) runs.push_back({g * grp + dk, dk});
+      for (int64_t g = 0; g < nk; g++) runs.push_back({g * grp + 2 * dk, r * dv});
+    } else {
+      for (int64_t g = 0; g < nk; g++) runs.push_back({g * grp + 2 * dk + r * dv, r * dv});
     }
   } else {
-    const int64_t nk = s.lin_k_heads, nv = s.lin_v_heads, dk = s.lin_k_dim, dv = s.lin_v_dim;
-    const int64_t r = nv / nk, qkv = s.lin_qkv_dim(), vd = nv * dv, K = s.conv_kernel;
-    const std::string la = hp + "linear_attn.";
-    if (ckpt_.find(la + "in_proj_qkvz.weight")) {
-      // Qwen3-Next packs [q k v z] per key-head group and [b a] per group; reorder the rows
-      // into the Qwen3.5 layout ([q all | k all | v all], z, b, a).
-      const int64_t grp = 2 * dk + 2 * r * dv;
-      Source qkvz = matrix(la + "in_proj_qkvz.weight", nk * grp, H, C::kLinearAttn);
-      Source ba = matrix(la + "in_proj_ba.weight", nk * 2 * r, H, C::kLinearAttn);
-      auto pick = [](const Source& from, std::vector<std::pair<int64_t, int64_t>> runs) {
-        Source out = from;
-        out.slices.clear();
-        for (auto [row0, n] : runs) {
-          RowSlice sl = from.slices[0];
-          sl.row0 = row0;
-          sl.n_rows = n;
-          out.slices.push_back(sl);
-        }
-        return out;
-      };
-      std::vector<std::pair<int64_t, int64_t>> q, z, b, a;
-      for (int64_t g = 0; g < nk; g++) q.push_back({g * grp, dk});
-      for (int64_t g = 0; g < nk; g++) q.push_back({g * grp + dk, dk});
-      for (int64_t g = 0; g < nk; g++) q.push_back({g * grp + 2 * dk, r * dv});
-      for (int64_t g = 0; g < nk; g++) z.push_back({g * grp + 2 * dk + r * dv, r * dv});
-      for (int64_t g = 0; g < nk; g++) b.push_back({g * 2 * r, r});
-      for (int64_t g = 0; g < nk; g++) a.push_back({g * 2 * r + r, r});
-      add_resident(pp + "lin_qkv", {qkv, H}, pick(qkvz, q));
-      add_resident(pp + "lin_z", {vd, H}, pick(qkvz, z));
-      add_resident(pp + "lin_b", {nv, H}, pick(ba, b));
-      add_resident(pp + "lin_a", {nv, H}, pick(ba, a));
-    } else {
-      add_resident(pp + "lin_qkv", {qkv, H}, matrix(la + "in_proj_qkv.weight", qkv, H, C::kLinearAttn));
-      add_resident(pp + "lin_z", {vd, H}, matrix(la + "in_proj_z.weight", vd, H, C::kLinearAttn));
-      add_resident(pp + "lin_b", {nv, H}, matrix(la + "in_proj_b.weight", nv, H, C::kLinearAttn));
-      add_resident(pp + "lin_a", {nv, H}, matrix(la + "in_proj_a.weight", nv, H, C::kLinearAttn));
-    }
-    // HF stores the depthwise conv as [C, 1, K], MLX as [C, K, 1]: the same bytes.
-    const TensorInfo* conv = ckpt_.find(la + "conv1d.weight");
-    const bool mlx_conv = conv && conv->shape == std::vector<int64_t>{qkv, K, 1} && K != 1;
-    const TensorInfo& cw = need(la + "conv1d.weight", mlx_conv ? std::vector<int64_t>{qkv, K, 1}
-                                                                : std::vector<int64_t>{qkv, 1, K});
-    Source cs;
-    cs.slices.push_back({&cw, 0, 1});
-    cs.cols = qkv * K;
-    cs.kind = Source::kVectorF32;
-    add_resident(pp + "lin_conv", {qkv, K}, cs);
-    add_resident(pp + "lin_A_log", {nv}, vec(la + "A_log", nv, Source::kVectorF32));
-    add_resident(pp + "lin_dt_bias", {nv}, vec(la + "dt_bias", nv, Source::kVectorF32));
-    // The gated norm inside the DeltaNet scales by plain w (not 1 + w) in every arch.
-    add_resident(pp + "lin_norm", {dv}, vec(la + "norm.weight", dv, Source::kVectorF32));
-    add_resident(pp + "lin_out", {H, vd}, matrix(la + "out_proj.weight", H, vd, C::kLinearAttn));
+    from = matrix(la + "in_proj_ba.weight", nk * 2 * r, H, t.cls);
+    const int64_t first = t.key == "lin_b" ? 0 : r;
+    for (int64_t g = 0; g < nk; g++) runs.push_back({g * 2 * r + first, r});
   }
+  Source out = from;
+  out.slices.clear();
+  for (auto [row0, n] : runs) {
+    RowSlice sl = from.slices[0];
+    sl.row0 = row0;
+    sl.n_rows = n;
+    out.slices.push_back(sl);
+  }
+  return out;
+}
 
-  if (s.ffn[size_t(l)] == FfnKind::kDense) {
-    const int64_t I = s.dense_ffn;
-    add_resident(pp + "ffn_gate", {I, H}, matrix(hp + "mlp.gate_proj.weight", I, H, C::kDenseFfn));
-    add_resident(pp + "ffn_up", {I, H}, matrix(hp + "mlp.up_proj.weight", I, H, C::kDenseFfn));
-    add_resident(pp + "ffn_down", {H, I}, matrix(hp + "mlp.down_proj.weight", H, I, C::kDenseFfn));
-    return;
-  }
-  const std::string mp = hp + (ckpt_.find(hp + "block_sparse_moe.gate.weight") ? "block_sparse_moe." : "mlp.");
-  // Routers stay f32: they decide which experts run (an MLX 8-bit router is dequantised).
-  Source router = matrix(mp + "gate.weight", s.n_experts, H, C::kAttn);
-  router.kind = Source::kVectorF32;
-  add_resident(pp + "moe_router", {s.n_experts, H}, router);
-  if (s.shared_ffn > 0) {
-    const int64_t S = s.shared_ffn;
-    const std::string se = mp + "shared_expert.";
-    add_resident(pp + "shexp_gate", {S, H}, matrix(se + "gate_proj.weight", S, H, C::kSharedExpert));
-    add_resident(pp + "shexp_up", {S, H}, matrix(se + "up_proj.weight", S, H, C::kSharedExpert));
-    add_resident(pp + "shexp_down", {H, S}, matrix(se + "down_proj.weight", H, S, C::kSharedExpert));
-    Source g = matrix(mp + "shared_expert_gate.weight", 1, H, C::kAttn);
-    g.kind = Source::kVectorF32;
-    add_resident(pp + "shexp_router", {1, H}, g);
-  }
-  plan_experts(l);
+// The depthwise conv [channels, kernel]: HF stores it as [C, 1, K], MLX as [C, K, 1]: the same
+// bytes.
+Source Converter::conv(const std::string& hf_name, int64_t channels, int64_t kernel) {
+  const TensorInfo* c = ckpt_.find(hf_name);
+  const bool mlx_conv = c && c->shape == std::vector<int64_t>{channels, kernel, 1} && kernel != 1;
+  const TensorInfo& cw = need(hf_name, mlx_conv ? std::vector<int64_t>{channels, kernel, 1}
+                                                : std::vector<int64_t>{channels, 1, kernel});
+  Source cs;
+  cs.slices.push_back({&cw, 0, 1});
+  cs.cols = channels * kernel;
+  cs.kind = Source::kVectorF32;
+  return cs;
 }
 
 void Converter::plan_experts(int l) {
   const ModelSpec& s = cfg_.spec;
   const int64_t H = s.hidden_size, I = s.moe_ffn, E = s.n_experts;
-  const std::string hp = fmt::format("{}layers.{}.", prefix_, l);
   const auto X = TensorClass::kExperts;
   std::vector<std::array<Source, 3>> experts(static_cast<size_t>(E));
-  const std::string mp = hp + (ckpt_.find(hp + "block_sparse_moe.gate.weight") ? "block_sparse_moe." : "mlp.");
+  const std::string mp = moe_prefix(l);
   // Row runs of stacked [E, rows, ...] sources: expert e's block of `rows` starting at `first`.
   auto expert_rows = [](const Source& all, int64_t e, int64_t per_expert, int64_t first, int64_t n) {
     Source out = all;
@@ -516,16 +533,13 @@ ConvertReport Converter::run() {
   }
   if (mlx_ && cfg_.norm_one_plus)
     report_.notes.push_back("MLX checkpoint: norm weights already hold 1 + w");
-  const int64_t V = s.vocab_size, H = s.hidden_size;
-
   m_.spec = s;
-  add_resident("embed", {V, H}, matrix(prefix_ + "embed_tokens.weight", V, H, TensorClass::kEmbed));
-  for (int l = 0; l < s.n_layers; l++) plan_layer(l);
-  add_resident("final_norm", {H}, vec(prefix_ + "norm.weight", H, Source::kNormF32));
-  if (!s.tie_embeddings)
-    add_resident("lm_head", {V, H},
-                 matrix(ckpt_.find(lm_head_name_) ? lm_head_name_ : "lm_head.weight", V, H,
-                        TensorClass::kLmHead));
+  for (const TensorSpec& t : resident_schema(s)) {
+    resident_src_.push_back(source(t));
+    m_.resident.push_back(plan(t.name, t.shape, resident_src_.back()));
+  }
+  for (int l = 0; l < s.n_layers; l++)
+    if (s.ffn[size_t(l)] == FfnKind::kMoe) plan_experts(l);
   check_leftovers();
 
   uint64_t off = 0;
@@ -539,15 +553,13 @@ ConvertReport Converter::run() {
 
   ExpertLayout& ex = m_.experts;
   if (!expert_src_.empty()) {
-    const char* part_names[3] = {"gate", "up", "down"};
-    const int64_t I = s.moe_ffn;
-    const std::vector<int64_t> shapes[3] = {{I, H}, {I, H}, {H, I}};
+    const std::vector<TensorSpec> x = expert_schema(s);
     std::vector<PackedTensor> parts;
     for (size_t p = 0; p < 3; p++) {
-      PackedTensor t = plan(part_names[p], shapes[p], expert_src_[0][0][p]);
+      PackedTensor t = plan(x[p].name, x[p].shape, expert_src_[0][0][p]);
       for (const auto& layer : expert_src_)  // one layout for all experts of all layers
         for (const auto& e : layer) {
-          PackedTensor other = plan(part_names[p], shapes[p], e[p]);
+          PackedTensor other = plan(x[p].name, x[p].shape, e[p]);
           if (other.dtype != t.dtype || other.group != t.group)
             fail(ErrorKind::kUnsupported, "{}: experts are stored with different dtypes or groups", hf_dir_);
         }

@@ -8,12 +8,9 @@
 #include <vector>
 
 #include "format/dtype.h"
+#include "format/schema.h"  // TensorClass: what a matrix is for, the recipe's key
 
 namespace moeflux {
-
-// What a matrix is for; a quantisation recipe picks a dtype per class. Routers, norms, conv
-// weights, A_log and dt_bias are never quantised (they are stored f32).
-enum class TensorClass { kEmbed, kLmHead, kAttn, kLinearAttn, kSharedExpert, kDenseFfn, kExperts };
 
 struct QuantRecipe {
   std::string name = "none";

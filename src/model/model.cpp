@@ -8,7 +8,9 @@
 
 #include <cerrno>
 #include <cstring>
+#include <map>
 
+#include "format/schema.h"
 #include "util/error.h"
 
 namespace moeflux {
@@ -63,6 +65,31 @@ const float* Model::bind_vec(const std::string& name, std::vector<int64_t> shape
          name, dtype_name(t.dtype));
   return reinterpret_cast<const float*>(resident_.data() + t.offset);
 }
+
+namespace {
+
+// The LayerWeights field each layer tensor of the schema (format/schema.h) binds to.
+using MatField = Mat LayerWeights::*;
+using VecField = const float* LayerWeights::*;
+const std::map<std::string, MatField, std::less<>> kMatFields = {
+    {"attn_q", &LayerWeights::q},           {"attn_k", &LayerWeights::k},
+    {"attn_v", &LayerWeights::v},           {"attn_o", &LayerWeights::o},
+    {"lin_qkv", &LayerWeights::lin_qkv},    {"lin_z", &LayerWeights::lin_z},
+    {"lin_b", &LayerWeights::lin_b},        {"lin_a", &LayerWeights::lin_a},
+    {"lin_out", &LayerWeights::lin_out},    {"moe_router", &LayerWeights::router},
+    {"shexp_gate", &LayerWeights::sh_gate}, {"shexp_up", &LayerWeights::sh_up},
+    {"shexp_down", &LayerWeights::sh_down}, {"shexp_router", &LayerWeights::sh_router},
+    {"ffn_gate", &LayerWeights::ffn_gate},  {"ffn_up", &LayerWeights::ffn_up},
+    {"ffn_down", &LayerWeights::ffn_down},
+};
+const std::map<std::string, VecField, std::less<>> kVecFields = {
+    {"attn_norm", &LayerWeights::attn_norm}, {"ffn_norm", &LayerWeights::ffn_norm},
+    {"attn_q_norm", &LayerWeights::q_norm},  {"attn_k_norm", &LayerWeights::k_norm},
+    {"lin_conv", &LayerWeights::conv},       {"lin_A_log", &LayerWeights::A_log},
+    {"lin_dt_bias", &LayerWeights::dt_bias}, {"lin_norm", &LayerWeights::lin_norm},
+};
+
+}  // namespace
 
 Model::~Model() {
   for (int fd : expert_fds_) ::close(fd);
@@ -120,71 +147,50 @@ std::unique_ptr<Model> Model::load(const std::string& dir, bool use_mmap) {
     fail(ErrorKind::kIo, "{}: the package changed on disk while it was loading; load it again",
          dir);
   const ModelSpec& s = m->manifest_.spec;
-  const int64_t H = s.hidden_size, V = s.vocab_size;
 
   // Expert parts must have the shapes the spec implies.
   if (!m->manifest_.experts.layers.empty()) {
     const auto& parts = m->manifest_.experts.parts;
-    const std::vector<std::vector<int64_t>> want = {{s.moe_ffn, H}, {s.moe_ffn, H}, {H, s.moe_ffn}};
-    const char* names[3] = {"gate", "up", "down"};
-    if (parts.size() != 3)
+    const std::vector<TensorSpec> want = expert_schema(s);
+    if (parts.size() != want.size())
       fail(ErrorKind::kFormat, "{}: experts.parts must list gate, up, down", manifest_path(dir));
-    for (size_t p = 0; p < 3; p++)
-      if (parts[p].name != names[p] || parts[p].shape != want[p])
+    for (size_t p = 0; p < want.size(); p++)
+      if (parts[p].name != want[p].name || parts[p].shape != want[p].shape)
         fail(ErrorKind::kFormat, "{}: expert part {} is '{}' [{}], expected '{}' [{}]",
-             manifest_path(dir), p, parts[p].name, fmt::join(parts[p].shape, ", "), names[p],
-             fmt::join(want[p], ", "));
+             manifest_path(dir), p, parts[p].name, fmt::join(parts[p].shape, ", "), want[p].name,
+             fmt::join(want[p].shape, ", "));
   }
 
-  m->embed = m->bind_mat("embed", V, H);
-  m->final_norm = m->bind_vec("final_norm", {H});
-  m->lm_head = s.tie_embeddings ? m->embed : m->bind_mat("lm_head", V, H);
+  // Every tensor of the schema, bound to its field; the schema decides which exist.
+  m->layers.resize(size_t(s.n_layers));
   int moe_index = 0;
   for (int l = 0; l < s.n_layers; l++) {
-    LayerWeights w;
-    const std::string p = fmt::format("blk.{}.", l);
+    LayerWeights& w = m->layers[size_t(l)];
     w.attn = s.attn[size_t(l)];
     w.ffn = s.ffn[size_t(l)];
-    w.attn_norm = m->bind_vec(p + "attn_norm", {H});
-    w.ffn_norm = m->bind_vec(p + "ffn_norm", {H});
-    if (w.attn == AttnKind::kFull) {
-      const int64_t kv = int64_t(s.n_kv_heads) * s.head_dim, hq = int64_t(s.n_heads) * s.head_dim;
-      w.q = m->bind_mat(p + "attn_q", s.q_rows(), H);
-      w.k = m->bind_mat(p + "attn_k", kv, H);
-      w.v = m->bind_mat(p + "attn_v", kv, H);
-      w.o = m->bind_mat(p + "attn_o", H, hq);
-      if (s.qk_norm) {
-        w.q_norm = m->bind_vec(p + "attn_q_norm", {s.head_dim});
-        w.k_norm = m->bind_vec(p + "attn_k_norm", {s.head_dim});
-      }
-    } else {
-      const int64_t qkv = s.lin_qkv_dim(), vd = s.lin_value_dim(), nv = s.lin_v_heads;
-      w.lin_qkv = m->bind_mat(p + "lin_qkv", qkv, H);
-      w.lin_z = m->bind_mat(p + "lin_z", vd, H);
-      w.lin_b = m->bind_mat(p + "lin_b", nv, H);
-      w.lin_a = m->bind_mat(p + "lin_a", nv, H);
-      w.lin_out = m->bind_mat(p + "lin_out", H, vd);
-      w.conv = m->bind_vec(p + "lin_conv", {qkv, s.conv_kernel});
-      w.A_log = m->bind_vec(p + "lin_A_log", {nv});
-      w.dt_bias = m->bind_vec(p + "lin_dt_bias", {nv});
-      w.lin_norm = m->bind_vec(p + "lin_norm", {s.lin_v_dim});
-    }
-    if (w.ffn == FfnKind::kMoe) {
-      w.router = m->bind_mat(p + "moe_router", s.n_experts, H, /*f32_only=*/true);
-      if (s.shared_ffn > 0) {
-        w.sh_gate = m->bind_mat(p + "shexp_gate", s.shared_ffn, H);
-        w.sh_up = m->bind_mat(p + "shexp_up", s.shared_ffn, H);
-        w.sh_down = m->bind_mat(p + "shexp_down", H, s.shared_ffn);
-        w.sh_router = m->bind_mat(p + "shexp_router", 1, H, /*f32_only=*/true);
-      }
-      w.moe_index = moe_index++;
-    } else {
-      w.ffn_gate = m->bind_mat(p + "ffn_gate", s.dense_ffn, H);
-      w.ffn_up = m->bind_mat(p + "ffn_up", s.dense_ffn, H);
-      w.ffn_down = m->bind_mat(p + "ffn_down", H, s.dense_ffn);
-    }
-    m->layers.push_back(w);
+    if (w.ffn == FfnKind::kMoe) w.moe_index = moe_index++;
   }
+  for (const TensorSpec& t : resident_schema(s)) {
+    if (t.role == TensorRole::kNorm || t.role == TensorRole::kVector) {
+      const float* v = m->bind_vec(t.name, t.shape);
+      if (t.layer < 0) {
+        MF_CHECK(t.key == "final_norm");
+        m->final_norm = v;
+      } else {
+        m->layers[size_t(t.layer)].*kVecFields.at(t.key) = v;
+      }
+    } else {
+      const Mat mat = m->bind_mat(t.name, t.shape[0], t.shape[1],
+                                  /*f32_only=*/t.role == TensorRole::kRouter);
+      if (t.layer < 0) {
+        MF_CHECK(t.key == "embed" || t.key == "lm_head");
+        (t.key == "embed" ? m->embed : m->lm_head) = mat;
+      } else {
+        m->layers[size_t(t.layer)].*kMatFields.at(t.key) = mat;
+      }
+    }
+  }
+  if (s.tie_embeddings) m->lm_head = m->embed;
   return m;
 }
 

@@ -14,9 +14,9 @@
 #include <future>
 #include <map>
 #include <numeric>
-#include <optional>
 
 #include "format/quant.h"
+#include "format/schema.h"
 #include "text/tokenizer.h"
 #include "util/atomic_file.h"
 #include "util/error.h"
@@ -257,108 +257,70 @@ struct Plan {
   QuantRecipe recipe;
 };
 
-struct Planner {
-  const ModelSpec& s;
-  const QuantRecipe& recipe;
-  Plan& p;
-
-  // A matrix of `cls` gets the recipe's dtype when a group fits its input dimension (as convert
-  // does), else bf16; everything else is f32.
-  PackedTensor tensor(const std::string& name, std::vector<int64_t> shape,
-                      const TensorClass* cls) const {
-    PackedTensor t;
-    t.name = name;
-    t.shape = std::move(shape);
-    t.dtype = cls ? DType::kBF16 : DType::kF32;
-    if (cls) {
-      auto want = recipe.dtype.find(*cls);
-      if (want != recipe.dtype.end()) {
-        for (int g : {recipe.group, 128, 64, 32})
-          if (quantisable(t.shape[1], quant_bits(want->second), g)) {
-            t.dtype = want->second;
-            t.group = g;
-            break;
-          }
-      }
+// A matrix (TensorRole::kMatrix) gets the recipe's dtype for its class when a group fits its
+// input dimension (as convert does), else bf16; everything else is f32.
+PackedTensor plan_tensor(const TensorSpec& ts, const QuantRecipe& recipe) {
+  PackedTensor t;
+  t.name = ts.name;
+  t.shape = ts.shape;
+  const bool matrix = ts.role == TensorRole::kMatrix;
+  t.dtype = matrix ? DType::kBF16 : DType::kF32;
+  if (matrix) {
+    auto want = recipe.dtype.find(ts.cls);
+    if (want != recipe.dtype.end()) {
+      for (int g : {recipe.group, 128, 64, 32})
+        if (quantisable(t.shape[1], quant_bits(want->second), g)) {
+          t.dtype = want->second;
+          t.group = g;
+          break;
+        }
     }
-    t.nbytes = t.expected_bytes();
-    return t;
   }
-
-  void add(const std::string& name, std::vector<int64_t> shape, std::optional<TensorClass> cls,
-           TensorInit init) {
-    p.m.resident.push_back(tensor(name, std::move(shape), cls ? &*cls : nullptr));
-    p.init.push_back(init);
-  }
-};
+  t.nbytes = t.expected_bytes();
+  return t;
+}
 
 Plan make_plan(const ModelSpec& s, const std::string& quant, int full_layers) {
   Plan p;
   p.recipe = quant_recipe(quant);
   p.m.spec = s;
-  Planner pl{s, p.recipe, p};
-  using C = TensorClass;
-  const int64_t H = s.hidden_size, V = s.vocab_size;
+  const int64_t H = s.hidden_size;
   const double L = std::max(full_layers, s.n_layers);
   const double block = kEmbedStd / std::sqrt(2 * L);  // RMS each block adds to the stream
   const double in_h = 1 / std::sqrt(double(H));
-  auto mat = [](double sigma, int layer = -1) { return TensorInit{Init::kMatrix, sigma, layer}; };
-  const TensorInit norm{Init::kNorm, 0, -1};
+  auto mat = [](double sigma) { return TensorInit{Init::kMatrix, sigma, -1}; };
 
-  pl.add("embed", {V, H}, C::kEmbed, {Init::kEmbed, kEmbedStd, -1});
-  for (int l = 0; l < s.n_layers; l++) {
-    const std::string pp = fmt::format("blk.{}.", l);
-    pl.add(pp + "attn_norm", {H}, std::nullopt, norm);
-    pl.add(pp + "ffn_norm", {H}, std::nullopt, norm);
-    if (s.attn[size_t(l)] == AttnKind::kFull) {
-      const int64_t hd = s.head_dim, kv = int64_t(s.n_kv_heads) * hd,
-                    o_in = int64_t(s.n_heads) * hd;
-      pl.add(pp + "attn_q", {s.q_rows(), H}, C::kAttn, mat(in_h));
-      pl.add(pp + "attn_k", {kv, H}, C::kAttn, mat(in_h));
-      pl.add(pp + "attn_v", {kv, H}, C::kAttn, mat(in_h));
+  // How each tensor of the schema is initialised; matrices that read a unit-RMS input of H get
+  // std 1/sqrt(H).
+  auto init = [&](const TensorSpec& t) -> TensorInit {
+    const std::string& k = t.key;
+    if (t.role == TensorRole::kNorm) return {Init::kNorm, 0, -1};
+    if (k == "embed") return {Init::kEmbed, kEmbedStd, -1};
+    if (k == "lm_head") return mat(kLogitStd * in_h);
+    if (k == "moe_router") return {Init::kRouter, in_h, t.layer};
+    if (k == "lin_conv") return {Init::kConv, 0.5 / std::sqrt(double(t.shape[1])), t.layer};
+    if (k == "lin_A_log") return {Init::kALog, 0, t.layer};
+    if (k == "lin_dt_bias") return {Init::kDtBias, 0, t.layer};
+    const double in = double(t.shape[1]);
+    if (k == "attn_o") {
       // Input: softmax-weighted averages of unit-RMS values (smaller than 1), gated by
       // sigmoid(gate) where the arch has the output gate.
       const double o_gain = s.attn_output_gate ? 2.0 : 1.5;
-      pl.add(pp + "attn_o", {H, o_in}, C::kAttn, mat(block * o_gain / std::sqrt(double(o_in))));
-      if (s.qk_norm) {
-        pl.add(pp + "attn_q_norm", {hd}, std::nullopt, norm);
-        pl.add(pp + "attn_k_norm", {hd}, std::nullopt, norm);
-      }
-    } else {
-      const int64_t nv = s.lin_v_heads, qkv = s.lin_qkv_dim(), vd = s.lin_value_dim();
-      pl.add(pp + "lin_qkv", {qkv, H}, C::kLinearAttn, mat(in_h));
-      pl.add(pp + "lin_z", {vd, H}, C::kLinearAttn, mat(in_h));
-      pl.add(pp + "lin_b", {nv, H}, C::kLinearAttn, mat(in_h));
-      pl.add(pp + "lin_a", {nv, H}, C::kLinearAttn, mat(0.5 * in_h));
-      pl.add(pp + "lin_conv", {qkv, s.conv_kernel}, std::nullopt,
-             {Init::kConv, 0.5 / std::sqrt(double(s.conv_kernel)), l});
-      pl.add(pp + "lin_A_log", {nv}, std::nullopt, {Init::kALog, 0, l});
-      pl.add(pp + "lin_dt_bias", {nv}, std::nullopt, {Init::kDtBias, 0, l});
-      pl.add(pp + "lin_norm", {s.lin_v_dim}, std::nullopt, norm);
-      // Input: rms-normed heads times silu(z).
-      pl.add(pp + "lin_out", {H, vd}, C::kLinearAttn,
-             mat(block / kSiluRms / std::sqrt(double(vd))));
+      return mat(block * o_gain / std::sqrt(in));
     }
-    if (s.ffn[size_t(l)] == FfnKind::kDense) {
-      const int64_t I = s.dense_ffn;
-      pl.add(pp + "ffn_gate", {I, H}, C::kDenseFfn, mat(in_h));
-      pl.add(pp + "ffn_up", {I, H}, C::kDenseFfn, mat(in_h));
-      pl.add(pp + "ffn_down", {H, I}, C::kDenseFfn, mat(block / kSiluRms / std::sqrt(double(I))));
-      continue;
-    }
-    pl.add(pp + "moe_router", {s.n_experts, H}, std::nullopt, {Init::kRouter, in_h, l});
-    if (s.shared_ffn > 0) {
-      const int64_t S = s.shared_ffn;
-      // Half the block's energy from the shared expert (gated by a sigmoid), half routed.
-      pl.add(pp + "shexp_gate", {S, H}, C::kSharedExpert, mat(in_h));
-      pl.add(pp + "shexp_up", {S, H}, C::kSharedExpert, mat(in_h));
-      pl.add(pp + "shexp_down", {H, S}, C::kSharedExpert,
-             mat(block / std::sqrt(2.0) / (kSiluRms * kSigmoidRms) / std::sqrt(double(S))));
-      pl.add(pp + "shexp_router", {1, H}, std::nullopt, mat(in_h));
-    }
+    if (k == "lin_a") return mat(0.5 * in_h);
+    // Input: rms-normed heads times silu(z) (lin_out), silu(gate) * up (ffn_down).
+    if (k == "lin_out" || k == "ffn_down") return mat(block / kSiluRms / std::sqrt(in));
+    // Half the block's energy from the shared expert (gated by a sigmoid), half routed.
+    if (k == "shexp_down")
+      return mat(block / std::sqrt(2.0) / (kSiluRms * kSigmoidRms) / std::sqrt(in));
+    MF_CHECK(t.role == TensorRole::kMatrix || k == "shexp_router");
+    return mat(in_h);
+  };
+  for (const TensorSpec& t : resident_schema(s)) {
+    p.m.resident.push_back(plan_tensor(t, p.recipe));
+    p.init.push_back(init(t));
   }
-  pl.add("final_norm", {H}, std::nullopt, norm);
-  if (!s.tie_embeddings) pl.add("lm_head", {V, H}, C::kLmHead, mat(kLogitStd * in_h));
 
   uint64_t off = 0;
   for (auto& t : p.m.resident) {
@@ -375,11 +337,8 @@ Plan make_plan(const ModelSpec& s, const std::string& quant, int full_layers) {
     const double routed = block / (s.shared_ffn > 0 ? std::sqrt(2.0) : 1.0);
     const double down = routed * std::sqrt(double(s.top_k)) / 1.3 / kSiluRms / std::sqrt(double(I));
     p.expert_sigma = {in_h, in_h, down};
-    const char* names[3] = {"gate", "up", "down"};
-    const std::vector<int64_t> shapes[3] = {{I, H}, {I, H}, {H, I}};
-    const TensorClass X = TensorClass::kExperts;
     std::vector<PackedTensor> parts;
-    for (int q = 0; q < 3; q++) parts.push_back(pl.tensor(names[q], shapes[q], &X));
+    for (const TensorSpec& t : expert_schema(s)) parts.push_back(plan_tensor(t, p.recipe));
     p.m.experts = make_expert_layout(s, std::move(parts));
   }
   return p;
@@ -555,12 +514,11 @@ struct Values {
   // Expert file of MoE layer `l`: expert e at e * stride, parts gate, up, down.
   void experts(std::vector<Segment>& segs, int l) const {
     const ExpertLayout& ex = p.m.experts;
-    const char* names[3] = {"gate", "up", "down"};
     for (int e = 0; e < ex.count; e++)
       for (int q = 0; q < 3; q++) {
         const PackedTensor& t = ex.parts[size_t(q)];
         add_matrix(segs, t, uint64_t(e) * ex.stride + t.offset,
-                   name_key(seed, fmt::format("blk.{}.expert.{}.{}", l, e, names[q])),
+                   name_key(seed, fmt::format("blk.{}.expert.{}.{}", l, e, t.name)),
                    p.expert_sigma[size_t(q)]);
       }
   }

@@ -1,0 +1,91 @@
+#include "format/schema.h"
+
+#include <fmt/format.h>
+
+namespace moeflux {
+
+namespace {
+
+struct SchemaBuilder {
+  std::vector<TensorSpec> out;
+  int layer = -1;
+
+  void add(const std::string& key, std::vector<int64_t> shape, TensorRole role,
+           TensorClass cls = TensorClass::kAttn) {
+    std::string name = layer < 0 ? key : fmt::format("blk.{}.{}", layer, key);
+    out.push_back({std::move(name), key, layer, std::move(shape), role, cls});
+  }
+  void norm(const std::string& key, int64_t n) { add(key, {n}, TensorRole::kNorm); }
+  void vec(const std::string& key, std::vector<int64_t> shape) {
+    add(key, std::move(shape), TensorRole::kVector);
+  }
+  void mat(const std::string& key, int64_t rows, int64_t cols, TensorClass cls) {
+    add(key, {rows, cols}, TensorRole::kMatrix, cls);
+  }
+};
+
+}  // namespace
+
+std::vector<TensorSpec> resident_schema(const ModelSpec& s) {
+  using C = TensorClass;
+  const int64_t H = s.hidden_size, V = s.vocab_size;
+  SchemaBuilder b;
+  b.mat("embed", V, H, C::kEmbed);
+  for (int l = 0; l < s.n_layers; l++) {
+    b.layer = l;
+    b.norm("attn_norm", H);
+    b.norm("ffn_norm", H);
+    if (s.attn[size_t(l)] == AttnKind::kFull) {
+      const int64_t hd = s.head_dim, kv = int64_t(s.n_kv_heads) * hd;
+      b.mat("attn_q", s.q_rows(), H, C::kAttn);  // with the output gate: per head q then gate
+      b.mat("attn_k", kv, H, C::kAttn);
+      b.mat("attn_v", kv, H, C::kAttn);
+      b.mat("attn_o", H, int64_t(s.n_heads) * hd, C::kAttn);
+      if (s.qk_norm) {
+        b.norm("attn_q_norm", hd);
+        b.norm("attn_k_norm", hd);
+      }
+    } else {
+      const int64_t nv = s.lin_v_heads, qkv = s.lin_qkv_dim(), vd = s.lin_value_dim();
+      b.mat("lin_qkv", qkv, H, C::kLinearAttn);  // [q all | k all | v all]
+      b.mat("lin_z", vd, H, C::kLinearAttn);
+      b.mat("lin_b", nv, H, C::kLinearAttn);
+      b.mat("lin_a", nv, H, C::kLinearAttn);
+      b.vec("lin_conv", {qkv, s.conv_kernel});  // depthwise conv1d taps
+      b.vec("lin_A_log", {nv});
+      b.vec("lin_dt_bias", {nv});
+      b.norm("lin_norm", s.lin_v_dim);  // the gated norm over each v-head
+      b.mat("lin_out", H, vd, C::kLinearAttn);
+    }
+    if (s.ffn[size_t(l)] == FfnKind::kDense) {
+      const int64_t I = s.dense_ffn;
+      b.mat("ffn_gate", I, H, C::kDenseFfn);
+      b.mat("ffn_up", I, H, C::kDenseFfn);
+      b.mat("ffn_down", H, I, C::kDenseFfn);
+      continue;
+    }
+    b.add("moe_router", {s.n_experts, H}, TensorRole::kRouter);
+    if (s.shared_ffn > 0) {
+      const int64_t S = s.shared_ffn;
+      b.mat("shexp_gate", S, H, C::kSharedExpert);
+      b.mat("shexp_up", S, H, C::kSharedExpert);
+      b.mat("shexp_down", H, S, C::kSharedExpert);
+      b.add("shexp_router", {1, H}, TensorRole::kRouter);  // sigmoid gate of the shared expert
+    }
+  }
+  b.layer = -1;
+  b.norm("final_norm", H);
+  if (!s.tie_embeddings) b.mat("lm_head", V, H, C::kLmHead);
+  return std::move(b.out);
+}
+
+std::vector<TensorSpec> expert_schema(const ModelSpec& s) {
+  const int64_t H = s.hidden_size, I = s.moe_ffn;
+  SchemaBuilder b;
+  b.mat("gate", I, H, TensorClass::kExperts);
+  b.mat("up", I, H, TensorClass::kExperts);
+  b.mat("down", H, I, TensorClass::kExperts);
+  return std::move(b.out);
+}
+
+}  // namespace moeflux
