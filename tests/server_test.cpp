@@ -743,9 +743,9 @@ TEST_F(ServerProcessTest, SseFramingWithCurl) {
   plain.erase("stream_options");
   auto c = client(srv_->port());
   const Json r = post_json(*c, "/v1/chat/completions", plain);
-  EXPECT_EQ(content, r["choices"][0]["message"]["content"]);
+  EXPECT_EQ(content, r["choices"][0]["message"]["content"].get<std::string>());
   EXPECT_EQ(usage["completion_tokens"], r["usage"]["completion_tokens"]);
-  EXPECT_EQ(finish, r["choices"][0]["finish_reason"]);
+  EXPECT_EQ(finish, r["choices"][0]["finish_reason"].get<std::string>());
 
   // Completions stream too, ending with [DONE].
   Json cbody = {{"prompt", "In the beginning"}, {"max_tokens", 5}, {"stream", true}, {"seed", 2}};

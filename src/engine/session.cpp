@@ -180,6 +180,7 @@ void Session::eval(const int32_t* tokens, int T, float* logits, bool all_logits,
                     fmt::format("the session's state is invalid (an evaluation failed midway at "
                                 "position {}): clear it, rewind it with seq_rm or load a snapshot",
                                 pos_));
+  model_.check_resident();  // a mapped resident.bin cut short: an error here, not SIGBUS below
   try {
     forward_ubatched(tokens, T, logits, all_logits, hidden);
   } catch (...) {

@@ -3,7 +3,7 @@
 
 #include <string>
 
-#include "model/spec.h"
+#include "format/spec.h"
 
 namespace moeflux {
 

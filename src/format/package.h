@@ -14,7 +14,7 @@
 
 #include "format/dtype.h"
 #include "format/quant.h"
-#include "model/spec.h"
+#include "format/spec.h"
 
 namespace moeflux {
 

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "model/spec.h"
+#include "format/spec.h"
 
 namespace moeflux {
 

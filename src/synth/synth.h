@@ -18,7 +18,7 @@
 
 #include "convert/convert.h"
 #include "format/package.h"
-#include "model/spec.h"
+#include "format/spec.h"
 
 namespace moeflux {
 

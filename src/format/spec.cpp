@@ -1,4 +1,4 @@
-#include "model/spec.h"
+#include "format/spec.h"
 
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
