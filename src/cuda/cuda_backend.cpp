@@ -63,7 +63,9 @@ cuda::WMat wmat(const Mat& m) {
       fail(ErrorKind::kUnsupported, "CUDA backend: weights of dtype {} are not supported",
            dtype_name(m.dtype));
   }
-  if (is_quant_dtype(m.dtype) && (m.group <= 0 || m.group % 32 || m.cols % m.group))
+  // Groups are powers of two (format/quant.h kQuantGroups: 32, 64, 128): the kernels shift.
+  if (is_quant_dtype(m.dtype) &&
+      (m.group < 32 || (m.group & (m.group - 1)) || m.cols % m.group))
     fail(ErrorKind::kUnsupported, "CUDA backend: quantised weights [{}, {}] with group {}",
          m.rows, m.cols, m.group);
   if ((m.dtype == DType::kBF16 || m.dtype == DType::kF16) && m.cols % 2)
