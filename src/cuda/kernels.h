@@ -1,0 +1,96 @@
+// The CUDA backend's kernels behind plain C++ launchers: the .cu files hold nothing but these,
+// so nvcc never compiles the engine's headers, and cuda_backend.cpp (host C++) calls them with
+// the Context's stream. Every launcher queues work and returns; it throws nothing (launch
+// errors are picked up by the caller through cudaGetLastError).
+//
+// Numerics follow cpu/cpu_backend.cpp, the spec: every kernel is built with --fmad=false (no
+// implicit fma, as -ffp-contract=off on the host) and computes each output element in one fixed
+// order that depends neither on the launch shape nor on T, so a token's bits are the same
+// alone or in a batch, and repeated runs are bit-identical (no float atomics anywhere).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace moeflux::cuda {
+
+// Weight element types as the kernels know them.
+enum WType : int { kWF32 = 0, kWBF16, kWF16, kWQ8, kWQ4, kWQ2 };
+
+// A row-major [rows, cols] weight matrix in device memory (model.h's Mat, device pointers).
+// Quantised: data = packed u32 words [rows, cols*bits/32], scales/biases bf16 [rows,
+// cols/group] (format/quant.h).
+struct WMat {
+  int type = kWF32;
+  int64_t rows = 0, cols = 0;
+  const void* data = nullptr;
+  const uint16_t* scales = nullptr;
+  const uint16_t* biases = nullptr;
+  int group = 0;
+};
+
+// y[t * y_stride + r] = sum_c W[r, c] x[t * W.cols + c]. One warp per row; each lane sums its
+// fixed columns with fmaf in increasing order, then the 32 lane sums go through a fixed
+// shuffle tree: the order depends only on W's shape.
+void matmul(cudaStream_t s, const WMat& W, const float* x, float* y, int T, int64_t y_stride);
+// out[t] = W[tokens[t]] (dequantised as format/quant.h's dequantize_row).
+void embed(cudaStream_t s, const WMat& E, const int32_t* tokens, int T, float* out);
+
+void rmsnorm(cudaStream_t s, const float* x, const float* w, float* y, int rows, int n,
+             int stride, float eps);
+// inv_freq: [rot_dim/2] device, computed on the host exactly as the CPU does; pos: device int.
+void rope(cudaStream_t s, float* x, int T, int n_heads, int row_stride, int head_stride,
+          int rot_dim, const float* inv_freq, const int* pos);
+void kv_append(cudaStream_t s, float* cache, const float* src, int T, int row, const int* pos);
+// Returns false when head_dim is larger than the kernels support (512).
+bool attention(cudaStream_t s, const float* q, const float* k, const float* v, float* out, int T,
+               int n_heads, int n_kv_heads, int head_dim, int q_stride, int q_head_stride,
+               int kv_stride, float scale, const int* pos);
+void mul_sigmoid_gate(cudaStream_t s, float* out, const float* gate, int T, int n_heads, int d,
+                      int gate_stride, int gate_head_stride);
+// PRECONDITION: conv_kernel_supported(K).
+void conv1d_silu(cudaStream_t s, const float* x, float* state, const float* w, float* y, int T,
+                 int C, int K);
+bool conv_kernel_supported(int K);
+void deltanet_gates(cudaStream_t s, float* a, float* b, const float* A_log,
+                    const float* dt_bias, int T, int nv);
+// Returns false when the shape is beyond the kernel (dk or dv > 1024).
+bool deltanet(cudaStream_t s, const float* qkv, const float* g, const float* beta, float* state,
+              float* out, int T, int nk, int nv, int dk, int dv);
+void gated_rmsnorm(cudaStream_t s, float* x, const float* z, const float* w, int rows, int n,
+                   float eps);
+void add(cudaStream_t s, float* y, const float* x, size_t n);
+void silu_mul(cudaStream_t s, float* gate, const float* up, size_t n);
+// scoring: 0 softmax, 1 sigmoid. weights may be null.
+void route(cudaStream_t s, const float* logits, int T, int n_experts, int k, int scoring,
+           bool norm_topk_prob, const float* bias, float scale, int32_t* ids, float* weights);
+
+// ---- moe_experts' pieces ---------------------------------------------------------------------
+// dst[r] = src[slots[r] / k] for r < n (rows of `cols` floats): the tokens of an expert's slots.
+void gather_slot_rows(cudaStream_t s, const float* src, const int32_t* slots, int n, int k,
+                      int cols, float* dst);
+// dst[slots[r]] = src[r] * weights[slots[r]] for r < n.
+void scatter_slot_rows(cudaStream_t s, const float* src, const int32_t* slots,
+                       const float* weights, int n, int cols, float* dst);
+// out[t] = slots[t, 0] + ... + slots[t, k-1], added in that order.
+void sum_slots(cudaStream_t s, const float* slots, int T, int k, int cols, float* out);
+// out[t] += y[t] * sigmoid(r[t]) (r null: out[t] += y[t]).
+void add_gated_rows(cudaStream_t s, float* out, const float* y, const float* r, int T, int cols);
+
+// ---- position and checks ---------------------------------------------------------------------
+void set_int(cudaStream_t s, int* dst, int value);
+// The first non-finite check's result: set, tag, index; `min_index` is the scratch of the call
+// in flight (all ones between calls).
+struct NonfiniteFlag {
+  unsigned long long min_index;
+  int set, tag;
+  unsigned long long index;
+};
+void check_finite(cudaStream_t s, const float* x, size_t n, int tag, NonfiniteFlag* flag);
+
+// The kernels' build targets as text ("sm_80 sm_90a"), for error messages.
+const char* built_architectures();
+
+}  // namespace moeflux::cuda

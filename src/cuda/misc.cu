@@ -1,0 +1,245 @@
+// Norms, elementwise ops, the router, moe_experts' row moves, the position and the NaN check.
+#include "cuda/common.cuh"
+
+namespace moeflux::cuda {
+
+namespace {
+
+// One block (256 threads) per row: sum of squares in double in a fixed tree.
+__global__ void rmsnorm_kernel(const float* x, const float* __restrict__ w, float* y, int n,
+                               int stride, float eps) {
+  __shared__ double red[256];
+  const float* xr = x + int64_t(blockIdx.x) * stride;
+  float* yr = y + int64_t(blockIdx.x) * stride;
+  double ss = 0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) ss += double(xr[i]) * xr[i];
+  ss = block_sum_double(ss, red);  // ends with a barrier: x == y is safe below
+  const float inv = float(1.0 / sqrt(ss / n + eps));
+  for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = xr[i] * inv * (w ? w[i] : 1.0f);
+}
+
+__global__ void add_kernel(float* y, const float* __restrict__ x, size_t n) {
+  const size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) y[i] += x[i];
+}
+
+__global__ void silu_mul_kernel(float* gate, const float* __restrict__ up, size_t n) {
+  const size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) gate[i] = siluf_(gate[i]) * up[i];
+}
+
+// Best first, equal scores to the lower index, NaN last (cpu_backend.cpp's order).
+__device__ __forceinline__ bool better(float sa, int a, float sb, int b) {
+  if (b < 0) return a >= 0;
+  if (a < 0) return false;
+  const bool na = isnan(sa), nb = isnan(sb);
+  if (na || nb) return na == nb ? a < b : nb;
+  return sa != sb ? sa > sb : a < b;
+}
+
+constexpr int kRouteThreads = 256;
+
+// One block per token. Scores and probabilities in shared memory; k rounds of a block-wide
+// arg-best over the experts not yet taken (a strict total order, so the tree's shape cannot
+// change the winner). Softmax in double, rounded once, as the CPU.
+__global__ void __launch_bounds__(kRouteThreads)
+    route_kernel(const float* __restrict__ logits, int E, int K, int scoring, bool norm,
+                 const float* __restrict__ bias, float scale, int32_t* ids, float* weights) {
+  extern __shared__ double rsm[];
+  double* prob = rsm;                                         // [E]
+  double* red = prob + E;                                     // [threads]
+  float* score = reinterpret_cast<float*>(red + blockDim.x);  // [E]
+  float* bs = score + E;                                      // [threads]
+  int* bi = reinterpret_cast<int*>(bs + blockDim.x);          // [threads]
+  int* chosen = bi + blockDim.x;                              // [K]
+  unsigned char* taken = reinterpret_cast<unsigned char*>(chosen + K);  // [E]
+  const int t = blockIdx.x, tid = threadIdx.x;
+  const float* lg = logits + int64_t(t) * E;
+  double sum = 0;
+  if (scoring == 0) {
+    float mx = -INFINITY;
+    for (int e = tid; e < E; e += blockDim.x) mx = fmaxf(mx, lg[e]);
+    bs[tid] = mx;
+    __syncthreads();
+    for (int w = blockDim.x / 2; w >= 1; w /= 2) {
+      if (tid < w) bs[tid] = fmaxf(bs[tid], bs[tid + w]);
+      __syncthreads();
+    }
+    mx = bs[0];
+    __syncthreads();
+    double part = 0;
+    for (int e = tid; e < E; e += blockDim.x) {
+      prob[e] = exp(double(lg[e]) - double(mx));
+      part += prob[e];
+      score[e] = lg[e];
+    }
+    sum = block_sum_double(part, red);
+  } else {
+    for (int e = tid; e < E; e += blockDim.x) {
+      prob[e] = 1.0 / (1.0 + exp(-double(lg[e])));
+      score[e] = float(prob[e]) + (bias ? bias[e] : 0.0f);
+    }
+  }
+  for (int e = tid; e < E; e += blockDim.x) taken[e] = 0;
+  __syncthreads();
+  for (int j = 0; j < K; j++) {
+    float best_s = 0;
+    int best = -1;
+    for (int e = tid; e < E; e += blockDim.x)
+      if (!taken[e] && better(score[e], e, best_s, best)) best_s = score[e], best = e;
+    bs[tid] = best_s;
+    bi[tid] = best;
+    __syncthreads();
+    for (int w = blockDim.x / 2; w >= 1; w /= 2) {
+      if (tid < w && better(bs[tid + w], bi[tid + w], bs[tid], bi[tid]))
+        bs[tid] = bs[tid + w], bi[tid] = bi[tid + w];
+      __syncthreads();
+    }
+    if (tid == 0) {
+      chosen[j] = bi[0];
+      taken[bi[0]] = 1;
+    }
+    __syncthreads();
+  }
+  if (tid != 0) return;
+  double top = 0;
+  for (int j = 0; j < K; j++) top += prob[chosen[j]];
+  for (int j = 0; j < K; j++) {
+    const int e = chosen[j];
+    ids[int64_t(t) * K + j] = e;
+    if (!weights) continue;
+    const double w = norm ? prob[e] / top : scoring == 0 ? prob[e] / sum : prob[e];
+    weights[int64_t(t) * K + j] = float(w) * scale;
+  }
+}
+
+__global__ void gather_slot_rows_kernel(const float* __restrict__ src,
+                                        const int32_t* __restrict__ slots, int k, int cols,
+                                        float* __restrict__ dst) {
+  const int r = blockIdx.x;
+  const float* s = src + int64_t(slots[r] / k) * cols;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[int64_t(r) * cols + c] = s[c];
+}
+
+__global__ void scatter_slot_rows_kernel(const float* __restrict__ src,
+                                         const int32_t* __restrict__ slots,
+                                         const float* __restrict__ weights, int cols,
+                                         float* __restrict__ dst) {
+  const int r = blockIdx.x, sl = slots[r];
+  const float w = weights[sl];
+  for (int c = threadIdx.x; c < cols; c += blockDim.x)
+    dst[int64_t(sl) * cols + c] = src[int64_t(r) * cols + c] * w;
+}
+
+__global__ void sum_slots_kernel(const float* __restrict__ slots, int k, int cols,
+                                 float* __restrict__ out) {
+  const int t = blockIdx.x;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+    float s = slots[int64_t(t) * k * cols + c];
+    for (int j = 1; j < k; j++) s += slots[(int64_t(t) * k + j) * cols + c];
+    out[int64_t(t) * cols + c] = s;
+  }
+}
+
+__global__ void add_gated_rows_kernel(float* out, const float* __restrict__ y,
+                                      const float* __restrict__ r, int cols) {
+  const int t = blockIdx.x;
+  const float gt = r ? sigmoidf_(r[t]) : 1.0f;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+    const float v = r ? y[int64_t(t) * cols + c] * gt : y[int64_t(t) * cols + c];
+    out[int64_t(t) * cols + c] += v;
+  }
+}
+
+__global__ void set_int_kernel(int* dst, int value) { *dst = value; }
+
+// Each thread notes the first non-finite element of its stride; the lowest index wins by an
+// integer atomicMin (exact, so deterministic). Skipped once a result is noted.
+__global__ void check_finite_kernel(const float* __restrict__ x, size_t n, NonfiniteFlag* f) {
+  if (f->set) return;
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += size_t(gridDim.x) * blockDim.x)
+    if (!isfinite(x[i])) {
+      atomicMin(&f->min_index, (unsigned long long)i);
+      return;
+    }
+}
+
+__global__ void note_nonfinite_kernel(NonfiniteFlag* f, int tag) {
+  if (!f->set && f->min_index != ~0ull) {
+    f->set = 1;
+    f->tag = tag;
+    f->index = f->min_index;
+  }
+  f->min_index = ~0ull;
+}
+
+unsigned blocks_for(size_t n, unsigned threads) {
+  return unsigned((n + threads - 1) / threads);
+}
+
+}  // namespace
+
+void rmsnorm(cudaStream_t s, const float* x, const float* w, float* y, int rows, int n,
+             int stride, float eps) {
+  if (rows <= 0) return;
+  rmsnorm_kernel<<<unsigned(rows), 256, 0, s>>>(x, w, y, n, stride, eps);
+}
+
+void add(cudaStream_t s, float* y, const float* x, size_t n) {
+  if (n) add_kernel<<<blocks_for(n, 256), 256, 0, s>>>(y, x, n);
+}
+
+void silu_mul(cudaStream_t s, float* gate, const float* up, size_t n) {
+  if (n) silu_mul_kernel<<<blocks_for(n, 256), 256, 0, s>>>(gate, up, n);
+}
+
+void route(cudaStream_t s, const float* logits, int T, int n_experts, int k, int scoring,
+           bool norm_topk_prob, const float* bias, float scale, int32_t* ids, float* weights) {
+  if (T <= 0) return;
+  const int th = kRouteThreads;
+  const size_t smem = size_t(n_experts + th) * sizeof(double) +
+                      size_t(n_experts + th) * sizeof(float) + size_t(th + k) * sizeof(int) +
+                      size_t(n_experts);
+  route_kernel<<<unsigned(T), unsigned(th), smem, s>>>(logits, n_experts, k, scoring,
+                                                       norm_topk_prob, bias, scale, ids, weights);
+}
+
+void gather_slot_rows(cudaStream_t s, const float* src, const int32_t* slots, int n, int k,
+                      int cols, float* dst) {
+  if (n > 0) gather_slot_rows_kernel<<<unsigned(n), 256, 0, s>>>(src, slots, k, cols, dst);
+}
+
+void scatter_slot_rows(cudaStream_t s, const float* src, const int32_t* slots,
+                       const float* weights, int n, int cols, float* dst) {
+  if (n > 0) scatter_slot_rows_kernel<<<unsigned(n), 256, 0, s>>>(src, slots, weights, cols, dst);
+}
+
+void sum_slots(cudaStream_t s, const float* slots, int T, int k, int cols, float* out) {
+  if (T > 0) sum_slots_kernel<<<unsigned(T), 256, 0, s>>>(slots, k, cols, out);
+}
+
+void add_gated_rows(cudaStream_t s, float* out, const float* y, const float* r, int T,
+                    int cols) {
+  if (T > 0) add_gated_rows_kernel<<<unsigned(T), 256, 0, s>>>(out, y, r, cols);
+}
+
+void set_int(cudaStream_t s, int* dst, int value) { set_int_kernel<<<1, 1, 0, s>>>(dst, value); }
+
+void check_finite(cudaStream_t s, const float* x, size_t n, int tag, NonfiniteFlag* flag) {
+  if (n) {
+    const unsigned blocks = blocks_for(n, 256) < 1024 ? blocks_for(n, 256) : 1024;
+    check_finite_kernel<<<blocks, 256, 0, s>>>(x, n, flag);
+  }
+  note_nonfinite_kernel<<<1, 1, 0, s>>>(flag, tag);
+}
+
+const char* built_architectures() {
+#ifdef MOEFLUX_CUDA_ARCHS
+  return MOEFLUX_CUDA_ARCHS;
+#else
+  return "see CMAKE_CUDA_ARCHITECTURES";
+#endif
+}
+
+}  // namespace moeflux::cuda
