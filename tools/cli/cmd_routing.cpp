@@ -222,7 +222,8 @@ Command add_routing(CLI::App& app) {
                 "decode at most this many tokens of the text (without --prompt)");
   r->add_option("--prompt", a->r.prompt,
                 "evaluate this many tokens of the text as one prompt per turn, then generate");
-  r->add_option("--generate", a->r.generate, "with --prompt: tokens generated (greedy) per turn");
+  r->add_option("--generate", a->r.generate,
+                "with --prompt: tokens generated (sampled, --temp) per turn");
   r->add_option("--temp", a->r.temp, "with --prompt: sampling temperature (<= 0: greedy)");
   r->add_option("--seed", a->r.seed, "with --prompt: sampling seed");
   r->add_option("--turns", a->r.turns, "with --prompt: turns in one session, each taking the "
