@@ -1,5 +1,5 @@
-// The expert store: logits bit-identical whatever the cache, readers, I/O engine, direct I/O and
-// prefetch; LRU eviction; statistics; read faults; budgets smaller than a layer's experts;
+// The expert store: logits bit-identical whatever the cache, cache policy, readers, I/O engine,
+// direct I/O and prefetch; LRU eviction; the store's hits are the simulator's for every policy; statistics; read faults; budgets smaller than a layer's experts;
 // sessions sharing one store from several threads.
 #include <fcntl.h>
 #include <unistd.h>
@@ -8,7 +8,10 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <random>
 #include <thread>
+
+#include "experts/cache_sim.h"
 
 #include "test_util.h"
 
@@ -26,6 +29,7 @@ struct Config {
   IoEngine io = IoEngine::kPread;
   bool direct = false;
   bool prefetch = false;
+  const char* policy = "default";
 };
 
 void PrintTo(const Config& c, std::ostream* os) {
@@ -55,6 +59,20 @@ const Config kConfigs[] = {
      .direct = true,
      .prefetch = true},
     {.name = "direct_uring_all", .cache = CacheSize::kAll, .io = IoEngine::kUring, .direct = true},
+    // Every policy: only hit rates may change.
+    {.name = "quarter_lru", .cache = CacheSize::kQuarter, .policy = "lru"},
+    {.name = "quarter_lru_layer_prefetch",
+     .cache = CacheSize::kQuarter,
+     .prefetch = true,
+     .policy = "lru-layer"},
+    {.name = "quarter_lfu", .cache = CacheSize::kQuarter, .policy = "lfu"},
+    {.name = "quarter_lrfu_prefetch", .cache = CacheSize::kQuarter, .prefetch = true, .policy = "lrfu"},
+    {.name = "quarter_tinylfu", .cache = CacheSize::kQuarter, .readers = 2, .policy = "tinylfu"},
+    {.name = "less_than_top_k_tinylfu_prefetch",
+     .cache = CacheSize::kTopKLessOne,
+     .prefetch = true,
+     .policy = "tinylfu"},
+    {.name = "one_expert_lfu", .cache = CacheSize::kOneExpert, .policy = "lfu"},
 };
 
 // Prefill of 6 tokens, then 8 one-token decodes (fixed tokens, so every config sees the same
@@ -140,6 +158,7 @@ TEST_P(StoreBitIdentity, LogitsDoNotDependOnTheStore) {
   o.io = c.io;
   o.direct_io = c.direct;
   o.prefetch = c.prefetch;
+  o.policy = c.policy;
   std::unique_ptr<ExpertStore> store;
   try {
     store = std::make_unique<ExpertStore>(*model, o);
@@ -228,6 +247,7 @@ TEST(ExpertStore, ResidentExpertsChangeNoBit) {
 TEST(ExpertStore, LruEvictsTheLeastRecentlyUsed) {
   auto model = Model::load(converted_fixture("qwen3_5_moe"));
   ExpertStoreOptions o;
+  o.policy = "lru";
   o.cache_bytes = int64_t(model->manifest().experts.stride) * 2;  // two slots
   ExpertStore store(*model, o);
   auto use = [&](std::vector<int> experts) {
@@ -421,6 +441,59 @@ TEST(ExpertStore, SessionsShareOneStoreAcrossThreads) {
   }
 }
 
+// The store runs the policy code cache-sim replays: the same requests give the same hits.
+TEST(ExpertStore, HitsAreTheSimulatorsForEveryPolicy) {
+  auto model = Model::load(converted_fixture("qwen3_5_moe"));
+  const auto& ex = model->manifest().experts;
+  const int M = int(ex.layers.size()), E = ex.count, K = model->spec().top_k;
+  RoutingTrace t;
+  t.n_moe_layers = M;
+  t.n_experts = E;
+  t.k = K;
+  t.layers = ex.layers;
+  std::mt19937 rng(11);
+  for (int i = 0; i < 400; i++) {
+    TraceRecord r;
+    r.moe_index = i % M;
+    r.tokens = (i / M) % 25 == 0 ? 6 : 1;  // now and then a prompt micro-batch
+    r.phase = r.tokens > 1 ? TraceRecord::kPrompt : TraceRecord::kDecode;
+    for (int tok = 0; tok < r.tokens; tok++) {
+      // Skewed: two in three picks from each layer's first quarter of experts.
+      std::vector<int> pick;
+      while (int(pick.size()) < K) {
+        const int e = rng() % 3 ? int(rng() % uint32_t(std::max(K + 1, E / 4))) : int(rng() % uint32_t(E));
+        if (std::find(pick.begin(), pick.end(), e) == pick.end()) pick.push_back(e);
+      }
+      r.experts.insert(r.experts.end(), pick.begin(), pick.end());
+    }
+    t.records.push_back(r);
+  }
+  const auto requests = trace_requests(t);
+  for (const auto& name : cache_policy_names()) {
+    for (size_t slots : {size_t(3), size_t(M * E / 4), size_t(M * E / 2)}) {
+      ExpertStoreOptions o;
+      o.cache_bytes = int64_t(slots * ex.stride);
+      o.policy = name;
+      ExpertStore store(*model, o);
+      for (size_t i = 0; i < requests.size(); i++) {
+        std::vector<int> experts;
+        for (int key : requests[i]) experts.push_back(key % E);
+        auto b = store.fetch(t.records[i].moe_index, experts);
+        for (size_t j = 0; j < experts.size(); j++) b->next();
+      }
+      const SimResult sim = simulate_cache(t, name, slots);
+      const ExpertStats st = store.stats();
+      for (int l = 0; l < M; l++)
+        EXPECT_EQ(st.layers[size_t(l)].hits, sim.hits[size_t(l)])
+            << name << ", " << slots << " slots, layer " << l;
+      EXPECT_STREQ(store.policy_name(), name.c_str());
+    }
+  }
+  ExpertStoreOptions bad;
+  bad.policy = "mru";
+  EXPECT_THROW(ExpertStore(*model, bad), Error);
+}
+
 TEST(ExpertStore, CacheSizeParsing) {
   const uint64_t all = uint64_t(40) << 30;
   EXPECT_EQ(parse_cache_size("0", all, "--expert-cache"), 0);
@@ -449,7 +522,13 @@ TEST(ExpertStore, CliStatsAndBadFlags) {
   EXPECT_NE(r.err.find("hits"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("recall"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("stall ms"), std::string::npos) << r.err;  // the per-layer table
+  EXPECT_NE(r.err.find(std::string("(") + kDefaultCachePolicy + ")"), std::string::npos) << r.err;
+  r = run_cli(fmt::format("eval -m {} --tokens 1,2,3 --expert-cache 25% --cache-policy lru --stats",
+                          pkg));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("slots (lru)"), std::string::npos) << r.err;
   for (const auto& [flags, what] : std::vector<std::pair<std::string, std::string>>{
+           {"--cache-policy fifo", "--cache-policy"},
            {"--expert-cache 12parsecs", "--expert-cache"},
            {"--readers 0", "--readers"},
            {"--io floppy", "--io"}}) {

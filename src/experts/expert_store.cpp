@@ -27,6 +27,7 @@
 #include <fmt/format.h>
 
 #include "engine/backend.h"
+#include "experts/cache_policy.h"
 #include "util/error.h"
 #include "util/progress.h"
 
@@ -334,8 +335,6 @@ struct Slot {
   enum State { kEmpty, kLoading, kReady, kFailed } state = kEmpty;
   bool prefetched = false;  // read by prefetch and not yet used by a fetch
   std::string error;
-  int prev = -1, next = -1;  // LRU links
-  bool on_lru = false;
 };
 
 // One request of a batch: either a cache slot or a private buffer of the batch.
@@ -366,8 +365,10 @@ struct ExpertStore::Impl {
   size_t arena_bytes = 0;
   std::vector<Slot> slots;
   std::vector<int> slot_of;  // key -> slot or -1
-  int lru_head = -1, lru_tail = -1;
   std::vector<int> free_slots;
+  // Which cached expert gives up its slot (experts/cache_policy.h). It sees a key as pinned
+  // exactly while its slot's pins > 0, and as resident while it holds a slot.
+  std::unique_ptr<CachePolicy> policy;
   // private buffers of batches (expert memory), reused
   std::vector<uint8_t*> spare;
   // Expert memory the device reads (ExpertMemory): files are read into it directly when it is
@@ -389,44 +390,42 @@ struct ExpertStore::Impl {
 
   uint8_t* slot_mem(int s) const { return arena + size_t(s) * layout.stride; }
 
-  void lru_remove(int s) {
-    Slot& x = slots[size_t(s)];
-    if (!x.on_lru) return;
-    (x.prev >= 0 ? slots[size_t(x.prev)].next : lru_head) = x.next;
-    (x.next >= 0 ? slots[size_t(x.next)].prev : lru_tail) = x.prev;
-    x.prev = x.next = -1;
-    x.on_lru = false;
-  }
-  void lru_push_front(int s) {
-    Slot& x = slots[size_t(s)];
-    x.prev = -1;
-    x.next = lru_head;
-    if (lru_head >= 0) slots[size_t(lru_head)].prev = s;
-    lru_head = s;
-    if (lru_tail < 0) lru_tail = s;
-    x.on_lru = true;
-  }
-  // A slot to fill: a free one, else the least recently used unpinned one. -1 if none.
-  int take_slot() {
+  // A slot to fill for `key`: a free one, else the policy's victim's. -1 if none (everything
+  // pinned, or the policy does not admit `key`).
+  int take_slot(int key) {
     if (!free_slots.empty()) {
       int s = free_slots.back();
       free_slots.pop_back();
       return s;
     }
-    int s = lru_tail;
-    if (s < 0) return -1;
-    lru_remove(s);
-    Slot& x = slots[size_t(s)];
-    slot_of[size_t(x.key)] = -1;
-    x = Slot{};
+    if (slots.empty()) return -1;
+    const int v = policy->victim(key);
+    if (v < 0) return -1;
+    const int s = slot_of[size_t(v)];
+    MF_CHECK(s >= 0 && slots[size_t(s)].pins == 0 && slots[size_t(s)].state == Slot::kReady);
+    slot_of[size_t(v)] = -1;
+    slots[size_t(s)] = Slot{};
     return s;
+  }
+  // Fills free slot s with `key` (loading, pinned by the caller).
+  void claim(int s, int key) {
+    Slot& x = slots[size_t(s)];
+    x.key = key;
+    x.state = Slot::kLoading;
+    slot_of[size_t(key)] = s;
+    policy->insert(key);
+  }
+  void pin(int s) {
+    Slot& x = slots[size_t(s)];
+    if (x.pins++ == 0) policy->pin(x.key);
   }
   void unpin(int s) {
     Slot& x = slots[size_t(s)];
     if (--x.pins > 0) return;
     if (x.state == Slot::kReady) {
-      lru_push_front(s);
+      policy->unpin(x.key);
     } else if (x.state == Slot::kFailed) {  // give failed slots back; the next fetch retries
+      policy->erase(x.key);
       slot_of[size_t(x.key)] = -1;
       x = Slot{};
       free_slots.push_back(s);
@@ -517,6 +516,7 @@ ExpertStore::ExpertStore(const Model& model, ExpertStoreOptions options)
   // Each pread reader is a thread: a count in the thousands is a typo, not a setting.
   if (opt_.readers < 1 || opt_.readers > 256)
     fail(ErrorKind::kInvalidArgument, "expert readers: {} is not in [1, 256]", opt_.readers);
+  m.policy = make_cache_policy(opt_.policy);  // an unknown name: before anything is opened
   m.read_len = align_up(L.bytes, kFileAlign);
   MF_CHECK(m.read_len <= L.stride);
   auto close_all = [&] {
@@ -599,6 +599,7 @@ ExpertStore::ExpertStore(const Model& model, ExpertStoreOptions options)
     }
     m.slots.resize(n_slots);
     for (size_t s = n_slots; s-- > 0;) m.free_slots.push_back(int(s));
+    m.policy->init(int(L.layers.size()), L.count, n_slots);
     m.slot_of.assign(size_t(L.count) * L.layers.size(), -1);
     m.stats.resize(L.layers.size());
   } catch (...) {
@@ -627,6 +628,7 @@ uint64_t ExpertStore::expert_stride() const { return impl_->layout.stride; }
 int ExpertStore::n_layers() const { return int(impl_->layout.layers.size()); }
 int ExpertStore::n_experts() const { return impl_->layout.count; }
 const char* ExpertStore::io_name() const { return impl_->io_name.c_str(); }
+const char* ExpertStore::policy_name() const { return impl_->policy->name(); }
 
 ExpertStats ExpertStore::stats() const {
   Impl& m = *impl_;
@@ -652,7 +654,7 @@ void ExpertStore::drop_cache() {
   for (size_t s = 0; s < m.slots.size(); s++) {
     Slot& x = m.slots[s];
     if (x.key < 0 || x.pins > 0) continue;
-    m.lru_remove(int(s));
+    m.policy->erase(x.key);
     m.slot_of[size_t(x.key)] = -1;
     x = Slot{};
     m.free_slots.push_back(int(s));
@@ -712,27 +714,30 @@ void ExpertStore::prefetch(int moe_index, const std::vector<int>& experts) {
   ExpertLayerStats& st = m.stats[size_t(moe_index)];
   st.predicted += experts.size();
   if (m.slots.empty()) return;
+  // The predicted experts already cached (or on their way) are held while the others claim
+  // slots, so a prediction never evicts itself; releasing them is their use (with lru: they
+  // move to the front, as the fetch that follows will want them). Prefetch does not count as
+  // an access: frequencies follow what layers really used.
+  std::vector<int> held;
   for (int e : experts) {
     MF_CHECK(e >= 0 && e < E);
-    const int key = moe_index * E + e;
-    int s = m.slot_of[size_t(key)];
-    if (s >= 0) {  // cached or on its way: refresh its place in the LRU order
-      if (m.slots[size_t(s)].on_lru) {
-        m.lru_remove(s);
-        m.lru_push_front(s);
-      }
-      continue;
+    const int s = m.slot_of[size_t(moe_index * E + e)];
+    if (s >= 0) {
+      m.pin(s);
+      held.push_back(s);
     }
-    s = m.take_slot();
-    if (s < 0) return;  // everything pinned
-    Slot& x = m.slots[size_t(s)];
-    x.key = key;
-    x.state = Slot::kLoading;
-    x.prefetched = true;
-    m.slot_of[size_t(key)] = s;
+  }
+  for (int e : experts) {
+    const int key = moe_index * E + e;
+    if (m.slot_of[size_t(key)] >= 0) continue;
+    const int s = m.take_slot(key);
+    if (s < 0) continue;  // everything pinned, or the policy keeps what it has
+    m.claim(s, key);
+    m.slots[size_t(s)].prefetched = true;
     st.prefetch_reads++;
     m.start_slot_read(moe_index, e, s);
   }
+  for (int s : held) m.unpin(s);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -756,18 +761,20 @@ std::unique_ptr<ExpertBatch> ExpertStore::fetch(int moe_index, const std::vector
   st->weights.resize(experts.size());
   std::lock_guard<std::mutex> g(m.mu);
   ExpertLayerStats& ls = m.stats[size_t(moe_index)];
-  // Pin every cached one first so that filling the misses cannot evict them.
+  // The policy sees the whole request before any slot changes hands. Every cached one is pinned
+  // first so that filling the misses cannot evict them.
+  m.policy->begin(moe_index, experts.size());
   for (size_t i = 0; i < experts.size(); i++) {
     const int e = experts[i];
     MF_CHECK(e >= 0 && e < E);
     Request& r = st->req[i];
     r.expert = e;
     const int s = m.slot_of[size_t(moe_index * E + e)];
-    if (s < 0) continue;
+    const bool hit = s >= 0 && m.slots[size_t(s)].state != Slot::kFailed;
+    m.policy->access(moe_index * E + e, hit);
+    if (!hit) continue;  // a failed slot is retried below as a miss
     Slot& x = m.slots[size_t(s)];
-    if (x.state == Slot::kFailed) continue;  // retried below as a miss
-    x.pins++;
-    m.lru_remove(s);
+    m.pin(s);
     if (x.prefetched) {
       x.prefetched = false;
       ls.prefetch_used++;
@@ -780,17 +787,15 @@ std::unique_ptr<ExpertBatch> ExpertStore::fetch(int moe_index, const std::vector
     if (r.slot >= 0) continue;
     ls.misses++;
     const int key = moe_index * E + r.expert;
-    int s = m.slot_of[size_t(key)] < 0 ? m.take_slot() : -1;
+    int s = m.slot_of[size_t(key)] < 0 ? m.take_slot(key) : -1;
     if (s >= 0) {
       Slot& x = m.slots[size_t(s)];
-      x.key = key;
-      x.state = Slot::kLoading;
-      m.slot_of[size_t(key)] = s;
-      x.pins++;  // the batch's pin
+      m.claim(s, key);
+      x.pins++;  // the batch's pin (claim left the key pinned in the policy)
       r.slot = s;
       m.start_slot_read(moe_index, r.expert, s);
     } else {
-      // No room (budget 0 or everything pinned) or a failed slot still pinned by another batch:
+      // No room (budget 0, everything pinned, or not admitted by the policy) or a failed slot still pinned by another batch:
       // read into a buffer of this batch.
       r.own = m.take_spare();
       ExpertBatch::State* raw = st.get();

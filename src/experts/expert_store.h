@@ -4,9 +4,10 @@
 // read at once by a pool of reader threads (pread, or io_uring when built with liburing),
 // whole records, optionally O_DIRECT; the caller takes experts in the order they arrive
 // (ExpertBatch::next) so compute starts on the first one. The cache is a byte budget of
-// expert-sized slots with LRU eviction; experts in use by a batch are pinned. A request that
-// finds no free slot (budget 0, or smaller than one layer's experts) reads into buffers of its
-// own: slower, never wrong. The bytes an expert is computed from are the file's bytes whatever
+// expert-sized slots; which expert gives up its slot is the cache policy's choice
+// (experts/cache_policy.h); experts in use by a batch are pinned. A request that finds no slot
+// (budget 0, smaller than one layer's experts, or the policy does not admit the expert) reads
+// into buffers of its own: slower, never wrong. The bytes an expert is computed from are the file's bytes whatever
 // path brought them, so logits do not depend on the cache, the readers or the I/O mode.
 //
 // Prefetch: prefetch(layer, experts) warms the cache without pinning (reads of experts not
@@ -47,6 +48,9 @@ struct ExpertStoreOptions {
   bool direct_io = false;   // O_DIRECT: bypass the page cache
   IoEngine io = IoEngine::kAuto;
   bool prefetch = false;    // sessions speculate the next layer's experts (see Session)
+  // Eviction/admission policy by name (cache_policy_names(); "default" = kDefaultCachePolicy).
+  // Results never depend on it, only hit rates do.
+  std::string policy = "default";
   // Tests: replaces the file reader (fault injection). The store still opens and checks files.
   std::shared_ptr<ExpertReader> reader;
   // Tests: with io_uring, the ring reports an error once this many reads have completed, as
@@ -124,6 +128,7 @@ class ExpertStore {
   int n_layers() const;            // MoE layers
   int n_experts() const;           // experts per MoE layer
   const char* io_name() const;     // "pread", "io_uring", "custom" (+ " O_DIRECT")
+  const char* policy_name() const; // the cache policy ("default" resolved)
 
   struct Impl;
 

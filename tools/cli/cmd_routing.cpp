@@ -1,18 +1,22 @@
-// `moeflux routing`: how a model routes a text, decoded token by token as generation would —
-// the numbers that decide the expert cache and prefetch defaults (DESIGN.md §3):
+// `moeflux routing`: how a model routes a text — the numbers that decide the expert cache and
+// prefetch defaults (DESIGN.md §3):
 //   - per MoE layer: popularity entropy of the experts (bits; log2(E) = uniform), the share of
 //     routings that go to the most popular 10% of experts, the fraction of a token's experts
 //     that the previous token also used (temporal locality), and the recall of predicting the
 //     layer's experts by applying its router to the previous layer's residual (the --prefetch
 //     heuristic);
-//   - an LRU hit-rate curve against cache size, simulated on the same trace with the store's
-//     policy (one LRU over all (layer, expert) pairs).
+//   - hit-rate curves against cache size of LRU and of the store's default policy, simulated on
+//     the same trace (experts/cache_sim.h: the store's own policy code);
+//   - --trace FILE writes the routing (experts/routing_trace.h) for `moeflux cache-sim`.
+// Two ways to run the text: by default it is decoded one token at a time (windows of ctx
+// tokens); with --prompt N, each of --turns turns evaluates the next N tokens of the text as a
+// prompt (batched prefill, as chat does) and then samples --generate tokens (--temp, --seed).
 #include <fmt/format.h>
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <fstream>
-#include <list>
 #include <memory>
 #include <numeric>
 #include <sstream>
@@ -20,7 +24,11 @@
 
 #include "cli/commands.h"
 #include "cli/common.h"
+#include "experts/cache_sim.h"
+#include "experts/routing_trace.h"
+#include "text/sampler.h"
 #include "text/tokenizer.h"
+#include "util/atomic_file.h"
 #include "util/error.h"
 #include "util/mapped_file.h"
 #include "util/progress.h"
@@ -33,36 +41,25 @@ struct Step {
   std::vector<int> experts;
 };
 
-// Hit rate of an LRU cache of `slots` experts on the access trace.
-double lru_hit_rate(const std::vector<Step>& trace, int n_experts, size_t slots) {
-  if (slots == 0) return 0.0;
-  std::list<int> order;  // front = most recent
-  std::unordered_map<int, std::list<int>::iterator> where;
-  uint64_t hits = 0, total = 0;
-  for (const Step& s : trace) {
-    for (int e : s.experts) {
-      const int key = s.moe_index * n_experts + e;
-      total++;
-      auto it = where.find(key);
-      if (it != where.end()) {
-        hits++;
-        order.splice(order.begin(), order, it->second);
-        continue;
-      }
-      if (order.size() >= slots) {
-        where.erase(order.back());
-        order.pop_back();
-      }
-      order.push_front(key);
-      where[key] = order.begin();
-    }
-  }
-  return total ? double(hits) / double(total) : 0.0;
-}
+struct RoutingArgs {
+  std::string file, tokenizer, trace;
+  int tokens = 4096;  // token-by-token mode: decode at most this many tokens of the text
+  int prompt = 0;     // > 0: prompt + generate mode, this many text tokens a turn
+  int generate = 128;
+  int turns = 1;
+  float temp = 0.8f;  // sampling of the generated tokens (<= 0: greedy, which tends to loop)
+  uint64_t seed = 1;
+};
 
-int cmd_routing(ModelOptions mo, const std::string& file, const std::string& tok_path,
-                int max_tokens) {
-  const int ctx = mo.ctx > 0 ? mo.ctx : 512;
+int cmd_routing(ModelOptions mo, const RoutingArgs& a) {
+  const std::string& file = a.file;
+  const std::string& tok_path = a.tokenizer;
+  if (a.prompt < 0) fail(ErrorKind::kInvalidArgument, "--prompt: {} is negative", a.prompt);
+  if (a.generate < 0) fail(ErrorKind::kInvalidArgument, "--generate: {} is negative", a.generate);
+  if (a.turns < 1) fail(ErrorKind::kInvalidArgument, "--turns: {} is not >= 1", a.turns);
+  const bool chat = a.prompt > 0;
+  const int ctx = mo.ctx > 0 ? mo.ctx : chat ? a.turns * (a.prompt + a.generate) : 512;
+  if (!a.trace.empty()) check_output_file(a.trace, "--trace", /*force=*/true, mo.model);
   mo.prefetch = true;  // measures the prediction recall
   mo.expert_cache = "all";
   Loaded L = open_model(mo);
@@ -71,15 +68,24 @@ int cmd_routing(ModelOptions mo, const std::string& file, const std::string& tok
   if (s.n_moe_layers() == 0) fail(ErrorKind::kInvalidArgument, "{}: the model has no MoE layers", mo.model);
   const std::string tp = tok_path.empty() ? model.dir() + "/tokenizer.json" : tok_path;
   const std::vector<int32_t> ids = Tokenizer::load(tp).encode(read_text_file(file), false);
-  const int n = std::min<int>(int(ids.size()), max_tokens);
+  const int n = chat ? a.turns * a.prompt : std::min<int>(int(ids.size()), a.tokens);
   if (n < 2) fail(ErrorKind::kInvalidArgument, "{}: fewer than 2 tokens", file);
+  if (chat && int(ids.size()) < n)
+    fail(ErrorKind::kInvalidArgument, "{}: {} tokens, --turns {} x --prompt {} needs {}", file,
+         ids.size(), a.turns, a.prompt, n);
 
   // layer index -> MoE index
   std::vector<int> moe_of(size_t(s.n_layers), -1);
   for (int l = 0; l < s.n_layers; l++) moe_of[size_t(l)] = model.layers[size_t(l)].moe_index;
   const int M = s.n_moe_layers(), E = s.n_experts;
   int K = s.top_k;
-  std::vector<Step> trace;
+  std::vector<Step> trace;  // per token
+  RoutingTrace rt;           // per evaluation, for --trace
+  rt.model = std::filesystem::path(model.dir()).filename().string();
+  rt.n_moe_layers = M;
+  rt.n_experts = E;
+  for (int l = 0; l < s.n_layers; l++)
+    if (moe_of[size_t(l)] >= 0) rt.layers.push_back(l);
   SessionParams sp = session_params(mo);
   sp.ctx = ctx;
   sp.on_route = [&](int layer, int T, int k, const int* experts) {
@@ -87,16 +93,45 @@ int cmd_routing(ModelOptions mo, const std::string& file, const std::string& tok
     for (int t = 0; t < T; t++)
       trace.push_back({moe_of[size_t(layer)], std::vector<int>(experts + size_t(t) * k,
                                                                experts + size_t(t + 1) * k)});
+    TraceRecord r;
+    r.phase = T > 1 ? TraceRecord::kPrompt : TraceRecord::kDecode;
+    r.moe_index = moe_of[size_t(layer)];
+    r.tokens = T;
+    r.experts.assign(experts, experts + size_t(T) * size_t(k));
+    rt.records.push_back(std::move(r));
   };
   Session session(model, *L.backend, *L.store, sp);
-  Progress prog("routing", uint64_t(n));
   std::vector<float> logits(static_cast<size_t>(s.vocab_size));
-  for (int i = 0; i < n; i++) {
-    if (session.pos() == ctx) session.clear();  // windows of ctx tokens, decoded one at a time
-    session.eval(&ids[size_t(i)], 1, logits.data(), false);
-    prog.update(uint64_t(i + 1));
+  if (chat) {
+    Progress prog("routing", uint64_t(a.turns) * uint64_t(a.prompt + a.generate));
+    uint64_t done = 0;
+    SamplerParams smp;
+    smp.temperature = a.temp;
+    smp.seed = a.seed;
+    smp.validate();
+    Sampler sampler(smp, s.vocab_size);
+    for (int turn = 0; turn < a.turns; turn++) {
+      session.eval(&ids[size_t(turn) * size_t(a.prompt)], a.prompt, logits.data(), false);
+      prog.update(done += uint64_t(a.prompt));
+      for (int g = 0; g < a.generate; g++) {
+        const int32_t tok = sampler.sample(logits.data());
+        sampler.accept(tok);
+        session.eval(&tok, 1, logits.data(), false);
+        prog.update(++done);
+      }
+    }
+    prog.finish();
+  } else {
+    Progress prog("routing", uint64_t(n));
+    for (int i = 0; i < n; i++) {
+      if (session.pos() == ctx) session.clear();  // windows of ctx tokens, decoded one at a time
+      session.eval(&ids[size_t(i)], 1, logits.data(), false);
+      prog.update(uint64_t(i + 1));
+    }
+    prog.finish();
   }
-  prog.finish();
+  rt.k = K;
+  if (!a.trace.empty()) rt.save(a.trace);
 
   // Per layer: popularity, top-10% share, overlap with the previous token.
   const size_t nm = static_cast<size_t>(M), ne = static_cast<size_t>(E);
@@ -113,7 +148,13 @@ int cmd_routing(ModelOptions mo, const std::string& file, const std::string& tok
     prev[size_t(st.moe_index)] = &st.experts;
   }
   const ExpertStats stats = L.store->stats();
-  fmt::print("routing of {} tokens of {} ({} MoE layers x {} experts, top-{})\n\n", n, file, M, E, K);
+  if (chat)
+    fmt::print("routing of {} turns of {} prompt tokens of {} + {} generated ({} MoE layers x {} "
+               "experts, top-{})\n\n",
+               a.turns, a.prompt, file, a.generate, M, E, K);
+  else
+    fmt::print("routing of {} tokens of {} ({} MoE layers x {} experts, top-{})\n\n", n, file, M,
+               E, K);
   fmt::print("| MoE layer | layer | entropy (bits, max {:.2f}) | top 10% share | shared with previous token | next-layer recall |\n", std::log2(double(E)));
   fmt::print("|---:|---:|---:|---:|---:|---:|\n");
   double sum_h = 0, sum_top = 0, sum_ov = 0;
@@ -147,11 +188,20 @@ int cmd_routing(ModelOptions mo, const std::string& file, const std::string& tok
              100.0 * K / E, 100.0 * double(std::max(1, E / 10)) / E);
 
   const size_t all = size_t(M) * size_t(E);
-  fmt::print("| LRU cache (experts) | share of all | hit rate |\n|---:|---:|---:|\n");
+  const std::vector<std::vector<int>> requests = trace_requests(rt);
+  fmt::print("| cache (experts) | share of all | LRU hit rate | default ({}) hit rate |\n"
+             "|---:|---:|---:|---:|\n",
+             kDefaultCachePolicy);
   for (int pct : {1, 2, 5, 10, 15, 20, 25, 30, 40, 50, 60, 75, 100}) {
     const size_t slots = std::max<size_t>(1, all * size_t(pct) / 100);
-    fmt::print("| {} | {}% | {:.1f}% |\n", slots, pct, 100.0 * lru_hit_rate(trace, E, slots));
+    auto lru = make_cache_policy("lru");
+    auto def = make_cache_policy("default");
+    fmt::print("| {} | {}% | {:.1f}% | {:.1f}% |\n", slots, pct,
+               100.0 * simulate_cache(rt, requests, *lru, slots).hit_rate(),
+               100.0 * simulate_cache(rt, requests, *def, slots).hit_rate());
   }
+  if (!a.trace.empty())
+    fmt::print("\ntrace: {} ({} records)\n", a.trace, rt.records.size());
   return 0;
 }
 
@@ -160,17 +210,27 @@ int cmd_routing(ModelOptions mo, const std::string& file, const std::string& tok
 Command add_routing(CLI::App& app) {
   struct Args {
     ModelOptions mo;
-    std::string file, tokenizer;
-    int tokens = 4096;
+    RoutingArgs r;
   };
   auto a = std::make_shared<Args>();
-  auto* r = app.add_subcommand("routing", "expert routing statistics of a text, decoded token by "
-                                          "token: popularity, locality, prefetch recall, LRU curve");
+  auto* r = app.add_subcommand("routing", "expert routing statistics of a text: popularity, "
+                                          "locality, prefetch recall, cache curves; --trace");
   add_model_options(r, a->mo);
-  r->add_option("-f,--file", a->file, "text file")->required();
-  r->add_option("--tokenizer", a->tokenizer, "tokenizer.json (default: the package's)");
-  r->add_option("-n,--tokens", a->tokens, "decode at most this many tokens of the text");
-  return {r, [a] { return cmd_routing(a->mo, a->file, a->tokenizer, a->tokens); }};
+  r->add_option("-f,--file", a->r.file, "text file")->required();
+  r->add_option("--tokenizer", a->r.tokenizer, "tokenizer.json (default: the package's)");
+  r->add_option("-n,--tokens", a->r.tokens,
+                "decode at most this many tokens of the text (without --prompt)");
+  r->add_option("--prompt", a->r.prompt,
+                "evaluate this many tokens of the text as one prompt per turn, then generate");
+  r->add_option("--generate", a->r.generate,
+                "with --prompt: tokens generated (sampled, --temp) per turn");
+  r->add_option("--temp", a->r.temp, "with --prompt: sampling temperature (<= 0: greedy)");
+  r->add_option("--seed", a->r.seed, "with --prompt: sampling seed");
+  r->add_option("--turns", a->r.turns, "with --prompt: turns in one session, each taking the "
+                                       "next --prompt tokens of the text");
+  r->add_option("--trace", a->r.trace,
+                "write the routing trace (every MoE layer's experts per token) for cache-sim");
+  return {r, [a] { return cmd_routing(a->mo, a->r); }};
 }
 
 }  // namespace moeflux::cli

@@ -24,6 +24,7 @@ Command add_synth(CLI::App& app);       // cmd_synth.cpp
 Command add_bench(CLI::App& app);       // cmd_bench.cpp
 Command add_perplexity(CLI::App& app);  // cmd_perplexity.cpp
 Command add_routing(CLI::App& app);     // cmd_routing.cpp
+Command add_cache_sim(CLI::App& app);   // cmd_cache_sim.cpp
 Command add_serve(CLI::App& app);       // cmd_serve.cpp
 
 }  // namespace moeflux::cli

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <cstdlib>
 
+#include "experts/cache_policy.h"
 #include "util/error.h"
 #include "util/progress.h"
 #include "util/thread_pool.h"
@@ -22,6 +23,9 @@ void add_model_options(CLI::App* app, ModelOptions& o, bool model_required) {
   app->add_option("--expert-cache", o.expert_cache,
                   "expert cache budget: bytes (2GiB, 512MiB), a share of all experts (25%), "
                   "all, 0 (read every expert every time) or auto (half of free RAM)");
+  app->add_option("--cache-policy", o.cache_policy,
+                  "expert cache policy: default (" + std::string(kDefaultCachePolicy) +
+                      "), lru, lru-layer, lfu, lrfu, tinylfu (results do not change, hit rates do)");
   app->add_option("--readers", o.readers, "expert reader threads (io_uring: queue depth)");
   app->add_flag("--direct-io", o.direct_io, "read experts with O_DIRECT (bypass the page cache)");
   app->add_option("--io", o.io, "expert reads: auto, pread or uring");
@@ -68,6 +72,12 @@ Loaded open_model(const ModelOptions& o_in) {
   so.readers = o.readers;
   so.direct_io = o.direct_io;
   so.prefetch = o.prefetch;
+  so.policy = o.cache_policy;
+  try {
+    make_cache_policy(o.cache_policy);  // an unknown name fails before the model loads
+  } catch (const Error& e) {
+    fail(ErrorKind::kInvalidArgument, "--cache-policy: {}", e.what());
+  }
   if (o.io == "auto") so.io = IoEngine::kAuto;
   else if (o.io == "pread") so.io = IoEngine::kPread;
   else if (o.io == "uring") so.io = IoEngine::kUring;
@@ -113,9 +123,9 @@ std::string store_summary(const ExpertStore& store, int tokens) {
 
 void print_store_stats(const ExpertStore& store, std::FILE* out) {
   const ExpertStats st = store.stats();
-  fmt::print(out, "expert store: {} (readers {}), cache {} = {} slots, {} cached\n",
+  fmt::print(out, "expert store: {} (readers {}), cache {} = {} slots ({}), {} cached\n",
              store.io_name(), store.options().readers, format_bytes(st.cache_bytes),
-             st.cache_slots, st.cached);
+             st.cache_slots, store.policy_name(), st.cached);
   fmt::print(out, "{:>5} {:>8} {:>8} {:>8} {:>7} {:>11} {:>9} {:>9} {:>9} {:>8}\n", "layer",
              "requests", "hits", "misses", "hit%", "read", "read ms", "stall ms", "pf reads",
              "recall%");

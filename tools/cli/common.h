@@ -26,6 +26,7 @@ struct ModelOptions {
   bool direct_io = false;
   std::string io = "auto";  // auto | pread | uring
   bool prefetch = false;
+  std::string cache_policy = "default";  // ExpertStoreOptions::policy
   bool stats = false;
   int experts_per_token = 0;  // 0: the model's top-k
   bool mmap = false;          // map resident.bin instead of reading it into memory

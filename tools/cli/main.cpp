@@ -18,7 +18,7 @@ int main(int argc, char** argv) {
   std::vector<Command> commands;
   for (auto add : {add_convert, add_inspect, add_eval, add_run, add_chat, add_tokenize,
                    add_detokenize, add_synth, add_bench,
-                   add_perplexity, add_routing, add_serve}) commands.push_back(add(app));
+                   add_perplexity, add_routing, add_cache_sim, add_serve}) commands.push_back(add(app));
   // CLI11 reads an unknown first word as a stray positional and says "A subcommand is
   // required"; name the word instead.
   if (argc > 1 && argv[1][0] != '-') {
