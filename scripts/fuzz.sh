@@ -4,7 +4,8 @@
 # tests/fuzz/corpus/<target without fuzz_>/ with tests/fuzz/<target>.dict, or json.dict when
 # there is none. Prints "fuzz <target>: N runs in S s" per target; a finding (crash, sanitizer
 # report, leak, input slower than 60 s) fails the script, with the input and the log left in
-# ${BUILD_DIR}/fuzz-runs/<name>/. scripts/test.sh (CI) runs it.
+# ${BUILD_DIR}/fuzz-runs/<name>/. FUZZ_TARGETS (space-separated) picks targets. scripts/test.sh
+# (CI) runs it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -13,6 +14,8 @@ seconds=${FUZZ_SECONDS:-20}
 
 targets=()
 for src in tests/fuzz/fuzz_*.cpp; do targets+=("$(basename "$src" .cpp)"); done
+# FUZZ_TARGETS="fuzz_a fuzz_b" runs only those (e.g. long runs split over cores).
+[ -n "${FUZZ_TARGETS:-}" ] && read -r -a targets <<<"$FUZZ_TARGETS"
 for t in "${targets[@]}"; do
   if [ ! -d "tests/fuzz/corpus/${t#fuzz_}" ]; then
     echo "fuzz: $t has no seed corpus tests/fuzz/corpus/${t#fuzz_}/" >&2
@@ -23,7 +26,7 @@ done
 # Only the fuzz targets: the instrumented core (moeflux_fuzz_core) and the target files.
 start=$SECONDS
 if ! BUILD_DIR=$BUILD_DIR TARGETS="${targets[*]}" scripts/build.sh -DCMAKE_C_COMPILER=clang \
-     -DCMAKE_CXX_COMPILER=clang++ -DMOEFLUX_BENCH=OFF; then
+     -DCMAKE_CXX_COMPILER=clang++ -DMOEFLUX_BENCH=OFF -DMOEFLUX_CUDA=OFF; then
   grep -qs '^MOEFLUX_HAVE_LIBFUZZER:INTERNAL=1' "$BUILD_DIR/CMakeCache.txt" ||
     echo "fuzz: clang cannot link -fsanitize=fuzzer (scripts/setup.sh installs clang and" \
          "libclang-rt-dev)" >&2

@@ -682,7 +682,7 @@ void ExpertStore::load_all() {
     for (int e = 0; e < E; e++) {
       const int s = m.slot_of[size_t(li * E + e)];
       MF_CHECK(s >= 0 && m.slots[size_t(s)].state == Slot::kReady);
-      m.slots[size_t(s)].pins++;  // for good: never evicted
+      m.pin(s);  // for good: never evicted
       const uint8_t* base = m.slot_mem(s);
       table[size_t(li)].push_back({mat_view(p[0], base + p[0].offset),
                                    mat_view(p[1], base + p[1].offset),
