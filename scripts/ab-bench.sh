@@ -14,16 +14,7 @@ base=$1
 rounds=${2:-3}
 OUT=${OUT:-$PWD/build-ab}
 mkdir -p "$OUT"
-prefix=()
-if [ -d .device-deps ]; then
-  deps=/opt/deps
-  mkdir -p "$deps"
-  for f in .device-deps/*.deb; do dpkg -x "$f" "$deps"; done
-  export PKG_CONFIG_SYSROOT_DIR=$deps
-  export PKG_CONFIG_PATH=$deps/usr/lib/x86_64-linux-gnu/pkgconfig:$deps/usr/share/pkgconfig
-  export LD_LIBRARY_PATH=$deps/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-  prefix=(-DCMAKE_PREFIX_PATH=$deps/usr)
-fi
+source scripts/device-deps-env.sh  # sets prefix=(CMake flags) on the GPU machine
 for side in base new; do
   src=$([ $side = base ] && echo "$base" || echo .)
   cmake -S "$src" -B "build-ab-$side" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \

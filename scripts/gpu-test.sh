@@ -20,16 +20,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/build-gpu/out}
 mkdir -p "$OUT"
-prefix=()
-if [ -d .device-deps ]; then
-  deps=/opt/deps
-  mkdir -p "$deps"
-  for f in .device-deps/*.deb; do dpkg -x "$f" "$deps"; done
-  export PKG_CONFIG_SYSROOT_DIR=$deps
-  export PKG_CONFIG_PATH=$deps/usr/lib/x86_64-linux-gnu/pkgconfig:$deps/usr/share/pkgconfig
-  export LD_LIBRARY_PATH=$deps/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-  prefix=(-DCMAKE_PREFIX_PATH=$deps/usr)
-fi
+source scripts/device-deps-env.sh  # sets prefix=(CMake flags) on the GPU machine
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv >"$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 t0=$(date +%s)

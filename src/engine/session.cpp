@@ -554,15 +554,6 @@ void Session::seq_rm(int p0, int p1) {
 
 // ---- snapshots --------------------------------------------------------------------------------
 
-uint64_t fnv1a64(const void* data, size_t n, uint64_t h) {
-  const auto* p = static_cast<const uint8_t*>(data);
-  for (size_t i = 0; i < n; i++) {
-    h ^= p[i];
-    h *= 0x100000001b3ull;
-  }
-  return h;
-}
-
 uint64_t model_fingerprint(const Model& model) {
   const std::string manifest = model.manifest().to_json().dump();
   uint64_t h = fnv1a64(manifest.data(), manifest.size());

@@ -10,6 +10,7 @@
 #include "engine/backend.h"
 #include "experts/expert_store.h"
 #include "model/model.h"
+#include "util/hash.h"
 #include "util/error.h"
 
 namespace moeflux {
@@ -86,8 +87,6 @@ constexpr size_t kSnapshotHeaderBytes = 64;
 // provenance), the size of resident.bin, and every norm weight vector (so two packages of one
 // shape with other weights differ too). Snapshots carry it.
 uint64_t model_fingerprint(const Model& model);
-// FNV-1a 64 of n bytes, continuing from `h` (the snapshot checksum).
-uint64_t fnv1a64(const void* data, size_t n, uint64_t h = 0xcbf29ce484222325ull);
 
 // Receives HF-numbered hidden states: index 0 = embeddings, i = residual after layer i-1,
 // n_layers = final-normed state. `h` is host memory [T, hidden].

@@ -7,6 +7,7 @@
 
 #include "util/atomic_file.h"
 #include "util/error.h"
+#include "util/hash.h"
 
 namespace moeflux {
 
@@ -17,15 +18,6 @@ constexpr uint64_t kVersion = 1;
 // Sanity bounds: far above any real model, low enough that a corrupt count cannot make the
 // reader allocate gigabytes.
 constexpr uint64_t kMaxLayers = 1 << 16, kMaxExperts = 1 << 20, kMaxTokens = 1 << 24;
-
-uint64_t fnv1a(const uint8_t* p, size_t n) {
-  uint64_t h = 14695981039346656037ull;
-  for (size_t i = 0; i < n; i++) {
-    h ^= p[i];
-    h *= 1099511628211ull;
-  }
-  return h;
-}
 
 int bits_for(int n_experts) {
   int b = 1;
@@ -116,7 +108,7 @@ std::vector<uint8_t> RoutingTrace::encode() const {
     }
     if (have > 0) out.push_back(uint8_t(acc));
   }
-  const uint64_t h = fnv1a(out.data(), out.size());
+  const uint64_t h = fnv1a64(out.data(), out.size());
   for (int i = 0; i < 8; i++) out.push_back(uint8_t(h >> (8 * i)));
   return out;
 }
@@ -194,7 +186,7 @@ RoutingTrace RoutingTrace::decode(const std::vector<uint8_t>& b, const std::stri
     r.bad(r.pos(), "{} bytes after the last record, before the checksum", body - r.pos());
   uint64_t want = 0;
   for (int i = 0; i < 8; i++) want |= uint64_t(b[body + size_t(i)]) << (8 * i);
-  if (fnv1a(b.data(), body) != want)
+  if (fnv1a64(b.data(), body) != want)
     fail(ErrorKind::kFormat, "{}: byte {}: checksum mismatch (the trace is corrupt)", name, body);
   return t;
 }

@@ -14,25 +14,13 @@
 #include "experts/cache_sim.h"
 #include "experts/routing_trace.h"
 #include "util/error.h"
-
-namespace {
-
-uint64_t fnv1a(const uint8_t* p, size_t n) {
-  uint64_t h = 14695981039346656037ull;
-  for (size_t i = 0; i < n; i++) {
-    h ^= p[i];
-    h *= 1099511628211ull;
-  }
-  return h;
-}
-
-}  // namespace
+#include "util/hash.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size == 0) return 0;
   std::vector<uint8_t> b(data + 1, data + size);
   if ((data[0] & 1) && b.size() >= 8) {
-    const uint64_t h = fnv1a(b.data(), b.size() - 8);
+    const uint64_t h = moeflux::fnv1a64(b.data(), b.size() - 8);
     for (int i = 0; i < 8; i++) b[b.size() - 8 + size_t(i)] = uint8_t(h >> (8 * i));
   }
   moeflux::RoutingTrace t;
