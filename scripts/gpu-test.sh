@@ -15,6 +15,7 @@
 #   BENCH=1    also times the mat-vec/mat-mul kernels (moeflux_bench_cuda -> bench_matmul.md) and
 #              runs `moeflux bench` on CUDA on a synth qwen3.5-35b-a3b q4 of SYNTH_LAYERS layers
 #              (default 8; all experts resident) -> bench_model.md
+#   PROFILE=1  per-kernel device times of an 8-token decode under ncu -> profile.txt
 #   TESTS=0    skips the tests
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,7 +41,18 @@ if [ "${BENCH:-0}" = 1 ]; then
   ./build-gpu/bench/moeflux_bench_cuda | tee "$OUT/bench_matmul.md"
   pkg=build-gpu/synth-35b-l${SYNTH_LAYERS:-8}
   [ -d "$pkg" ] || ./build-gpu/moeflux synth -q --preset qwen3.5-35b-a3b --layers "${SYNTH_LAYERS:-8}" "$pkg"
-  ./build-gpu/moeflux bench -m "$pkg" --backend cuda -p 512 -n 128 -r 3 2>&1 | tee "$OUT/bench_model.md"
+  ./build-gpu/moeflux bench -m "$pkg" --backend cuda -p 512,2048 -n 128 -r 3 2>&1 | tee "$OUT/bench_model.md"
+  ./build-gpu/moeflux bench -m "$pkg" --backend cuda -p 0 -n 128 -d 4096 -r 3 --no-floor 2>&1 | tee -a "$OUT/bench_model.md"
+fi
+if [ "${PROFILE:-0}" = 1 ]; then
+  # Per-kernel device time of a short decode (one pass per kernel: only its duration), for
+  # where a token's time goes; launch gaps = the measured step time minus the kernels' sum.
+  pkg=build-gpu/synth-35b-l${SYNTH_LAYERS:-8}
+  [ -d "$pkg" ] || ./build-gpu/moeflux synth -q --preset qwen3.5-35b-a3b --layers "${SYNTH_LAYERS:-8}" "$pkg"
+  ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
+    ./build-gpu/moeflux bench -m "$pkg" --backend cuda -p 0 -n 8 -r 1 --no-floor \
+    >"$OUT/profile.txt" 2>&1
+  echo "profile exit $?"
 fi
 [ "${TESTS:-1}" = 0 ] && exit 0
 t0=$(date +%s)

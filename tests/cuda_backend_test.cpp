@@ -7,9 +7,11 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <numeric>
 #include <random>
 
 #include "cuda/cuda_device.h"
@@ -444,6 +446,120 @@ TEST_F(Cuda, MoeExperts) {
   }
 }
 
+// Every expert resident (ids read on the device: moe.cu for few slots, the grouped path for
+// many): the same bits as the grouped path with the experts in request order, for every weight
+// type, with and without a shared expert and its router.
+class ResidentTable final : public ExpertSource {
+ public:
+  explicit ResidentTable(std::vector<ExpertWeights> w) : w_(std::move(w)) {}
+  size_t size() const override { return w_.size(); }
+  int id(size_t i) const override { return int(i); }
+  size_t next() override { return at_++; }
+  const ExpertWeights& weights(size_t i) const override { return w_[i]; }
+  bool all_resident() const override { return true; }
+
+ private:
+  std::vector<ExpertWeights> w_;
+  size_t at_ = 0;
+};
+
+TEST_F(Cuda, MoeExpertsResidentSameBits) {
+  const int E = 12, K = 4, H = 256, I = 128, S = 192;
+  for (DType dt : kTypes) {
+    std::vector<std::unique_ptr<HostMat>> mats;
+    for (int e = 0; e < E; e++) {
+      mats.push_back(make_mat(dt, I, H, 5000 + uint32_t(e)));
+      mats.push_back(make_mat(dt, I, H, 5100 + uint32_t(e)));
+      mats.push_back(make_mat(dt, H, I, 5200 + uint32_t(e)));
+    }
+    auto sg = make_mat(dt, S, H, 5300), su = make_mat(dt, S, H, 5301), sd = make_mat(dt, H, S, 5302);
+    auto sr = make_mat(DType::kF32, 1, H, 5303);
+    for (int shared_kind : {0, 1, 2}) {  // none, no router, router
+      for (int T : {1, 3, 16, 40}) {  // T*K <= 64: moe.cu; above: grouped
+        std::mt19937 g(uint32_t(77 + T));
+        std::vector<int32_t> ids;
+        for (int t = 0; t < T; t++) {
+          std::vector<int32_t> perm(E);
+          std::iota(perm.begin(), perm.end(), 0);
+          std::shuffle(perm.begin(), perm.end(), g);
+          ids.insert(ids.end(), perm.begin(), perm.begin() + K);
+        }
+        const auto x = rand_vec(size_t(T * H), 5400 + uint32_t(T), -2, 2);
+        const auto w = rand_vec(size_t(T * K), 5401, 0.1f, 1);
+        Side s(cuda_device());
+        std::vector<ExpertWeights> ew;
+        for (int e = 0; e < E; e++)
+          ew.push_back({on(s, *mats[size_t(3 * e)]), on(s, *mats[size_t(3 * e + 1)]),
+                        on(s, *mats[size_t(3 * e + 2)])});
+        const Mat sgm = on(s, *sg), sum = on(s, *su), sdm = on(s, *sd), srm = on(s, *sr);
+        SharedExpert sh{&sgm, &sum, &sdm, shared_kind == 2 ? &srm : nullptr, S};
+        const SharedExpert* shp = shared_kind ? &sh : nullptr;
+        MoeParams p{T, K, H, I};
+        const float *xd = s.put(x), *wd = s.put(w);
+        const int32_t* idd = s.put(ids);
+        // Grouped: the experts the ids use, in reverse id order.
+        std::vector<int> req;
+        std::vector<ExpertWeights> rw;
+        for (int e = E - 1; e >= 0; e--)
+          if (std::find(ids.begin(), ids.end(), e) != ids.end()) {
+            req.push_back(e);
+            rw.push_back(ew[size_t(e)]);
+          }
+        std::vector<size_t> order(req.size());
+        std::iota(order.begin(), order.end(), size_t(0));
+        TableSource grouped(req, rw, order);
+        float* out_g = s.zeros(size_t(T * H));
+        s.ctx->moe_experts(xd, idd, wd, grouped, shp, out_g, p);
+        ResidentTable resident(ew);
+        float* out_r = s.zeros(size_t(T * H));
+        s.ctx->moe_experts(xd, idd, wd, resident, shp, out_r, p);
+        const auto a = s.get(out_g, size_t(T * H)), b = s.get(out_r, size_t(T * H));
+        bool finite = true;
+        for (float v : b) finite &= std::isfinite(v);
+        EXPECT_TRUE(finite);
+        expect_bits(fmt::format("resident {} shared {} T {}", dtype_name(dt), shared_kind, T), b, a);
+      }
+    }
+  }
+}
+
+// The fused forms give the ops' own bits: add_rmsnorm = add then rmsnorm; matmul_n (one launch
+// for a token) = a matmul per matrix, for every weight type and both row splits (ks 1 and 4).
+TEST_F(Cuda, FusedFormsSameBits) {
+  Side s(cuda_device());
+  const int rows = 3, n = 2048 + 96;
+  const auto x0 = rand_vec(size_t(rows * n), 6000, -3, 3), d = rand_vec(size_t(rows * n), 6001);
+  const auto w = rand_vec(size_t(n), 6002, 0.5f, 1.5f);
+  float *xa = s.put(x0), *xb = s.put(x0), *dd = s.put(d), *wd = s.put(w);
+  float *ya = s.zeros(size_t(rows * n)), *yb = s.zeros(size_t(rows * n));
+  s.ctx->add(xa, dd, size_t(rows * n));
+  s.ctx->rmsnorm(xa, wd, ya, rows, n, n, 1e-6f);
+  s.ctx->add_rmsnorm(xb, dd, wd, yb, rows, n, 1e-6f);
+  expect_bits("add_rmsnorm x", s.get(xb, size_t(rows * n)), s.get(xa, size_t(rows * n)));
+  expect_bits("add_rmsnorm y", s.get(yb, size_t(rows * n)), s.get(ya, size_t(rows * n)));
+
+  for (DType dt : kTypes) {
+    // [8192, 2048]: one warp per row; [1000, 2048] f32/bf16: four; tiny [37, 2048] and [5, 2048].
+    std::vector<std::unique_ptr<HostMat>> hm;
+    for (int64_t r : {8192, 1000, 37, 5}) hm.push_back(make_mat(dt, r, 2048, 6100 + uint32_t(r)));
+    const auto xv = rand_vec(2048, 6200);
+    const float* xd = s.put(xv);
+    std::vector<Mat> ms;
+    std::vector<float*> a, b;
+    for (auto& h : hm) {
+      ms.push_back(on(s, *h));
+      a.push_back(s.zeros(size_t(h->m.rows)));
+      b.push_back(s.zeros(size_t(h->m.rows)));
+    }
+    const Mat* ptrs[] = {&ms[0], &ms[1], &ms[2], &ms[3]};
+    for (size_t i = 0; i < ms.size(); i++) s.ctx->matmul(ms[i], xd, a[i], 1);
+    s.ctx->matmul_n(ptrs, b.data(), 4, xd, 1);
+    for (size_t i = 0; i < ms.size(); i++)
+      expect_bits(fmt::format("matmul_n {} [{}]", dtype_name(dt), ms[i].rows),
+                  s.get(b[i], size_t(ms[i].rows)), s.get(a[i], size_t(ms[i].rows)));
+  }
+}
+
 TEST_F(Cuda, CheckFinite) {
   Side s(cuda_device());
   auto h = rand_vec(5000, 3000);
@@ -473,15 +589,19 @@ struct Run {
 };
 
 // Evaluates `tokens` on `device` (prefill in one call, or one token at a time).
+// resident: every expert loaded for good (ExpertStore::load_all, as the CLI does on a GPU),
+// so decode steps after the second replay one recorded graph.
 std::vector<float> eval_on(Device& device, const std::string& fixture,
                            const std::vector<int32_t>& tokens, bool decode,
-                           int64_t cache_bytes = -1) {
+                           int64_t cache_bytes = -1, bool resident = false,
+                           int64_t* replayed = nullptr) {
   auto model = Model::load(converted_fixture(fixture));
   auto ctx = device.context(1);
   ExpertStoreOptions o;
   o.memory = &device.expert_memory();
   o.cache_bytes = cache_bytes;
   ExpertStore store(*model, o);
+  if (resident) store.load_all();
   Session s(*model, *ctx, store);
   const int T = int(tokens.size()), V = model->spec().vocab_size;
   std::vector<float> logits(size_t(T) * V);
@@ -489,6 +609,7 @@ std::vector<float> eval_on(Device& device, const std::string& fixture,
     for (int t = 0; t < T; t++) s.eval(&tokens[size_t(t)], 1, logits.data() + size_t(t) * V, false);
   else
     s.eval(tokens.data(), T, logits.data(), true);
+  if (replayed) *replayed = s.replayed_steps();
   return logits;
 }
 
@@ -538,6 +659,14 @@ TEST_P(CudaOracle, LogitsMatchReference) {
     RecordProperty(fmt::format("max_dlogit_over_max_logit_decode{}", int(decode)),
                    fmt::format("{:.3g}", worst / (tol * 1e3f)));
     expect_bits("repeated run", eval_on(cuda_device(), c.fixture, tokens, decode), got);
+    // Every expert resident: ids stay on the device; decode steps from the third on replay
+    // one graph. The same bits.
+    int64_t replayed = 0;
+    expect_bits("all experts resident",
+                eval_on(cuda_device(), c.fixture, tokens, decode, -1, true, &replayed), got);
+    if (decode) {
+      EXPECT_EQ(replayed, std::max(0, T - 2)) << "decode steps replayed as a graph";
+    }
     if (!decode) {
       expect_bits("no expert cache", eval_on(cuda_device(), c.fixture, tokens, decode, 0), got);
       const auto cpu = eval_on(cpu_device(), c.fixture, tokens, decode);

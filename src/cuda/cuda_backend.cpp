@@ -161,7 +161,7 @@ class CudaContext final : public Context {
     pos_ = static_cast<int*>(device_alloc(sizeof(int), "the position", "--backend cpu"));
     flag_ = static_cast<cuda::NonfiniteFlag*>(
         device_alloc(sizeof(cuda::NonfiniteFlag), "the NaN check", "--backend cpu"));
-    flag_init_.min_index = ~0ull;
+    flag_init_.key = ~0ull;
     check(cudaMemcpy(flag_, &flag_init_, sizeof flag_init_, cudaMemcpyHostToDevice), "init");
     cuda::set_int(stream_, pos_, 0);
     check_launch("set_pos");
@@ -169,6 +169,7 @@ class CudaContext final : public Context {
   ~CudaContext() override {
     cudaStreamSynchronize(stream_);
     for (auto& [key, p] : inv_freq_) cudaFree(p.second);
+    for (auto& [key, t] : expert_tables_) cudaFree(t.dev);
     for (void* p : {static_cast<void*>(pos_), static_cast<void*>(flag_), scratch_.p, slots_.p,
                     xe_.p, g_.p, u_.p, y_.p, r_.p, slot_idx_.p})
       cudaFree(p);
@@ -293,6 +294,23 @@ class CudaContext final : public Context {
     cuda::add(stream_, y, x, n);
     check_launch("add");
   }
+  void add_rmsnorm(float* x, const float* d, const float* w, float* y, int rows, int n,
+                   float eps) override {
+    cuda::add_rmsnorm(stream_, x, d, w, y, rows, n, eps);
+    check_launch("add_rmsnorm");
+  }
+  void matmul_n(const Mat* const* Ws, float* const* ys, int n, const float* x, int T) override {
+    // One token: one launch for all (decode); a batch: the tiled mat-mul per matrix.
+    if (T != 1 || n > cuda::kMatmulNMax) return Context::matmul_n(Ws, ys, n, x, T);
+    cuda::MatmulN a;
+    a.n = n;
+    for (int i = 0; i < n; i++) {
+      a.W[i] = wmat(*Ws[i]);
+      a.y[i] = ys[i];
+    }
+    cuda::matmul_n(stream_, a, x);
+    check_launch("matmul_n");
+  }
   void silu_mul(float* gate, const float* up, size_t n) override {
     cuda::silu_mul(stream_, gate, up, n);
     check_launch("silu_mul");
@@ -320,6 +338,10 @@ class CudaContext final : public Context {
     const int T = p.T, K = p.k, H = p.hidden, I = p.inter;
     const int S = shared && shared->gate && *shared->gate ? shared->inter : 0;
     if (T <= 0) return;
+    if (experts.all_resident() && T * K <= kDirectSlots) {
+      moe_direct(xn, ids, weights, experts, shared, out, p, S);
+      return;
+    }
     ids_host_.resize(size_t(T) * K);
     download(ids_host_.data(), ids, ids_host_.size() * sizeof(int32_t));
     const size_t n_req = experts.size();
@@ -386,17 +408,104 @@ class CudaContext final : public Context {
     sync();
   }
 
+  // Few slots, every expert resident: two kernels reading the ids where route left them
+  // (moe.cu), no wait. Above kDirectSlots the grouped path reads each expert's weights once for
+  // all its tokens instead of once per slot.
+  static constexpr int kDirectSlots = 64;
+  void moe_direct(const float* xn, const int32_t* ids, const float* weights,
+                  ExpertSource& experts, const SharedExpert* shared, float* out,
+                  const MoeParams& p, int S) {
+    const int T = p.T, K = p.k, H = p.hidden, I = p.inter;
+    cuda::MoeDirect a;
+    a.experts = expert_table(experts, H, I);
+    a.E = int(experts.size());
+    a.ids = ids;
+    a.weights = weights;
+    a.xn = xn;
+    a.T = T, a.K = K, a.H = H, a.I = I;
+    a.S = S;
+    if (S) {
+      a.sh_gate = wmat(*shared->gate);
+      a.sh_up = wmat(*shared->up);
+      a.sh_down = wmat(*shared->down);
+      a.has_router = shared->router && *shared->router;
+      if (a.has_router) a.sh_router = wmat(*shared->router);
+    }
+    a.h = fgrow(g_, size_t(T) * K * I);
+    a.hs = fgrow(u_, size_t(T) * std::max(S, 1));
+    a.r = fgrow(r_, size_t(T));
+    a.out = out;
+    cuda::moe_direct(stream_, a);
+    check_launch("moe_direct");
+  }
+  // The device table of a resident layer's experts, made on first use (keyed by the source's
+  // table, which load_all keeps for good).
+  const cuda::ExpertMats* expert_table(ExpertSource& experts, int H, int I) {
+    const ExpertWeights* key = &experts.weights(0);
+    auto it = expert_tables_.find(key);
+    if (it != expert_tables_.end() && it->second.n == experts.size()) return it->second.dev;
+    std::vector<cuda::ExpertMats> host(experts.size());
+    for (size_t e = 0; e < host.size(); e++) {
+      const ExpertWeights& w = experts.weights(e);
+      if (w.gate.rows != I || w.gate.cols != H || w.up.rows != I || w.up.cols != H ||
+          w.down.rows != H || w.down.cols != I)
+        fail(ErrorKind::kInternal, "moe_experts: expert {} has gate [{}, {}], up [{}, {}], down "
+             "[{}, {}]; the layer's shape is hidden {}, inter {}", e, w.gate.rows, w.gate.cols,
+             w.up.rows, w.up.cols, w.down.rows, w.down.cols, H, I);
+      host[e] = {wmat(w.gate), wmat(w.up), wmat(w.down)};
+    }
+    const size_t bytes = host.size() * sizeof(cuda::ExpertMats);
+    if (it != expert_tables_.end()) cudaFree(it->second.dev);
+    auto* dev = static_cast<cuda::ExpertMats*>(
+        device_alloc(bytes, "the resident experts' table", "--backend cpu"));
+    check(cudaMemcpy(dev, host.data(), bytes, cudaMemcpyHostToDevice), "expert table");
+    expert_tables_[key] = {dev, host.size()};
+    return dev;
+  }
+
+  // Recordings are CUDA graphs captured from the stream (thread-local mode: an op that would
+  // wait or allocate fails the capture instead of running).
+  struct Graph final : Recording {
+    cudaGraphExec_t exec = nullptr;
+    ~Graph() override {
+      if (exec) cudaGraphExecDestroy(exec);
+    }
+  };
+  bool record_begin() override {
+    check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "begin capture");
+    return true;
+  }
+  std::unique_ptr<Recording> record_end() override {
+    cudaGraph_t g = nullptr;
+    const cudaError_t e = cudaStreamEndCapture(stream_, &g);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      if (g) cudaGraphDestroy(g);
+      check(e, "capturing a graph (an op in it waited or allocated)");
+    }
+    auto out = std::make_unique<Graph>();
+    const cudaError_t ie = cudaGraphInstantiate(&out->exec, g, 0);
+    cudaGraphDestroy(g);
+    check(ie, "cudaGraphInstantiate");
+    return out;
+  }
+  void replay(Recording& r) override {
+    check(cudaGraphLaunch(static_cast<Graph&>(r).exec, stream_), "graph replay");
+  }
+
   void check_finite(const float* x, size_t n, int tag) override {
+    if (tag < -1 || n >= (size_t(1) << cuda::kNonfiniteIndexBits))
+      fail(ErrorKind::kInternal, "check_finite: tag {} or {} elements out of range", tag, n);
     cuda::check_finite(stream_, x, n, tag, flag_);
     check_launch("check_finite");
   }
   bool take_nonfinite(int* tag, size_t* index) override {
     cuda::NonfiniteFlag f{};
     download(&f, flag_, sizeof f);
-    if (!f.set) return false;
+    if (f.key == ~0ull) return false;
     upload_bytes(flag_, &flag_init_, sizeof flag_init_);
-    if (tag) *tag = f.tag;
-    if (index) *index = size_t(f.index);
+    if (tag) *tag = int(f.key >> cuda::kNonfiniteIndexBits) - 1;
+    if (index) *index = size_t(f.key & ((1ull << cuda::kNonfiniteIndexBits) - 1));
     return true;
   }
 
@@ -445,6 +554,11 @@ class CudaContext final : public Context {
   cuda::NonfiniteFlag flag_init_{};
   std::map<std::pair<double, int>, std::pair<std::vector<float>, float*>> inv_freq_;
   Scratch scratch_, slots_, xe_, g_, u_, y_, r_, slot_idx_;
+  struct ExpertTable {
+    cuda::ExpertMats* dev = nullptr;
+    size_t n = 0;
+  };
+  std::map<const ExpertWeights*, ExpertTable> expert_tables_;
   std::vector<int32_t> ids_host_, order_host_;
 };
 

@@ -35,6 +35,15 @@ struct WMat {
 // fixed columns with fmaf in increasing order, then the 32 lane sums go through a fixed
 // shuffle tree: the order depends only on W's shape.
 void matmul(cudaStream_t s, const WMat& W, const float* x, float* y, int T, int64_t y_stride);
+// y[i] = W[i] x for i < n (one token): one launch, each row as matmul computes it.
+constexpr int kMatmulNMax = 4;
+struct MatmulN {
+  WMat W[kMatmulNMax];
+  float* y[kMatmulNMax];
+  int first_block[kMatmulNMax];  // set by matmul_n
+  int n = 0;
+};
+void matmul_n(cudaStream_t s, const MatmulN& a, const float* x);
 // out[t] = W[tokens[t]] (dequantised as format/quant.h's dequantize_row).
 void embed(cudaStream_t s, const WMat& E, const int32_t* tokens, int T, float* out);
 
@@ -62,6 +71,9 @@ bool deltanet(cudaStream_t s, const float* qkv, const float* g, const float* bet
 void gated_rmsnorm(cudaStream_t s, float* x, const float* z, const float* w, int rows, int n,
                    float eps);
 void add(cudaStream_t s, float* y, const float* x, size_t n);
+// x += d, then y = rmsnorm(x) * w: add then rmsnorm, the same bits, one launch.
+void add_rmsnorm(cudaStream_t s, float* x, const float* d, const float* w, float* y, int rows,
+                 int n, float eps);
 void silu_mul(cudaStream_t s, float* gate, const float* up, size_t n);
 // scoring: 0 softmax, 1 sigmoid. weights may be null.
 void route(cudaStream_t s, const float* logits, int T, int n_experts, int k, int scoring,
@@ -79,15 +91,40 @@ void sum_slots(cudaStream_t s, const float* slots, int T, int k, int cols, float
 // out[t] += y[t] * sigmoid(r[t]) (r null: out[t] += y[t]).
 void add_gated_rows(cudaStream_t s, float* out, const float* y, const float* r, int T, int cols);
 
+// ---- moe_experts with every expert resident (moe.cu) -------------------------------------------
+struct ExpertMats {
+  WMat gate, up, down;
+};
+struct MoeDirect {
+  const ExpertMats* experts = nullptr;  // [E], device memory
+  int E = 0;
+  const int32_t* ids = nullptr;    // [T, K]
+  const float* weights = nullptr;  // [T, K]
+  const float* xn = nullptr;       // [T, H]
+  int T = 0, K = 0, H = 0, I = 0;
+  WMat sh_gate, sh_up, sh_down, sh_router;  // the shared expert when S > 0
+  int S = 0;
+  bool has_router = false;
+  float* h = nullptr;   // scratch [T*K, I]
+  float* hs = nullptr;  // scratch [T, S]
+  float* r = nullptr;   // scratch [T]
+  float* out = nullptr;  // [T, H]
+};
+// out[t] = sum over j of weights[t, j] * down_e(silu(gate_e x_t) * up_e x_t), e = ids[t, j],
+// plus the shared expert's gated output: two launches, no host wait. The same bits as the
+// grouped path (per-expert matmul, silu_mul, scatter_slot_rows, sum_slots, add_gated_rows).
+// An id outside [0, E) (never from route) makes its token's rows NaN.
+void moe_direct(cudaStream_t s, const MoeDirect& a);
+
 // ---- position and checks ---------------------------------------------------------------------
 void set_int(cudaStream_t s, int* dst, int value);
-// The first non-finite check's result: set, tag, index; `min_index` is the scratch of the call
-// in flight (all ones between calls).
+// The NaN check's result: (tag + 1) << 40 | index of the first non-finite element under the
+// lowest tag noted (tags rise within an evaluation), all ones when none. One kernel per check:
+// an integer atomicMin, exact and so deterministic.
 struct NonfiniteFlag {
-  unsigned long long min_index;
-  int set, tag;
-  unsigned long long index;
+  unsigned long long key;
 };
+constexpr int kNonfiniteIndexBits = 40;
 void check_finite(cudaStream_t s, const float* x, size_t n, int tag, NonfiniteFlag* flag);
 
 // The kernels' build targets as text ("sm_80 sm_90a"), for error messages.

@@ -18,6 +18,25 @@ __global__ void rmsnorm_kernel(const float* x, const float* __restrict__ w, floa
   for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = xr[i] * inv * (w ? w[i] : 1.0f);
 }
 
+// add_kernel then rmsnorm_kernel on the row: each thread adds the elements it then squares.
+__global__ void add_rmsnorm_kernel(float* x, const float* __restrict__ d,
+                                   const float* __restrict__ w, float* __restrict__ y, int n,
+                                   float eps) {
+  __shared__ double red[256];
+  float* xr = x + int64_t(blockIdx.x) * n;
+  const float* dr = d + int64_t(blockIdx.x) * n;
+  float* yr = y + int64_t(blockIdx.x) * n;
+  double ss = 0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float v = xr[i] + dr[i];
+    xr[i] = v;
+    ss += double(v) * v;
+  }
+  ss = block_sum_double(ss, red);
+  const float inv = float(1.0 / sqrt(ss / n + eps));
+  for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = xr[i] * inv * (w ? w[i] : 1.0f);
+}
+
 __global__ void add_kernel(float* y, const float* __restrict__ x, size_t n) {
   const size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) y[i] += x[i];
@@ -153,25 +172,17 @@ __global__ void add_gated_rows_kernel(float* out, const float* __restrict__ y,
 
 __global__ void set_int_kernel(int* dst, int value) { *dst = value; }
 
-// Each thread notes the first non-finite element of its stride; the lowest index wins by an
-// integer atomicMin (exact, so deterministic). Skipped once a result is noted.
-__global__ void check_finite_kernel(const float* __restrict__ x, size_t n, NonfiniteFlag* f) {
-  if (f->set) return;
+// Each thread notes the first non-finite element of its stride under this check's key; the
+// lowest key wins. Skipped once a lower tag holds a result.
+__global__ void check_finite_kernel(const float* __restrict__ x, size_t n, unsigned long long base,
+                                    NonfiniteFlag* f) {
+  if (f->key < base) return;
   for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += size_t(gridDim.x) * blockDim.x)
     if (!isfinite(x[i])) {
-      atomicMin(&f->min_index, (unsigned long long)i);
+      atomicMin(&f->key, base | (unsigned long long)i);
       return;
     }
-}
-
-__global__ void note_nonfinite_kernel(NonfiniteFlag* f, int tag) {
-  if (!f->set && f->min_index != ~0ull) {
-    f->set = 1;
-    f->tag = tag;
-    f->index = f->min_index;
-  }
-  f->min_index = ~0ull;
 }
 
 unsigned blocks_for(size_t n, unsigned threads) {
@@ -184,6 +195,11 @@ void rmsnorm(cudaStream_t s, const float* x, const float* w, float* y, int rows,
              int stride, float eps) {
   if (rows <= 0) return;
   rmsnorm_kernel<<<unsigned(rows), 256, 0, s>>>(x, w, y, n, stride, eps);
+}
+
+void add_rmsnorm(cudaStream_t s, float* x, const float* d, const float* w, float* y, int rows,
+                 int n, float eps) {
+  if (rows > 0) add_rmsnorm_kernel<<<unsigned(rows), 256, 0, s>>>(x, d, w, y, n, eps);
 }
 
 void add(cudaStream_t s, float* y, const float* x, size_t n) {
@@ -227,11 +243,10 @@ void add_gated_rows(cudaStream_t s, float* out, const float* y, const float* r, 
 void set_int(cudaStream_t s, int* dst, int value) { set_int_kernel<<<1, 1, 0, s>>>(dst, value); }
 
 void check_finite(cudaStream_t s, const float* x, size_t n, int tag, NonfiniteFlag* flag) {
-  if (n) {
-    const unsigned blocks = blocks_for(n, 256) < 1024 ? blocks_for(n, 256) : 1024;
-    check_finite_kernel<<<blocks, 256, 0, s>>>(x, n, flag);
-  }
-  note_nonfinite_kernel<<<1, 1, 0, s>>>(flag, tag);
+  if (!n) return;
+  const unsigned blocks = blocks_for(n, 256) < 1024 ? blocks_for(n, 256) : 1024;
+  const unsigned long long base = (unsigned long long)(tag + 1) << kNonfiniteIndexBits;
+  check_finite_kernel<<<blocks, 256, 0, s>>>(x, n, base, flag);
 }
 
 const char* built_architectures() {

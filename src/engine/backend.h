@@ -205,6 +205,18 @@ class Context {
 
   // y += x (n floats).
   virtual void add(float* y, const float* x, size_t n) = 0;
+
+  // ---- Fused forms (defaults compose the ops above; a backend may fuse them, same bits) ----
+  // x += d, then y = rmsnorm(x) * w, for `rows` rows of n floats (stride n).
+  virtual void add_rmsnorm(float* x, const float* d, const float* w, float* y, int rows, int n,
+                           float eps) {
+    add(x, d, size_t(rows) * size_t(n));
+    rmsnorm(x, w, y, rows, n, n, eps);
+  }
+  // ys[i] = Ws[i] x for i < n, each as matmul (the projections of one input).
+  virtual void matmul_n(const Mat* const* Ws, float* const* ys, int n, const float* x, int T) {
+    for (int i = 0; i < n; i++) matmul(*Ws[i], x, ys[i], T);
+  }
   // gate = silu(gate) * up, n floats.
   virtual void silu_mul(float* gate, const float* up, size_t n) = 0;
 
@@ -223,10 +235,30 @@ class Context {
                            ExpertSource& experts, const SharedExpert* shared, float* out,
                            const MoeParams& p) = 0;
 
+  // ---- Recorded op sequences (optional) ----------------------------------------------------
+  // A device backend may record the ops queued between record_begin() and record_end() instead
+  // of running them, and queue them again, all at once, with replay() (CUDA: a graph): the
+  // same ops with the same arguments, reading memory as it is at each replay, so whatever
+  // changes between replays must be context memory (the position set_pos wrote, tokens
+  // uploaded before). Nothing that waits (download, sync, take_nonfinite, a moe_experts whose
+  // source is not all_resident) and nothing that allocates may be recorded; op arguments that
+  // are host memory are read once, when recorded. record_end() must follow record_begin() also
+  // when an op in between threw (the recording is then discarded: null). The CPU records
+  // nothing: record_begin() returns false and ops run as they are called.
+  class Recording {
+   public:
+    virtual ~Recording() = default;
+  };
+  virtual bool record_begin() { return false; }
+  virtual std::unique_ptr<Recording> record_end() { return nullptr; }
+  virtual void replay(Recording& r) { (void)r; }
+
   // ---- Checks -----------------------------------------------------------------------------
-  // Notes the first NaN/Inf among x[0..n) under `tag` unless one is already noted (read-only,
-  // one pass; the engine runs it on the residual stream after every layer). Queued: the
-  // result is read by take_nonfinite, once per evaluation, so no op waits for it.
+  // Notes the first NaN/Inf among x[0..n) under `tag` (>= -1) unless one is already noted
+  // (read-only, one pass; the engine runs it on the residual stream after every layer, tags
+  // rising: -1 for the embedding, then the layer). Queued: the result is read by
+  // take_nonfinite, once per evaluation, so no op waits for it. As tags rise, "already noted"
+  // may be kept as "noted under a lower tag" (CUDA: one atomicMin over (tag, index)).
   virtual void check_finite(const float* x, size_t n, int tag) = 0;
   // Waits; true (with the first noted tag and index) when check_finite found a NaN/Inf since
   // the last call, which clears it.

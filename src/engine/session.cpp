@@ -219,8 +219,7 @@ void Session::forward(const int32_t* tokens, int T, float* logits, bool all_logi
   const int H = s.hidden_size;
   const size_t TH = size_t(T) * H;
   MF_CHECK(T <= ubatch_cap_);
-  float* x = ws_.x;
-  float* xn = ws_.xn;
+  const float* xn = ws_.xn;
   std::vector<float> host;
   auto emit = [&](int index, const float* v) {
     if (!hidden) return;
@@ -231,38 +230,92 @@ void Session::forward(const int32_t* tokens, int T, float* logits, bool all_logi
 
   be_.set_pos(pos_);
   be_.upload_bytes(ws_.tokens, tokens, size_t(T) * sizeof(int32_t));
-  be_.embed(w_.embed, ws_.tokens, T, x);
-  be_.check_finite(x, TH, -1);
-  for (int l = 0; l < s.n_layers; l++) {
-    emit(l, x);
-    const LayerWeights& w = w_.layers[size_t(l)];
-    be_.rmsnorm(x, w.attn_norm, xn, T, H, H, s.rms_eps);
-    if (w.attn == AttnKind::kFull) full_attention(l, T);
-    else linear_attention(l, T);
-    be_.add(x, ws_.mix, TH);
-    be_.rmsnorm(x, w.ffn_norm, xn, T, H, H, s.rms_eps);
-    if (w.ffn == FfnKind::kMoe) moe(l, T);
-    else dense_ffn(l, T);
-    be_.add(x, ws_.mix, TH);
-    be_.check_finite(x, TH, l);
-  }
-  be_.rmsnorm(x, w_.final_norm, xn, T, H, H, s.rms_eps);
-  emit(s.n_layers, xn);
-  if (logits) {
-    // The lm_head kLogitRows rows at a time (each row's bits do not depend on the batch).
-    const int rows = all_logits ? T : 1;
-    const float* src = all_logits ? xn : xn + size_t(T - 1) * H;
-    const size_t V = size_t(s.vocab_size);
-    for (int r0 = 0; r0 < rows; r0 += kLogitRows) {
-      const int n = std::min(kLogitRows, rows - r0);
-      be_.matmul(w_.lm_head, src + size_t(r0) * H, ws_.logits, n);
-      be_.download_bytes_async(logits + size_t(r0) * V, ws_.logits, size_t(n) * V * sizeof(float));
-      if (r0 + n < rows) be_.sync();  // before the next piece overwrites ws_.logits
+  if (T == 1 && logits && !hidden && replay_decode()) {
+    be_.download_bytes_async(logits, ws_.logits, size_t(s.vocab_size) * sizeof(float));
+  } else {
+    layers(T, emit);
+    if (logits) {
+      // The lm_head kLogitRows rows at a time (each row's bits do not depend on the batch).
+      const int rows = all_logits ? T : 1;
+      const float* src = all_logits ? xn : xn + size_t(T - 1) * H;
+      const size_t V = size_t(s.vocab_size);
+      for (int r0 = 0; r0 < rows; r0 += kLogitRows) {
+        const int n = std::min(kLogitRows, rows - r0);
+        be_.matmul(w_.lm_head, src + size_t(r0) * H, ws_.logits, n);
+        be_.download_bytes_async(logits + size_t(r0) * V, ws_.logits,
+                                 size_t(n) * V * sizeof(float));
+        if (r0 + n < rows) be_.sync();  // before the next piece overwrites ws_.logits
+      }
     }
   }
   raise_nonfinite();  // waits for the queue
   pos_ += T;
   tokens_.insert(tokens_.end(), tokens, tokens + T);
+}
+
+// Embedding, every layer and the final norm over the T tokens in ws_.tokens (result in ws_.xn).
+void Session::layers(int T, const std::function<void(int, const float*)>& emit) {
+  const ModelSpec& s = spec_;
+  const int H = s.hidden_size;
+  const size_t TH = size_t(T) * H;
+  float* x = ws_.x;
+  float* xn = ws_.xn;
+  be_.embed(w_.embed, ws_.tokens, T, x);
+  be_.check_finite(x, TH, -1);
+  if (s.n_layers > 0) be_.rmsnorm(x, w_.layers[0].attn_norm, xn, T, H, H, s.rms_eps);
+  else be_.rmsnorm(x, w_.final_norm, xn, T, H, H, s.rms_eps);
+  for (int l = 0; l < s.n_layers; l++) {
+    emit(l, x);  // xn already holds x normed for this layer's attention
+    const LayerWeights& w = w_.layers[size_t(l)];
+    if (w.attn == AttnKind::kFull) full_attention(l, T);
+    else linear_attention(l, T);
+    be_.add_rmsnorm(x, ws_.mix, w.ffn_norm, xn, T, H, s.rms_eps);
+    if (w.ffn == FfnKind::kMoe) moe(l, T);
+    else dense_ffn(l, T);
+    // The residual add, and x normed for the next layer (or the final norm).
+    const float* next = l + 1 < s.n_layers ? w_.layers[size_t(l) + 1].attn_norm : w_.final_norm;
+    be_.add_rmsnorm(x, ws_.mix, next, xn, T, H, s.rms_eps);
+    be_.check_finite(x, TH, l);
+  }
+  emit(s.n_layers, xn);
+}
+
+// A decode step (one token, its logits wanted) as one replay of a recording of layers() and
+// the lm_head, when the context records and every MoE layer's experts are resident, so
+// nothing in the step waits for the host. The first such step runs as called (first-use work,
+// e.g. scratch and tables, must not be recorded), the second records, later ones replay. The
+// recording stays valid for the session's life: every address in it (weights, resident
+// experts, workspace, state) is fixed, and the position is read from context memory.
+bool Session::replay_decode() {
+  if (decode_ == DecodeReplay::kNever) return false;
+  if (!decode_rec_) {
+    if (on_route_) return false;
+    for (int l = 0; l < spec_.n_layers; l++)
+      if (spec_.ffn[size_t(l)] == FfnKind::kMoe && !store_.resident(w_.layers[size_t(l)].moe_index))
+        return false;
+    if (decode_ == DecodeReplay::kFirst) {
+      decode_ = DecodeReplay::kRecordNext;
+      return false;
+    }
+    if (!be_.record_begin()) {
+      decode_ = DecodeReplay::kNever;
+      return false;
+    }
+    try {
+      layers(1, [](int, const float*) {});
+      be_.matmul(w_.lm_head, ws_.xn, ws_.logits, 1);
+    } catch (...) {
+      try {
+        be_.record_end();
+      } catch (...) {
+      }
+      throw;
+    }
+    decode_rec_ = be_.record_end();
+  }
+  be_.replay(*decode_rec_);
+  replayed_steps_++;
+  return true;
 }
 
 // NaN/Inf in the residual stream never heals (every later layer adds to it) and turns every
@@ -285,9 +338,9 @@ void Session::full_attention(int l, int T) {
   const int hd = s.head_dim, nh = s.n_heads, nkv = s.n_kv_heads;
   const int kvd = nkv * hd, q_rows = s.q_rows(), qhs = s.attn_output_gate ? 2 * hd : hd;
   float *q = ws_.q, *k = ws_.k, *v = ws_.v, *o = ws_.o;
-  be_.matmul(w.q, ws_.xn, q, T);
-  be_.matmul(w.k, ws_.xn, k, T);
-  be_.matmul(w.v, ws_.xn, v, T);
+  const Mat* proj[] = {&w.q, &w.k, &w.v};
+  float* const outs[] = {q, k, v};
+  be_.matmul_n(proj, outs, 3, ws_.xn, T);
   if (w.q_norm) be_.rmsnorm(q, w.q_norm, q, T * nh, hd, qhs, s.rms_eps);
   if (w.k_norm) be_.rmsnorm(k, w.k_norm, k, T * nkv, hd, hd, s.rms_eps);
   if (s.rope_dim > 0) {
@@ -308,10 +361,9 @@ void Session::linear_attention(int l, int T) {
   const ModelSpec& s = spec_;
   const LayerWeights& w = w_.layers[size_t(l)];
   const int C = s.lin_qkv_dim(), nv = s.lin_v_heads;
-  be_.matmul(w.lin_qkv, ws_.xn, ws_.qkv, T);
-  be_.matmul(w.lin_z, ws_.xn, ws_.z, T);
-  be_.matmul(w.lin_b, ws_.xn, ws_.lb, T);
-  be_.matmul(w.lin_a, ws_.xn, ws_.la, T);
+  const Mat* proj[] = {&w.lin_qkv, &w.lin_z, &w.lin_b, &w.lin_a};
+  float* const outs[] = {ws_.qkv, ws_.z, ws_.lb, ws_.la};
+  be_.matmul_n(proj, outs, 4, ws_.xn, T);
   be_.conv1d_silu(ws_.qkv, state_a_[size_t(l)], w.conv, ws_.conv, T, C, s.conv_kernel);
   be_.deltanet_gates(ws_.la, ws_.lb, w.A_log, w.dt_bias, T, nv);
   DeltaNetParams p{s.lin_k_heads, nv, s.lin_k_dim, s.lin_v_dim};

@@ -147,6 +147,8 @@ class Session {
   // checksum, fields) runs before anything changes: on a SnapshotError the session is as it was.
   void state_load(const void* src, size_t n);
   uint64_t fingerprint() const { return fingerprint_; }
+  // Decode steps run as one replay of a recorded forward pass (a CUDA graph; never on the CPU).
+  int64_t replayed_steps() const { return replayed_steps_; }
 
  private:
   // The workspace: context memory sized once from the spec and the micro-batch U, at fixed
@@ -193,6 +195,8 @@ class Session {
   void raise_nonfinite();
   void forward(const int32_t* tokens, int T, float* logits, bool all_logits,
                const HiddenSink& hidden);
+  void layers(int T, const std::function<void(int, const float*)>& emit);
+  bool replay_decode();
   void forward_ubatched(const int32_t* tokens, int T, float* logits, bool all_logits,
                         const HiddenSink& hidden);
   void validate_tokens(const int32_t* tokens, int T) const;
@@ -236,6 +240,11 @@ class Session {
   bool has_linear_ = false;
   bool broken_ = false;
   uint64_t fingerprint_ = 0;
+  // Decode steps replayed from one recording (replay_decode).
+  enum class DecodeReplay { kFirst, kRecordNext, kNever };
+  DecodeReplay decode_ = DecodeReplay::kFirst;
+  std::unique_ptr<Context::Recording> decode_rec_;
+  int64_t replayed_steps_ = 0;
 };
 
 }  // namespace moeflux
