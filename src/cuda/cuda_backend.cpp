@@ -170,8 +170,9 @@ class CudaContext final : public Context {
     cudaStreamSynchronize(stream_);
     for (auto& [key, p] : inv_freq_) cudaFree(p.second);
     for (auto& [key, t] : expert_tables_) cudaFree(t.dev);
+    for (void* p : retired_) cudaFree(p);
     for (void* p : {static_cast<void*>(pos_), static_cast<void*>(flag_), scratch_.p, slots_.p,
-                    xe_.p, g_.p, u_.p, y_.p, r_.p, slot_idx_.p})
+                    xe_.p, g_.p, u_.p, y_.p, r_.p, slot_idx_.p, attn_.p})
       cudaFree(p);
     cudaStreamDestroy(stream_);
   }
@@ -245,8 +246,10 @@ class CudaContext final : public Context {
   }
   void attention(const float* q, const float* k, const float* v, float* out, int T,
                  const AttentionParams& p) override {
+    const size_t scratch = cuda::attention_scratch_floats(T, p.n_heads, p.head_dim);
+    float* part = scratch ? fgrow(attn_, scratch) : nullptr;
     if (!cuda::attention(stream_, q, k, v, out, T, p.n_heads, p.n_kv_heads, p.head_dim,
-                         p.q_stride, p.q_head_stride, p.kv_stride, p.scale, pos_))
+                         p.q_stride, p.q_head_stride, p.kv_stride, p.scale, pos_, part))
       fail(ErrorKind::kUnsupported, "CUDA backend: attention head_dim {} > 512", p.head_dim);
     check_launch("attention");
   }
@@ -455,7 +458,7 @@ class CudaContext final : public Context {
       host[e] = {wmat(w.gate), wmat(w.up), wmat(w.down)};
     }
     const size_t bytes = host.size() * sizeof(cuda::ExpertMats);
-    if (it != expert_tables_.end()) cudaFree(it->second.dev);
+    if (it != expert_tables_.end()) retired_.push_back(it->second.dev);  // see grow()
     auto* dev = static_cast<cuda::ExpertMats*>(
         device_alloc(bytes, "the resident experts' table", "--backend cpu"));
     check(cudaMemcpy(dev, host.data(), bytes, cudaMemcpyHostToDevice), "expert table");
@@ -515,12 +518,13 @@ class CudaContext final : public Context {
     size_t bytes = 0;
   };
   // Context scratch grown on demand (the old block is freed, which waits for the device).
+  // A replaced block is kept until the context goes: a recording may still name it (a graph
+  // captured at T = 1 replays after a longer batch grew the scratch).
   void* grow(Scratch& s, size_t bytes) {
     if (s.bytes < bytes) {
-      if (s.p) cudaFree(s.p);
-      s.p = nullptr;
-      s.bytes = 0;
-      s.p = device_alloc(bytes, "moe_experts scratch", "a smaller --ubatch helps");
+      void* p = device_alloc(bytes, "scratch", "a smaller --ubatch helps");
+      if (s.p) retired_.push_back(s.p);
+      s.p = p;
       s.bytes = bytes;
     }
     return s.p;
@@ -553,12 +557,13 @@ class CudaContext final : public Context {
   cuda::NonfiniteFlag* flag_ = nullptr;  // device
   cuda::NonfiniteFlag flag_init_{};
   std::map<std::pair<double, int>, std::pair<std::vector<float>, float*>> inv_freq_;
-  Scratch scratch_, slots_, xe_, g_, u_, y_, r_, slot_idx_;
+  Scratch scratch_, slots_, xe_, g_, u_, y_, r_, slot_idx_, attn_;
   struct ExpertTable {
     cuda::ExpertMats* dev = nullptr;
     size_t n = 0;
   };
   std::map<const ExpertWeights*, ExpertTable> expert_tables_;
+  std::vector<void*> retired_;  // replaced scratch and tables, freed with the context
   std::vector<int32_t> ids_host_, order_host_;
 };
 

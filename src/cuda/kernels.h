@@ -53,10 +53,12 @@ void rmsnorm(cudaStream_t s, const float* x, const float* w, float* y, int rows,
 void rope(cudaStream_t s, float* x, int T, int n_heads, int row_stride, int head_stride,
           int rot_dim, const float* inv_freq, const int* pos);
 void kv_append(cudaStream_t s, float* cache, const float* src, int T, int row, const int* pos);
-// Returns false when head_dim is larger than the kernels support (512).
+// Returns false when head_dim is larger than the kernels support (512). `scratch`: at least
+// attention_scratch_floats(T, n_heads, head_dim) floats (split-K partial sums of decode).
 bool attention(cudaStream_t s, const float* q, const float* k, const float* v, float* out, int T,
                int n_heads, int n_kv_heads, int head_dim, int q_stride, int q_head_stride,
-               int kv_stride, float scale, const int* pos);
+               int kv_stride, float scale, const int* pos, float* scratch);
+size_t attention_scratch_floats(int T, int n_heads, int head_dim);
 void mul_sigmoid_gate(cudaStream_t s, float* out, const float* gate, int T, int n_heads, int d,
                       int gate_stride, int gate_head_stride);
 // PRECONDITION: conv_kernel_supported(K).

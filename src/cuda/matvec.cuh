@@ -68,12 +68,28 @@ __host__ __device__ inline int matvec_ks(const WMat& W) {
   return W.rows <= 4096 && row_words >= 4 * 32 * vec ? 4 : 1;
 }
 
+// float(q) for an unsigned q < 2^23 without a conversion instruction (a quarter-rate unit):
+// 2^23 + q is exact as a float's bit pattern, and subtracting 2^23 is exact.
+__device__ __forceinline__ float small_uint_to_float(uint32_t q) {
+  return __fsub_rn(__uint_as_float(0x4B000000u | q), 8388608.0f);
+}
+
+// The `per` quantised weights of one word with its group's scale and bias: q * s + b, a
+// product then a sum (format/quant.h's dequantize_row).
+template <int WT>
+__device__ __forceinline__ void decode_quant(uint32_t word, float s, float b, float* w) {
+  constexpr int per = WTraits<WT>::per, bits = WTraits<WT>::bits;
+  constexpr uint32_t mask = (1u << bits) - 1;
+#pragma unroll
+  for (int j = 0; j < per; j++)
+    w[j] = __fadd_rn(__fmul_rn(small_uint_to_float((word >> (j * bits)) & mask), s), b);
+}
+
 // The `per` weights of word `word` (column c0 of its row); `gbase` = the row's first group
 // index, gshift = log2(group) (integer division costs dozens of instructions on a GPU).
 template <int WT>
 __device__ __forceinline__ void decode_word(const WMat& W, int64_t gbase, int gshift, int64_t c0,
                                             uint32_t word, float* w) {
-  constexpr int per = WTraits<WT>::per;
   if constexpr (WT == kWF32) {
     w[0] = __uint_as_float(word);
   } else if constexpr (WT == kWBF16) {
@@ -83,14 +99,9 @@ __device__ __forceinline__ void decode_word(const WMat& W, int64_t gbase, int gs
     w[0] = f16_to_f32(uint16_t(word & 0xffffu));
     w[1] = f16_to_f32(uint16_t(word >> 16));
   } else {
-    constexpr int bits = WTraits<WT>::bits;
-    constexpr uint32_t mask = (1u << bits) - 1;
     // A word never straddles groups (group is a multiple of 32 elements).
     const int64_t gi = gbase + (c0 >> gshift);
-    const float s = bf16_to_f32(W.scales[gi]), b = bf16_to_f32(W.biases[gi]);
-#pragma unroll
-    for (int j = 0; j < per; j++)
-      w[j] = __fadd_rn(__fmul_rn(float((word >> (j * bits)) & mask), s), b);
+    decode_quant<WT>(word, bf16_to_f32(W.scales[gi]), bf16_to_f32(W.biases[gi]), w);
   }
 }
 
@@ -119,11 +130,26 @@ __device__ __forceinline__ bool row_sums(const WMat& W, int gshift, int ks, int6
     } else {
       words[0] = __ldg(wrow + w0);
     }
+    // Quantised: one scale/bias load per VEC words when they share a group (always for q8 and
+    // q4; q2 with groups of 64 or more): w0 is a multiple of VEC, groups powers of two.
+    float gs = 0.0f, gb = 0.0f;
+    constexpr bool quant = WT == kWQ8 || WT == kWQ4 || WT == kWQ2;
+    if constexpr (quant) {
+      const int64_t gi = gbase + ((w0 * per) >> gshift);
+      gs = bf16_to_f32(W.scales[gi]);
+      gb = bf16_to_f32(W.biases[gi]);
+    }
+    const bool one_group = quant && VEC * per <= (1 << gshift);  // aligned: w0*per % (VEC*per) == 0
 #pragma unroll
     for (int u = 0; u < VEC; u++) {
       const int64_t c0 = (w0 + u) * per;
       float w[per];
-      decode_word<WT>(W, gbase, gshift, c0, words[u], w);
+      if constexpr (quant) {
+        if (one_group) decode_quant<WT>(words[u], gs, gb, w);
+        else decode_word<WT>(W, gbase, gshift, c0, words[u], w);
+      } else {
+        decode_word<WT>(W, gbase, gshift, c0, words[u], w);
+      }
 #pragma unroll
       for (int tt = 0; tt < TT; tt++) {
         if constexpr (XV && per >= 4) {
