@@ -332,7 +332,8 @@ TEST_F(Cuda, DeltaNet) {
     return out;
   });
   for (int chunk : {0, 4})
-    for (DeltaNetParams p : {DeltaNetParams{2, 4, 32, 80}, DeltaNetParams{2, 4, 128, 128}})
+    for (DeltaNetParams p : {DeltaNetParams{2, 4, 32, 80}, DeltaNetParams{2, 4, 128, 128},
+                             DeltaNetParams{2, 4, 128, 64}})
       both(fmt::format("deltanet_chunk{}_{}x{}", chunk, p.k_dim, p.v_dim), 2e-5, [&](Side& s) {
         const int C = 2 * p.k_heads * p.k_dim + p.v_heads * p.v_dim, nv = p.v_heads;
         float* st = s.put(rand_vec(size_t(nv * p.k_dim * p.v_dim), 1000, -0.3f, 0.3f));

@@ -218,8 +218,8 @@ __global__ void attention_merge_kernel(const float* __restrict__ part, float* __
 
 __global__ void mul_sigmoid_gate_kernel(float* out, const float* __restrict__ gate, int n_heads,
                                         int d, int gate_stride, int gate_head_stride) {
-  const int t = blockIdx.x;
-  for (int i = threadIdx.x; i < n_heads * d; i += blockDim.x) {
+  const int t = blockIdx.y;
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n_heads * d; i += gridDim.x * blockDim.x) {
     const int h = i / d, c = i % d;
     out[int64_t(t) * n_heads * d + i] *=
         sigmoidf_(gate[int64_t(t) * gate_stride + int64_t(h) * gate_head_stride + c]);
@@ -285,8 +285,8 @@ bool attention(cudaStream_t s, const float* q, const float* k, const float* v, f
 void mul_sigmoid_gate(cudaStream_t s, float* out, const float* gate, int T, int n_heads, int d,
                       int gate_stride, int gate_head_stride) {
   if (T <= 0) return;
-  mul_sigmoid_gate_kernel<<<unsigned(T), 256, 0, s>>>(out, gate, n_heads, d, gate_stride,
-                                                      gate_head_stride);
+  mul_sigmoid_gate_kernel<<<dim3(unsigned(ceil_div(int64_t(n_heads) * d, 256)), unsigned(T)), 256,
+                            0, s>>>(out, gate, n_heads, d, gate_stride, gate_head_stride);
 }
 
 }  // namespace moeflux::cuda

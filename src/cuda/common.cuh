@@ -20,18 +20,18 @@ __device__ __forceinline__ float f16_to_f32(uint16_t h) {
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
 __device__ __forceinline__ float siluf_(float x) { return x / (1.0f + expf(-x)); }
 
-// Sum of one double per thread over the block, in a fixed tree (blockDim.x a power of two,
-// <= 1024); `red` is blockDim.x doubles of shared memory. Every thread gets the sum.
+// Sum of one double per thread over the block in a fixed order: a xor-shuffle tree in each
+// warp, then the warps' sums added in warp order (blockDim.x a multiple of 32, <= 1024);
+// `red` is 32 doubles of shared memory. Every thread gets the sum.
 __device__ __forceinline__ double block_sum_double(double v, double* red) {
-  const int tid = threadIdx.x;
-  red[tid] = v;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int off = 16; off >= 1; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  if (lane == 0) red[warp] = v;
   __syncthreads();
-  for (int w = blockDim.x / 2; w >= 1; w /= 2) {
-    if (tid < w) red[tid] += red[tid + w];
-    __syncthreads();
-  }
-  const double s = red[0];
-  __syncthreads();
+  double s = red[0];
+  for (int w = 1; w < int(blockDim.x >> 5); w++) s += red[w];
+  __syncthreads();  // red is free again
   return s;
 }
 

@@ -656,6 +656,37 @@ bool cuda_usable(std::string* why) {
   return r.empty();
 }
 
+double cuda_copy_bandwidth() {
+  cuda_device();  // the clear error when there is no usable GPU
+  const size_t n = size_t(1) << 30;
+  void* a = device_alloc(n, "the bandwidth probe", "use bench --no-floor");
+  void* b = nullptr;
+  try {
+    b = device_alloc(n, "the bandwidth probe", "use bench --no-floor");
+  } catch (...) {
+    cudaFree(a);
+    throw;
+  }
+  cudaEvent_t e0, e1;
+  check(cudaEventCreate(&e0), "cudaEventCreate");
+  check(cudaEventCreate(&e1), "cudaEventCreate");
+  float best = 0;
+  for (int i = 0; i < 4; i++) {  // the first one warms up
+    check(cudaEventRecord(e0), "cudaEventRecord");
+    check(cudaMemcpy(b, a, n, cudaMemcpyDeviceToDevice), "bandwidth probe");
+    check(cudaEventRecord(e1), "cudaEventRecord");
+    check(cudaEventSynchronize(e1), "cudaEventSynchronize");
+    float ms = 0;
+    check(cudaEventElapsedTime(&ms, e0, e1), "cudaEventElapsedTime");
+    if (i > 0 && (best == 0 || ms < best)) best = ms;
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaFree(a);
+  cudaFree(b);
+  return 2.0 * double(n) / (double(best) * 1e-3) / 1e9;
+}
+
 Device& cuda_device() {
   // Made once and never destroyed: the CUDA runtime tears itself down at exit, and a device
   // freed after that would only collect errors.

@@ -14,5 +14,8 @@ Device& cuda_device();
 // True when cuda_device() would succeed (for --backend auto); else false and, when `why` is
 // given, the reason as cuda_device() would say it. Probes once per process.
 bool cuda_usable(std::string* why);
+// GPU memory bandwidth in GB/s as a device-to-device copy of 1 GiB measures it (bytes read plus
+// bytes written over the time; best of 3): the floor `bench` reports on CUDA.
+double cuda_copy_bandwidth();
 
 }  // namespace moeflux

@@ -86,6 +86,57 @@ __global__ void deltanet_kernel(const float* __restrict__ qkv, const float* __re
   }
 }
 
+// deltanet_kernel with the column in registers (dk == DK, known when compiling): read once,
+// kept over all T tokens, written once; the same operations in the same order.
+template <int DK>
+__global__ void __launch_bounds__(DK) deltanet_reg_kernel(const float* __restrict__ qkv,
+                                                          const float* __restrict__ g,
+                                                          const float* __restrict__ beta,
+                                                          float* state, float* __restrict__ out,
+                                                          int T, int nk, int nv, int dv) {
+  __shared__ double red[32];
+  __shared__ float qn[DK], kn[DK];
+  const int h = blockIdx.x, tid = threadIdx.x;
+  const int C = 2 * nk * DK + nv * dv, kh = h / (nv / nk);
+  const float scale = 1.0f / sqrtf(float(DK));
+  float* S = state + int64_t(h) * DK * dv;
+  const bool col_ok = tid < dv;
+  float col[DK];
+#pragma unroll
+  for (int i = 0; i < DK; i++) col[i] = col_ok ? S[int64_t(i) * dv + tid] : 0.0f;
+  for (int t = 0; t < T; t++) {
+    const float* row = qkv + int64_t(t) * C;
+    const float qi = row[int64_t(kh) * DK + tid];
+    const float ki = row[int64_t(nk + kh) * DK + tid];
+    const double ssq = block_sum_double(double(qi) * qi, red);
+    const double ssk = block_sum_double(double(ki) * ki, red);
+    qn[tid] = (qi * float(1.0 / sqrt(ssq + 1e-6))) * scale;
+    kn[tid] = ki * float(1.0 / sqrt(ssk + 1e-6));
+    __syncthreads();
+    if (col_ok) {
+      const float decay = expf(g[int64_t(t) * nv + h]), bt = beta[int64_t(t) * nv + h];
+      float d = 0;
+#pragma unroll
+      for (int i = 0; i < DK; i++) {
+        col[i] = col[i] * decay;
+        d = d + kn[i] * col[i];
+      }
+      d = (row[int64_t(2 * nk) * DK + int64_t(h) * dv + tid] - d) * bt;
+      float acc = 0;
+#pragma unroll
+      for (int i = 0; i < DK; i++) {
+        col[i] = col[i] + kn[i] * d;
+        acc = acc + qn[i] * col[i];
+      }
+      out[int64_t(t) * nv * dv + int64_t(h) * dv + tid] = acc;
+    }
+    __syncthreads();  // qn/kn are rewritten by the next token
+  }
+  if (col_ok)
+#pragma unroll
+    for (int i = 0; i < DK; i++) S[int64_t(i) * dv + tid] = col[i];
+}
+
 // One block per row: sum of squares in double (fixed tree), then x * inv * w * silu(z).
 __global__ void gated_rmsnorm_kernel(float* x, const float* __restrict__ z,
                                      const float* __restrict__ w, int n, float eps) {
@@ -119,6 +170,10 @@ bool deltanet(cudaStream_t s, const float* qkv, const float* g, const float* bet
   const int need = dk > dv ? dk : dv;
   if (need > 1024) return false;
   if (T <= 0 || nv <= 0) return true;
+  if (dk == 128 && dv <= 128) {  // Qwen3.5 / Qwen3-Next: the column in registers
+    deltanet_reg_kernel<128><<<unsigned(nv), 128, 0, s>>>(qkv, g, beta, state, out, T, nk, nv, dv);
+    return true;
+  }
   int threads = 32;
   while (threads < need) threads *= 2;  // a power of two for the tree sums
   const size_t smem = size_t(threads) * sizeof(double) + 2 * size_t(dk) * sizeof(float);

@@ -90,10 +90,19 @@ __global__ void __launch_bounds__(kWarps * 32) matmul_n_kernel(MatmulN a, const 
   __shared__ float res[kWarps];
   int i = 0;
   while (i + 1 < a.n && int(blockIdx.x) >= a.first_block[i + 1]) i++;
-  const WMat& W = a.W[i];
+  // A constant index into the parameter array keeps W in registers (a variable one makes a
+  // local-memory copy that every use in the row loop reads again).
+  WMat W;
+  switch (i) {
+    case 0: W = a.W[0]; break;
+    case 1: W = a.W[1]; break;
+    case 2: W = a.W[2]; break;
+    default: W = a.W[3]; break;
+  }
+  float* y = i == 0 ? a.y[0] : i == 1 ? a.y[1] : i == 2 ? a.y[2] : a.y[3];
   const int64_t r0 = int64_t(int(blockIdx.x) - a.first_block[i]) * kWarps;
   block_dot4(W, r0, x, res, part);
-  if (threadIdx.x < kWarps && r0 + threadIdx.x < W.rows) a.y[i][r0 + threadIdx.x] = res[threadIdx.x];
+  if (threadIdx.x < kWarps && r0 + threadIdx.x < W.rows) y[r0 + threadIdx.x] = res[threadIdx.x];
 }
 
 }  // namespace

@@ -55,10 +55,12 @@ __host__ __device__ inline int elements_per_word(int type) {
     default: return 16;
   }
 }
-// 16-byte weight loads when every row starts 16-byte aligned (a property of W alone).
+// 16-byte weight loads when every row starts 16-byte aligned and has words for all 32 lanes
+// (a property of W alone).
 __host__ __device__ inline bool matvec_vec4(const WMat& W) {
   const int64_t row_words = W.cols / elements_per_word(W.type);
-  return row_words % 4 == 0 && reinterpret_cast<uintptr_t>(W.data) % 16 == 0;
+  return row_words % 4 == 0 && row_words >= 4 * 32 &&
+         reinterpret_cast<uintptr_t>(W.data) % 16 == 0;
 }
 // Warps per row: few rows of many words share a row among 4 warps, so small matrices still
 // fill the GPU.
@@ -122,14 +124,23 @@ __device__ __forceinline__ bool row_sums(const WMat& W, int gshift, int ks, int6
   const int64_t gbase = (active ? r : 0) * (W.cols >> gshift);
 #pragma unroll
   for (int tt = 0; tt < TT; tt++) acc[tt] = 0.0f;
-  for (int64_t w0 = int64_t(li) * VEC; active && w0 < row_words; w0 += 32 * ks * VEC) {
-    uint32_t words[VEC];
+  // The next step's words are loaded before this step's are used (more loads in flight).
+  auto load = [&](int64_t at, uint32_t* words) {
     if constexpr (VEC == 4) {
-      const uint4 v = __ldg(reinterpret_cast<const uint4*>(wrow + w0));
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(wrow + at));
       words[0] = v.x, words[1] = v.y, words[2] = v.z, words[3] = v.w;
     } else {
-      words[0] = __ldg(wrow + w0);
+      words[0] = __ldg(wrow + at);
     }
+  };
+  const int64_t step = 32 * ks * VEC;
+  uint32_t next[VEC];
+  if (active && int64_t(li) * VEC < row_words) load(int64_t(li) * VEC, next);
+  for (int64_t w0 = int64_t(li) * VEC; active && w0 < row_words; w0 += step) {
+    uint32_t words[VEC];
+#pragma unroll
+    for (int u = 0; u < VEC; u++) words[u] = next[u];
+    if (w0 + step < row_words) load(w0 + step, next);
     // Quantised: one scale/bias load per VEC words when they share a group (always for q8 and
     // q4; q2 with groups of 64 or more): w0 is a multiple of VEC, groups powers of two.
     float gs = 0.0f, gb = 0.0f;

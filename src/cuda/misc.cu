@@ -5,10 +5,11 @@ namespace moeflux::cuda {
 
 namespace {
 
-// One block (256 threads) per row: sum of squares in double in a fixed tree.
+// One block per row (norm_threads(n) threads: about two elements each, so a row's loads are
+// in flight at once): sum of squares in double in block_sum_double's fixed order.
 __global__ void rmsnorm_kernel(const float* x, const float* __restrict__ w, float* y, int n,
                                int stride, float eps) {
-  __shared__ double red[256];
+  __shared__ double red[32];
   const float* xr = x + int64_t(blockIdx.x) * stride;
   float* yr = y + int64_t(blockIdx.x) * stride;
   double ss = 0;
@@ -18,11 +19,12 @@ __global__ void rmsnorm_kernel(const float* x, const float* __restrict__ w, floa
   for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = xr[i] * inv * (w ? w[i] : 1.0f);
 }
 
-// add_kernel then rmsnorm_kernel on the row: each thread adds the elements it then squares.
+// add_kernel then rmsnorm_kernel on the row (the same threads per row): each thread adds the
+// elements it then squares.
 __global__ void add_rmsnorm_kernel(float* x, const float* __restrict__ d,
                                    const float* __restrict__ w, float* __restrict__ y, int n,
                                    float eps) {
-  __shared__ double red[256];
+  __shared__ double red[32];
   float* xr = x + int64_t(blockIdx.x) * n;
   const float* dr = d + int64_t(blockIdx.x) * n;
   float* yr = y + int64_t(blockIdx.x) * n;
@@ -78,13 +80,12 @@ __global__ void __launch_bounds__(kRouteThreads)
   if (scoring == 0) {
     float mx = -INFINITY;
     for (int e = tid; e < E; e += blockDim.x) mx = fmaxf(mx, lg[e]);
-    bs[tid] = mx;
+#pragma unroll
+    for (int off = 16; off >= 1; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    if ((tid & 31) == 0) bs[tid >> 5] = mx;
     __syncthreads();
-    for (int w = blockDim.x / 2; w >= 1; w /= 2) {
-      if (tid < w) bs[tid] = fmaxf(bs[tid], bs[tid + w]);
-      __syncthreads();
-    }
-    mx = bs[0];
+    for (int w = 1; w < int(blockDim.x >> 5); w++) mx = fmaxf(mx, bs[w]);  // max: any order
+    mx = fmaxf(mx, bs[0]);
     __syncthreads();
     double part = 0;
     for (int e = tid; e < E; e += blockDim.x) {
@@ -106,15 +107,19 @@ __global__ void __launch_bounds__(kRouteThreads)
     int best = -1;
     for (int e = tid; e < E; e += blockDim.x)
       if (!taken[e] && better(score[e], e, best_s, best)) best_s = score[e], best = e;
-    bs[tid] = best_s;
-    bi[tid] = best;
-    __syncthreads();
-    for (int w = blockDim.x / 2; w >= 1; w /= 2) {
-      if (tid < w && better(bs[tid + w], bi[tid + w], bs[tid], bi[tid]))
-        bs[tid] = bs[tid + w], bi[tid] = bi[tid + w];
-      __syncthreads();
+    // `better` is a strict total order, so any reduction tree finds the same expert: a
+    // shuffle tree per warp, then the warps' winners.
+#pragma unroll
+    for (int off = 16; off >= 1; off /= 2) {
+      const float s2 = __shfl_xor_sync(0xffffffffu, best_s, off);
+      const int i2 = __shfl_xor_sync(0xffffffffu, best, off);
+      if (better(s2, i2, best_s, best)) best_s = s2, best = i2;
     }
+    if ((tid & 31) == 0) bs[tid >> 5] = best_s, bi[tid >> 5] = best;
+    __syncthreads();
     if (tid == 0) {
+      for (int w = 1; w < int(blockDim.x >> 5); w++)
+        if (better(bs[w], bi[w], bs[0], bi[0])) bs[0] = bs[w], bi[0] = bi[w];
       chosen[j] = bi[0];
       taken[bi[0]] = 1;
     }
@@ -191,15 +196,21 @@ unsigned blocks_for(size_t n, unsigned threads) {
 
 }  // namespace
 
+// Threads per row of the norms: the order of their sums depends on it, so it depends on n alone.
+unsigned norm_threads(int n) {
+  const int t = (n / 2 + 31) / 32 * 32;
+  return unsigned(t < 32 ? 32 : t > 1024 ? 1024 : t);
+}
+
 void rmsnorm(cudaStream_t s, const float* x, const float* w, float* y, int rows, int n,
              int stride, float eps) {
   if (rows <= 0) return;
-  rmsnorm_kernel<<<unsigned(rows), 256, 0, s>>>(x, w, y, n, stride, eps);
+  rmsnorm_kernel<<<unsigned(rows), norm_threads(n), 0, s>>>(x, w, y, n, stride, eps);
 }
 
 void add_rmsnorm(cudaStream_t s, float* x, const float* d, const float* w, float* y, int rows,
                  int n, float eps) {
-  if (rows > 0) add_rmsnorm_kernel<<<unsigned(rows), 256, 0, s>>>(x, d, w, y, n, eps);
+  if (rows > 0) add_rmsnorm_kernel<<<unsigned(rows), norm_threads(n), 0, s>>>(x, d, w, y, n, eps);
 }
 
 void add(cudaStream_t s, float* y, const float* x, size_t n) {

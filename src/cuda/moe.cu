@@ -29,10 +29,12 @@ __global__ void __launch_bounds__(kWarps * 32) moe_gate_up_kernel(MoeDirect a) {
       if (tid < kRows && r0 + tid < a.I) out[r0 + tid] = __int_as_float(0x7fc00000);
       return;
     }
-    const ExpertMats& m = a.experts[e];
+    // Copies in registers: fields read through a reference to global memory would be loaded
+    // again at every use in the row loops.
+    const WMat gate = a.experts[e].gate, up = a.experts[e].up;
     const float* x = a.xn + int64_t(job / a.K) * a.H;
-    block_dot4(m.gate, r0, x, rg, part);
-    block_dot4(m.up, r0, x, ru, part);
+    block_dot4(gate, r0, x, rg, part);
+    block_dot4(up, r0, x, ru, part);
     if (tid < kRows && r0 + tid < a.I) out[r0 + tid] = siluf_(rg[tid]) * ru[tid];
   } else if (job < TK + a.T) {
     if (r0 >= a.S) return;
@@ -63,7 +65,8 @@ __global__ void __launch_bounds__(kWarps * 32) moe_down_kernel(MoeDirect a) {
     if (e < 0 || e >= a.E) {
       y = __int_as_float(0x7fc00000);
     } else {
-      block_dot4(a.experts[e].down, r0, a.h + int64_t(slot) * a.I, res, part);
+      const WMat down = a.experts[e].down;  // registers, as in the gate/up kernel
+      block_dot4(down, r0, a.h + int64_t(slot) * a.I, res, part);
       y = tid < kRows ? res[tid] : 0.0f;
       __syncthreads();  // res is read before the next product writes it
     }

@@ -17,6 +17,9 @@
 
 #include "cli/commands.h"
 #include "cli/common.h"
+#ifdef MOEFLUX_HAVE_CUDA
+#include "cuda/cuda_device.h"
+#endif
 #include "util/error.h"
 #include "util/progress.h"
 #include "util/thread_pool.h"
@@ -203,6 +206,11 @@ int cmd_bench(const ModelOptions& mo, std::vector<int> prompts, std::vector<int>
   const uint64_t all_experts = ex.stride * uint64_t(ex.count) * ex.layers.size();
   if (!no_floor) {
     fmt::print(stderr, "bench: measuring memory bandwidth...\n");
+#ifdef MOEFLUX_HAVE_CUDA
+    // On the GPU the weights stream from GPU memory.
+    if (std::string(L.backend->name()) == "cuda") mem_bw = cuda_copy_bandwidth();
+    else
+#endif
     mem_bw = measure_memory_bandwidth(L.backend->threads());
     if (!ex.layers.empty() && store.stats().cache_bytes < all_experts) {
       fmt::print(stderr, "bench: measuring expert read bandwidth ({}, {} readers)...\n",
@@ -278,7 +286,9 @@ int cmd_bench(const ModelOptions& mo, std::vector<int> prompts, std::vector<int>
   if (output == "json") {
     fmt::print("{}\n", js.dump(2));
   } else {
-    fmt::print("\nweights per decoded token {:.3f} GB; memory read {:.1f} GB/s", wbytes / 1e9, mem_bw);
+    fmt::print("\nweights per decoded token {:.3f} GB; memory read {:.1f} GB/s{}", wbytes / 1e9,
+               mem_bw,
+               std::string(L.backend->name()) == "cuda" ? " (GPU copy, read + write)" : "");
     if (disk_bw > 0) fmt::print("; expert reads {:.2f} GB/s ({})", disk_bw, store.io_name());
     fmt::print("; floor = 1 / max(weights / memory, expert bytes read / expert reads)\n");
   }
