@@ -341,10 +341,9 @@ class CudaContext final : public Context {
     const int T = p.T, K = p.k, H = p.hidden, I = p.inter;
     const int S = shared && shared->gate && *shared->gate ? shared->inter : 0;
     if (T <= 0) return;
-    if (experts.all_resident() && T * K <= kDirectSlots) {
-      moe_direct(xn, ids, weights, experts, shared, out, p, S);
+    if (experts.all_resident() && T * K <= kDirectSlots &&
+        moe_direct(xn, ids, weights, experts, shared, out, p, S))
       return;
-    }
     ids_host_.resize(size_t(T) * K);
     download(ids_host_.data(), ids, ids_host_.size() * sizeof(int32_t));
     const size_t n_req = experts.size();
@@ -415,13 +414,21 @@ class CudaContext final : public Context {
   // (moe.cu), no wait. Above kDirectSlots the grouped path reads each expert's weights once for
   // all its tokens instead of once per slot.
   static constexpr int kDirectSlots = 64;
-  void moe_direct(const float* xn, const int32_t* ids, const float* weights,
+  // False when the layer's experts are not uniform enough for the typed kernels (mixed
+  // types or load widths): the grouped path runs instead.
+  bool moe_direct(const float* xn, const int32_t* ids, const float* weights,
                   ExpertSource& experts, const SharedExpert* shared, float* out,
                   const MoeParams& p, int S) {
     const int T = p.T, K = p.k, H = p.hidden, I = p.inter;
+    const ExpertTable& tab = expert_table(experts, H, I);
+    if (!tab.uniform) return false;
     cuda::MoeDirect a;
-    a.experts = expert_table(experts, H, I);
+    a.experts = tab.dev;
     a.E = int(experts.size());
+    a.gate_up_type = tab.gate_up_type;
+    a.gate_up_vec4 = tab.gate_up_vec4;
+    a.down_type = tab.down_type;
+    a.down_vec4 = tab.down_vec4;
     a.ids = ids;
     a.weights = weights;
     a.xn = xn;
@@ -436,18 +443,30 @@ class CudaContext final : public Context {
     }
     a.h = fgrow(g_, size_t(T) * K * I);
     a.hs = fgrow(u_, size_t(T) * std::max(S, 1));
+    a.ysh = fgrow(y_, size_t(T) * H);
     a.r = fgrow(r_, size_t(T));
     a.out = out;
-    cuda::moe_direct(stream_, a);
+    if (!cuda::moe_direct(stream_, a)) return false;
     check_launch("moe_direct");
+    return true;
   }
   // The device table of a resident layer's experts, made on first use (keyed by the source's
-  // table, which load_all keeps for good).
-  const cuda::ExpertMats* expert_table(ExpertSource& experts, int H, int I) {
+  // table, which load_all keeps for good), and whether its experts share types and load widths.
+  struct ExpertTable {
+    cuda::ExpertMats* dev = nullptr;
+    size_t n = 0;
+    bool uniform = false;
+    int gate_up_type = 0, down_type = 0;
+    bool gate_up_vec4 = false, down_vec4 = false;
+  };
+  const ExpertTable& expert_table(ExpertSource& experts, int H, int I) {
     const ExpertWeights* key = &experts.weights(0);
     auto it = expert_tables_.find(key);
-    if (it != expert_tables_.end() && it->second.n == experts.size()) return it->second.dev;
+    if (it != expert_tables_.end() && it->second.n == experts.size()) return it->second;
     std::vector<cuda::ExpertMats> host(experts.size());
+    ExpertTable t;
+    t.n = host.size();
+    t.uniform = true;
     for (size_t e = 0; e < host.size(); e++) {
       const ExpertWeights& w = experts.weights(e);
       if (w.gate.rows != I || w.gate.cols != H || w.up.rows != I || w.up.cols != H ||
@@ -456,14 +475,24 @@ class CudaContext final : public Context {
              "[{}, {}]; the layer's shape is hidden {}, inter {}", e, w.gate.rows, w.gate.cols,
              w.up.rows, w.up.cols, w.down.rows, w.down.cols, H, I);
       host[e] = {wmat(w.gate), wmat(w.up), wmat(w.down)};
+      const cuda::ExpertMats& m = host[e];
+      if (e == 0) {
+        t.gate_up_type = m.gate.type;
+        t.gate_up_vec4 = cuda::matvec_vec4(m.gate);
+        t.down_type = m.down.type;
+        t.down_vec4 = cuda::matvec_vec4(m.down);
+      }
+      t.uniform &= m.gate.type == t.gate_up_type && m.up.type == t.gate_up_type &&
+                   cuda::matvec_vec4(m.gate) == t.gate_up_vec4 &&
+                   cuda::matvec_vec4(m.up) == t.gate_up_vec4 && m.down.type == t.down_type &&
+                   cuda::matvec_vec4(m.down) == t.down_vec4;
     }
     const size_t bytes = host.size() * sizeof(cuda::ExpertMats);
     if (it != expert_tables_.end()) retired_.push_back(it->second.dev);  // see grow()
-    auto* dev = static_cast<cuda::ExpertMats*>(
+    t.dev = static_cast<cuda::ExpertMats*>(
         device_alloc(bytes, "the resident experts' table", "--backend cpu"));
-    check(cudaMemcpy(dev, host.data(), bytes, cudaMemcpyHostToDevice), "expert table");
-    expert_tables_[key] = {dev, host.size()};
-    return dev;
+    check(cudaMemcpy(t.dev, host.data(), bytes, cudaMemcpyHostToDevice), "expert table");
+    return expert_tables_[key] = t;
   }
 
   // Recordings are CUDA graphs captured from the stream (thread-local mode: an op that would
@@ -558,10 +587,6 @@ class CudaContext final : public Context {
   cuda::NonfiniteFlag flag_init_{};
   std::map<std::pair<double, int>, std::pair<std::vector<float>, float*>> inv_freq_;
   Scratch scratch_, slots_, xe_, g_, u_, y_, r_, slot_idx_, attn_;
-  struct ExpertTable {
-    cuda::ExpertMats* dev = nullptr;
-    size_t n = 0;
-  };
   std::map<const ExpertWeights*, ExpertTable> expert_tables_;
   std::vector<void*> retired_;  // replaced scratch and tables, freed with the context
   std::vector<int32_t> ids_host_, order_host_;

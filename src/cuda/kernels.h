@@ -31,6 +31,38 @@ struct WMat {
   int group = 0;
 };
 
+#ifdef __CUDACC__
+#define MF_HOST_DEVICE __host__ __device__
+#else
+#define MF_HOST_DEVICE
+#endif
+
+// How the mat-vec reads a row (matvec.cuh), from W alone: the kernels and the host agree.
+MF_HOST_DEVICE inline int elements_per_word(int type) {
+  switch (type) {
+    case kWF32: return 1;
+    case kWBF16:
+    case kWF16: return 2;
+    case kWQ8: return 4;
+    case kWQ4: return 8;
+    default: return 16;
+  }
+}
+// 16-byte weight loads when every row starts 16-byte aligned and has words for all 32 lanes
+// (a property of W alone).
+MF_HOST_DEVICE inline bool matvec_vec4(const WMat& W) {
+  const int64_t row_words = W.cols / elements_per_word(W.type);
+  return row_words % 4 == 0 && row_words >= 4 * 32 &&
+         reinterpret_cast<uintptr_t>(W.data) % 16 == 0;
+}
+// Warps per row: few rows of many words share a row among 4 warps, so small matrices still
+// fill the GPU.
+MF_HOST_DEVICE inline int matvec_ks(const WMat& W) {
+  const int64_t row_words = W.cols / elements_per_word(W.type);
+  const int vec = matvec_vec4(W) ? 4 : 1;
+  return W.rows <= 4096 && row_words >= 4 * 32 * vec ? 4 : 1;
+}
+
 // y[t * y_stride + r] = sum_c W[r, c] x[t * W.cols + c]. One warp per row; each lane sums its
 // fixed columns with fmaf in increasing order, then the 32 lane sums go through a fixed
 // shuffle tree: the order depends only on W's shape.
@@ -100,6 +132,9 @@ struct ExpertMats {
 struct MoeDirect {
   const ExpertMats* experts = nullptr;  // [E], device memory
   int E = 0;
+  // Every expert's gate and up have this type and matvec_vec4; every down likewise.
+  int gate_up_type = 0, down_type = 0;
+  bool gate_up_vec4 = false, down_vec4 = false;
   const int32_t* ids = nullptr;    // [T, K]
   const float* weights = nullptr;  // [T, K]
   const float* xn = nullptr;       // [T, H]
@@ -107,16 +142,18 @@ struct MoeDirect {
   WMat sh_gate, sh_up, sh_down, sh_router;  // the shared expert when S > 0
   int S = 0;
   bool has_router = false;
-  float* h = nullptr;   // scratch [T*K, I]
-  float* hs = nullptr;  // scratch [T, S]
-  float* r = nullptr;   // scratch [T]
+  float* h = nullptr;    // scratch [T*K, I]
+  float* hs = nullptr;   // scratch [T, S]
+  float* ysh = nullptr;  // scratch [T, H]
+  float* r = nullptr;    // scratch [T]
   float* out = nullptr;  // [T, H]
 };
 // out[t] = sum over j of weights[t, j] * down_e(silu(gate_e x_t) * up_e x_t), e = ids[t, j],
-// plus the shared expert's gated output: two launches, no host wait. The same bits as the
-// grouped path (per-expert matmul, silu_mul, scatter_slot_rows, sum_slots, add_gated_rows).
-// An id outside [0, E) (never from route) makes its token's rows NaN.
-void moe_direct(cudaStream_t s, const MoeDirect& a);
+// plus the shared expert's gated output, with no host wait. The same bits as the grouped path
+// (per-expert matmul, silu_mul, scatter_slot_rows, sum_slots, add_gated_rows). An id outside
+// [0, E) (never from route) makes its token's rows NaN. Returns false, launching nothing, when
+// the shared expert's gate and up differ in type or load width (the grouped path then runs).
+bool moe_direct(cudaStream_t s, const MoeDirect& a);
 
 // ---- position and checks ---------------------------------------------------------------------
 void set_int(cudaStream_t s, int* dst, int value);

@@ -45,31 +45,6 @@ struct WTraits<kWQ2> {
   static constexpr int per = 16, bits = 2;
 };
 
-__host__ __device__ inline int elements_per_word(int type) {
-  switch (type) {
-    case kWF32: return 1;
-    case kWBF16:
-    case kWF16: return 2;
-    case kWQ8: return 4;
-    case kWQ4: return 8;
-    default: return 16;
-  }
-}
-// 16-byte weight loads when every row starts 16-byte aligned and has words for all 32 lanes
-// (a property of W alone).
-__host__ __device__ inline bool matvec_vec4(const WMat& W) {
-  const int64_t row_words = W.cols / elements_per_word(W.type);
-  return row_words % 4 == 0 && row_words >= 4 * 32 &&
-         reinterpret_cast<uintptr_t>(W.data) % 16 == 0;
-}
-// Warps per row: few rows of many words share a row among 4 warps, so small matrices still
-// fill the GPU.
-__host__ __device__ inline int matvec_ks(const WMat& W) {
-  const int64_t row_words = W.cols / elements_per_word(W.type);
-  const int vec = matvec_vec4(W) ? 4 : 1;
-  return W.rows <= 4096 && row_words >= 4 * 32 * vec ? 4 : 1;
-}
-
 // float(q) for an unsigned q < 2^23 without a conversion instruction (a quarter-rate unit):
 // 2^23 + q is exact as a float's bit pattern, and subtracting 2^23 is exact.
 __device__ __forceinline__ float small_uint_to_float(uint32_t q) {

@@ -1,57 +1,66 @@
-// moe_experts when every expert of the layer is resident: the [T, k] ids stay on the device
-// and two kernels do the whole layer, so a decode step never waits for the host (and can be
-// replayed as a graph). Kernel 1: for every (token, choice) slot, gate and up rows of the
-// slot's expert and silu(gate)·up (plus the shared expert's, plus its router logit); kernel 2:
-// for every token, each output row's down products of its k slots, weighted and added in
-// choice order, then the shared expert's gated row. Every dot product is matvec.cuh's, and the
-// element-wise steps are those of the grouped path (cuda_backend.cpp: silu_mul, scatter,
-// sum_slots, add_gated_rows) in the same order, so both paths give the same bits.
+// moe_experts when every expert of the layer is resident: the [T, k] ids stay on the device,
+// so a decode step never waits for the host (and can be replayed as a graph). Kernels,
+// compiled per weight type (a kernel that dispatches on the type at run time inlines every
+// variant and runs out of registers):
+//   gate_up: per (token, choice) slot, the gate and up rows of the slot's expert and
+//            silu(gate)·up; the same kernel for the shared expert's rows (no ids);
+//   the shared expert's down and its router logit: the plain mat-vec (matmul.cu);
+//   down:    per token, each output row's down products of its k slots, weighted and added in
+//            choice order, then the shared expert's gated row.
+// Every dot product is matvec.cuh's, and the element-wise steps are those of the grouped path
+// (cuda_backend.cpp: silu_mul, scatter, sum_slots, add_gated_rows) in the same order, so both
+// paths give the same bits.
 #include "cuda/matvec.cuh"
 
 namespace moeflux::cuda {
 
 namespace {
 
-constexpr int kRows = kWarps;  // output rows per block (block_dot4)
+constexpr int kRows = kWarps;  // output rows per block (block_dot4_t)
 
-// Jobs (blockIdx.y): T*K routed slots, then T shared-expert rows (S > 0), then T router logits
-// of the shared expert (when it has a router). blockIdx.x: rows kRows*x.. of the job.
-__global__ void __launch_bounds__(kWarps * 32) moe_gate_up_kernel(MoeDirect a) {
+struct GateUpJob {
+  const ExpertMats* experts;  // routed: the table, with ids; null: the shared expert
+  const int32_t* ids;
+  int E, K;
+  WMat sg, su;  // the shared expert's gate and up
+  const float* xn;
+  int H, rows;  // rows of gate/up (I or S)
+  float* h;     // [jobs, rows]
+};
+
+// blockIdx.y: the job (a routed slot t*K + j, or a token for the shared expert); blockIdx.x:
+// rows kRows*x..
+template <int WT, int VEC, bool XV>
+__global__ void __launch_bounds__(kWarps * 32) moe_gate_up_kernel(GateUpJob a) {
   __shared__ float part[kWarps][1];
   __shared__ float rg[kRows], ru[kRows];
-  const int job = blockIdx.y, TK = a.T * a.K, tid = threadIdx.x;
+  const int job = blockIdx.y, tid = threadIdx.x;
   const int64_t r0 = int64_t(blockIdx.x) * kRows;
-  if (job < TK) {
-    if (r0 >= a.I) return;
-    float* out = a.h + int64_t(job) * a.I;
+  if (r0 >= a.rows) return;
+  float* out = a.h + int64_t(job) * a.rows;
+  WMat gate, up;  // copies in registers: fields read through global memory would be reloaded
+  const float* x;
+  if (a.experts) {
     const int e = a.ids[job];
     if (e < 0 || e >= a.E) {  // never from route(); poisons the row so the NaN check reports it
-      if (tid < kRows && r0 + tid < a.I) out[r0 + tid] = __int_as_float(0x7fc00000);
+      if (tid < kRows && r0 + tid < a.rows) out[r0 + tid] = __int_as_float(0x7fc00000);
       return;
     }
-    // Copies in registers: fields read through a reference to global memory would be loaded
-    // again at every use in the row loops.
-    const WMat gate = a.experts[e].gate, up = a.experts[e].up;
-    const float* x = a.xn + int64_t(job / a.K) * a.H;
-    block_dot4(gate, r0, x, rg, part);
-    block_dot4(up, r0, x, ru, part);
-    if (tid < kRows && r0 + tid < a.I) out[r0 + tid] = siluf_(rg[tid]) * ru[tid];
-  } else if (job < TK + a.T) {
-    if (r0 >= a.S) return;
-    const int t = job - TK;
-    const float* x = a.xn + int64_t(t) * a.H;
-    block_dot4(a.sh_gate, r0, x, rg, part);
-    block_dot4(a.sh_up, r0, x, ru, part);
-    if (tid < kRows && r0 + tid < a.S) a.hs[int64_t(t) * a.S + r0 + tid] = siluf_(rg[tid]) * ru[tid];
+    gate = a.experts[e].gate;
+    up = a.experts[e].up;
+    x = a.xn + int64_t(job / a.K) * a.H;
   } else {
-    if (r0 > 0) return;
-    const int t = job - TK - a.T;
-    block_dot4(a.sh_router, 0, a.xn + int64_t(t) * a.H, rg, part);
-    if (tid == 0) a.r[t] = rg[0];
+    gate = a.sg;
+    up = a.su;
+    x = a.xn + int64_t(job) * a.H;
   }
+  block_dot4_t<WT, VEC, XV>(gate, matvec_ks(gate), r0, x, rg, part);
+  block_dot4_t<WT, VEC, XV>(up, matvec_ks(up), r0, x, ru, part);
+  if (tid < kRows && r0 + tid < a.rows) out[r0 + tid] = siluf_(rg[tid]) * ru[tid];
 }
 
 // blockIdx.y: the token; blockIdx.x: output rows kRows*x..
+template <int WT, int VEC, bool XV>
 __global__ void __launch_bounds__(kWarps * 32) moe_down_kernel(MoeDirect a) {
   __shared__ float part[kWarps][1];
   __shared__ float res[kRows];
@@ -65,8 +74,8 @@ __global__ void __launch_bounds__(kWarps * 32) moe_down_kernel(MoeDirect a) {
     if (e < 0 || e >= a.E) {
       y = __int_as_float(0x7fc00000);
     } else {
-      const WMat down = a.experts[e].down;  // registers, as in the gate/up kernel
-      block_dot4(down, r0, a.h + int64_t(slot) * a.I, res, part);
+      const WMat down = a.experts[e].down;
+      block_dot4_t<WT, VEC, XV>(down, matvec_ks(down), r0, a.h + int64_t(slot) * a.I, res, part);
       y = tid < kRows ? res[tid] : 0.0f;
       __syncthreads();  // res is read before the next product writes it
     }
@@ -74,26 +83,67 @@ __global__ void __launch_bounds__(kWarps * 32) moe_down_kernel(MoeDirect a) {
     const float v = y * a.weights[slot];
     s = j == 0 ? v : s + v;
   }
-  if (a.S > 0) {
-    block_dot4(a.sh_down, r0, a.hs + int64_t(t) * a.S, res, part);
-    if (tid < kRows) {
+  if (tid < kRows && r0 + tid < a.H) {
+    if (a.S > 0) {
       // As add_gated_rows.
-      const float v = a.has_router ? res[tid] * sigmoidf_(a.r[t]) : res[tid];
+      const float ys = a.ysh[int64_t(t) * a.H + r0 + tid];
+      const float v = a.has_router ? ys * sigmoidf_(a.r[t]) : ys;
       s += v;
     }
+    a.out[int64_t(t) * a.H + r0 + tid] = s;
   }
-  if (tid < kRows && r0 + tid < a.H) a.out[int64_t(t) * a.H + r0 + tid] = s;
+}
+
+#define MF_MOE_LAUNCH(KERNEL, WT, vec4, xv, grid, args)                                        \
+  do {                                                                                        \
+    if (vec4) {                                                                               \
+      if (xv) KERNEL<WT, 4, true><<<grid, kWarps * 32, 0, s>>>(args);                         \
+      else KERNEL<WT, 4, false><<<grid, kWarps * 32, 0, s>>>(args);                           \
+    } else {                                                                                  \
+      if (xv) KERNEL<WT, 1, true><<<grid, kWarps * 32, 0, s>>>(args);                         \
+      else KERNEL<WT, 1, false><<<grid, kWarps * 32, 0, s>>>(args);                           \
+    }                                                                                         \
+  } while (0)
+
+#define MF_MOE_TYPES(KERNEL, type, vec4, xv, grid, args)                     \
+  switch (type) {                                                            \
+    case kWF32: MF_MOE_LAUNCH(KERNEL, kWF32, vec4, xv, grid, args); break;   \
+    case kWBF16: MF_MOE_LAUNCH(KERNEL, kWBF16, vec4, xv, grid, args); break; \
+    case kWF16: MF_MOE_LAUNCH(KERNEL, kWF16, vec4, xv, grid, args); break;   \
+    case kWQ8: MF_MOE_LAUNCH(KERNEL, kWQ8, vec4, xv, grid, args); break;     \
+    case kWQ4: MF_MOE_LAUNCH(KERNEL, kWQ4, vec4, xv, grid, args); break;     \
+    case kWQ2: MF_MOE_LAUNCH(KERNEL, kWQ2, vec4, xv, grid, args); break;     \
+  }
+
+bool rows_aligned(const float* p, int64_t cols) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && cols % 4 == 0;
+}
+
+void gate_up(cudaStream_t s, const GateUpJob& j, int jobs, int type, bool vec4) {
+  const dim3 grid(unsigned(ceil_div(j.rows, kRows)), unsigned(jobs));
+  const bool xv = rows_aligned(j.xn, j.H);
+  MF_MOE_TYPES(moe_gate_up_kernel, type, vec4, xv, grid, j)
 }
 
 }  // namespace
 
-void moe_direct(cudaStream_t s, const MoeDirect& a) {
-  if (a.T <= 0) return;
-  const int jobs = a.T * a.K + (a.S > 0 ? a.T : 0) + (a.S > 0 && a.has_router ? a.T : 0);
-  const int rows = a.I > a.S ? a.I : a.S;
-  moe_gate_up_kernel<<<dim3(unsigned(ceil_div(rows, kRows)), unsigned(jobs)), kWarps * 32, 0,
-                       s>>>(a);
-  moe_down_kernel<<<dim3(unsigned(ceil_div(a.H, kRows)), unsigned(a.T)), kWarps * 32, 0, s>>>(a);
+bool moe_direct(cudaStream_t s, const MoeDirect& a) {
+  if (a.T <= 0) return true;
+  // The shared expert first (its down row and router logit are inputs of the down kernel).
+  if (a.S > 0) {
+    if (a.sh_gate.type != a.sh_up.type || matvec_vec4(a.sh_gate) != matvec_vec4(a.sh_up))
+      return false;
+    GateUpJob j{nullptr, nullptr, 0, 0, a.sh_gate, a.sh_up, a.xn, a.H, a.S, a.hs};
+    gate_up(s, j, a.T, a.sh_gate.type, matvec_vec4(a.sh_gate));
+    matmul(s, a.sh_down, a.hs, a.ysh, a.T, a.H);
+    if (a.has_router) matmul(s, a.sh_router, a.xn, a.r, a.T, 1);
+  }
+  GateUpJob j{a.experts, a.ids, a.E, a.K, {}, {}, a.xn, a.H, a.I, a.h};
+  gate_up(s, j, a.T * a.K, a.gate_up_type, a.gate_up_vec4);
+  const dim3 grid(unsigned(ceil_div(a.H, kRows)), unsigned(a.T));
+  const bool xv = rows_aligned(a.h, a.I);
+  MF_MOE_TYPES(moe_down_kernel, a.down_type, a.down_vec4, xv, grid, a)
+  return true;
 }
 
 }  // namespace moeflux::cuda
