@@ -3,8 +3,8 @@
 # llama-bench with CUDA from a source tarball and moeflux with its CUDA backend, writes the same
 # random model both ways (moeflux synth --preset qwen3.5-35b-a3b --quant q4; the peer's
 # synth_gguf.py: Q4_0, Q8_0 output), runs the CUDA tests, then the benchmarks one after the
-# other on the idle GPU: ours, the peer's, ours at depth 4096, the peer's at depth 4096, ours
-# again (to show the run-to-run spread).
+# other on the idle GPU: pp512/tg128 (3 runs each), then pp2048 and tg128 at depth 4096 (one
+# run each), ours first.
 #
 # The GPU machine reaches no registry: take along (carry) the peer's sources, made here as
 # ../shared/tools/peer/README.md says (llama-src.tar.xz) plus its synth_gguf.py, and
@@ -71,14 +71,16 @@ bench_peer() {
   echo; echo "\$ llama-bench $*"; echo
   "$peer" -m "$WORK/q35.gguf" -ngl 99 -o md "$@" 2>"$WORK/last-peer.err" || tail -5 "$WORK/last-peer.err"
 }
-bench_ours -p 512,2048 -n 128 -r 3 >>"$md"
+bench_ours -p 512 -n 128 -r 3 >>"$md"
 say "ours done"
-bench_peer -p 512,2048 -n 128 -r 3 >>"$md"
+bench_peer -p 512 -n 128 -r 3 >>"$md"
 say "peer done"
-bench_ours -p 0 -n 128 -d 4096 -r 3 --no-floor >>"$md"
-bench_peer -p 0 -n 128 -d 4096 -r 3 >>"$md"
-say "depth done"
-bench_ours -p 512 -n 128 -r 3 --no-floor >>"$md"
+# Longer prompts and a deep context: one timed run each (a 4096-token prefill precedes every
+# depth run, warm-up included).
+bench_ours -p 2048 -n 0 -r 1 --no-floor >>"$md"
+bench_ours -p 0 -n 128 -d 4096 -r 1 --no-floor >>"$md"
+bench_peer -p 2048 -n 0 -r 1 >>"$md"
+bench_peer -p 0 -n 128 -d 4096 -r 1 >>"$md"
 say "all done"
 cat "$md"
 tar -C "$WORK" -cf "$OUT/logs.tar" tests.log build.log llama-build.log gguf.log synth.log 2>/dev/null
