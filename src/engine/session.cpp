@@ -10,21 +10,15 @@
 
 namespace moeflux {
 
-Session::Session(const Model& model, Context& context, ExpertStore& store, SessionParams params)
-    : model_(model),
-      spec_(model.spec()),
-      be_(context),
-      weights_(context.device().bind(model)),
-      w_(*weights_),
-      store_(store) {
-  ctx_ = params.ctx > 0 ? params.ctx : std::min(spec_.ctx_train > 0 ? spec_.ctx_train : 4096, 4096);
-  const ModelSpec& s = spec_;
+namespace {
+// Every check of the parameters, before anything is allocated or uploaded (binding the model
+// copies its weights to the device on CUDA).
+void check_params(const ModelSpec& s, const SessionParams& params, Context& context,
+                  const ExpertStore& store) {
   if (params.ctx < 0) fail(ErrorKind::kInvalidArgument, "context size {} is negative", params.ctx);
   if (params.experts_per_token < 0 || params.experts_per_token > s.n_experts)
     fail(ErrorKind::kInvalidArgument, "experts per token {} is not in [0, {}] (0: the model's {})",
          params.experts_per_token, s.n_experts, s.top_k);
-  top_k_ = params.experts_per_token > 0 ? params.experts_per_token : s.top_k;
-  on_route_ = params.on_route;
   if (params.checkpoints < 0)
     fail(ErrorKind::kInvalidArgument, "checkpoint count {} is negative", params.checkpoints);
   if (params.checkpoint_interval < 0)
@@ -37,10 +31,24 @@ Session::Session(const Model& model, Context& context, ExpertStore& store, Sessi
     fail(ErrorKind::kInvalidArgument, "DeltaNet chunk size {} < 1", params.deltanet_chunk);
   if (params.ubatch < 1)
     fail(ErrorKind::kInvalidArgument, "micro-batch size (ubatch) {} < 1", params.ubatch);
-  ubatch_ = params.ubatch;
   if (&store.memory() != &context.device().expert_memory())
     fail(ErrorKind::kInvalidArgument, "the expert store keeps its experts in another device's "
          "memory than the session's ({})", context.name());
+}
+}  // namespace
+
+Session::Session(const Model& model, Context& context, ExpertStore& store, SessionParams params)
+    : model_(model),
+      spec_(model.spec()),
+      be_(context),
+      weights_((check_params(model.spec(), params, context, store), context.device().bind(model))),
+      w_(*weights_),
+      store_(store) {
+  ctx_ = params.ctx > 0 ? params.ctx : std::min(spec_.ctx_train > 0 ? spec_.ctx_train : 4096, 4096);
+  const ModelSpec& s = spec_;
+  top_k_ = params.experts_per_token > 0 ? params.experts_per_token : s.top_k;
+  on_route_ = params.on_route;
+  ubatch_ = params.ubatch;
   max_checkpoints_ = params.checkpoints;
   checkpoint_interval_ = params.checkpoint_interval;
   chunked_min_ = params.deltanet_chunked_min_tokens;
