@@ -21,7 +21,7 @@ constexpr Entry kTable[] = {
     {DType::kU8, 1, "U8", "u8"},     {DType::kF64, 8, "F64", "f64"},
     {DType::kBool, 1, "BOOL", "bool"},
     {DType::kQ8, 0, "", "q8"},       {DType::kQ4, 0, "", "q4"},
-    {DType::kQ2, 0, "", "q2"},
+    {DType::kQ2, 0, "", "q2"},       {DType::kF8E4M3, 1, "F8_E4M3", "f8_e4m3"},
 };
 const Entry& entry(DType t) { return kTable[size_t(t)]; }
 }  // namespace
@@ -60,6 +60,11 @@ void to_f32(DType src, const void* in, float* out, size_t n) {
     case DType::kF64: {
       auto p = static_cast<const double*>(in);
       for (size_t i = 0; i < n; i++) out[i] = float(p[i]);
+      return;
+    }
+    case DType::kF8E4M3: {
+      auto p = static_cast<const uint8_t*>(in);
+      for (size_t i = 0; i < n; i++) out[i] = e4m3_to_f32(p[i]);
       return;
     }
     default:
