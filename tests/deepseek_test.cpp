@@ -13,7 +13,9 @@
 #include <set>
 #include <nlohmann/json.hpp>
 
+#include "convert/tiktoken.h"
 #include "engine/rope.h"
+#include "text/tokenizer.h"
 #include "util/half.h"
 #include "format/hf_config.h"
 #include "synth/synth.h"
@@ -480,6 +482,71 @@ TEST(DeepSeekConvert, SplitsKvBAndPermutesTheRopeRows) {
       EXPECT_EQ(std::vector<float>(w.router_bias, w.router_bias + 16), b);
       EXPECT_FALSE(w.sh_router) << "DeepSeek's shared expert has no gate";
     }
+  }
+}
+
+// ---- Kimi K2's tiktoken tokenizer ---------------------------------------------------------------
+
+std::string b64(const std::string& bytes) {
+  static const char* k = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string out;
+  for (size_t i = 0; i < bytes.size(); i += 3) {
+    uint32_t w = uint32_t(uint8_t(bytes[i])) << 16;
+    if (i + 1 < bytes.size()) w |= uint32_t(uint8_t(bytes[i + 1])) << 8;
+    if (i + 2 < bytes.size()) w |= uint32_t(uint8_t(bytes[i + 2]));
+    out += k[(w >> 18) & 63];
+    out += k[(w >> 12) & 63];
+    out += i + 1 < bytes.size() ? k[(w >> 6) & 63] : '=';
+    out += i + 2 < bytes.size() ? k[w & 63] : '=';
+  }
+  return out;
+}
+
+// A tiktoken file of the 256 bytes (rank = byte) and a few merged tokens, a tokenizer_config
+// with two of the reserved ids named, and what the generated tokenizer.json must do with them,
+// worked out by hand: whole pre-tokens in the vocabulary are taken as they are (tiktoken), the
+// rest merged by rank; Han characters split from other letters (the class intersection); a
+// special token's text becomes its id.
+TEST(KimiTokenizer, TiktokenFileBecomesATokenizer) {
+  TempDir d;
+  std::string model;
+  // ranks 256..264; 世界 and o世 have no merge path (世 alone is no token): reachable only whole
+  const std::vector<std::string> extra = {"he", "ll", "hell", "hello", "\xe4\xb8\x96\xe7\x95\x8c",
+                                          "o\xe4\xb8\x96", " w", "or", " wor"};
+  for (int b = 0; b < 256; b++) model += b64(std::string(1, char(b))) + " " + std::to_string(b) + "\n";
+  for (size_t i = 0; i < extra.size(); i++)
+    model += b64(extra[i]) + " " + std::to_string(256 + i) + "\n";
+  std::ofstream(d / "tiktoken.model") << model;
+  nlohmann::json cfg = {{"added_tokens_decoder",
+                         {{"265", {{"content", "[BOS]"}, {"special", true}}},
+                          {"267", {{"content", "<|im_end|>"}, {"special", true}}}}}};
+  std::ofstream(d / "tokenizer_config.json") << cfg.dump();
+  const std::string js = tiktoken_to_tokenizer_json(d / "tiktoken.model", d / "tokenizer_config.json",
+                                                    kKimiK2Pattern, 4);
+  const Tokenizer tok = Tokenizer::from_json(js, "generated");
+  EXPECT_EQ(tok.vocab_size(), 269);
+  // "hello" is a vocabulary token (259): taken whole. " world" is not: merged by rank, " w"
+  // (262), "or" (263), " wor" (264), then l, d.
+  EXPECT_EQ(tok.encode("hello world"), (std::vector<int32_t>{259, 264, 'l', 'd'}));
+  // "hellx": merges by rank: h e -> he (256), l l -> ll (257), he ll -> hell (258), then x.
+  EXPECT_EQ(tok.encode("hellx"), (std::vector<int32_t>{258, 'x'}));
+  // "hello世界": Han is a pre-token of its own (without the intersection the whole string would
+  // be one pre-token, giving 259 and six bytes); 世界 is then taken whole (260).
+  EXPECT_EQ(tok.encode("hello\xe4\xb8\x96\xe7\x95\x8c"), (std::vector<int32_t>{259, 260}));
+  // Digits in threes; specials by name, the unnamed ones reserved.
+  EXPECT_EQ(tok.encode("12345"), (std::vector<int32_t>{'1', '2', '3', '4', '5'}));
+  EXPECT_EQ(tok.encode("[BOS]hello<|im_end|>"), (std::vector<int32_t>{265, 259, 267}));
+  EXPECT_EQ(tok.token_id("<|reserved_token_266|>"), 266);
+  EXPECT_TRUE(tok.is_special(268));
+  EXPECT_EQ(tok.decode(tok.encode("hello wor\xe4\xb8\x96\xe7\x95\x8c!\n")),
+            "hello wor\xe4\xb8\x96\xe7\x95\x8c!\n");
+  // A malformed line is an error naming the file and line.
+  std::ofstream(d / "bad.model") << b64("a") << " 0\nnot-base64 1\n";
+  try {
+    tiktoken_to_tokenizer_json(d / "bad.model", "", kKimiK2Pattern, 0);
+    ADD_FAILURE() << "accepted a malformed line";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("bad.model:2"), std::string::npos) << e.what();
   }
 }
 

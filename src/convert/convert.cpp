@@ -9,6 +9,7 @@
 #include <map>
 #include <set>
 
+#include "convert/tiktoken.h"
 #include "format/hf_config.h"
 #include "format/package.h"
 #include "format/quant.h"
@@ -763,6 +764,21 @@ ConvertReport Converter::run() {
   }
   bar.finish();
 
+  const std::string tiktoken = hf_dir_ + "/tiktoken.model";
+  if (!file_exists(hf_dir_ + "/tokenizer.json") && file_exists(tiktoken)) {
+    // Kimi K2: a tiktoken file and a pattern in Python code; written as a tokenizer.json.
+    if (cfg_.model_type == "kimi_k2") {
+      write_text_file(out_dir_ + "/tokenizer.json",
+                      tiktoken_to_tokenizer_json(tiktoken, hf_dir_ + "/tokenizer_config.json",
+                                                 kKimiK2Pattern));
+      m_.tokenizer_files.push_back("tokenizer.json");
+      report_.notes.push_back("tokenizer.json made from tiktoken.model with Kimi K2's pattern");
+    } else {
+      report_.notes.push_back(fmt::format("tiktoken.model skipped: no known pre-tokeniser pattern "
+                                          "for model_type {}; the package has no tokenizer",
+                                          cfg_.model_type));
+    }
+  }
   for (const char* f : {"tokenizer.json", "tokenizer_config.json"}) {
     std::string src = hf_dir_ + "/" + f;
     if (file_exists(src)) {
