@@ -533,6 +533,17 @@ TEST(KimiTokenizer, TiktokenFileBecomesATokenizer) {
   // "hello世界": Han is a pre-token of its own (without the intersection the whole string would
   // be one pre-token, giving 259 and six bytes); 世界 is then taken whole (260).
   EXPECT_EQ(tok.encode("hello\xe4\xb8\x96\xe7\x95\x8c"), (std::vector<int32_t>{259, 260}));
+  {
+    // The same file with the intersection dropped (plain [\p{Lu}...\p{M}], Han included) does
+    // give 259 and six bytes: the check above tells the two apart.
+    std::string naive = kKimiK2Pattern;
+    for (size_t at; (at = naive.find("(?!\\p{Han})")) != std::string::npos;) naive.erase(at, 11);
+    const Tokenizer t2 = Tokenizer::from_json(
+        tiktoken_to_tokenizer_json(d / "tiktoken.model", d / "tokenizer_config.json", naive, 4),
+        "naive");
+    EXPECT_EQ(t2.encode("hello\xe4\xb8\x96\xe7\x95\x8c"),
+              (std::vector<int32_t>{259, 0xe4, 0xb8, 0x96, 0xe7, 0x95, 0x8c}));
+  }
   // Digits in threes; specials by name, the unnamed ones reserved.
   EXPECT_EQ(tok.encode("12345"), (std::vector<int32_t>{'1', '2', '3', '4', '5'}));
   EXPECT_EQ(tok.encode("[BOS]hello<|im_end|>"), (std::vector<int32_t>{265, 259, 267}));
