@@ -874,8 +874,8 @@ Outputs check_route_groups(Context& be) {
       p.scale = 2.5f;
       p.n_group = c.n_group;
       p.topk_group = c.topk_group;
-      auto* ids = static_cast<int32_t*>(B.bytes(std::vector<int32_t>(T * K, -1).data(),
-                                                size_t(T * K) * sizeof(int32_t)));
+      auto* ids = static_cast<int32_t*>(
+          B.bytes(std::vector<int32_t>(T * K, -1).data(), size_t(T * K) * sizeof(int32_t)));
       float* w = B.zeros(size_t(T * K));
       be.route(B.put(logits), T, p, ids, w);
       std::vector<int32_t> got_ids(size_t(T * K));
@@ -883,8 +883,8 @@ Outputs check_route_groups(Context& be) {
       const auto got_w = B.get(w, size_t(T * K));
       std::vector<double> want_w, tol_w;
       std::vector<float> got_w_checked;
-      const std::string what = fmt::format("route_groups_G{}_kept{}_bias{}", c.n_group,
-                                           c.topk_group, int(with_bias));
+      const std::string what =
+          fmt::format("route_groups_G{}_kept{}_bias{}", c.n_group, c.topk_group, int(with_bias));
       for (int t = 0; t < T; t++) {
         const float* lg = logits.data() + size_t(t) * E;
         std::vector<double> prob(static_cast<size_t>(E)), score(static_cast<size_t>(E));
@@ -942,12 +942,13 @@ Outputs check_route_groups(Context& be) {
     p.scoring = RouteScoring::kSigmoid;
     p.n_group = 4;
     p.topk_group = 2;
-    auto* ids = static_cast<int32_t*>(B.bytes(std::vector<int32_t>(T * K, -1).data(),
-                                              size_t(T * K) * sizeof(int32_t)));
+    auto* ids = static_cast<int32_t*>(
+        B.bytes(std::vector<int32_t>(T * K, -1).data(), size_t(T * K) * sizeof(int32_t)));
     be.route(B.put(logits), T, p, ids, nullptr);
     std::vector<int32_t> got(size_t(T * K));
     be.download(got.data(), ids, got.size() * sizeof(int32_t));
-    EXPECT_EQ(std::vector<int32_t>(got.begin(), got.begin() + 4), (std::vector<int32_t>{0, 9, 1, 8}));
+    EXPECT_EQ(std::vector<int32_t>(got.begin(), got.begin() + 4),
+              (std::vector<int32_t>{0, 9, 1, 8}));
     for (int j = 0; j < K; j++) EXPECT_NE(got[size_t(K + j)], 5);
   }
   // A grouping that cannot give k experts is refused.
@@ -959,8 +960,8 @@ Outputs check_route_groups(Context& be) {
     p.scoring = RouteScoring::kSigmoid;
     p.n_group = 4;
     p.topk_group = 1;
-    auto* ids = static_cast<int32_t*>(B.bytes(std::vector<int32_t>(T * 5, -1).data(),
-                                              size_t(T * 5) * sizeof(int32_t)));
+    auto* ids = static_cast<int32_t*>(
+        B.bytes(std::vector<int32_t>(T * 5, -1).data(), size_t(T * 5) * sizeof(int32_t)));
     EXPECT_THROW(be.route(B.put(logits), T, p, ids, nullptr), Error);
   }
   return out;
@@ -1034,8 +1035,7 @@ Outputs check_matmul_heads(Context& be) {
     expect_close(fmt::format("matmul_heads_{}", dtype_name(dt)), got, want, tol);
     // Head 1 through matmul on its own rows: the same bits.
     std::vector<float> x1(size_t(T * C));
-    for (int t = 0; t < T; t++)
-      std::copy_n(x.begin() + t * xs + xhs, C, x1.begin() + t * C);
+    for (int t = 0; t < T; t++) std::copy_n(x.begin() + t * xs + xhs, C, x1.begin() + t * C);
     float* x1d = B.put(x1);
     float* y1d = B.zeros(size_t(T * R));
     be.matmul(mat_rows(Wd, R, R), x1d, y1d, T);

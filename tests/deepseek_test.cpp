@@ -9,17 +9,17 @@
 
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <set>
-#include <nlohmann/json.hpp>
 
 #include "convert/tiktoken.h"
 #include "engine/rope.h"
-#include "text/tokenizer.h"
-#include "util/half.h"
 #include "format/hf_config.h"
 #include "synth/synth.h"
 #include "test_util.h"
+#include "text/tokenizer.h"
+#include "util/half.h"
 
 namespace moeflux::test {
 namespace {
@@ -47,8 +47,8 @@ struct Rng {
 };
 
 void expect_rel(double got, double want, double rel, const std::string& what) {
-  EXPECT_LE(std::fabs(got - want), rel * std::fabs(want)) << what << ": got " << got << " want "
-                                                          << want;
+  EXPECT_LE(std::fabs(got - want), rel * std::fabs(want))
+      << what << ": got " << got << " want " << want;
 }
 
 // The fixture's shape: rope dim 8, theta 1e4, factor 4, original context 64, beta 32/1:
@@ -61,7 +61,8 @@ TEST(Yarn, InverseFrequenciesOfTheFixtureShape) {
   const double want[] = {1.0, 0.5 * 0.1 + 0.5 * 0.025, 1 / 400.0, 1 / 4000.0};
   ASSERT_EQ(inv.size(), 4u);
   for (int i = 0; i < 4; i++) expect_rel(inv[size_t(i)], want[i], 4e-7, fmt::format("inv[{}]", i));
-  // cos/sin factor get_mscale(4, 1) / get_mscale(4, 0.8); softmax scale 20^-1/2 get_mscale(4, 0.8)^2
+  // cos/sin factor get_mscale(4, 1) / get_mscale(4, 0.8); softmax scale 20^-1/2 get_mscale(4,
+  // 0.8)^2
   expect_rel(rope_cos_sin_scale(s), (1 + 0.1 * std::log(4.0)) / (1 + 0.08 * std::log(4.0)), 1e-15,
              "cos/sin scale");
   expect_rel(rope_cos_sin_scale(s), 1.0249579607969668, 1e-15, "cos/sin scale literal");
@@ -109,9 +110,9 @@ TEST(Fp8, E4m3Decoding) {
       {0x00, 0.0f},         {0x01, 0.001953125f},  // smallest subnormal 2^-9
       {0x07, 0.013671875f},                        // largest subnormal 7 * 2^-9
       {0x08, 0.015625f},                           // smallest normal 2^-6
-      {0x38, 1.0f},         {0x3c, 1.5f},  {0x40, 2.0f},  {0x41, 2.25f},
-      {0x77, 240.0f},       {0x78, 256.0f}, {0x7e, 448.0f},  // max
-      {0xb8, -1.0f},        {0xfe, -448.0f}, {0x81, -0.001953125f},
+      {0x38, 1.0f},         {0x3c, 1.5f},         {0x40, 2.0f},          {0x41, 2.25f},
+      {0x77, 240.0f},       {0x78, 256.0f},       {0x7e, 448.0f},  // max
+      {0xb8, -1.0f},        {0xfe, -448.0f},      {0x81, -0.001953125f},
   };
   for (auto [b, v] : want) EXPECT_EQ(e4m3_to_f32(b), v) << "byte 0x" << std::hex << int(b);
   EXPECT_TRUE(std::signbit(e4m3_to_f32(0x80)) && e4m3_to_f32(0x80) == 0.0f);  // -0
@@ -354,8 +355,10 @@ void write_ds_checkpoint(const DsCheckpoint& c, const std::string& dir, bool as_
   std::filesystem::create_directories(dir);
   nlohmann::json cfg = ds_config();
   if (as_fp8)
-    cfg["quantization_config"] = {{"quant_method", "fp8"}, {"fmt", "e4m3"},
-                                  {"activation_scheme", "dynamic"}, {"weight_block_size", {4, 8}}};
+    cfg["quantization_config"] = {{"quant_method", "fp8"},
+                                  {"fmt", "e4m3"},
+                                  {"activation_scheme", "dynamic"},
+                                  {"weight_block_size", {4, 8}}};
   std::ofstream(dir + "/config.json") << cfg.dump();
   std::vector<TensorToWrite> out;
   std::vector<std::vector<uint8_t>> bufs;
@@ -397,8 +400,8 @@ void write_ds_checkpoint(const DsCheckpoint& c, const std::string& dir, bool as_
       const std::string base = name.substr(0, name.size() - 7);  // ".weight"
       bufs.emplace_back(sc.size() * 4);
       std::memcpy(bufs.back().data(), sc.data(), sc.size() * 4);
-      out.push_back({base + ".weight_scale_inv", DType::kF32, {(r + 3) / 4, bpr},
-                     bufs.back().data()});
+      out.push_back(
+          {base + ".weight_scale_inv", DType::kF32, {(r + 3) / 4, bpr}, bufs.back().data()});
     } else {
       bufs.emplace_back(v.size() * 2);
       for (size_t i = 0; i < v.size(); i++) {
@@ -458,14 +461,16 @@ TEST(DeepSeekConvert, SplitsKvBAndPermutesTheRopeRows) {
           ASSERT_EQ(kb[size_t(i)], kvb[size_t((h * (nope + vd) + i) * L + cc)]) << l << " " << h;
       }
       for (int i = 0; i < vd; i++)
-        ASSERT_EQ(row(w.v_b, h * vd + i), std::vector<float>(kvb.begin() + (h * (nope + vd) + nope + i) * L,
-                                                             kvb.begin() + (h * (nope + vd) + nope + i + 1) * L));
+        ASSERT_EQ(row(w.v_b, h * vd + i),
+                  std::vector<float>(kvb.begin() + (h * (nope + vd) + nope + i) * L,
+                                     kvb.begin() + (h * (nope + vd) + nope + i + 1) * L));
       // q_b: per head the nope rows as they are, the rope rows de-interleaved (0 2 4 6 1 3 5 7).
       const auto& qb = c.values.at(p + "q_b_proj.weight");
       const int perm[R] = {0, 2, 4, 6, 1, 3, 5, 7};
       for (int j = 0; j < qk; j++) {
         const int src = h * qk + (j < nope ? j : nope + perm[j - nope]);
-        ASSERT_EQ(row(w.q_b, h * qk + j), std::vector<float>(qb.begin() + src * 32, qb.begin() + (src + 1) * 32))
+        ASSERT_EQ(row(w.q_b, h * qk + j),
+                  std::vector<float>(qb.begin() + src * 32, qb.begin() + (src + 1) * 32))
             << "q_b layer " << l << " head " << h << " row " << j;
       }
     }
@@ -473,11 +478,13 @@ TEST(DeepSeekConvert, SplitsKvBAndPermutesTheRopeRows) {
     const int perm[R] = {0, 2, 4, 6, 1, 3, 5, 7};
     for (int j = 0; j < L + R; j++) {
       const int src = j < L ? j : L + perm[j - L];
-      ASSERT_EQ(row(w.kv_a, j), std::vector<float>(kva.begin() + src * 64, kva.begin() + (src + 1) * 64))
+      ASSERT_EQ(row(w.kv_a, j),
+                std::vector<float>(kva.begin() + src * 64, kva.begin() + (src + 1) * 64))
           << "kv_a layer " << l << " row " << j;
     }
     if (l > 0) {
-      const auto& b = c.values.at(fmt::format("model.layers.{}.mlp.gate.e_score_correction_bias", l));
+      const auto& b =
+          c.values.at(fmt::format("model.layers.{}.mlp.gate.e_score_correction_bias", l));
       ASSERT_TRUE(w.router_bias);
       EXPECT_EQ(std::vector<float>(w.router_bias, w.router_bias + 16), b);
       EXPECT_FALSE(w.sh_router) << "DeepSeek's shared expert has no gate";
@@ -511,9 +518,10 @@ TEST(KimiTokenizer, TiktokenFileBecomesATokenizer) {
   TempDir d;
   std::string model;
   // ranks 256..264; 世界 and o世 have no merge path (世 alone is no token): reachable only whole
-  const std::vector<std::string> extra = {"he", "ll", "hell", "hello", "\xe4\xb8\x96\xe7\x95\x8c",
-                                          "o\xe4\xb8\x96", " w", "or", " wor"};
-  for (int b = 0; b < 256; b++) model += b64(std::string(1, char(b))) + " " + std::to_string(b) + "\n";
+  const std::vector<std::string> extra = {
+      "he", "ll", "hell", "hello", "\xe4\xb8\x96\xe7\x95\x8c", "o\xe4\xb8\x96", " w", "or", " wor"};
+  for (int b = 0; b < 256; b++)
+    model += b64(std::string(1, char(b))) + " " + std::to_string(b) + "\n";
   for (size_t i = 0; i < extra.size(); i++)
     model += b64(extra[i]) + " " + std::to_string(256 + i) + "\n";
   std::ofstream(d / "tiktoken.model") << model;
@@ -521,8 +529,8 @@ TEST(KimiTokenizer, TiktokenFileBecomesATokenizer) {
                          {{"265", {{"content", "[BOS]"}, {"special", true}}},
                           {"267", {{"content", "<|im_end|>"}, {"special", true}}}}}};
   std::ofstream(d / "tokenizer_config.json") << cfg.dump();
-  const std::string js = tiktoken_to_tokenizer_json(d / "tiktoken.model", d / "tokenizer_config.json",
-                                                    kKimiK2Pattern, 4);
+  const std::string js = tiktoken_to_tokenizer_json(d / "tiktoken.model",
+                                                    d / "tokenizer_config.json", kKimiK2Pattern, 4);
   const Tokenizer tok = Tokenizer::from_json(js, "generated");
   EXPECT_EQ(tok.vocab_size(), 269);
   // "hello" is a vocabulary token (259): taken whole. " world" is not: merged by rank, " w"

@@ -158,7 +158,7 @@ TEST(SynthPresets, ParameterCountsMatchTheRealModels) {
     double total_b, active_b;
   };
   const Published published[] = {
-      {"qwen3.5-35b-a3b", 35, 3},    {"qwen3-next-80b-a3b", 80, 3}, {"qwen3.5-122b-a10b", 122, 10},
+      {"qwen3.5-35b-a3b", 35, 3},     {"qwen3-next-80b-a3b", 80, 3}, {"qwen3.5-122b-a10b", 122, 10},
       {"qwen3.5-397b-a17b", 397, 17}, {"qwen3-30b-a3b", 30.5, 3.3},  {"mixtral-8x7b", 46.7, 12.9},
       {"deepseek-v3-671b", 671, 37},  {"kimi-k2", 1000, 32},
   };

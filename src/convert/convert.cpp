@@ -214,15 +214,17 @@ Source Converter::stacked(const std::string& hf_name, int64_t n, int64_t rows, i
     // [ceil(rows/br), ceil(cols/bc)]; w = e4m3 value * scale of its block.
     const int64_t br = cfg_.fp8_block[0], bc = cfg_.fp8_block[1];
     if (n > 0)
-      fail(ErrorKind::kUnsupported, "{}: tensor '{}' is FP8 and stacked {}; only 2-D FP8 "
-           "weights are supported", w->file, w->name, w->shape_str());
+      fail(ErrorKind::kUnsupported,
+           "{}: tensor '{}' is FP8 and stacked {}; only 2-D FP8 "
+           "weights are supported",
+           w->file, w->name, w->shape_str());
     if (w->shape != std::vector<int64_t>{rows, cols})
-      fail(ErrorKind::kFormat, "{}: tensor '{}' has shape {}, expected [{}, {}]", w->file,
-           w->name, w->shape_str(), rows, cols);
+      fail(ErrorKind::kFormat, "{}: tensor '{}' has shape {}, expected [{}, {}]", w->file, w->name,
+           w->shape_str(), rows, cols);
     const TensorInfo* si = ckpt_.find(base + ".weight_scale_inv");
     if (!si)
-      fail(ErrorKind::kFormat, "{}: FP8 tensor '{}' has no '{}.weight_scale_inv'", w->file,
-           w->name, base);
+      fail(ErrorKind::kFormat, "{}: FP8 tensor '{}' has no '{}.weight_scale_inv'", w->file, w->name,
+           base);
     const std::vector<int64_t> want = {(rows + br - 1) / br, (cols + bc - 1) / bc};
     if (si->dtype != DType::kF32 || si->shape != want)
       fail(ErrorKind::kFormat, "{}: tensor '{}' is {} {}, expected F32 [{}, {}] (blocks of {}x{})",
@@ -442,7 +444,8 @@ Source Converter::mla(const TensorSpec& t, const std::string& ap) {
     for (int64_t h = 0; h < nh; h++) {
       rows_f32(kvb, kvb.slices[0], h * (nope + vd), nope, head.data());
       for (int64_t i = 0; i < nope; i++)
-        for (int64_t c = 0; c < L; c++) dst[size_t((h * L + c) * nope + i)] = head[size_t(i * L + c)];
+        for (int64_t c = 0; c < L; c++)
+          dst[size_t((h * L + c) * nope + i)] = head[size_t(i * L + c)];
     }
   };
   return out;
@@ -578,8 +581,8 @@ void Converter::rows_f32(const Source& src, const RowSlice& sl, int64_t row, int
     for (int64_t i = 0; i < n; i++)
       dequantize_row(reinterpret_cast<const uint32_t*>(in.data) + (row + i) * swpr,
                      reinterpret_cast<const uint16_t*>(sl.scales->data) + (row + i) * sgpr,
-                     reinterpret_cast<const uint16_t*>(sl.biases->data) + (row + i) * sgpr,
-                     cols, src.bits, src.group, out + i * cols);
+                     reinterpret_cast<const uint16_t*>(sl.biases->data) + (row + i) * sgpr, cols,
+                     src.bits, src.group, out + i * cols);
     return;
   }
   MF_CHECK(uint64_t((row + n) * cols) * dtype_size(in.dtype) <= in.nbytes);
@@ -637,7 +640,8 @@ void Converter::write_tensor(FileWriter& w, const PackedTensor& t, const Source&
       f32_.resize(size_t(n * cols));
       if (src.bits == 0 && !out_q && in.dtype == t.dtype && src.kind != Source::kNormF32) {
         MF_CHECK(uint64_t((row + n) * cols) * dtype_size(in.dtype) <= in.nbytes);
-        w.write(in.data + uint64_t(row * cols) * dtype_size(in.dtype), uint64_t(n * cols) * dtype_size(in.dtype));
+        w.write(in.data + uint64_t(row * cols) * dtype_size(in.dtype),
+                uint64_t(n * cols) * dtype_size(in.dtype));
         out_row += n;
         continue;
       }
@@ -768,15 +772,16 @@ ConvertReport Converter::run() {
   if (!file_exists(hf_dir_ + "/tokenizer.json") && file_exists(tiktoken)) {
     // Kimi K2: a tiktoken file and a pattern in Python code; written as a tokenizer.json.
     if (cfg_.model_type == "kimi_k2") {
-      write_text_file(out_dir_ + "/tokenizer.json",
-                      tiktoken_to_tokenizer_json(tiktoken, hf_dir_ + "/tokenizer_config.json",
-                                                 kKimiK2Pattern));
+      write_text_file(
+          out_dir_ + "/tokenizer.json",
+          tiktoken_to_tokenizer_json(tiktoken, hf_dir_ + "/tokenizer_config.json", kKimiK2Pattern));
       m_.tokenizer_files.push_back("tokenizer.json");
       report_.notes.push_back("tokenizer.json made from tiktoken.model with Kimi K2's pattern");
     } else {
-      report_.notes.push_back(fmt::format("tiktoken.model skipped: no known pre-tokeniser pattern "
-                                          "for model_type {}; the package has no tokenizer",
-                                          cfg_.model_type));
+      report_.notes.push_back(
+          fmt::format("tiktoken.model skipped: no known pre-tokeniser pattern "
+                      "for model_type {}; the package has no tokenizer",
+                      cfg_.model_type));
     }
   }
   for (const char* f : {"tokenizer.json", "tokenizer_config.json"}) {

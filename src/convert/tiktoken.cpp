@@ -51,7 +51,8 @@ bool base64_decode(std::string_view in, std::string* out) {
         return false;
       }
     }
-    const uint32_t w = uint32_t(v[0]) << 18 | uint32_t(v[1]) << 12 | uint32_t(v[2]) << 6 | uint32_t(v[3]);
+    const uint32_t w =
+        uint32_t(v[0]) << 18 | uint32_t(v[1]) << 12 | uint32_t(v[2]) << 6 | uint32_t(v[3]);
     out->push_back(char(w >> 16));
     if (pad < 2) out->push_back(char((w >> 8) & 0xff));
     if (pad < 1) out->push_back(char(w & 0xff));
@@ -77,7 +78,8 @@ std::vector<std::string> byte_chars() {
   std::vector<std::string> m(256);
   uint32_t n = 0;
   for (uint32_t b = 0; b < 256; b++) {
-    const bool printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
+    const bool printable =
+        (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
     append_utf8(m[b], printable ? b : 256 + n++);
   }
   return m;
@@ -101,7 +103,8 @@ std::string tiktoken_to_tokenizer_json(const std::string& tiktoken_path,
       if (line.empty()) continue;
       const size_t sp = line.find(' ');
       char* end = nullptr;
-      const long long r = sp == std::string::npos ? -1 : std::strtoll(line.c_str() + sp + 1, &end, 10);
+      const long long r =
+          sp == std::string::npos ? -1 : std::strtoll(line.c_str() + sp + 1, &end, 10);
       if (sp == std::string::npos || !base64_decode(std::string_view(line).substr(0, sp), &tok) ||
           r < 0 || r > (1 << 30) || !end || *end != '\0')
         fail(ErrorKind::kFormat, "{}:{}: expected '<base64 token> <rank>'", tiktoken_path, line_no);
@@ -165,8 +168,10 @@ std::string tiktoken_to_tokenizer_json(const std::string& tiktoken_path,
         const long id = std::strtol(k.c_str(), &end, 10);
         if (!end || *end || id < n_base || id >= n_base + n_reserved || !v.is_object() ||
             !v.contains("content") || !v["content"].is_string())
-          fail(ErrorKind::kFormat, "{}: added_tokens_decoder entry '{}' is not a token of ids "
-               "[{}, {}) with a 'content'", config_path, k, n_base, n_base + n_reserved);
+          fail(ErrorKind::kFormat,
+               "{}: added_tokens_decoder entry '{}' is not a token of ids "
+               "[{}, {}) with a 'content'",
+               config_path, k, n_base, n_base + n_reserved);
         given[int(id)] = v;
       }
     }
@@ -187,37 +192,38 @@ std::string tiktoken_to_tokenizer_json(const std::string& tiktoken_path,
                      {"normalized", flag("normalized", false)},
                      {"special", flag("special", true)}});
   }
-  json out = {
-      {"version", "1.0"},
-      {"truncation", nullptr},
-      {"padding", nullptr},
-      {"added_tokens", added},
-      {"normalizer", nullptr},
-      {"pre_tokenizer",
-       {{"type", "Sequence"},
-        {"pretokenizers",
-         json::array({{{"type", "Split"},
-                       {"pattern", {{"Regex", pattern}}},
-                       {"behavior", "Isolated"},
-                       {"invert", false}},
-                      {{"type", "ByteLevel"},
-                       {"add_prefix_space", false},
-                       {"trim_offsets", true},
-                       {"use_regex", false}}})}}},
-      {"post_processor", nullptr},
-      {"decoder",
-       {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true}, {"use_regex", true}}},
-      {"model",
-       {{"type", "BPE"},
-        {"dropout", nullptr},
-        {"unk_token", nullptr},
-        {"continuing_subword_prefix", nullptr},
-        {"end_of_word_suffix", nullptr},
-        {"fuse_unk", false},
-        {"byte_fallback", false},
-        {"ignore_merges", true},
-        {"vocab", vocab},
-        {"merges", merges}}}};
+  json out = {{"version", "1.0"},
+              {"truncation", nullptr},
+              {"padding", nullptr},
+              {"added_tokens", added},
+              {"normalizer", nullptr},
+              {"pre_tokenizer",
+               {{"type", "Sequence"},
+                {"pretokenizers", json::array({{{"type", "Split"},
+                                                {"pattern", {{"Regex", pattern}}},
+                                                {"behavior", "Isolated"},
+                                                {"invert", false}},
+                                               {{"type", "ByteLevel"},
+                                                {"add_prefix_space", false},
+                                                {"trim_offsets", true},
+                                                {"use_regex", false}}})}}},
+              {"post_processor", nullptr},
+              {"decoder",
+               {{"type", "ByteLevel"},
+                {"add_prefix_space", true},
+                {"trim_offsets", true},
+                {"use_regex", true}}},
+              {"model",
+               {{"type", "BPE"},
+                {"dropout", nullptr},
+                {"unk_token", nullptr},
+                {"continuing_subword_prefix", nullptr},
+                {"end_of_word_suffix", nullptr},
+                {"fuse_unk", false},
+                {"byte_fallback", false},
+                {"ignore_merges", true},
+                {"vocab", vocab},
+                {"merges", merges}}}};
   return out.dump();
 }
 

@@ -136,29 +136,34 @@ class CpuContext final : public Context {
   void matmul_heads(const Mat& W, int n_heads, const float* x, int x_stride, int x_head_stride,
                     float* y, int y_stride, int y_head_stride, int T) override {
     if (n_heads < 1 || W.rows % n_heads)
-      fail(ErrorKind::kInvalidArgument, "matmul_heads: {} rows do not split into {} heads",
-           W.rows, n_heads);
+      fail(ErrorKind::kInvalidArgument, "matmul_heads: {} rows do not split into {} heads", W.rows,
+           n_heads);
     const int64_t R = W.rows / n_heads, C = W.cols;
     // One head per task: its inputs gathered into a contiguous [T, C] block, then matmul's
     // kernel over the head's rows (bits independent of the split, as matmul).
-    pool_.parallel_for(n_heads, [&](int64_t h0, int64_t h1) {
-      std::vector<float> xh(size_t(T) * size_t(C)), yh(size_t(T) * size_t(R));
-      for (int64_t h = h0; h < h1; h++) {
-        for (int t = 0; t < T; t++)
-          std::memcpy(xh.data() + size_t(t) * C, x + size_t(t) * x_stride + size_t(h) * x_head_stride,
-                      size_t(C) * sizeof(float));
-        matmul_rows(mat_rows(W, h * R, R), 0, R, xh.data(), T, yh.data(), R);
-        for (int t = 0; t < T; t++)
-          std::memcpy(y + size_t(t) * y_stride + size_t(h) * y_head_stride, yh.data() + size_t(t) * R,
-                      size_t(R) * sizeof(float));
-      }
-    }, 1);
+    pool_.parallel_for(
+        n_heads,
+        [&](int64_t h0, int64_t h1) {
+          std::vector<float> xh(size_t(T) * size_t(C)), yh(size_t(T) * size_t(R));
+          for (int64_t h = h0; h < h1; h++) {
+            for (int t = 0; t < T; t++)
+              std::memcpy(xh.data() + size_t(t) * C,
+                          x + size_t(t) * x_stride + size_t(h) * x_head_stride,
+                          size_t(C) * sizeof(float));
+            matmul_rows(mat_rows(W, h * R, R), 0, R, xh.data(), T, yh.data(), R);
+            for (int t = 0; t < T; t++)
+              std::memcpy(y + size_t(t) * y_stride + size_t(h) * y_head_stride,
+                          yh.data() + size_t(t) * R, size_t(R) * sizeof(float));
+          }
+        },
+        1);
   }
 
   void copy_rows(float* dst, int dst_stride, const float* src, int src_stride, int rows,
                  int n) override {
     for (int r = 0; r < rows; r++)
-      std::memcpy(dst + size_t(r) * dst_stride, src + size_t(r) * src_stride, size_t(n) * sizeof(float));
+      std::memcpy(dst + size_t(r) * dst_stride, src + size_t(r) * src_stride,
+                  size_t(n) * sizeof(float));
   }
 
   void kv_append(float* cache, const float* src, int T, int row) override {
@@ -292,8 +297,8 @@ class CpuContext final : public Context {
     auto better = [](const std::vector<float>& v) {
       return [&v](int a, int b) {
         const float sa = v[size_t(a)], sb = v[size_t(b)];
-        if (std::isnan(sa) || std::isnan(sb)) return std::isnan(sa) == std::isnan(sb) ? a < b
-                                                                                       : std::isnan(sb);
+        if (std::isnan(sa) || std::isnan(sb))
+          return std::isnan(sa) == std::isnan(sb) ? a < b : std::isnan(sb);
         return sa != sb ? sa > sb : a < b;
       };
     };

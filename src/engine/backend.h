@@ -183,8 +183,8 @@ class Context {
   // The same rotation with given inverse frequencies (context memory, [rot_dim / 2]) and cos
   // and sin multiplied by cs_scale: YaRN (engine/rope.h makes the table). Angles are
   // float(inv_freq[i] * float(pos + t)), as rope computes them.
-  virtual void rope_freq(float* x, int T, int n_heads, int row_stride, int head_stride,
-                         int rot_dim, const float* inv_freq, float cs_scale) = 0;
+  virtual void rope_freq(float* x, int T, int n_heads, int row_stride, int head_stride, int rot_dim,
+                         const float* inv_freq, float cs_scale) = 0;
   // Per-head products with one matrix per head: W is [n_heads * R, C] (head h: rows
   // [h*R, (h+1)*R)), y[t*y_stride + h*y_head_stride + r] = sum_c W[h*R + r, c] *
   // x[t*x_stride + h*x_head_stride + c]. Each output has matmul's bits (MLA: kv_b_proj

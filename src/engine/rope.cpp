@@ -39,8 +39,7 @@ std::vector<float> rope_inv_freq(const ModelSpec& s) {
     const float extrapolation = 1.0f / pos[size_t(i)];
     const float interpolation = 1.0f / (float(factor) * pos[size_t(i)]);
     // ramp = clamp((arange(dim // 2) - low) / (high - low), 0, 1), float32
-    const float ramp =
-        std::clamp((float(i) - float(low)) / (float(high) - float(low)), 0.0f, 1.0f);
+    const float ramp = std::clamp((float(i) - float(low)) / (float(high) - float(low)), 0.0f, 1.0f);
     const float extra_factor = 1.0f - ramp;
     inv[size_t(i)] = interpolation * (1.0f - extra_factor) + extrapolation * extra_factor;
   }

@@ -32,9 +32,10 @@ Session::Session(const Model& model, Context& context, ExpertStore& store, Sessi
          params.experts_per_token, s.n_experts, s.top_k);
   top_k_ = params.experts_per_token > 0 ? params.experts_per_token : s.top_k;
   if (s.n_group > 1 && top_k_ > s.topk_group * (s.n_experts / s.n_group))
-    fail(ErrorKind::kInvalidArgument, "experts per token {} is more than the {} experts of the {} "
-         "expert groups routing keeps", top_k_, s.topk_group * (s.n_experts / s.n_group),
-         s.topk_group);
+    fail(ErrorKind::kInvalidArgument,
+         "experts per token {} is more than the {} experts of the {} "
+         "expert groups routing keeps",
+         top_k_, s.topk_group * (s.n_experts / s.n_group), s.topk_group);
   on_route_ = params.on_route;
   if (params.checkpoints < 0)
     fail(ErrorKind::kInvalidArgument, "checkpoint count {} is negative", params.checkpoints);
@@ -268,7 +269,8 @@ void Session::forward(const int32_t* tokens, int T, float* logits, bool all_logi
     const LayerWeights& w = w_.layers[size_t(l)];
     be_.rmsnorm(x, w.attn_norm, xn, T, H, H, s.rms_eps);
     if (w.attn == AttnKind::kFull) full_attention(l, T);
-    else if (w.attn == AttnKind::kMla) mla_attention(l, T);
+    else if (w.attn == AttnKind::kMla)
+      mla_attention(l, T);
     else linear_attention(l, T);
     be_.add(x, ws_.mix, TH);
     be_.rmsnorm(x, w.ffn_norm, xn, T, H, H, s.rms_eps);
@@ -355,7 +357,7 @@ void Session::mla_attention(int l, int T) {
   } else {
     be_.matmul(w.q, ws_.xn, q, T);
   }
-  be_.matmul(w.kv_a, ws_.xn, ws_.kva, T);  // [T, L + R]
+  be_.matmul(w.kv_a, ws_.xn, ws_.kva, T);                              // [T, L + R]
   be_.rmsnorm(ws_.kva, w.kv_a_norm, ws_.kva, T, L, row, kMlaNormEps);  // the latent part only
   if (ws_.inv_freq) {
     const float cs = float(rope_cos_sin_scale(s));
@@ -702,7 +704,8 @@ std::pair<size_t, size_t> Session::snapshot_floats(size_t l, int pos) const {
     }
     case AttnKind::kMla:
       return {size_t(pos) * size_t(spec_.kv_floats_per_pos(AttnKind::kMla)), 0};
-    case AttnKind::kLinear: break;
+    case AttnKind::kLinear:
+      break;
   }
   return {state_a_n_[l], state_b_n_[l]};
 }

@@ -11,7 +11,19 @@ namespace moeflux {
 // kF8E4M3: checkpoints only (DeepSeek-V3's FP8 weights, dequantised on import; no package holds
 // it).
 enum class DType : uint8_t {
-  kF32, kBF16, kF16, kU32, kI32, kI64, kU8, kF64, kBool, kQ8, kQ4, kQ2, kF8E4M3
+  kF32,
+  kBF16,
+  kF16,
+  kU32,
+  kI32,
+  kI64,
+  kU8,
+  kF64,
+  kBool,
+  kQ8,
+  kQ4,
+  kQ2,
+  kF8E4M3
 };
 
 // Bytes per element (0 for the quantised dtypes: use format/quant.h for their sizes).

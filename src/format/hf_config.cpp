@@ -93,7 +93,7 @@ HfConfig read_hf_config(const std::string& dir) {
   if (out.model_type.empty()) fail(ErrorKind::kFormat, "{}: missing field 'model_type'", path);
 
   static const std::set<std::string> kSupported = {"qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next",
-                                                   "qwen3_moe", "mixtral", "deepseek_v3",
+                                                   "qwen3_moe",   "mixtral",          "deepseek_v3",
                                                    "kimi_k2"};
   if (!kSupported.count(out.model_type))
     fail(ErrorKind::kUnsupported,
@@ -109,21 +109,23 @@ HfConfig read_hf_config(const std::string& dir) {
     const std::string method = qf.get_str_or("quant_method", "");
     if (method == "fp8") {
       if (qf.get_str_or("fmt", "e4m3") != "e4m3")
-        fail(ErrorKind::kUnsupported, "{}: fp8 format '{}' is not supported (only e4m3)",
-             qf.where, qf.get_str_or("fmt", ""));
+        fail(ErrorKind::kUnsupported, "{}: fp8 format '{}' is not supported (only e4m3)", qf.where,
+             qf.get_str_or("fmt", ""));
       out.fp8 = true;
       if (qf.has("weight_block_size")) {
         const json& b = q["weight_block_size"];
         if (!b.is_array() || b.size() != 2 || !b[0].is_number_integer() ||
             !b[1].is_number_integer() || b[0].get<int64_t>() < 1 || b[1].get<int64_t>() < 1 ||
             b[0].get<int64_t>() > (1 << 20) || b[1].get<int64_t>() > (1 << 20))
-          fail(ErrorKind::kFormat, "{}: field 'weight_block_size' must be two positive sizes, got {}",
-               qf.where, json_brief(b));
+          fail(ErrorKind::kFormat,
+               "{}: field 'weight_block_size' must be two positive sizes, got {}", qf.where,
+               json_brief(b));
         out.fp8_block[0] = b[0].get<int>();
         out.fp8_block[1] = b[1].get<int>();
       }
     } else {
-      fail(ErrorKind::kUnsupported, "{}: quantization_config quant_method '{}' is not supported "
+      fail(ErrorKind::kUnsupported,
+           "{}: quantization_config quant_method '{}' is not supported "
            "(fp8 block-quantised checkpoints are; MLX checkpoints use 'quantization')",
            qf.where, method);
     }
@@ -222,8 +224,7 @@ HfConfig read_hf_config(const std::string& dir) {
       RopeScaling& rs = s.rope_scaling;
       rs.kind = RopeScaling::kYarn;
       rs.factor = r.get_num_or("factor", 0);
-      if (!r.has("factor"))
-        fail(ErrorKind::kFormat, "{}: yarn {} has no 'factor'", where, rname);
+      if (!r.has("factor")) fail(ErrorKind::kFormat, "{}: yarn {} has no 'factor'", where, rname);
       rs.orig_ctx = r.get_size("original_max_position_embeddings");
       // As HF: a missing or zero beta takes the paper's default (`or 32`, `or 1`).
       rs.beta_fast = r.get_num_or("beta_fast", 0) != 0 ? r.get_num_or("beta_fast", 0) : 32.0;
@@ -241,8 +242,10 @@ HfConfig read_hf_config(const std::string& dir) {
   if (!(partial > 0 && partial <= 1))
     fail(ErrorKind::kFormat, "{}: partial_rotary_factor {} must be in (0, 1]", where, partial);
   if (ds && partial != 1)
-    fail(ErrorKind::kUnsupported, "{}: partial_rotary_factor {} with MLA (qk_rope_head_dim is "
-         "the rotated part)", where, partial);
+    fail(ErrorKind::kUnsupported,
+         "{}: partial_rotary_factor {} with MLA (qk_rope_head_dim is "
+         "the rotated part)",
+         where, partial);
   if (!ds) s.rope_dim = int(s.head_dim * partial);  // as HF: int(head_dim * factor)
 
   // Linear attention.
@@ -256,8 +259,8 @@ HfConfig read_hf_config(const std::string& dir) {
 
   // Feed-forward.
   // Expert count: transformers 5 writes num_local_experts for qwen3_moe too.
-  s.n_experts = ds                    ? (f.has("n_routed_experts") ? f.get_size("n_routed_experts")
-                                                                   : f.get_size("num_local_experts"))
+  s.n_experts = ds                     ? (f.has("n_routed_experts") ? f.get_size("n_routed_experts")
+                                                                    : f.get_size("num_local_experts"))
                 : f.has("num_experts") ? f.get_size("num_experts")
                                        : f.get_size("num_local_experts");
   s.moe_ffn = mt == "mixtral" ? f.get_size("intermediate_size") : f.get_size("moe_intermediate_size");

@@ -15,9 +15,12 @@ using json = nlohmann::json;
 
 int64_t ModelSpec::kv_floats_per_pos(AttnKind a) const {
   switch (a) {
-    case AttnKind::kFull: return 2 * int64_t(n_kv_heads) * head_dim;
-    case AttnKind::kMla: return int64_t(kv_lora_rank) + rope_dim;
-    case AttnKind::kLinear: break;
+    case AttnKind::kFull:
+      return 2 * int64_t(n_kv_heads) * head_dim;
+    case AttnKind::kMla:
+      return int64_t(kv_lora_rank) + rope_dim;
+    case AttnKind::kLinear:
+      break;
   }
   return 0;
 }
@@ -62,8 +65,7 @@ void ModelSpec::validate(const std::string& where, SpecNaming naming) const {
       kKvHeads{"n_kv_heads", "num_key_value_heads"}, kHeadDim{"head_dim", "head_dim"},
       kRopeDim{"rope_dim", "partial_rotary_factor"}, kTheta{"rope_theta", "rope_theta"},
       kLinK{"lin_k_heads", "linear_num_key_heads"}, kLinV{"lin_v_heads", "linear_num_value_heads"},
-      kLinKDim{"lin_k_dim", "linear_key_head_dim"},
-      kLinVDim{"lin_v_dim", "linear_value_head_dim"},
+      kLinKDim{"lin_k_dim", "linear_key_head_dim"}, kLinVDim{"lin_v_dim", "linear_value_head_dim"},
       kConv{"conv_kernel", "linear_conv_kernel_dim"}, kExperts{"n_experts", "num_experts"},
       kTopK{"top_k", "num_experts_per_tok"}, kMoeFfn{"moe_ffn", "moe_intermediate_size"},
       kShared{"shared_ffn", "shared_expert_intermediate_size"},
@@ -216,8 +218,8 @@ void to_json(json& j, const ModelSpec& s) {
                              {"attention_factor", r.attention_factor},
                              {"truncate", r.truncate}};
   }
-  if (s.router != RouterKind::kSoftmax || s.router_bias || s.n_group != 1 ||
-      s.topk_group != 1 || s.routed_scale != 1.0 || !s.shared_gate)
+  if (s.router != RouterKind::kSoftmax || s.router_bias || s.n_group != 1 || s.topk_group != 1 ||
+      s.routed_scale != 1.0 || !s.shared_gate)
     j["routing"] = json{{"scoring", s.router == RouterKind::kSigmoid ? "sigmoid" : "softmax"},
                         {"bias", s.router_bias},
                         {"n_group", s.n_group},
@@ -260,7 +262,8 @@ ModelSpec spec_from_json(const json& j, const std::string& where) {
   for (const auto& a : field("attn")) {
     if (a == "full") s.attn.push_back(AttnKind::kFull);
     else if (a == "linear") s.attn.push_back(AttnKind::kLinear);
-    else if (a == "mla") s.attn.push_back(AttnKind::kMla);
+    else if (a == "mla")
+      s.attn.push_back(AttnKind::kMla);
     else
       fail(ErrorKind::kFormat, "{}: model field 'attn' has unknown kind {}", where, json_brief(a));
   }
@@ -300,7 +303,8 @@ ModelSpec spec_from_json(const json& j, const std::string& where) {
   // Optional sections (absent: the defaults); inside one, every field is required.
   auto section = [&](const char* k) -> const json* {
     if (!j.contains(k)) return nullptr;
-    if (!j[k].is_object()) fail(ErrorKind::kFormat, "{}: model field '{}' must be an object", where, k);
+    if (!j[k].is_object())
+      fail(ErrorKind::kFormat, "{}: model field '{}' must be an object", where, k);
     return &j[k];
   };
   auto sub = [&](const json& o, const char* sec, const char* k) -> const json& {
@@ -350,8 +354,10 @@ ModelSpec spec_from_json(const json& j, const std::string& where) {
   }
   if (const json* r = section("routing")) {
     const json& sc = sub(*r, "routing", "scoring");
-    if (sc == "sigmoid") s.router = RouterKind::kSigmoid;
-    else if (sc == "softmax") s.router = RouterKind::kSoftmax;
+    if (sc == "sigmoid")
+      s.router = RouterKind::kSigmoid;
+    else if (sc == "softmax")
+      s.router = RouterKind::kSoftmax;
     else
       fail(ErrorKind::kFormat, "{}: model field 'routing.scoring' is {} (softmax or sigmoid)",
            where, json_brief(sc));

@@ -36,7 +36,7 @@ struct RopeScaling {
   int orig_ctx = 0;  // original_max_position_embeddings
   double beta_fast = 32.0, beta_slow = 1.0;
   double mscale = 0.0, mscale_all_dim = 0.0;  // 0: absent
-  double attention_factor = 0.0;  // 0: absent (derived from factor and the mscales)
+  double attention_factor = 0.0;              // 0: absent (derived from factor and the mscales)
   bool truncate = true;
 };
 
@@ -79,7 +79,7 @@ struct ModelSpec {
   bool router_bias = false;
   int n_group = 1, topk_group = 1;
   double routed_scale = 1.0;
-  int shared_ffn = 0;  // shared expert intermediate size (0: none)
+  int shared_ffn = 0;       // shared expert intermediate size (0: none)
   bool shared_gate = true;  // the shared expert's output is gated by sigmoid(w.x) (Qwen)
   int dense_ffn = 0;   // intermediate size of FfnKind::kDense layers
 

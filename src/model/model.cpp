@@ -101,11 +101,16 @@ const std::map<std::string, MatField, std::less<>> kMatFields = {
     {"attn_k_b", &LayerWeights::k_b},       {"attn_v_b", &LayerWeights::v_b},
 };
 const std::map<std::string, VecField, std::less<>> kVecFields = {
-    {"attn_norm", &LayerWeights::attn_norm}, {"ffn_norm", &LayerWeights::ffn_norm},
-    {"attn_q_norm", &LayerWeights::q_norm},  {"attn_k_norm", &LayerWeights::k_norm},
-    {"lin_conv", &LayerWeights::conv},       {"lin_A_log", &LayerWeights::A_log},
-    {"lin_dt_bias", &LayerWeights::dt_bias}, {"lin_norm", &LayerWeights::lin_norm},
-    {"attn_q_a_norm", &LayerWeights::q_a_norm}, {"attn_kv_a_norm", &LayerWeights::kv_a_norm},
+    {"attn_norm", &LayerWeights::attn_norm},
+    {"ffn_norm", &LayerWeights::ffn_norm},
+    {"attn_q_norm", &LayerWeights::q_norm},
+    {"attn_k_norm", &LayerWeights::k_norm},
+    {"lin_conv", &LayerWeights::conv},
+    {"lin_A_log", &LayerWeights::A_log},
+    {"lin_dt_bias", &LayerWeights::dt_bias},
+    {"lin_norm", &LayerWeights::lin_norm},
+    {"attn_q_a_norm", &LayerWeights::q_a_norm},
+    {"attn_kv_a_norm", &LayerWeights::kv_a_norm},
     {"moe_router_bias", &LayerWeights::router_bias},
 };
 

@@ -41,10 +41,10 @@ struct LayerWeights {
   const float* q_norm = nullptr;  // [head_dim] or null
   const float* k_norm = nullptr;
   // multi-head latent attention (q is `q` above when q_lora_rank is 0, `o` the output)
-  Mat q_a, q_b;                       // [q_lora, H], [n_heads * head_dim, q_lora]
-  const float* q_a_norm = nullptr;    // [q_lora]
-  Mat kv_a;                           // [kv_lora + rope_dim, H]: latent, then the rope key
-  const float* kv_a_norm = nullptr;   // [kv_lora]
+  Mat q_a, q_b;                      // [q_lora, H], [n_heads * head_dim, q_lora]
+  const float* q_a_norm = nullptr;   // [q_lora]
+  Mat kv_a;                          // [kv_lora + rope_dim, H]: latent, then the rope key
+  const float* kv_a_norm = nullptr;  // [kv_lora]
   Mat k_b;  // [n_heads * kv_lora, nope]: per head, kv_b_proj's key rows transposed
   Mat v_b;  // [n_heads * v_head_dim, kv_lora]: per head, kv_b_proj's value rows
   // linear attention (Gated DeltaNet)
@@ -55,7 +55,7 @@ struct LayerWeights {
   const float* lin_norm = nullptr;  // [v_dim]
   // MoE
   Mat router;  // [E, H] f32
-  const float* router_bias = nullptr;  // [E] selection bias (sigmoid routing) or null
+  const float* router_bias = nullptr;      // [E] selection bias (sigmoid routing) or null
   Mat sh_gate, sh_up, sh_down, sh_router;  // shared expert; sh_router [1, H] f32
   int moe_index = -1;  // index of this layer's expert file
   // dense FFN

@@ -67,7 +67,9 @@ int cmd_inspect(const std::string& dir) {
                s.n_layers - s.n_moe_layers());
   std::string pattern;
   for (int l = 0; l < s.n_layers; l++)
-    pattern += s.attn[size_t(l)] == AttnKind::kFull ? 'F' : s.attn[size_t(l)] == AttnKind::kMla ? 'M' : 'L';
+    pattern += s.attn[size_t(l)] == AttnKind::kFull  ? 'F'
+               : s.attn[size_t(l)] == AttnKind::kMla ? 'M'
+                                                     : 'L';
   fmt::print("pattern     {}\n", pattern);
   fmt::print("hidden      {}, vocab {}, context {}\n", s.hidden_size, s.vocab_size, s.ctx_train);
   if (n_full && !n_mla)
@@ -75,13 +77,14 @@ int cmd_inspect(const std::string& dir) {
                s.n_heads, s.n_kv_heads, s.head_dim, s.rope_dim, s.rope_theta,
                s.attn_output_gate ? "yes" : "no", s.qk_norm ? "yes" : "no");
   if (n_mla) {
-    fmt::print("mla         {} heads, q_lora {}, kv_lora {}, qk {} (nope {} + rope {}), v {}, rope "
-               "theta {}{}\n",
-               s.n_heads, s.q_lora_rank ? std::to_string(s.q_lora_rank) : "none (q_proj)",
-               s.kv_lora_rank, s.head_dim, s.mla_nope_dim(), s.rope_dim, s.v_head_dim, s.rope_theta,
-               s.rope_scaling.kind == RopeScaling::kYarn
-                   ? fmt::format(", yarn x{} from {}", s.rope_scaling.factor, s.rope_scaling.orig_ctx)
-                   : "");
+    fmt::print(
+        "mla         {} heads, q_lora {}, kv_lora {}, qk {} (nope {} + rope {}), v {}, rope "
+        "theta {}{}\n",
+        s.n_heads, s.q_lora_rank ? std::to_string(s.q_lora_rank) : "none (q_proj)", s.kv_lora_rank,
+        s.head_dim, s.mla_nope_dim(), s.rope_dim, s.v_head_dim, s.rope_theta,
+        s.rope_scaling.kind == RopeScaling::kYarn
+            ? fmt::format(", yarn x{} from {}", s.rope_scaling.factor, s.rope_scaling.orig_ctx)
+            : "");
   }
   {
     // The KV cache the engine keeps per token (f32), and what the same entries take in bf16.
@@ -97,10 +100,10 @@ int cmd_inspect(const std::string& dir) {
     fmt::print("experts     {} x ffn {}, top-{} ({}), shared ffn {}\n", s.n_experts, s.moe_ffn,
                s.top_k, s.norm_topk_prob ? "renormalised" : "not renormalised", s.shared_ffn);
   if (s.n_moe_layers() && s.router == RouterKind::kSigmoid)
-    fmt::print("routing     sigmoid{}, {} groups (top {} kept), weights x {}{}\n",
-               s.router_bias ? " + correction bias" : "", s.n_group, s.topk_group, s.routed_scale,
-               s.shared_ffn ? (s.shared_gate ? ", gated shared expert" : ", ungated shared expert")
-                            : "");
+    fmt::print(
+        "routing     sigmoid{}, {} groups (top {} kept), weights x {}{}\n",
+        s.router_bias ? " + correction bias" : "", s.n_group, s.topk_group, s.routed_scale,
+        s.shared_ffn ? (s.shared_gate ? ", gated shared expert" : ", ungated shared expert") : "");
   if (s.n_moe_layers() < s.n_layers) fmt::print("dense ffn   {}\n", s.dense_ffn);
   fmt::print("embeddings  {}\n", s.tie_embeddings ? "tied" : "separate lm_head");
 
