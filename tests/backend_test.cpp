@@ -829,6 +829,306 @@ Outputs check_route(Context& be) {
   return out;
 }
 
+// Group-limited routing (DeepSeek-V3): a reference written from the definition in backend.h,
+// over hand-made corner cases: groups tied on their top-2 sum (the lower group wins), a tie
+// across the group boundary for the last choice, a NaN score inside a kept group and a NaN
+// that empties a group's second place, topk_group = n_group (plain top-k), and the bias
+// deciding which group is kept.
+Outputs check_route_groups(Context& be) {
+  Outputs out;
+  const int E = 16, K = 4;
+  struct Case {
+    int n_group, topk_group;
+  };
+  // Logits are chosen through the sigmoid's inverse so the scores are the round numbers below.
+  auto logit = [](double p) { return float(std::log(p / (1 - p))); };
+  const int T = 5;
+  std::vector<float> logits(size_t(T * E));
+  Rng rng(1700);
+  for (auto& x : logits) x = logit(0.05 + 0.3 * rng.uni(0, 1));  // background in (0.05, 0.35)
+  // Token 0: groups of 4; group 2 = {8..11} and group 0 = {0..3} tie on their top-2 sum (0.9 +
+  // 0.8) and beat the rest; group 3 has the single best expert (0.95) but a weak second.
+  for (auto [e, v] : {std::pair{0, 0.9}, {1, 0.8}, {8, 0.8}, {9, 0.9}, {12, 0.95}})
+    logits[size_t(0 * E + e)] = logit(v);
+  // Token 1: a NaN in group 1, which its two best (4, 6) still keep first; NaN expert 5 must
+  // not be chosen.
+  logits[size_t(1 * E + 5)] = NAN;
+  for (auto [e, v] : {std::pair{4, 0.99}, {6, 0.98}}) logits[size_t(1 * E + e)] = logit(v);
+  // Token 2: equal scores across kept groups for the 4th place (lower id wins).
+  for (auto [e, v] : {std::pair{0, 0.9}, {1, 0.7}, {4, 0.9}, {5, 0.7}, {2, 0.6}, {6, 0.6}})
+    logits[size_t(2 * E + e)] = logit(v);
+  // Token 3: every score NaN in group 3 but one: its top-2 sum is NaN, the group ranks last.
+  for (int e : {12, 13, 14}) logits[size_t(3 * E + e)] = NAN;
+  // Token 4: background only.
+  std::vector<float> bias(static_cast<size_t>(E), 0.0f);
+  bias[10] = 0.5f;  // lifts group 2 in every token but 0 (where it is already kept)
+  for (Case c : {Case{4, 2}, Case{4, 4}, Case{2, 1}, Case{8, 3}, Case{1, 1}})
+    for (bool with_bias : {false, true}) {
+      Buffers B(be);
+      RouteParams p;
+      p.n_experts = E;
+      p.k = K;
+      p.scoring = RouteScoring::kSigmoid;
+      p.norm_topk_prob = true;
+      p.bias = with_bias ? B.put(bias) : nullptr;
+      p.scale = 2.5f;
+      p.n_group = c.n_group;
+      p.topk_group = c.topk_group;
+      auto* ids = static_cast<int32_t*>(
+          B.bytes(std::vector<int32_t>(T * K, -1).data(), size_t(T * K) * sizeof(int32_t)));
+      float* w = B.zeros(size_t(T * K));
+      be.route(B.put(logits), T, p, ids, w);
+      std::vector<int32_t> got_ids(size_t(T * K));
+      be.download(got_ids.data(), ids, got_ids.size() * sizeof(int32_t));
+      const auto got_w = B.get(w, size_t(T * K));
+      std::vector<double> want_w, tol_w;
+      std::vector<float> got_w_checked;
+      const std::string what =
+          fmt::format("route_groups_G{}_kept{}_bias{}", c.n_group, c.topk_group, int(with_bias));
+      for (int t = 0; t < T; t++) {
+        const float* lg = logits.data() + size_t(t) * E;
+        std::vector<double> prob(static_cast<size_t>(E)), score(static_cast<size_t>(E));
+        for (int e = 0; e < E; e++) {
+          prob[size_t(e)] = sigmoid(lg[e]);
+          // the score the op compares: f32 sigmoid + f32 bias
+          score[size_t(e)] = double(float(prob[size_t(e)]) + (with_bias ? bias[size_t(e)] : 0.0f));
+        }
+        auto before = [&](const std::vector<double>& v) {
+          return [&v](int a, int b) {
+            const bool na = std::isnan(v[size_t(a)]), nb = std::isnan(v[size_t(b)]);
+            if (na || nb) return !na && nb;
+            return v[size_t(a)] > v[size_t(b)];
+          };
+        };
+        const int per = E / c.n_group;
+        std::vector<double> gs(static_cast<size_t>(c.n_group));
+        for (int g = 0; g < c.n_group; g++) {
+          std::vector<int> m(static_cast<size_t>(per));
+          std::iota(m.begin(), m.end(), g * per);
+          std::stable_sort(m.begin(), m.end(), before(score));
+          gs[size_t(g)] = double(float(score[size_t(m[0])]) + float(score[size_t(m[1])]));
+        }
+        std::vector<int> groups(static_cast<size_t>(c.n_group));
+        std::iota(groups.begin(), groups.end(), 0);
+        std::stable_sort(groups.begin(), groups.end(), before(gs));
+        std::vector<int> cand;
+        for (int e = 0; e < E; e++)
+          for (int j = 0; j < c.topk_group; j++)
+            if (e / per == groups[size_t(j)]) cand.push_back(e);
+        std::stable_sort(cand.begin(), cand.end(), before(score));
+        double top = 0;
+        for (int j = 0; j < K; j++) top += prob[size_t(cand[size_t(j)])];
+        for (int j = 0; j < K; j++) {
+          const int e = cand[size_t(j)];
+          EXPECT_EQ(got_ids[size_t(t * K + j)], e) << what << " token " << t << " choice " << j;
+          if (std::isnan(top)) continue;
+          want_w.push_back(prob[size_t(e)] / top * p.scale);
+          tol_w.push_back(16 * kEps * want_w.back());
+          got_w_checked.push_back(got_w[size_t(t * K + j)]);
+        }
+      }
+      expect_close(what, got_w_checked, want_w, tol_w);
+      append(out, got_w);
+      for (int32_t i : got_ids) out.push_back(float(i));
+    }
+  // The hand-worked answers the reference above must also give (groups of 4, two kept, no
+  // bias): token 0 keeps groups 0 and 2 (tied at 1.7, above group 3's 0.95 + background), so
+  // expert 12 is not chosen despite the best score; token 1 never chooses NaN expert 5.
+  {
+    Buffers B(be);
+    RouteParams p;
+    p.n_experts = E;
+    p.k = K;
+    p.scoring = RouteScoring::kSigmoid;
+    p.n_group = 4;
+    p.topk_group = 2;
+    auto* ids = static_cast<int32_t*>(
+        B.bytes(std::vector<int32_t>(T * K, -1).data(), size_t(T * K) * sizeof(int32_t)));
+    be.route(B.put(logits), T, p, ids, nullptr);
+    std::vector<int32_t> got(size_t(T * K));
+    be.download(got.data(), ids, got.size() * sizeof(int32_t));
+    EXPECT_EQ(std::vector<int32_t>(got.begin(), got.begin() + 4),
+              (std::vector<int32_t>{0, 9, 1, 8}));
+    for (int j = 0; j < K; j++) EXPECT_NE(got[size_t(K + j)], 5);
+  }
+  // A grouping that cannot give k experts is refused.
+  {
+    Buffers B(be);
+    RouteParams p;
+    p.n_experts = E;
+    p.k = 5;
+    p.scoring = RouteScoring::kSigmoid;
+    p.n_group = 4;
+    p.topk_group = 1;
+    auto* ids = static_cast<int32_t*>(
+        B.bytes(std::vector<int32_t>(T * 5, -1).data(), size_t(T * 5) * sizeof(int32_t)));
+    EXPECT_THROW(be.route(B.put(logits), T, p, ids, nullptr), Error);
+  }
+  return out;
+}
+
+// rope_freq against the same rotation in double with the given frequencies and scale.
+Outputs check_rope_freq(Context& be) {
+  Outputs out;
+  const int n_heads = 3, head_stride = 20, rot = 8, row_stride = n_heads * head_stride + 3;
+  const std::vector<float> inv = {1.0f, 0.3f, 0.0123f, 1e-4f};
+  for (float cs : {1.0f, 1.0249f})
+    for (auto [T, pos0] : {std::pair{1, 0}, std::pair{9, 3}, std::pair{2, 500}}) {
+      Rng rng(1800 + uint32_t(T));
+      const auto x = rng.vec(size_t(T) * row_stride);
+      Buffers B(be);
+      float* xd = B.put(x);
+      be.set_pos(pos0);
+      be.rope_freq(xd, T, n_heads, row_stride, head_stride, rot, B.put(inv), cs);
+      std::vector<double> want(x.begin(), x.end()), tol(x.size(), 0);
+      for (int t = 0; t < T; t++)
+        for (int h = 0; h < n_heads; h++)
+          for (int i = 0; i < rot / 2; i++) {
+            const size_t ia = size_t(t * row_stride + h * head_stride + i), ib = ia + rot / 2;
+            const double ang = double(inv[size_t(i)]) * (pos0 + t);
+            const double a = x[ia], b = x[ib];
+            want[ia] = cs * (a * std::cos(ang) - b * std::sin(ang));
+            want[ib] = cs * (b * std::cos(ang) + a * std::sin(ang));
+            tol[ia] = tol[ib] = 4 * kEps * (std::fabs(a) + std::fabs(b)) * (3 + ang);
+          }
+      const auto got = B.get(xd, x.size());
+      expect_close(fmt::format("rope_freq_T{}_pos{}_cs{}", T, pos0, cs), got, want, tol);
+      append(out, got);
+    }
+  return out;
+}
+
+// matmul_heads: per head its own rows of W over strided inputs into strided outputs; each
+// output the bits of matmul of that head's rows alone.
+Outputs check_matmul_heads(Context& be) {
+  Outputs out;
+  const int nh = 3, R = 5, C = 64;
+  for (DType dt : {DType::kBF16, DType::kQ4}) {
+    auto W = make_mat(dt, nh * R, C, 1900 + uint32_t(dt));
+    const int T = 4, xs = nh * (C + 3) + 1, xhs = C + 3, ys = nh * (R + 2) + 2, yhs = R + 2;
+    Rng rng(1950);
+    const auto x = rng.vec(size_t(T * xs), -2, 2);
+    Buffers B(be);
+    const Mat Wd = B.put(W->m);
+    float* xd = B.put(x);
+    float* yd = B.put(std::vector<float>(size_t(T * ys), 7.0f));
+    be.matmul_heads(Wd, nh, xd, xs, xhs, yd, ys, yhs, T);
+    const auto got = B.get(yd, size_t(T * ys));
+    std::vector<double> want(got.begin(), got.end()), tol(got.size(), 0);
+    for (int t = 0; t < T; t++)
+      for (int h = 0; h < nh; h++)
+        for (int r = 0; r < R; r++) {
+          double s = 0, m = 0;
+          for (int c = 0; c < C; c++) {
+            const double xv = x[size_t(t * xs + h * xhs + c)];
+            s += W->w[size_t((h * R + r) * C + c)] * xv;
+            m += W->mag[size_t((h * R + r) * C + c)] * std::fabs(xv);
+          }
+          const size_t i = size_t(t * ys + h * yhs + r);
+          want[i] = s;
+          tol[i] = 4 * kEps * m;
+        }
+    // untouched outputs stay 7 (want = got there, tol 0: compared exactly)
+    for (int t = 0; t < T; t++)
+      for (int h = 0; h < nh; h++)
+        for (int r = R; r < yhs && h * yhs + r < ys; r++) want[size_t(t * ys + h * yhs + r)] = 7.0;
+    expect_close(fmt::format("matmul_heads_{}", dtype_name(dt)), got, want, tol);
+    // Head 1 through matmul on its own rows: the same bits.
+    std::vector<float> x1(size_t(T * C));
+    for (int t = 0; t < T; t++) std::copy_n(x.begin() + t * xs + xhs, C, x1.begin() + t * C);
+    float* x1d = B.put(x1);
+    float* y1d = B.zeros(size_t(T * R));
+    be.matmul(mat_rows(Wd, R, R), x1d, y1d, T);
+    const auto y1 = B.get(y1d, size_t(T * R));
+    for (int t = 0; t < T; t++)
+      for (int r = 0; r < R; r++)
+        EXPECT_EQ(std::memcmp(&y1[size_t(t * R + r)], &got[size_t(t * ys + yhs + r)], 4), 0)
+            << "matmul_heads vs matmul, token " << t << " row " << r;
+    append(out, got);
+  }
+  return out;
+}
+
+Outputs check_copy_rows(Context& be) {
+  Buffers B(be);
+  Rng rng(2000);
+  const auto src = rng.vec(5 * 9);
+  float* sd = B.put(src);
+  float* dd = B.put(std::vector<float>(5 * 7, -1.0f));
+  be.copy_rows(dd, 7, sd + 2, 9, 5, 4);
+  const auto got = B.get(dd, 5 * 7);
+  std::vector<float> want(5 * 7, -1.0f);
+  for (int r = 0; r < 5; r++)
+    for (int i = 0; i < 4; i++) want[size_t(r * 7 + i)] = src[size_t(r * 9 + 2 + i)];
+  expect_bits("copy_rows", got, want);
+  return got;
+}
+
+// Attention with values narrower than keys, read from the keys' own rows (MLA's absorbed form:
+// one kv head, rows [latent | rope key], the value is the latent).
+Outputs check_attention_latent(Context& be) {
+  Outputs out;
+  AttentionParams p;
+  p.n_heads = 4;
+  p.n_kv_heads = 1;
+  p.head_dim = 24;  // latent 16 + rope 8
+  p.v_dim = 16;
+  p.q_head_stride = p.head_dim;
+  p.q_stride = p.n_heads * p.head_dim;
+  p.kv_stride = p.v_stride = p.head_dim;
+  p.scale = 0.3f;
+  const int d = p.head_dim, vd = p.v_dim;
+  for (auto [T, pos0] : {std::pair{1, 0}, std::pair{1, 7}, std::pair{5, 3}}) {
+    const int ctx = pos0 + T + 2;
+    Rng rng(2100 + uint32_t(T * 13 + pos0));
+    const auto q = rng.vec(size_t(T) * p.q_stride, -2, 2);
+    auto kv = rng.vec(size_t(ctx) * p.kv_stride, -2, 2);
+    for (size_t i = size_t(pos0 + T) * p.kv_stride; i < kv.size(); i++) kv[i] = 1e4f;
+    Buffers B(be);
+    float* qd = B.put(q);
+    float* kvd = B.put(kv);
+    const size_t n_out = size_t(T) * p.n_heads * vd;
+    float* od = B.put(std::vector<float>(n_out, 3.0f));
+    be.set_pos(pos0);
+    be.attention(qd, kvd, kvd, od, T, p);
+    std::vector<double> want(n_out), tol(n_out);
+    for (int t = 0; t < T; t++)
+      for (int h = 0; h < p.n_heads; h++) {
+        const int n = pos0 + t + 1;
+        const float* qv = q.data() + size_t(t) * p.q_stride + size_t(h) * p.q_head_stride;
+        std::vector<double> s(static_cast<size_t>(n));
+        double mx = -INFINITY, A = 0;
+        for (int j = 0; j < n; j++) {
+          double dot = 0, m = 0;
+          for (int i = 0; i < d; i++) {
+            dot += qv[i] * kv[size_t(j) * p.kv_stride + size_t(i)];
+            m += std::fabs(qv[i] * kv[size_t(j) * p.kv_stride + size_t(i)]);
+          }
+          s[size_t(j)] = dot * p.scale;
+          mx = std::max(mx, s[size_t(j)]);
+          A = std::max(A, m * p.scale);
+        }
+        double sum = 0;
+        for (auto& x : s) sum += (x = std::exp(x - mx));
+        for (int i = 0; i < vd; i++) {
+          double o = 0, m = 0;
+          for (int j = 0; j < n; j++) {
+            const double vv = kv[size_t(j) * p.v_stride + size_t(i)];
+            o += s[size_t(j)] / sum * vv;
+            m += s[size_t(j)] / sum * std::fabs(vv);
+          }
+          const size_t idx = size_t(t) * p.n_heads * vd + size_t(h * vd + i);
+          want[idx] = o;
+          tol[idx] = 4 * kEps * (n + 2 + 2 * A) * m;
+        }
+      }
+    const auto got = B.get(od, n_out);
+    expect_close(fmt::format("attention_latent_T{}_pos{}", T, pos0), got, want, tol);
+    append(out, got);
+  }
+  return out;
+}
+
 // Experts handed over in a chosen arrival order, as an ExpertStore's batch does.
 class TestExperts final : public ExpertSource {
  public:
@@ -1063,6 +1363,21 @@ TEST_P(BackendOps, KvAppend) {
 }
 TEST_P(BackendOps, Route) {
   run(check_route);
+}
+TEST_P(BackendOps, RouteGroups) {
+  run(check_route_groups);
+}
+TEST_P(BackendOps, RopeFreq) {
+  run(check_rope_freq);
+}
+TEST_P(BackendOps, MatmulHeads) {
+  run(check_matmul_heads);
+}
+TEST_P(BackendOps, CopyRows) {
+  run(check_copy_rows);
+}
+TEST_P(BackendOps, AttentionLatent) {
+  run(check_attention_latent);
 }
 TEST_P(BackendOps, MoeExperts) {
   run(check_moe_experts);

@@ -497,7 +497,7 @@ TEST(Robustness, CorruptedManifestNamesTheField) {
       // Impossible values name moeflux.json's own fields, not the HF config's.
       {[](json& m) { m["model"]["arch"] = "llama"; },
        {"model.arch = \"llama\" is not a known arch (qwen3_5_moe, qwen3_next, qwen3_moe, "
-        "mixtral)"}},
+        "mixtral, deepseek_v3)"}},
       {[](json& m) { m["model"]["ctx_train"] = 0; }, {"model.ctx_train = 0 must be > 0"}},
       {[](json& m) { m["model"]["hidden_size"] = -1; }, {"model.hidden_size = -1 must be > 0"}},
       {[](json& m) { m["model"]["top_k"] = 17; },
@@ -513,14 +513,18 @@ TEST(Robustness, CorruptedManifestNamesTheField) {
        {"resident tensor 'blk.1.attn_k'", "runs past resident.bin"}},
       {[](json& m) { resident_entry(m, "blk.1.attn_k")["offset"] = 4097; },
        {"resident tensor 'blk.1.attn_k' offset 4097 is not 4096-byte aligned"}},
-      {[](json& m) { resident_entry(m, "blk.1.attn_k")["offset"] = resident_entry(m, "blk.1.attn_q")["offset"]; },
+      {[](json& m) {
+         resident_entry(m, "blk.1.attn_k")["offset"] = resident_entry(m, "blk.1.attn_q")["offset"];
+       },
        {"overlap", "'blk.1.attn_k'", "'blk.1.attn_q'"}},
       {[](json& m) { resident_entry(m, "blk.0.attn_v")["nbytes"] = 100; },
        {"tensor 'blk.0.attn_v'",
         fmt::format("{} x [64, 64] needs {} bytes, manifest says 100", v_dtype, v_bytes)}},
       {[](json& m) { resident_entry(m, "blk.0.attn_v")["dtype"] = "i32"; },
        {"tensor 'blk.0.attn_v'", "unsupported dtype 'i32'"}},
-      {[](json& m) { resident_entry(m, "blk.0.attn_v")["shape"] = {64, -64}; },
+      {[](json& m) {
+         resident_entry(m, "blk.0.attn_v")["shape"] = {64, -64};
+       },
        {"tensor 'blk.0.attn_v'", "bad dimension -64 in shape"}},
       {[](json& m) {
          resident_entry(m, "blk.0.attn_v")["shape"] = {65536, 65536, 65536, 65536};
@@ -529,9 +533,13 @@ TEST(Robustness, CorruptedManifestNamesTheField) {
       {[](json& m) { resident_entry(m, "blk.0.attn_v")["name"] = "blk.0.attn_k"; },
        {"'blk.0.attn_k' listed twice"}},
       // Shapes that disagree with the model spec: found when binding, expected vs actual.
-      {[](json& m) { resident_entry(m, "embed")["shape"] = {64, 1024}; },
+      {[](json& m) {
+         resident_entry(m, "embed")["shape"] = {64, 1024};
+       },
        {"tensor 'embed' has shape [64, 1024], expected [1024, 64]"}},
-      {[](json& m) { resident_entry(m, "blk.2.attn_o")["shape"] = {128, 64}; },
+      {[](json& m) {
+         resident_entry(m, "blk.2.attn_o")["shape"] = {128, 64};
+       },
        {"tensor 'blk.2.attn_o' has shape [128, 64], expected [64, 128]"}},
       {[](json& m) {
          json& t = resident_entry(m, "blk.3.ffn_norm");  // f32 [64] -> bf16 [64]
@@ -545,16 +553,22 @@ TEST(Robustness, CorruptedManifestNamesTheField) {
            if (ts[i]["name"] == "blk.2.attn_k") ts.erase(i);
        },
        {"missing tensor 'blk.2.attn_k'"}},
-      {[](json& m) { m["experts"]["parts"][2]["shape"] = {32, 64}; },
+      {[](json& m) {
+         m["experts"]["parts"][2]["shape"] = {32, 64};
+       },
        {"expert part 2 is 'down' [32, 64], expected 'down' [64, 32]"}},
       {[&](json& m) { m["experts"]["parts"][1]["offset"] = record - up_bytes + 64; },
        {"expert part 'up'", fmt::format("outside the {}-byte record", record)}},
       {[](json& m) { m["experts"]["count"] = 8; }, {"experts.count 8 != model n_experts 16"}},
       {[&](json& m) { m["experts"]["stride"] = record + 100; },
        {fmt::format("experts.stride {}", record + 100)}},
-      {[](json& m) { m["experts"]["layers"] = {0, 1, 3}; },
+      {[](json& m) {
+         m["experts"]["layers"] = {0, 1, 3};
+       },
        {"experts.layers [0, 1, 3] does not match the MoE layers [0, 1, 2, 3]"}},
-      {[](json& m) { m["experts"]["layers"] = {0, 1, 2, 9}; },
+      {[](json& m) {
+         m["experts"]["layers"] = {0, 1, 2, 9};
+       },
        {"experts.layers entry 9 is not a layer index"}},
   };
   for (size_t i = 0; i < cases.size(); i++) {

@@ -147,7 +147,10 @@ TEST(SynthPresets, ParameterCountsMatchTheRealModels) {
   //  - Qwen/Qwen3-Next-80B-A3B-Instruct (model card: 80B in total, 3B activated);
   //  - Qwen/Qwen3-30B-A3B (model card: 30.5B in total, 3.3B activated);
   //  - mistralai/Mixtral-8x7B-v0.1 (Mistral AI, "Mixtral of experts", 2023-12-11: 46.7B total,
-  //    12.9B used per token).
+  //    12.9B used per token);
+  //  - deepseek-ai/DeepSeek-V3 (model card: 671B total, 37B activated; the checkpoint's 685B
+  //    include the 14B multi-token-prediction module, which the preset, like the engine, omits);
+  //  - moonshotai/Kimi-K2-Instruct (model card: 1T total, 32B activated).
   // Tolerance 3%: the cards round (and Qwen3.5's cards count the whole multimodal checkpoint,
   // the presets only the text model).
   struct Published {
@@ -155,8 +158,9 @@ TEST(SynthPresets, ParameterCountsMatchTheRealModels) {
     double total_b, active_b;
   };
   const Published published[] = {
-      {"qwen3.5-35b-a3b", 35, 3},    {"qwen3-next-80b-a3b", 80, 3}, {"qwen3.5-122b-a10b", 122, 10},
+      {"qwen3.5-35b-a3b", 35, 3},     {"qwen3-next-80b-a3b", 80, 3}, {"qwen3.5-122b-a10b", 122, 10},
       {"qwen3.5-397b-a17b", 397, 17}, {"qwen3-30b-a3b", 30.5, 3.3},  {"mixtral-8x7b", 46.7, 12.9},
+      {"deepseek-v3-671b", 671, 37},  {"kimi-k2", 1000, 32},
   };
   int checked = 0;
   for (const Published& p : published) {

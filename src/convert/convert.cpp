@@ -5,9 +5,11 @@
 
 #include <array>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <set>
 
+#include "convert/tiktoken.h"
 #include "format/hf_config.h"
 #include "format/package.h"
 #include "format/quant.h"
@@ -78,6 +80,15 @@ struct Source {
   enum Kind { kMatrix, kVectorF32, kNormF32 } kind = kMatrix;
   TensorClass cls = TensorClass::kAttn;
   int bits = 0, group = 0;  // > 0: the checkpoint stores it quantised
+  // FP8 (e4m3) weights with an f32 scale per block (RowSlice::scales: weight_scale_inv
+  // [ceil(rows / block_rows), ceil(cols / block_cols)]), dequantised on import.
+  bool fp8 = false;
+  int64_t block_rows = 0, block_cols = 0;
+  // A tensor that is no run of checkpoint rows (MLA's attn_k_b: kv_b_proj's key rows
+  // transposed per head): `rows` x cols f32 values made whole by `make` (slices then only
+  // name the checkpoint tensors it reads, for the dtype).
+  int64_t rows = 0;
+  std::function<void(float* out)> make;
 };
 
 class Converter {
@@ -100,8 +111,15 @@ class Converter {
   Source stacked(const std::string& hf_name, int64_t n, int64_t rows, int64_t cols,
                  TensorClass cls);
   Source vec(const std::string& hf_name, int64_t n, Source::Kind kind);
+  Source mla(const TensorSpec& t, const std::string& attn_prefix);
+  // n rows from `row` of slice `sl` of `src` as f32 (float, or MLX-quantised, dequantised).
+  void rows_f32(const Source& src, const RowSlice& sl, int64_t row, int64_t n, float* out);
   void plan_experts(int l);
   void write_tensor(FileWriter& w, const PackedTensor& t, const Source& src);
+  // n rows of `cols` f32 values (a 1-D tensor: one row) as rows [out_row, out_row + n) of
+  // package tensor `t` at `base`: converted to its float dtype or quantised.
+  void put_f32_rows(FileWriter& w, const PackedTensor& t, uint64_t base, int64_t out_row,
+                    const float* data, int64_t n, int64_t cols);
   void check_leftovers();
   DType float_dtype(const Source& s) const;
 
@@ -119,6 +137,8 @@ class Converter {
   ConvertReport report_;
   std::vector<float> f32_;
   std::vector<uint8_t> buf_;
+  std::vector<uint32_t> packed_;
+  std::vector<uint16_t> sc_, bi_;
 };
 
 DType Converter::float_dtype(const Source& s) const {
@@ -187,6 +207,34 @@ Source Converter::stacked(const std::string& hf_name, int64_t n, int64_t rows, i
     s.bits = bits;
     s.group = group;
     s.slices.push_back({w, 0, std::max<int64_t>(n, 1) * rows, sc, bi});
+    return s;
+  }
+  if (w && w->dtype == DType::kF8E4M3) {
+    // FP8 block-quantised (DeepSeek-V3): weight e4m3 [rows, cols], weight_scale_inv f32
+    // [ceil(rows/br), ceil(cols/bc)]; w = e4m3 value * scale of its block.
+    const int64_t br = cfg_.fp8_block[0], bc = cfg_.fp8_block[1];
+    if (n > 0)
+      fail(ErrorKind::kUnsupported,
+           "{}: tensor '{}' is FP8 and stacked {}; only 2-D FP8 "
+           "weights are supported",
+           w->file, w->name, w->shape_str());
+    if (w->shape != std::vector<int64_t>{rows, cols})
+      fail(ErrorKind::kFormat, "{}: tensor '{}' has shape {}, expected [{}, {}]", w->file, w->name,
+           w->shape_str(), rows, cols);
+    const TensorInfo* si = ckpt_.find(base + ".weight_scale_inv");
+    if (!si)
+      fail(ErrorKind::kFormat, "{}: FP8 tensor '{}' has no '{}.weight_scale_inv'", w->file, w->name,
+           base);
+    const std::vector<int64_t> want = {(rows + br - 1) / br, (cols + bc - 1) / bc};
+    if (si->dtype != DType::kF32 || si->shape != want)
+      fail(ErrorKind::kFormat, "{}: tensor '{}' is {} {}, expected F32 [{}, {}] (blocks of {}x{})",
+           si->file, si->name, dtype_st_name(si->dtype), si->shape_str(), want[0], want[1], br, bc);
+    used_.insert(w->name);
+    used_.insert(si->name);
+    s.fp8 = true;
+    s.block_rows = br;
+    s.block_cols = bc;
+    s.slices.push_back({w, 0, rows, si});
     return s;
   }
   auto shape = lead;
@@ -276,6 +324,7 @@ const std::map<std::string, std::string, std::less<>> kHfMoeNames = {
     {"shexp_up", "shared_expert.up_proj.weight"},
     {"shexp_down", "shared_expert.down_proj.weight"},
     {"shexp_router", "shared_expert_gate.weight"},
+    {"moe_router_bias", "gate.e_score_correction_bias"},
 };
 
 // "<prefix>layers.N.mlp.", or Mixtral's "<prefix>layers.N.block_sparse_moe.".
@@ -298,9 +347,18 @@ Source Converter::source(const TensorSpec& t) {
     if ((t.key == "lin_qkv" || t.key == "lin_z" || t.key == "lin_b" || t.key == "lin_a") &&
         ckpt_.find(la + "in_proj_qkvz.weight"))
       return fused_linear_attn(t, la);
+    if (cfg_.spec.attn[size_t(t.layer)] == AttnKind::kMla && t.key.starts_with("attn_") &&
+        t.key != "attn_norm")
+      return mla(t, hp + "self_attn.");
     auto moe = kHfMoeNames.find(t.key);
     hf =
         moe != kHfMoeNames.end() ? moe_prefix(t.layer) + moe->second : hp + kHfLayerNames.at(t.key);
+    // DeepSeek-V3 spells the shared expert in the plural: mlp.shared_experts.
+    if (t.key.starts_with("shexp_") && !ckpt_.find(hf)) {
+      std::string plural = hf;
+      plural.replace(plural.find("shared_expert."), 14, "shared_experts.");
+      if (ckpt_.find(plural)) hf = plural;
+    }
     if (t.key == "lin_conv") return conv(hf, t.shape[0], t.shape[1]);
   }
   switch (t.role) {
@@ -319,6 +377,78 @@ Source Converter::source(const TensorSpec& t) {
       break;
   }
   return matrix(hf, t.shape[0], t.shape[1], t.cls);
+}
+
+// DeepSeek-V3's attention (MLA). Rows of each head's rope part are permuted from HF's
+// interleaved pairs (rope_interleave: HF de-interleaves x[0], x[2], .., x[1], x[3], .. before a
+// rotate-half) into rotate-half order, so the runtime has one RoPE; kv_b_proj is split into
+// attn_k_b (key rows, transposed per head) and attn_v_b (value rows).
+Source Converter::mla(const TensorSpec& t, const std::string& ap) {
+  const ModelSpec& s = cfg_.spec;
+  const int64_t H = s.hidden_size, nh = s.n_heads, L = s.kv_lora_rank, R = s.rope_dim;
+  const int64_t qk = s.head_dim, nope = s.mla_nope_dim(), vd = s.v_head_dim;
+  // The package's row j of a rope part is the checkpoint's row rope_row(j) of it.
+  auto rope_row = [&](int64_t j) {
+    if (!cfg_.rope_interleave) return j;
+    return j < R / 2 ? 2 * j : 2 * (j - R / 2) + 1;
+  };
+  // Per head: the nope rows as one run, the rope rows one by one.
+  auto permute_heads = [&](Source from, int64_t heads, int64_t head_rows, int64_t first_rope) {
+    Source out = from;
+    out.slices.clear();
+    for (int64_t h = 0; h < heads; h++) {
+      RowSlice sl = from.slices[0];
+      sl.row0 = h * head_rows;
+      sl.n_rows = first_rope;
+      if (sl.n_rows > 0) out.slices.push_back(sl);
+      for (int64_t j = 0; j < R; j++) {
+        sl.row0 = h * head_rows + first_rope + rope_row(j);
+        sl.n_rows = 1;
+        out.slices.push_back(sl);
+      }
+    }
+    return out;
+  };
+  if (t.key == "attn_q_a") return matrix(ap + "q_a_proj.weight", s.q_lora_rank, H, t.cls);
+  if (t.key == "attn_q_a_norm")
+    return vec(ap + "q_a_layernorm.weight", s.q_lora_rank, Source::kNormF32);
+  if (t.key == "attn_q_b")
+    return permute_heads(matrix(ap + "q_b_proj.weight", nh * qk, s.q_lora_rank, t.cls), nh, qk,
+                         nope);
+  if (t.key == "attn_q")
+    return permute_heads(matrix(ap + "q_proj.weight", nh * qk, H, t.cls), nh, qk, nope);
+  if (t.key == "attn_kv_a")
+    return permute_heads(matrix(ap + "kv_a_proj_with_mqa.weight", L + R, H, t.cls), 1, L + R, L);
+  if (t.key == "attn_kv_a_norm") return vec(ap + "kv_a_layernorm.weight", L, Source::kNormF32);
+  if (t.key == "attn_o") return matrix(ap + "o_proj.weight", H, nh * vd, t.cls);
+  const Source kvb = matrix(ap + "kv_b_proj.weight", nh * (nope + vd), L, t.cls);
+  if (t.key == "attn_v_b") {
+    Source out = kvb;
+    out.slices.clear();
+    for (int64_t h = 0; h < nh; h++) {
+      RowSlice sl = kvb.slices[0];
+      sl.row0 = h * (nope + vd) + nope;
+      sl.n_rows = vd;
+      out.slices.push_back(sl);
+    }
+    return out;
+  }
+  MF_CHECK(t.key == "attn_k_b");
+  // attn_k_b[h*L + c, i] = kv_b[h*(nope + vd) + i, c]
+  Source out = kvb;
+  out.cols = nope;
+  out.bits = 0;  // made in f32 (an MLX-quantised kv_b is dequantised and requantised)
+  out.rows = nh * L;
+  out.make = [this, kvb, nh, L, nope, vd](float* dst) {
+    std::vector<float> head(size_t(nope * L));
+    for (int64_t h = 0; h < nh; h++) {
+      rows_f32(kvb, kvb.slices[0], h * (nope + vd), nope, head.data());
+      for (int64_t i = 0; i < nope; i++)
+        for (int64_t c = 0; c < L; c++)
+          dst[size_t((h * L + c) * nope + i)] = head[size_t(i * L + c)];
+    }
+  };
+  return out;
 }
 
 // Qwen3-Next packs [q k v z] per key-head group and [b a] per group; the rows are reordered into
@@ -423,6 +553,9 @@ void Converter::check_leftovers() {
       skipped_vision++;
     } else if (name.starts_with("mtp.") || name.starts_with("model.mtp.")) {
       skipped_mtp++;
+    } else if (cfg_.spec.arch == "deepseek_v3" && name.starts_with(prefix_ + "layers.") &&
+               std::atoi(name.c_str() + prefix_.size() + 7) >= cfg_.spec.n_layers) {
+      skipped_mtp++;  // DeepSeek-V3 stores its MTP module as layer num_hidden_layers
     } else if ((name == "lm_head.weight" || name == lm_head_name_) && cfg_.spec.tie_embeddings) {
       report_.notes.push_back(name + " skipped: tie_word_embeddings uses the embedding");
     } else if (name.ends_with("rotary_emb.inv_freq")) {
@@ -439,9 +572,45 @@ void Converter::check_leftovers() {
     report_.notes.push_back(fmt::format("skipped {} mtp (multi-token prediction) tensors", skipped_mtp));
 }
 
+void Converter::rows_f32(const Source& src, const RowSlice& sl, int64_t row, int64_t n,
+                         float* out) {
+  const TensorInfo& in = *sl.src;
+  const int64_t cols = src.cols;
+  if (src.bits > 0) {
+    const int64_t swpr = cols * src.bits / 32, sgpr = cols / src.group;
+    for (int64_t i = 0; i < n; i++)
+      dequantize_row(reinterpret_cast<const uint32_t*>(in.data) + (row + i) * swpr,
+                     reinterpret_cast<const uint16_t*>(sl.scales->data) + (row + i) * sgpr,
+                     reinterpret_cast<const uint16_t*>(sl.biases->data) + (row + i) * sgpr, cols,
+                     src.bits, src.group, out + i * cols);
+    return;
+  }
+  MF_CHECK(uint64_t((row + n) * cols) * dtype_size(in.dtype) <= in.nbytes);
+  to_f32(in.dtype, in.data + uint64_t(row * cols) * dtype_size(in.dtype), out, size_t(n * cols));
+  if (src.fp8) {
+    // The f32 product of the e4m3 value (exact in f32) and its block's scale, as DeepSeek's
+    // weight_dequant computes it, then rounded once more to the package dtype.
+    const int64_t bpr = (cols + src.block_cols - 1) / src.block_cols;
+    const float* scale = reinterpret_cast<const float*>(sl.scales->data);
+    for (int64_t i = 0; i < n; i++) {
+      const float* sr = scale + ((row + i) / src.block_rows) * bpr;
+      float* o = out + i * cols;
+      for (int64_t c = 0; c < cols; c++) o[c] *= sr[c / src.block_cols];
+    }
+  }
+}
+
 // Writes `src` as package tensor `t` at the writer's current offset. Rows are processed one
-// slice at a time, so no tensor is held whole in memory.
+// slice at a time, so no tensor is held whole in memory (except one that is made, src.make).
 void Converter::write_tensor(FileWriter& w, const PackedTensor& t, const Source& src) {
+  if (src.make) {
+    const uint64_t at = w.offset();
+    std::vector<float> all(size_t(src.rows * src.cols));
+    src.make(all.data());
+    put_f32_rows(w, t, at, 0, all.data(), src.rows, src.cols);
+    w.seek(at + t.nbytes);
+    return;
+  }
   const uint64_t base = w.offset();
   const int64_t cols = src.cols;
   const bool out_q = is_quant_dtype(t.dtype);
@@ -451,8 +620,6 @@ void Converter::write_tensor(FileWriter& w, const PackedTensor& t, const Source&
   const uint64_t wpr = out_q ? uint64_t(cols) * bits / 32 : 0, gpr = out_q ? uint64_t(cols / t.group) : 0;
   int64_t out_row = 0;
   constexpr int64_t kChunkRows = 256;
-  std::vector<uint32_t> packed;
-  std::vector<uint16_t> sc, bi;
   for (const auto& sl : src.slices) {
     for (int64_t r0 = 0; r0 < sl.n_rows; r0 += kChunkRows) {
       const int64_t n = std::min(kChunkRows, sl.n_rows - r0), row = sl.row0 + r0;
@@ -471,44 +638,44 @@ void Converter::write_tensor(FileWriter& w, const PackedTensor& t, const Source&
       }
       // Anything else goes through f32.
       f32_.resize(size_t(n * cols));
-      if (src.bits > 0) {
-        const int64_t swpr = cols * src.bits / 32, sgpr = cols / src.group;
-        for (int64_t i = 0; i < n; i++)
-          dequantize_row(reinterpret_cast<const uint32_t*>(in.data) + (row + i) * swpr,
-                         reinterpret_cast<const uint16_t*>(sl.scales->data) + (row + i) * sgpr,
-                         reinterpret_cast<const uint16_t*>(sl.biases->data) + (row + i) * sgpr,
-                         cols, src.bits, src.group, f32_.data() + i * cols);
-      } else {
+      if (src.bits == 0 && !out_q && in.dtype == t.dtype && src.kind != Source::kNormF32) {
         MF_CHECK(uint64_t((row + n) * cols) * dtype_size(in.dtype) <= in.nbytes);
-        if (!out_q && in.dtype == t.dtype && src.kind != Source::kNormF32) {
-          w.write(in.data + uint64_t(row * cols) * dtype_size(in.dtype), uint64_t(n * cols) * dtype_size(in.dtype));
-          out_row += n;
-          continue;
-        }
-        to_f32(in.dtype, in.data + uint64_t(row * cols) * dtype_size(in.dtype), f32_.data(), size_t(n * cols));
+        w.write(in.data + uint64_t(row * cols) * dtype_size(in.dtype),
+                uint64_t(n * cols) * dtype_size(in.dtype));
+        out_row += n;
+        continue;
       }
+      rows_f32(src, sl, row, n, f32_.data());
       if (src.kind == Source::kNormF32 && cfg_.norm_one_plus && !mlx_)
         for (auto& x : f32_) x += 1.0f;  // zero-centred norm: scale = 1 + w, folded here
-      if (out_q) {
-        packed.resize(size_t(uint64_t(n) * wpr));
-        sc.resize(size_t(uint64_t(n) * gpr));
-        bi.resize(size_t(uint64_t(n) * gpr));
-        quantize_rows(f32_.data(), n, cols, bits, t.group, packed.data(), sc.data(), bi.data());
-        w.seek(base + uint64_t(out_row) * wpr * 4);
-        w.write(packed.data(), packed.size() * 4);
-        w.seek(base + ql.packed_bytes + uint64_t(out_row) * gpr * 2);
-        w.write(sc.data(), sc.size() * 2);
-        w.seek(base + ql.packed_bytes + ql.scales_bytes + uint64_t(out_row) * gpr * 2);
-        w.write(bi.data(), bi.size() * 2);
-      } else {
-        buf_.resize(size_t(n * cols) * dtype_size(t.dtype));
-        from_f32(t.dtype, f32_.data(), buf_.data(), size_t(n * cols));
-        w.write(buf_.data(), buf_.size());
-      }
+      put_f32_rows(w, t, base, out_row, f32_.data(), n, cols);
       out_row += n;
     }
   }
   w.seek(base + t.nbytes);
+}
+
+void Converter::put_f32_rows(FileWriter& w, const PackedTensor& t, uint64_t base, int64_t out_row,
+                             const float* data, int64_t n, int64_t cols) {
+  if (is_quant_dtype(t.dtype)) {
+    const int bits = quant_bits(t.dtype);
+    const QuantLayout ql = quant_layout(t.shape[0], cols, bits, t.group);
+    const uint64_t wpr = uint64_t(cols) * bits / 32, gpr = uint64_t(cols / t.group);
+    packed_.resize(size_t(uint64_t(n) * wpr));
+    sc_.resize(size_t(uint64_t(n) * gpr));
+    bi_.resize(size_t(uint64_t(n) * gpr));
+    quantize_rows(data, n, cols, bits, t.group, packed_.data(), sc_.data(), bi_.data());
+    w.seek(base + uint64_t(out_row) * wpr * 4);
+    w.write(packed_.data(), packed_.size() * 4);
+    w.seek(base + ql.packed_bytes + uint64_t(out_row) * gpr * 2);
+    w.write(sc_.data(), sc_.size() * 2);
+    w.seek(base + ql.packed_bytes + ql.scales_bytes + uint64_t(out_row) * gpr * 2);
+    w.write(bi_.data(), bi_.size() * 2);
+  } else {
+    buf_.resize(size_t(n * cols) * dtype_size(t.dtype));
+    from_f32(t.dtype, data, buf_.data(), size_t(n * cols));
+    w.write(buf_.data(), buf_.size());
+  }
 }
 
 ConvertReport Converter::run() {
@@ -601,6 +768,22 @@ ConvertReport Converter::run() {
   }
   bar.finish();
 
+  const std::string tiktoken = hf_dir_ + "/tiktoken.model";
+  if (!file_exists(hf_dir_ + "/tokenizer.json") && file_exists(tiktoken)) {
+    // Kimi K2: a tiktoken file and a pattern in Python code; written as a tokenizer.json.
+    if (cfg_.model_type == "kimi_k2") {
+      write_text_file(
+          out_dir_ + "/tokenizer.json",
+          tiktoken_to_tokenizer_json(tiktoken, hf_dir_ + "/tokenizer_config.json", kKimiK2Pattern));
+      m_.tokenizer_files.push_back("tokenizer.json");
+      report_.notes.push_back("tokenizer.json made from tiktoken.model with Kimi K2's pattern");
+    } else {
+      report_.notes.push_back(
+          fmt::format("tiktoken.model skipped: no known pre-tokeniser pattern "
+                      "for model_type {}; the package has no tokenizer",
+                      cfg_.model_type));
+    }
+  }
   for (const char* f : {"tokenizer.json", "tokenizer_config.json"}) {
     std::string src = hf_dir_ + "/" + f;
     if (file_exists(src)) {

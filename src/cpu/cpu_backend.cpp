@@ -110,6 +110,62 @@ class CpuContext final : public Context {
     }
   }
 
+  void rope_freq(float* x, int T, int n_heads, int row_stride, int head_stride, int rot_dim,
+                 const float* inv_freq, float cs_scale) override {
+    const int pos0 = pos_;
+    const int half = rot_dim / 2;
+    std::vector<float> cs(static_cast<size_t>(half)), sn(static_cast<size_t>(half));
+    for (int t = 0; t < T; t++) {
+      // As HF: an f32 angle, f32 cos/sin, times attention_scaling in f32.
+      for (int i = 0; i < half; i++) {
+        const float ang = inv_freq[i] * float(pos0 + t);
+        cs[size_t(i)] = float(std::cos(double(ang))) * cs_scale;
+        sn[size_t(i)] = float(std::sin(double(ang))) * cs_scale;
+      }
+      for (int h = 0; h < n_heads; h++) {
+        float* v = x + size_t(t) * row_stride + size_t(h) * head_stride;
+        for (int i = 0; i < half; i++) {
+          float a = v[i], b = v[i + half];
+          v[i] = a * cs[size_t(i)] - b * sn[size_t(i)];
+          v[i + half] = b * cs[size_t(i)] + a * sn[size_t(i)];
+        }
+      }
+    }
+  }
+
+  void matmul_heads(const Mat& W, int n_heads, const float* x, int x_stride, int x_head_stride,
+                    float* y, int y_stride, int y_head_stride, int T) override {
+    if (n_heads < 1 || W.rows % n_heads)
+      fail(ErrorKind::kInvalidArgument, "matmul_heads: {} rows do not split into {} heads", W.rows,
+           n_heads);
+    const int64_t R = W.rows / n_heads, C = W.cols;
+    // One head per task: its inputs gathered into a contiguous [T, C] block, then matmul's
+    // kernel over the head's rows (bits independent of the split, as matmul).
+    pool_.parallel_for(
+        n_heads,
+        [&](int64_t h0, int64_t h1) {
+          std::vector<float> xh(size_t(T) * size_t(C)), yh(size_t(T) * size_t(R));
+          for (int64_t h = h0; h < h1; h++) {
+            for (int t = 0; t < T; t++)
+              std::memcpy(xh.data() + size_t(t) * C,
+                          x + size_t(t) * x_stride + size_t(h) * x_head_stride,
+                          size_t(C) * sizeof(float));
+            matmul_rows(mat_rows(W, h * R, R), 0, R, xh.data(), T, yh.data(), R);
+            for (int t = 0; t < T; t++)
+              std::memcpy(y + size_t(t) * y_stride + size_t(h) * y_head_stride,
+                          yh.data() + size_t(t) * R, size_t(R) * sizeof(float));
+          }
+        },
+        1);
+  }
+
+  void copy_rows(float* dst, int dst_stride, const float* src, int src_stride, int rows,
+                 int n) override {
+    for (int r = 0; r < rows; r++)
+      std::memcpy(dst + size_t(r) * dst_stride, src + size_t(r) * src_stride,
+                  size_t(n) * sizeof(float));
+  }
+
   void kv_append(float* cache, const float* src, int T, int row) override {
     std::memcpy(cache + size_t(pos_) * row, src, size_t(T) * row * sizeof(float));
   }
@@ -118,6 +174,7 @@ class CpuContext final : public Context {
                  const AttentionParams& p) override {
     const int pos0 = pos_;
     const int group = p.n_heads / p.n_kv_heads, d = p.head_dim;
+    const int vd = p.v_dim > 0 ? p.v_dim : d, vs = p.v_stride > 0 ? p.v_stride : p.kv_stride;
     pool_.parallel_for(int64_t(T) * p.n_heads, [&](int64_t i0, int64_t i1) {
       std::vector<float> sc;
       for (int64_t i = i0; i < i1; i++) {
@@ -135,11 +192,11 @@ class CpuContext final : public Context {
         float sum = 0;
         for (int j = 0; j < n; j++) sum += (sc[size_t(j)] = std::exp(sc[size_t(j)] - mx));
         const float inv = 1.0f / sum;
-        float* o = out + size_t(t) * p.n_heads * d + size_t(h) * d;
-        std::fill(o, o + d, 0.0f);
+        float* o = out + size_t(t) * p.n_heads * vd + size_t(h) * vd;
+        std::fill(o, o + vd, 0.0f);
         for (int j = 0; j < n; j++) {
-          const float* vv = v + size_t(j) * p.kv_stride + size_t(kvh) * d;
-          axpy(sc[size_t(j)] * inv, vv, o, d);
+          const float* vv = v + size_t(j) * vs + size_t(kvh) * vd;
+          axpy(sc[size_t(j)] * inv, vv, o, vd);
         }
       }
     });
@@ -224,10 +281,27 @@ class CpuContext final : public Context {
 
   void route(const float* logits, int T, const RouteParams& p, int32_t* ids,
              float* weights) override {
-    const int E = p.n_experts, K = p.k;
-    std::vector<int> order(static_cast<size_t>(E));
+    const int E = p.n_experts, K = p.k, G = p.n_group;
+    if (K < 1 || K > E) fail(ErrorKind::kInvalidArgument, "route: k = {} of {} experts", K, E);
+    if (G < 1 || E % G || p.topk_group < 1 || p.topk_group > G ||
+        (G > 1 && (E / G < 2 || K > p.topk_group * (E / G))))
+      fail(ErrorKind::kInvalidArgument,
+           "route: {} experts in {} groups, {} groups kept, k = {}: not a valid grouping", E, G,
+           p.topk_group, K);
+    const int per_group = E / G;
+    std::vector<int> order(static_cast<size_t>(E)), gorder(static_cast<size_t>(G));
     std::vector<double> prob(static_cast<size_t>(E));
-    std::vector<float> score(static_cast<size_t>(E));
+    std::vector<float> score(static_cast<size_t>(E)), gscore(static_cast<size_t>(G));
+    std::vector<char> allowed(static_cast<size_t>(E));
+    // Best first, equal scores to the lower index, NaN last (a strict weak order).
+    auto better = [](const std::vector<float>& v) {
+      return [&v](int a, int b) {
+        const float sa = v[size_t(a)], sb = v[size_t(b)];
+        if (std::isnan(sa) || std::isnan(sb))
+          return std::isnan(sa) == std::isnan(sb) ? a < b : std::isnan(sb);
+        return sa != sb ? sa > sb : a < b;
+      };
+    };
     for (int t = 0; t < T; t++) {
       const float* lg = logits + size_t(t) * E;
       double sum = 0;
@@ -243,14 +317,37 @@ class CpuContext final : public Context {
           score[size_t(e)] = float(prob[size_t(e)]) + (p.bias ? p.bias[e] : 0.0f);
         }
       }
-      // Best first, equal scores to the lower index, NaN last (a strict weak order).
+      int n_cand = E;
       std::iota(order.begin(), order.end(), 0);
-      std::partial_sort(order.begin(), order.begin() + K, order.end(), [&](int a, int b) {
-        const float sa = score[size_t(a)], sb = score[size_t(b)];
-        if (std::isnan(sa) || std::isnan(sb)) return std::isnan(sa) == std::isnan(sb) ? a < b
-                                                                                       : std::isnan(sb);
-        return sa != sb ? sa > sb : a < b;
-      });
+      if (G > 1) {
+        // Each group scored by the sum of its two best scores (a NaN among them makes the
+        // group's score NaN: last); the topk_group best groups keep their experts.
+        const auto cmp = better(score);
+        for (int g = 0; g < G; g++) {
+          int i1 = -1, i2 = -1;  // the group's best and second best expert
+          for (int e = g * per_group; e < (g + 1) * per_group; e++) {
+            if (i1 < 0 || cmp(e, i1)) {
+              i2 = i1;
+              i1 = e;
+            } else if (i2 < 0 || cmp(e, i2)) {
+              i2 = e;
+            }
+          }
+          gscore[size_t(g)] = score[size_t(i1)] + score[size_t(i2)];
+        }
+        std::iota(gorder.begin(), gorder.end(), 0);
+        std::partial_sort(gorder.begin(), gorder.begin() + p.topk_group, gorder.end(),
+                          better(gscore));
+        std::fill(allowed.begin(), allowed.end(), 0);
+        for (int j = 0; j < p.topk_group; j++) {
+          const int g = gorder[size_t(j)];
+          std::fill(allowed.begin() + g * per_group, allowed.begin() + (g + 1) * per_group, 1);
+        }
+        n_cand = 0;
+        for (int e = 0; e < E; e++)
+          if (allowed[size_t(e)]) order[size_t(n_cand++)] = e;
+      }
+      std::partial_sort(order.begin(), order.begin() + K, order.begin() + n_cand, better(score));
       double top = 0;
       for (int j = 0; j < K; j++) top += prob[size_t(order[size_t(j)])];
       for (int j = 0; j < K; j++) {

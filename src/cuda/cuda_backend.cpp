@@ -240,12 +240,33 @@ class CudaContext final : public Context {
                inv_freq(theta, rot_dim), pos_);
     check_launch("rope");
   }
+  // MLA ops (issue 17): not on this backend yet.
+  void rope_freq(float*, int, int, int, int, int, const float*, float) override {
+    fail(ErrorKind::kUnsupported,
+         "CUDA backend: rope_freq (YaRN rope scaling) is not "
+         "implemented yet; use --backend cpu");
+  }
+  void matmul_heads(const Mat&, int, const float*, int, int, float*, int, int, int) override {
+    fail(ErrorKind::kUnsupported,
+         "CUDA backend: matmul_heads (multi-head latent attention) is "
+         "not implemented yet; use --backend cpu");
+  }
+  void copy_rows(float*, int, const float*, int, int, int) override {
+    fail(ErrorKind::kUnsupported,
+         "CUDA backend: copy_rows (multi-head latent attention) is not "
+         "implemented yet; use --backend cpu");
+  }
   void kv_append(float* cache, const float* src, int T, int row) override {
     cuda::kv_append(stream_, cache, src, T, row, pos_);
     check_launch("kv_append");
   }
   void attention(const float* q, const float* k, const float* v, float* out, int T,
                  const AttentionParams& p) override {
+    if ((p.v_dim && p.v_dim != p.head_dim) || (p.v_stride && p.v_stride != p.kv_stride))
+      fail(ErrorKind::kUnsupported,
+           "CUDA backend: attention with values of another width "
+           "(v_dim {}, head_dim {}) is not implemented yet; use --backend cpu",
+           p.v_dim, p.head_dim);
     const size_t scratch = cuda::attention_scratch_floats(T, p.n_heads, p.head_dim);
     float* part = scratch ? fgrow(attn_, scratch) : nullptr;
     if (!cuda::attention(stream_, q, k, v, out, T, p.n_heads, p.n_kv_heads, p.head_dim,
@@ -322,6 +343,11 @@ class CudaContext final : public Context {
              float* weights) override {
     if (p.k < 1 || p.k > p.n_experts)
       fail(ErrorKind::kInvalidArgument, "route: k = {} of {} experts", p.k, p.n_experts);
+    if (p.n_group != 1 || p.topk_group != 1)
+      fail(ErrorKind::kUnsupported,
+           "CUDA backend: group-limited routing (n_group {}, topk_group "
+           "{}) is not implemented yet; use --backend cpu",
+           p.n_group, p.topk_group);
     cuda::route(stream_, logits, T, p.n_experts, p.k, p.scoring == RouteScoring::kSigmoid ? 1 : 0,
                 p.norm_topk_prob, p.bias, p.scale, ids, weights);
     check_launch("route");
@@ -640,12 +666,13 @@ class CudaDevice final : public Device {
     w->lm_head = mat(w->lm_head);
     w->final_norm = vec(w->final_norm);
     for (LayerWeights& l : w->layers) {
-      for (Mat* m : {&l.q, &l.k, &l.v, &l.o, &l.lin_qkv, &l.lin_z, &l.lin_b, &l.lin_a,
-                     &l.lin_out, &l.router, &l.sh_gate, &l.sh_up, &l.sh_down, &l.sh_router,
-                     &l.ffn_gate, &l.ffn_up, &l.ffn_down})
+      for (Mat* m : {&l.q,       &l.k,         &l.v,        &l.o,      &l.lin_qkv,  &l.lin_z,
+                     &l.lin_b,   &l.lin_a,     &l.lin_out,  &l.router, &l.sh_gate,  &l.sh_up,
+                     &l.sh_down, &l.sh_router, &l.ffn_gate, &l.ffn_up, &l.ffn_down, &l.q_a,
+                     &l.q_b,     &l.kv_a,      &l.k_b,      &l.v_b})
         *m = mat(*m);
-      for (const float** v : {&l.attn_norm, &l.ffn_norm, &l.q_norm, &l.k_norm, &l.conv,
-                              &l.A_log, &l.dt_bias, &l.lin_norm})
+      for (const float** v : {&l.attn_norm, &l.ffn_norm, &l.q_norm, &l.k_norm, &l.conv, &l.A_log,
+                              &l.dt_bias, &l.lin_norm, &l.q_a_norm, &l.kv_a_norm, &l.router_bias})
         *v = vec(*v);
     }
     std::shared_ptr<const ModelWeights> out(w, [dev](const ModelWeights* p) {

@@ -30,11 +30,16 @@ class Context;
 class Device;
 
 struct AttentionParams {
-  int n_heads, n_kv_heads, head_dim;
+  int n_heads, n_kv_heads, head_dim;  // head_dim: of q and k
   int q_stride;       // floats between consecutive tokens' q rows
   int q_head_stride;  // floats between consecutive heads inside a q row
   int kv_stride;      // floats between positions in the caches (n_kv_heads * head_dim)
   float scale;
+  // Values of another width than the keys (MLA's absorbed form attends over [latent | rope key]
+  // rows and takes the latent alone as the value: v_dim = kv_lora_rank, v == k): v_dim floats
+  // per kv head, v_stride floats between positions of v. 0: head_dim and kv_stride.
+  int v_dim = 0;
+  int v_stride = 0;
 };
 
 struct DeltaNetParams {
@@ -47,12 +52,17 @@ enum class RouteScoring : uint8_t {
   kSigmoid,  // p = sigmoid(logits); top-k of p + bias (bias only chooses, DeepSeek-V3)
 };
 
+// Group-limited selection (DeepSeek-V3, n_group > 1): the experts fall into n_group groups of
+// n_experts / n_group consecutive ids; a group's score is the sum of its two best selection
+// scores (p + bias); the topk_group best groups are kept (equal scores to the lower group, NaN
+// last) and the top-k is taken among their experts only. n_group = topk_group = 1: all experts.
 struct RouteParams {
   int n_experts = 0, k = 0;
   RouteScoring scoring = RouteScoring::kSoftmax;
   bool norm_topk_prob = true;   // weights = p / sum of the k chosen p (else p as is)
   const float* bias = nullptr;  // kSigmoid: [n_experts] selection bias (device memory) or null
   float scale = 1.0f;           // weights *= scale (routed_scaling_factor)
+  int n_group = 1, topk_group = 1;
 };
 
 struct MoeParams {
@@ -170,10 +180,25 @@ class Context {
   // head_dim at head_stride; token t sits at position pos + t.
   virtual void rope(float* x, int T, int n_heads, int row_stride, int head_stride, int rot_dim,
                     double theta) = 0;
+  // The same rotation with given inverse frequencies (context memory, [rot_dim / 2]) and cos
+  // and sin multiplied by cs_scale: YaRN (engine/rope.h makes the table). Angles are
+  // float(inv_freq[i] * float(pos + t)), as rope computes them.
+  virtual void rope_freq(float* x, int T, int n_heads, int row_stride, int head_stride, int rot_dim,
+                         const float* inv_freq, float cs_scale) = 0;
+  // Per-head products with one matrix per head: W is [n_heads * R, C] (head h: rows
+  // [h*R, (h+1)*R)), y[t*y_stride + h*y_head_stride + r] = sum_c W[h*R + r, c] *
+  // x[t*x_stride + h*x_head_stride + c]. Each output has matmul's bits (MLA: kv_b_proj
+  // absorbed into queries and outputs, one small matrix per head).
+  virtual void matmul_heads(const Mat& W, int n_heads, const float* x, int x_stride,
+                            int x_head_stride, float* y, int y_stride, int y_head_stride,
+                            int T) = 0;
+  // dst[r*dst_stride + i] = src[r*src_stride + i] for i < n, r < rows (regions disjoint).
+  virtual void copy_rows(float* dst, int dst_stride, const float* src, int src_stride, int rows,
+                         int n) = 0;
   // cache[pos + t] = src[t] for rows of `row` floats.
   virtual void kv_append(float* cache, const float* src, int T, int row) = 0;
   // Causal attention of T queries at positions pos.. over cache positions [0, pos + t].
-  // k, v: [ctx, kv_stride]; out: [T, n_heads * head_dim].
+  // k: [ctx, kv_stride], v: [ctx, v_stride]; out: [T, n_heads * v_dim].
   virtual void attention(const float* q, const float* k, const float* v, float* out, int T,
                          const AttentionParams& p) = 0;
   // out[t, h*d + i] *= sigmoid(gate[t * gate_stride + h * gate_head_stride + i]).

@@ -6,11 +6,16 @@
 #include <numeric>
 #include <string>
 
+#include "engine/rope.h"
 #include "util/error.h"
 
 namespace moeflux {
 
 namespace {
+// HF builds q_a_layernorm and kv_a_layernorm with DeepseekV3RMSNorm's default eps, not
+// rms_norm_eps.
+constexpr float kMlaNormEps = 1e-6f;
+
 // Every check of the parameters, before anything is allocated or uploaded (binding the model
 // copies its weights to the device on CUDA).
 void check_params(const ModelSpec& s, const SessionParams& params, Context& context,
@@ -19,6 +24,12 @@ void check_params(const ModelSpec& s, const SessionParams& params, Context& cont
   if (params.experts_per_token < 0 || params.experts_per_token > s.n_experts)
     fail(ErrorKind::kInvalidArgument, "experts per token {} is not in [0, {}] (0: the model's {})",
          params.experts_per_token, s.n_experts, s.top_k);
+  const int top_k = params.experts_per_token > 0 ? params.experts_per_token : s.top_k;
+  if (s.n_group > 1 && top_k > s.topk_group * (s.n_experts / s.n_group))
+    fail(ErrorKind::kInvalidArgument,
+         "experts per token {} is more than the {} experts of the {} "
+         "expert groups routing keeps",
+         top_k, s.topk_group * (s.n_experts / s.n_group), s.topk_group);
   if (params.checkpoints < 0)
     fail(ErrorKind::kInvalidArgument, "checkpoint count {} is negative", params.checkpoints);
   if (params.checkpoint_interval < 0)
@@ -60,12 +71,16 @@ Session::Session(const Model& model, Context& context, ExpertStore& store, Sessi
       size_t na, nb;
       if (s.attn[size_t(l)] == AttnKind::kFull) {
         na = nb = size_t(ctx_) * s.n_kv_heads * s.head_dim;
+      } else if (s.attn[size_t(l)] == AttnKind::kMla) {
+        // The latent and the rope key of each position (one row, shared by every head).
+        na = size_t(ctx_) * size_t(s.kv_floats_per_pos(AttnKind::kMla));
+        nb = 0;
       } else {
         na = size_t(s.conv_kernel - 1) * s.lin_qkv_dim();
         nb = size_t(s.lin_v_heads) * s.lin_k_dim * s.lin_v_dim;
       }
-      state_a_.push_back(be_.alloc(na));
-      state_b_.push_back(be_.alloc(nb));
+      state_a_.push_back(na ? be_.alloc(na) : nullptr);
+      state_b_.push_back(nb ? be_.alloc(nb) : nullptr);
       state_a_n_.push_back(na);
       state_b_n_.push_back(nb);
     }
@@ -111,9 +126,10 @@ void Session::alloc_workspace() {
   const ModelSpec& s = spec_;
   const size_t U = size_t(ubatch_cap_ = std::min(ubatch_, ctx_)), H = size_t(s.hidden_size);
   const size_t K = size_t(top_k_), E = size_t(s.n_experts);
-  bool full = false, linear = false, moe = false, dense = false;
+  bool full = false, linear = false, mla = false, moe = false, dense = false;
   for (int l = 0; l < s.n_layers; l++) {
-    (s.attn[size_t(l)] == AttnKind::kFull ? full : linear) = true;
+    const AttnKind a = s.attn[size_t(l)];
+    (a == AttnKind::kFull ? full : a == AttnKind::kMla ? mla : linear) = true;
     (s.ffn[size_t(l)] == FfnKind::kMoe ? moe : dense) = true;
   }
   auto f = [&](size_t n) {
@@ -135,6 +151,20 @@ void Session::alloc_workspace() {
     w.k = f(U * kvd);
     w.v = f(U * kvd);
     w.o = f(U * size_t(s.n_heads) * s.head_dim);
+  }
+  if (mla) {
+    const size_t nh = size_t(s.n_heads), L = size_t(s.kv_lora_rank), R = size_t(s.rope_dim);
+    if (s.q_lora_rank > 0) w.qa = f(U * size_t(s.q_lora_rank));
+    w.q = f(U * nh * size_t(s.head_dim));
+    w.kva = f(U * (L + R));
+    w.qlat = f(U * nh * (L + R));
+    w.olat = f(U * nh * L);
+    w.o = f(U * nh * size_t(s.v_head_dim));
+    if (s.rope_scaling.kind != RopeScaling::kNone) {
+      const std::vector<float> inv = rope_inv_freq(s);
+      w.inv_freq = f(inv.size());
+      be_.upload(w.inv_freq, inv.data(), inv.size());
+    }
   }
   if (linear) {
     const size_t C = size_t(s.lin_qkv_dim()), vd = size_t(s.lin_value_dim());
@@ -276,6 +306,7 @@ void Session::layers(int T, const std::function<void(int, const float*)>& emit) 
     emit(l, x);  // xn already holds x normed for this layer's attention
     const LayerWeights& w = w_.layers[size_t(l)];
     if (w.attn == AttnKind::kFull) full_attention(l, T);
+    else if (w.attn == AttnKind::kMla) mla_attention(l, T);
     else linear_attention(l, T);
     be_.add_rmsnorm(x, ws_.mix, w.ffn_norm, xn, T, H, s.rms_eps);
     if (w.ffn == FfnKind::kMoe) moe(l, T);
@@ -365,6 +396,47 @@ void Session::full_attention(int l, int T) {
   be_.matmul(w.o, o, ws_.mix, T);
 }
 
+// Multi-head latent attention in the absorbed form, for prompts and decode alike (so prefill
+// and decode stay bit-identical): the cache holds per position the normed latent c (kv_lora)
+// and the rotated rope key; kv_b_proj's key half is multiplied into each head's query
+// (q_lat = W_UK_h^T q_nope) and its value half applied after attention (o_h = W_UV_h o_lat), so
+// the cache is never expanded to per-head K/V. Scores q_nope.(W_UK_h c) + q_rope.k_rope equal
+// [q_lat | q_rope].[c | k_rope]: one attention over rows of kv_lora + rope_dim with a single
+// kv head, whose value is the latent part of the same row.
+void Session::mla_attention(int l, int T) {
+  const ModelSpec& s = spec_;
+  const LayerWeights& w = w_.layers[size_t(l)];
+  const int nh = s.n_heads, L = s.kv_lora_rank, R = s.rope_dim, qk = s.head_dim;
+  const int nope = s.mla_nope_dim(), vd = s.v_head_dim, row = L + R;
+  float* q = ws_.q;  // [T, nh * qk], per head [nope | rope]
+  if (s.q_lora_rank > 0) {
+    be_.matmul(w.q_a, ws_.xn, ws_.qa, T);
+    be_.rmsnorm(ws_.qa, w.q_a_norm, ws_.qa, T, s.q_lora_rank, s.q_lora_rank, kMlaNormEps);
+    be_.matmul(w.q_b, ws_.qa, q, T);
+  } else {
+    be_.matmul(w.q, ws_.xn, q, T);
+  }
+  be_.matmul(w.kv_a, ws_.xn, ws_.kva, T);                              // [T, L + R]
+  be_.rmsnorm(ws_.kva, w.kv_a_norm, ws_.kva, T, L, row, kMlaNormEps);  // the latent part only
+  if (ws_.inv_freq) {
+    const float cs = float(rope_cos_sin_scale(s));
+    be_.rope_freq(q + nope, T, nh, nh * qk, qk, R, ws_.inv_freq, cs);
+    be_.rope_freq(ws_.kva + L, T, 1, row, row, R, ws_.inv_freq, cs);
+  } else {
+    be_.rope(q + nope, T, nh, nh * qk, qk, R, s.rope_theta);
+    be_.rope(ws_.kva + L, T, 1, row, row, R, s.rope_theta);
+  }
+  float* cache = state_a_[size_t(l)];  // [ctx, L + R]
+  be_.kv_append(cache, ws_.kva, T, row);
+  // q_lat = [W_UK_h^T q_nope_h | q_rope_h] per head: [T, nh, L + R]
+  be_.matmul_heads(w.k_b, nh, q, nh * qk, qk, ws_.qlat, nh * row, row, T);
+  be_.copy_rows(ws_.qlat + L, row, q + nope, qk, T * nh, R);
+  AttentionParams p{nh, 1, row, nh * row, row, row, float(attention_scale(s)), L, row};
+  be_.attention(ws_.qlat, cache, cache, ws_.olat, T, p);  // olat: [T, nh * L]
+  be_.matmul_heads(w.v_b, nh, ws_.olat, nh * L, L, ws_.o, nh * vd, vd, T);
+  be_.matmul(w.o, ws_.o, ws_.mix, T);
+}
+
 void Session::linear_attention(int l, int T) {
   const ModelSpec& s = spec_;
   const LayerWeights& w = w_.layers[size_t(l)];
@@ -420,17 +492,13 @@ void Session::moe(int l, int T) {
   const int E = s.n_experts, K = top_k_;
 
   be_.matmul(w.router, ws_.xn, ws_.router, T);
-  RouteParams rp;
-  rp.n_experts = E;
-  rp.k = K;
-  rp.norm_topk_prob = s.norm_topk_prob;
-  be_.route(ws_.router, T, rp, ws_.ids, ws_.weights);
+  be_.route(ws_.router, T, route_params(w), ws_.ids, ws_.weights);
   SharedExpert shared;
   if (s.shared_ffn > 0) {
     shared.gate = &w.sh_gate;
     shared.up = &w.sh_up;
     shared.down = &w.sh_down;
-    shared.router = &w.sh_router;
+    shared.router = s.shared_gate ? &w.sh_router : nullptr;
     shared.inter = s.shared_ffn;
   }
   MoeParams mp;
@@ -465,6 +533,22 @@ void Session::moe(int l, int T) {
   be_.sync();  // the experts' memory is read before the batch unpins it
 }
 
+RouteParams Session::route_params(const LayerWeights& w) const {
+  const ModelSpec& s = spec_;
+  RouteParams rp;
+  rp.n_experts = s.n_experts;
+  rp.k = top_k_;
+  rp.norm_topk_prob = s.norm_topk_prob;
+  if (s.router == RouterKind::kSigmoid) {
+    rp.scoring = RouteScoring::kSigmoid;
+    rp.bias = w.router_bias;
+  }
+  rp.scale = float(s.routed_scale);
+  rp.n_group = s.n_group;
+  rp.topk_group = s.topk_group;
+  return rp;
+}
+
 void Session::score_prediction(int moe_index, const std::vector<int>& used) {
   auto& pred = predicted_[size_t(moe_index)];
   if (pred.empty()) return;
@@ -486,10 +570,7 @@ void Session::prefetch_next(int l, int T) {
   const int H = s.hidden_size, E = s.n_experts, K = top_k_;
   be_.rmsnorm(ws_.x, w.ffn_norm, ws_.xp, T, H, H, s.rms_eps);
   be_.matmul(w.router, ws_.xp, ws_.router, T);
-  RouteParams rp;
-  rp.n_experts = E;
-  rp.k = K;
-  be_.route(ws_.router, T, rp, ws_.ids_next, nullptr);
+  be_.route(ws_.router, T, route_params(w), ws_.ids_next, nullptr);
   std::vector<int32_t> guess(size_t(T) * K);
   be_.download(guess.data(), ws_.ids_next, guess.size() * sizeof(int32_t));
   std::vector<char> want(static_cast<size_t>(E), 0);
@@ -673,12 +754,26 @@ uint64_t snapshot_checksum(const uint8_t* p, size_t n) {
 
 }  // namespace
 
+std::pair<size_t, size_t> Session::snapshot_floats(size_t l, int pos) const {
+  switch (spec_.attn[l]) {
+    case AttnKind::kFull: {
+      const size_t kvd = size_t(spec_.n_kv_heads) * spec_.head_dim;
+      return {size_t(pos) * kvd, size_t(pos) * kvd};
+    }
+    case AttnKind::kMla:
+      return {size_t(pos) * size_t(spec_.kv_floats_per_pos(AttnKind::kMla)), 0};
+    case AttnKind::kLinear:
+      break;
+  }
+  return {state_a_n_[l], state_b_n_[l]};
+}
+
 size_t Session::state_size() const {
   uint64_t n = kSnapshotHeaderBytes + uint64_t(pos_) * sizeof(int32_t);
-  const uint64_t kvd = uint64_t(spec_.n_kv_heads) * spec_.head_dim;
-  for (size_t l = 0; l < state_a_.size(); l++)
-    n += spec_.attn[l] == AttnKind::kFull ? 2 * uint64_t(pos_) * kvd * sizeof(float)
-                                          : (state_a_n_[l] + state_b_n_[l]) * sizeof(float);
+  for (size_t l = 0; l < state_a_.size(); l++) {
+    const auto [a, b] = snapshot_floats(l, pos_);
+    n += uint64_t(a + b) * sizeof(float);
+  }
   return size_t(n);
 }
 
@@ -711,15 +806,10 @@ void Session::state_save(void* dst, size_t cap) const {
     std::memcpy(out + at, host.data(), count * sizeof(float));
     at += count * sizeof(float);
   };
-  const size_t kvd = size_t(spec_.n_kv_heads) * spec_.head_dim;
   for (size_t l = 0; l < state_a_.size(); l++) {
-    if (spec_.attn[l] == AttnKind::kFull) {
-      take(state_a_[l], size_t(pos_) * kvd);
-      take(state_b_[l], size_t(pos_) * kvd);
-    } else {
-      take(state_a_[l], state_a_n_[l]);
-      take(state_b_[l], state_b_n_[l]);
-    }
+    const auto [a, b] = snapshot_floats(l, pos_);
+    if (a) take(state_a_[l], a);
+    if (b) take(state_b_[l], b);
   }
   MF_CHECK(at == n);
   put<uint64_t>(out, kOffChecksum, snapshot_checksum(out, n));
@@ -771,10 +861,10 @@ void Session::check_snapshot(const uint8_t* p, size_t n) const {
     snapshot_fail(R::kParams, fmt::format("holds {} positions, more than this session's context "
                                           "of {}", pos, ctx_));
   uint64_t expect = uint64_t(pos) * sizeof(int32_t);
-  const uint64_t kvd = uint64_t(spec_.n_kv_heads) * spec_.head_dim;
-  for (size_t l = 0; l < state_a_.size(); l++)
-    expect += spec_.attn[l] == AttnKind::kFull ? 2 * uint64_t(pos) * kvd * sizeof(float)
-                                               : (state_a_n_[l] + state_b_n_[l]) * sizeof(float);
+  for (size_t l = 0; l < state_a_.size(); l++) {
+    const auto [a, b] = snapshot_floats(l, pos);
+    expect += uint64_t(a + b) * sizeof(float);
+  }
   if (expect != payload)
     snapshot_fail(R::kCorrupt, fmt::format("{} payload bytes, {} positions of this model need {}",
                                            payload, pos, expect));
@@ -801,15 +891,10 @@ void Session::state_load(const void* src, size_t n) {
     be_.upload(dst, host.data(), count);
     at += count * sizeof(float);
   };
-  const size_t kvd = size_t(spec_.n_kv_heads) * spec_.head_dim;
   for (size_t l = 0; l < state_a_.size(); l++) {
-    if (spec_.attn[l] == AttnKind::kFull) {
-      give(state_a_[l], size_t(pos) * kvd);
-      give(state_b_[l], size_t(pos) * kvd);
-    } else {
-      give(state_a_[l], state_a_n_[l]);
-      give(state_b_[l], state_b_n_[l]);
-    }
+    const auto [a, b] = snapshot_floats(l, pos);
+    if (a) give(state_a_[l], a);
+    if (b) give(state_b_[l], b);
   }
   MF_CHECK(at == n);
   tokens_ = std::move(toks);

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "engine/backend.h"
@@ -162,7 +163,13 @@ class Session {
     float* q = nullptr;  // [U, q_rows] (per head: head_dim queries, then head_dim gates)
     float* k = nullptr;  // [U, kv_dim]
     float* v = nullptr;  // [U, kv_dim]
-    float* o = nullptr;  // [U, n_heads * head_dim]
+    float* o = nullptr;  // [U, n_heads * head_dim] (MLA: [U, n_heads * v_head_dim])
+    // multi-head latent attention (q above: [U, n_heads * head_dim], per head [nope | rope])
+    float* qa = nullptr;        // [U, q_lora_rank] compressed query
+    float* kva = nullptr;       // [U, kv_lora + rope_dim] latent | rope key, as cached
+    float* qlat = nullptr;      // [U, n_heads, kv_lora + rope_dim] absorbed query | rope query
+    float* olat = nullptr;      // [U, n_heads * kv_lora] attention output in the latent space
+    float* inv_freq = nullptr;  // [rope_dim / 2] scaled rope frequencies (YaRN), or null
     // linear attention (Gated DeltaNet)
     float* qkv = nullptr;   // [U, C] projections
     float* conv = nullptr;  // [U, C] after conv1d + SiLU
@@ -185,7 +192,11 @@ class Session {
   void alloc_workspace();
   void release_workspace();
   void full_attention(int l, int T);
+  void mla_attention(int l, int T);
   void linear_attention(int l, int T);
+  RouteParams route_params(const LayerWeights& w) const;
+  // Floats of layer l's state a and b a snapshot of `pos` positions holds.
+  std::pair<size_t, size_t> snapshot_floats(size_t l, int pos) const;
   void moe(int l, int T);
   void prefetch_next(int l, int T);
   void score_prediction(int moe_index, const std::vector<int>& used);
@@ -222,8 +233,9 @@ class Session {
   int ctx_ = 0, pos_ = 0;
   int top_k_ = 0;  // routed experts per token
   std::function<void(int, int, int, const int*)> on_route_;
-  // state, context memory: per layer either K and V caches [ctx, kv_dim] or conv state
-  // [K-1, qkv_dim] and recurrent state [v_heads, k_dim, v_dim]
+  // state, context memory: per layer either K and V caches [ctx, kv_dim], the MLA cache
+  // [ctx, kv_lora + rope_dim] (b null), or conv state [K-1, qkv_dim] and recurrent state
+  // [v_heads, k_dim, v_dim]
   std::vector<float*> state_a_, state_b_;
   std::vector<size_t> state_a_n_, state_b_n_;
   int ubatch_cap_ = 0;  // U: the workspace's micro-batch

@@ -15,13 +15,19 @@ struct Entry {
   const char* name;
 };
 constexpr Entry kTable[] = {
-    {DType::kF32, 4, "F32", "f32"},  {DType::kBF16, 2, "BF16", "bf16"},
-    {DType::kF16, 2, "F16", "f16"},  {DType::kU32, 4, "U32", "u32"},
-    {DType::kI32, 4, "I32", "i32"},  {DType::kI64, 8, "I64", "i64"},
-    {DType::kU8, 1, "U8", "u8"},     {DType::kF64, 8, "F64", "f64"},
+    {DType::kF32, 4, "F32", "f32"},
+    {DType::kBF16, 2, "BF16", "bf16"},
+    {DType::kF16, 2, "F16", "f16"},
+    {DType::kU32, 4, "U32", "u32"},
+    {DType::kI32, 4, "I32", "i32"},
+    {DType::kI64, 8, "I64", "i64"},
+    {DType::kU8, 1, "U8", "u8"},
+    {DType::kF64, 8, "F64", "f64"},
     {DType::kBool, 1, "BOOL", "bool"},
-    {DType::kQ8, 0, "", "q8"},       {DType::kQ4, 0, "", "q4"},
+    {DType::kQ8, 0, "", "q8"},
+    {DType::kQ4, 0, "", "q4"},
     {DType::kQ2, 0, "", "q2"},
+    {DType::kF8E4M3, 1, "F8_E4M3", "f8_e4m3"},
 };
 const Entry& entry(DType t) { return kTable[size_t(t)]; }
 }  // namespace
@@ -60,6 +66,11 @@ void to_f32(DType src, const void* in, float* out, size_t n) {
     case DType::kF64: {
       auto p = static_cast<const double*>(in);
       for (size_t i = 0; i < n; i++) out[i] = float(p[i]);
+      return;
+    }
+    case DType::kF8E4M3: {
+      auto p = static_cast<const uint8_t*>(in);
+      for (size_t i = 0; i < n; i++) out[i] = e4m3_to_f32(p[i]);
       return;
     }
     default:

@@ -8,7 +8,23 @@
 namespace moeflux {
 
 // kQ8/kQ4/kQ2 exist only in packages: MLX-style affine group quantisation (format/quant.h).
-enum class DType : uint8_t { kF32, kBF16, kF16, kU32, kI32, kI64, kU8, kF64, kBool, kQ8, kQ4, kQ2 };
+// kF8E4M3: checkpoints only (DeepSeek-V3's FP8 weights, dequantised on import; no package holds
+// it).
+enum class DType : uint8_t {
+  kF32,
+  kBF16,
+  kF16,
+  kU32,
+  kI32,
+  kI64,
+  kU8,
+  kF64,
+  kBool,
+  kQ8,
+  kQ4,
+  kQ2,
+  kF8E4M3
+};
 
 // Bytes per element (0 for the quantised dtypes: use format/quant.h for their sizes).
 size_t dtype_size(DType t);
@@ -28,7 +44,7 @@ inline bool is_float_dtype(DType t) {
   return t == DType::kF32 || t == DType::kBF16 || t == DType::kF16 || t == DType::kF64;
 }
 
-// Converts n elements of `src` (float dtype) to float32.
+// Converts n elements of `src` (float dtype, or f8_e4m3 unscaled) to float32.
 void to_f32(DType src, const void* in, float* out, size_t n);
 // Converts n float32 values to `dst` (f32, bf16, f16).
 void from_f32(DType dst, const float* in, void* out, size_t n);

@@ -93,12 +93,43 @@ HfConfig read_hf_config(const std::string& dir) {
   if (out.model_type.empty()) fail(ErrorKind::kFormat, "{}: missing field 'model_type'", path);
 
   static const std::set<std::string> kSupported = {"qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next",
-                                                   "qwen3_moe", "mixtral"};
+                                                   "qwen3_moe",   "mixtral",          "deepseek_v3",
+                                                   "kimi_k2"};
   if (!kSupported.count(out.model_type))
     fail(ErrorKind::kUnsupported,
          "{}: model_type '{}' is not supported (supported: qwen3_5_moe, qwen3_5_moe_text, "
-         "qwen3_next, qwen3_moe, mixtral)",
+         "qwen3_next, qwen3_moe, mixtral, deepseek_v3, kimi_k2)",
          path, out.model_type);
+
+  if (top.has("quantization_config")) {
+    const json& q = root["quantization_config"];
+    if (!q.is_object())
+      fail(ErrorKind::kFormat, "{}: field 'quantization_config' must be an object", path);
+    Fields qf{q, path + " quantization_config"};
+    const std::string method = qf.get_str_or("quant_method", "");
+    if (method == "fp8") {
+      if (qf.get_str_or("fmt", "e4m3") != "e4m3")
+        fail(ErrorKind::kUnsupported, "{}: fp8 format '{}' is not supported (only e4m3)", qf.where,
+             qf.get_str_or("fmt", ""));
+      out.fp8 = true;
+      if (qf.has("weight_block_size")) {
+        const json& b = q["weight_block_size"];
+        if (!b.is_array() || b.size() != 2 || !b[0].is_number_integer() ||
+            !b[1].is_number_integer() || b[0].get<int64_t>() < 1 || b[1].get<int64_t>() < 1 ||
+            b[0].get<int64_t>() > (1 << 20) || b[1].get<int64_t>() > (1 << 20))
+          fail(ErrorKind::kFormat,
+               "{}: field 'weight_block_size' must be two positive sizes, got {}", qf.where,
+               json_brief(b));
+        out.fp8_block[0] = b[0].get<int>();
+        out.fp8_block[1] = b[1].get<int>();
+      }
+    } else {
+      fail(ErrorKind::kUnsupported,
+           "{}: quantization_config quant_method '{}' is not supported "
+           "(fp8 block-quantised checkpoints are; MLX checkpoints use 'quantization')",
+           qf.where, method);
+    }
+  }
 
   const json* cfg = &root;
   std::string where = path;
@@ -115,7 +146,9 @@ HfConfig read_hf_config(const std::string& dir) {
   const bool qwen35 = mt == "qwen3_5_moe" || mt == "qwen3_5_moe_text";
   const bool next = mt == "qwen3_next";
   const bool hybrid = qwen35 || next;
-  s.arch = qwen35 ? "qwen3_5_moe" : mt;
+  // Kimi K2 is the DeepSeek-V3 architecture (DeepseekV3ForCausalLM) under its own model_type.
+  const bool ds = mt == "deepseek_v3" || mt == "kimi_k2";
+  s.arch = qwen35 ? "qwen3_5_moe" : ds ? "deepseek_v3" : mt;
   out.norm_one_plus = hybrid;
   out.source_dtype = f.get_str_or("dtype", f.get_str_or("torch_dtype", top.get_str_or("dtype", "")));
 
@@ -156,7 +189,7 @@ HfConfig read_hf_config(const std::string& dir) {
     for (int i = 0; i < s.n_layers; i++)
       s.attn.push_back((i + 1) % interval == 0 ? AttnKind::kFull : AttnKind::kLinear);
   } else {
-    s.attn.assign(size_t(s.n_layers), AttnKind::kFull);
+    s.attn.assign(size_t(s.n_layers), ds ? AttnKind::kMla : AttnKind::kFull);
   }
 
   // Attention.
@@ -164,7 +197,16 @@ HfConfig read_hf_config(const std::string& dir) {
   s.n_kv_heads = f.get_size_or("num_key_value_heads", s.n_heads);
   s.head_dim = f.get_size_or("head_dim", s.n_heads ? s.hidden_size / s.n_heads : 0);
   s.attn_output_gate = hybrid;
-  s.qk_norm = mt != "mixtral";
+  s.qk_norm = mt != "mixtral" && !ds;
+  if (ds) {
+    // MLA: the q/k head is [nope | rope] (HF's config.head_dim is qk_rope_head_dim, not this).
+    s.q_lora_rank = f.has("q_lora_rank") ? f.get_size("q_lora_rank") : 0;  // null: q_proj
+    s.kv_lora_rank = f.get_size("kv_lora_rank");
+    s.v_head_dim = f.get_size("v_head_dim");
+    s.rope_dim = f.get_size("qk_rope_head_dim");
+    s.head_dim = f.get_size("qk_nope_head_dim") + s.rope_dim;
+    out.rope_interleave = f.get_bool_or("rope_interleave", true);
+  }
   const json* rope = f.has("rope_parameters") ? &(*cfg)["rope_parameters"]
                      : f.has("rope_scaling")  ? &(*cfg)["rope_scaling"]
                                               : nullptr;
@@ -173,18 +215,38 @@ HfConfig read_hf_config(const std::string& dir) {
   if (rope) {
     if (!rope->is_object())
       fail(ErrorKind::kFormat, "{}: field 'rope_parameters' must be an object", where);
-    Fields r{*rope, where + " rope_parameters"};
+    const std::string rname = f.has("rope_parameters") ? "rope_parameters" : "rope_scaling";
+    Fields r{*rope, where + " " + rname};
     theta = r.get_num_or("rope_theta", theta);
     partial = r.get_num_or("partial_rotary_factor", partial);
     std::string type = r.get_str_or("rope_type", r.get_str_or("type", "default"));
-    if (type != "default")
-      fail(ErrorKind::kUnsupported, "{}: rope_type '{}' is not supported (only default)", where,
-           type);
+    if (type == "yarn" && ds) {
+      RopeScaling& rs = s.rope_scaling;
+      rs.kind = RopeScaling::kYarn;
+      rs.factor = r.get_num_or("factor", 0);
+      if (!r.has("factor")) fail(ErrorKind::kFormat, "{}: yarn {} has no 'factor'", where, rname);
+      rs.orig_ctx = r.get_size("original_max_position_embeddings");
+      // As HF: a missing or zero beta takes the paper's default (`or 32`, `or 1`).
+      rs.beta_fast = r.get_num_or("beta_fast", 0) != 0 ? r.get_num_or("beta_fast", 0) : 32.0;
+      rs.beta_slow = r.get_num_or("beta_slow", 0) != 0 ? r.get_num_or("beta_slow", 0) : 1.0;
+      rs.mscale = r.get_num_or("mscale", 0);
+      rs.mscale_all_dim = r.get_num_or("mscale_all_dim", 0);
+      rs.attention_factor = r.get_num_or("attention_factor", 0);
+      rs.truncate = r.get_bool_or("truncate", true);
+    } else if (type != "default") {
+      fail(ErrorKind::kUnsupported, "{}: rope_type '{}' is not supported (only default{})", where,
+           type, ds ? " and yarn" : "");
+    }
   }
   s.rope_theta = theta;
   if (!(partial > 0 && partial <= 1))
     fail(ErrorKind::kFormat, "{}: partial_rotary_factor {} must be in (0, 1]", where, partial);
-  s.rope_dim = int(s.head_dim * partial);  // as HF: int(head_dim * factor)
+  if (ds && partial != 1)
+    fail(ErrorKind::kUnsupported,
+         "{}: partial_rotary_factor {} with MLA (qk_rope_head_dim is "
+         "the rotated part)",
+         where, partial);
+  if (!ds) s.rope_dim = int(s.head_dim * partial);  // as HF: int(head_dim * factor)
 
   // Linear attention.
   if (hybrid) {
@@ -197,11 +259,35 @@ HfConfig read_hf_config(const std::string& dir) {
 
   // Feed-forward.
   // Expert count: transformers 5 writes num_local_experts for qwen3_moe too.
-  s.n_experts = f.has("num_experts") ? f.get_size("num_experts") : f.get_size("num_local_experts");
+  s.n_experts = ds                     ? (f.has("n_routed_experts") ? f.get_size("n_routed_experts")
+                                                                    : f.get_size("num_local_experts"))
+                : f.has("num_experts") ? f.get_size("num_experts")
+                                       : f.get_size("num_local_experts");
   s.moe_ffn = mt == "mixtral" ? f.get_size("intermediate_size") : f.get_size("moe_intermediate_size");
   s.top_k = f.get_size("num_experts_per_tok");
   s.norm_topk_prob = (qwen35 || mt == "mixtral") ? true : f.get_bool_or("norm_topk_prob", next);
   if (hybrid) s.shared_ffn = f.get_size("shared_expert_intermediate_size");
+  if (ds) {
+    // DeepseekV3TopkRouter + DeepseekV3MoE.route_tokens_to_experts: sigmoid scores, the
+    // e_score_correction_bias for the choice, group-limited top-k, weights x scaling factor;
+    // n_shared_experts ungated shared experts fused into one of n x moe_intermediate_size.
+    const std::string scoring = f.get_str_or("scoring_func", "sigmoid");
+    if (scoring != "sigmoid")
+      fail(ErrorKind::kUnsupported, "{}: scoring_func '{}' is not supported (only sigmoid)", where,
+           scoring);
+    const std::string method = f.get_str_or("topk_method", "noaux_tc");
+    if (method != "noaux_tc")
+      fail(ErrorKind::kUnsupported, "{}: topk_method '{}' is not supported (only noaux_tc)", where,
+           method);
+    s.router = RouterKind::kSigmoid;
+    s.router_bias = true;
+    s.norm_topk_prob = f.get_bool_or("norm_topk_prob", true);
+    s.n_group = f.get_size_or("n_group", 1);
+    s.topk_group = f.get_size_or("topk_group", 1);
+    s.routed_scale = f.get_num_or("routed_scaling_factor", 1.0);
+    s.shared_ffn = f.get_size_or("n_shared_experts", 0) * s.moe_ffn;
+    s.shared_gate = false;
+  }
   std::vector<int> mlp_only;
   int sparse_step = 1;
   if (mt == "qwen3_moe" || next) {
@@ -210,9 +296,10 @@ HfConfig read_hf_config(const std::string& dir) {
     if (sparse_step <= 0)
       fail(ErrorKind::kFormat, "{}: field 'decoder_sparse_step' must be positive", where);
   }
+  const int first_dense = ds ? f.get_size_or("first_k_dense_replace", 0) : 0;
   for (int i = 0; i < s.n_layers; i++) {
     bool dense = std::find(mlp_only.begin(), mlp_only.end(), i) != mlp_only.end() ||
-                 s.n_experts == 0 || (i + 1) % sparse_step != 0;
+                 s.n_experts == 0 || (i + 1) % sparse_step != 0 || i < first_dense;
     s.ffn.push_back(dense ? FfnKind::kDense : FfnKind::kMoe);
   }
   if (s.n_moe_layers() < s.n_layers) s.dense_ffn = f.get_size("intermediate_size");

@@ -35,7 +35,24 @@ std::vector<TensorSpec> resident_schema(const ModelSpec& s) {
     b.layer = l;
     b.norm("attn_norm", H);
     b.norm("ffn_norm", H);
-    if (s.attn[size_t(l)] == AttnKind::kFull) {
+    if (s.attn[size_t(l)] == AttnKind::kMla) {
+      // Multi-head latent attention. kv_b_proj is stored split and per head: its key rows
+      // transposed (attn_k_b, what the absorbed query multiplies) and its value rows (attn_v_b).
+      const int64_t nh = s.n_heads, L = s.kv_lora_rank, R = s.rope_dim;
+      const int64_t qk = s.head_dim, nope = s.mla_nope_dim(), vd = s.v_head_dim;
+      if (s.q_lora_rank > 0) {
+        b.mat("attn_q_a", s.q_lora_rank, H, C::kAttn);
+        b.norm("attn_q_a_norm", s.q_lora_rank);
+        b.mat("attn_q_b", nh * qk, s.q_lora_rank, C::kAttn);  // per head [nope | rope]
+      } else {
+        b.mat("attn_q", nh * qk, H, C::kAttn);
+      }
+      b.mat("attn_kv_a", L + R, H, C::kAttn);  // [latent | rope key]
+      b.norm("attn_kv_a_norm", L);
+      b.mat("attn_k_b", nh * L, nope, C::kAttn);
+      b.mat("attn_v_b", nh * vd, L, C::kAttn);
+      b.mat("attn_o", H, nh * vd, C::kAttn);
+    } else if (s.attn[size_t(l)] == AttnKind::kFull) {
       const int64_t hd = s.head_dim, kv = int64_t(s.n_kv_heads) * hd;
       b.mat("attn_q", s.q_rows(), H, C::kAttn);  // with the output gate: per head q then gate
       b.mat("attn_k", kv, H, C::kAttn);
@@ -65,12 +82,14 @@ std::vector<TensorSpec> resident_schema(const ModelSpec& s) {
       continue;
     }
     b.add("moe_router", {s.n_experts, H}, TensorRole::kRouter);
+    if (s.router_bias) b.vec("moe_router_bias", {s.n_experts});  // selection only
     if (s.shared_ffn > 0) {
       const int64_t S = s.shared_ffn;
       b.mat("shexp_gate", S, H, C::kSharedExpert);
       b.mat("shexp_up", S, H, C::kSharedExpert);
       b.mat("shexp_down", H, S, C::kSharedExpert);
-      b.add("shexp_router", {1, H}, TensorRole::kRouter);  // sigmoid gate of the shared expert
+      if (s.shared_gate)
+        b.add("shexp_router", {1, H}, TensorRole::kRouter);  // sigmoid gate of the shared expert
     }
   }
   b.layer = -1;

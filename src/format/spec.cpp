@@ -13,6 +13,18 @@ namespace moeflux {
 
 using json = nlohmann::json;
 
+int64_t ModelSpec::kv_floats_per_pos(AttnKind a) const {
+  switch (a) {
+    case AttnKind::kFull:
+      return 2 * int64_t(n_kv_heads) * head_dim;
+    case AttnKind::kMla:
+      return int64_t(kv_lora_rank) + rope_dim;
+    case AttnKind::kLinear:
+      break;
+  }
+  return 0;
+}
+
 int ModelSpec::n_moe_layers() const {
   int n = 0;
   for (auto f : ffn) n += f == FfnKind::kMoe;
@@ -23,7 +35,7 @@ const std::vector<std::string>& ModelSpec::known_archs() {
   // The normalised arch names convert and synth write (convert maps qwen3_5_moe_text onto
   // qwen3_5_moe); the runtime is arch-agnostic but refuses a name no converter produced.
   static const std::vector<std::string> archs = {"qwen3_5_moe", "qwen3_next", "qwen3_moe",
-                                                 "mixtral"};
+                                                 "mixtral", "deepseek_v3"};
   return archs;
 }
 
@@ -53,13 +65,19 @@ void ModelSpec::validate(const std::string& where, SpecNaming naming) const {
       kKvHeads{"n_kv_heads", "num_key_value_heads"}, kHeadDim{"head_dim", "head_dim"},
       kRopeDim{"rope_dim", "partial_rotary_factor"}, kTheta{"rope_theta", "rope_theta"},
       kLinK{"lin_k_heads", "linear_num_key_heads"}, kLinV{"lin_v_heads", "linear_num_value_heads"},
-      kLinKDim{"lin_k_dim", "linear_key_head_dim"},
-      kLinVDim{"lin_v_dim", "linear_value_head_dim"},
+      kLinKDim{"lin_k_dim", "linear_key_head_dim"}, kLinVDim{"lin_v_dim", "linear_value_head_dim"},
       kConv{"conv_kernel", "linear_conv_kernel_dim"}, kExperts{"n_experts", "num_experts"},
       kTopK{"top_k", "num_experts_per_tok"}, kMoeFfn{"moe_ffn", "moe_intermediate_size"},
       kShared{"shared_ffn", "shared_expert_intermediate_size"},
       kDense{"dense_ffn", "intermediate_size"}, kEos{"eos_ids", "eos_token_id"},
-      kBos{"bos_id", "bos_token_id"}, kArch{"arch", "model_type"};
+      kBos{"bos_id", "bos_token_id"}, kArch{"arch", "model_type"},
+      kQLora{"q_lora_rank", "q_lora_rank"}, kKvLora{"kv_lora_rank", "kv_lora_rank"},
+      kVDim{"v_head_dim", "v_head_dim"}, kQkRope{"rope_dim", "qk_rope_head_dim"},
+      kGroups{"n_group", "n_group"}, kTopkGroup{"topk_group", "topk_group"},
+      kScale{"routed_scale", "routed_scaling_factor"},
+      kRsFactor{"rope_scaling.factor", "rope_scaling.factor"},
+      kRsOrig{"rope_scaling.orig_ctx", "rope_scaling.original_max_position_embeddings"},
+      kRsBeta{"rope_scaling.beta_fast", "rope_scaling.beta_fast"};
   const auto& archs = known_archs();
   need(std::find(archs.begin(), archs.end(), arch) != archs.end(), kArch,
        fmt::format("\"{}\"", arch),
@@ -73,9 +91,10 @@ void ModelSpec::validate(const std::string& where, SpecNaming naming) const {
        fmt::format("must have one per layer ({})", ref(kLayers, n_layers)));
   need(rms_eps > 0 && std::isfinite(rms_eps), kEps, rms_eps, "must be a finite number > 0");
   need(ctx_train > 0, kCtx, ctx_train, "must be > 0");
-  bool any_full = false, any_linear = false, any_moe = false, any_dense = false;
+  bool any_full = false, any_linear = false, any_moe = false, any_dense = false, any_mla = false;
   for (size_t i = 0; i < attn.size() && i < ffn.size(); i++) {
-    any_full |= attn[i] == AttnKind::kFull;
+    any_full |= attn[i] == AttnKind::kFull || attn[i] == AttnKind::kMla;
+    any_mla |= attn[i] == AttnKind::kMla;
     any_linear |= attn[i] == AttnKind::kLinear;
     any_moe |= ffn[i] == FfnKind::kMoe;
     any_dense |= ffn[i] == FfnKind::kDense;
@@ -89,6 +108,28 @@ void ModelSpec::validate(const std::string& where, SpecNaming naming) const {
          fmt::format("(rotary dims) must be even and at most {}", ref(kHeadDim, head_dim)));
     need(rope_theta > 0 && std::isfinite(rope_theta), kTheta, rope_theta,
          "must be a finite number > 0");
+  }
+  if (any_mla) {
+    need(rope_dim > 0 && rope_dim < head_dim && rope_dim % 2 == 0, kQkRope, rope_dim,
+         fmt::format("must be even and in [2, {}) (the rope part of the q/k head dim)",
+                     ref(kHeadDim, head_dim)));
+    need(q_lora_rank >= 0, kQLora, q_lora_rank, "must be >= 0 (0: no q compression)");
+    need(kv_lora_rank > 0, kKvLora, kv_lora_rank, "must be > 0");
+    need(v_head_dim > 0, kVDim, v_head_dim, "must be > 0");
+  }
+  if (any_mla)
+    for (size_t i = 0; i < attn.size(); i++)
+      need(attn[i] != AttnKind::kFull, kAttn, fmt::format("[{}] \"full\"", i),
+           "mixes full attention with MLA layers (not supported)");
+  if (rope_scaling.kind == RopeScaling::kYarn)
+    need(any_mla, kAttn, "[no MLA layer]", "YaRN rope scaling is implemented for MLA layers only");
+  if (any_full && rope_scaling.kind == RopeScaling::kYarn) {
+    need(rope_scaling.factor > 0 && std::isfinite(rope_scaling.factor), kRsFactor,
+         rope_scaling.factor, "must be a finite number > 0");
+    need(rope_scaling.orig_ctx > 0, kRsOrig, rope_scaling.orig_ctx, "must be > 0");
+    need(std::isfinite(rope_scaling.beta_fast) && std::isfinite(rope_scaling.beta_slow) &&
+             rope_scaling.beta_fast > 0 && rope_scaling.beta_slow > 0,
+         kRsBeta, rope_scaling.beta_fast, "and beta_slow must be finite numbers > 0");
   }
   if (any_linear) {
     need(lin_k_heads > 0, kLinK, lin_k_heads, "must be > 0");
@@ -106,6 +147,16 @@ void ModelSpec::validate(const std::string& where, SpecNaming naming) const {
                                                : fmt::format("num_experts={}", n_experts)));
     need(moe_ffn > 0, kMoeFfn, moe_ffn, "must be > 0");
     need(shared_ffn >= 0, kShared, shared_ffn, "must be >= 0 (0: no shared expert)");
+    need(n_group >= 1 && n_experts % n_group == 0, kGroups, n_group,
+         fmt::format("must divide {} into groups", ref(kExperts, n_experts)));
+    need(topk_group >= 1 && topk_group <= n_group, kTopkGroup, topk_group,
+         fmt::format("must be in [1, {}]", ref(kGroups, n_group)));
+    need(n_group == 1 || n_experts / n_group >= 2, kGroups, n_group,
+         "leaves fewer than 2 experts a group (groups are scored by their top-2 sum)");
+    need(top_k <= int64_t(topk_group) * (n_experts / n_group), kTopK, top_k,
+         fmt::format("is more than the experts of {} groups", ref(kTopkGroup, topk_group)));
+    need(routed_scale > 0 && std::isfinite(routed_scale), kScale, routed_scale,
+         "must be a finite number > 0");
   }
   if (any_dense) need(dense_ffn > 0, kDense, dense_ffn, "must be > 0 for dense layers");
   for (int id : eos_ids)
@@ -117,7 +168,8 @@ void ModelSpec::validate(const std::string& where, SpecNaming naming) const {
 
 void to_json(json& j, const ModelSpec& s) {
   json attn = json::array(), ffn = json::array();
-  for (auto a : s.attn) attn.push_back(a == AttnKind::kFull ? "full" : "linear");
+  for (auto a : s.attn)
+    attn.push_back(a == AttnKind::kFull ? "full" : a == AttnKind::kMla ? "mla" : "linear");
   for (auto f : s.ffn) ffn.push_back(f == FfnKind::kMoe ? "moe" : "dense");
   j = json{{"arch", s.arch},
            {"vocab_size", s.vocab_size},
@@ -148,6 +200,32 @@ void to_json(json& j, const ModelSpec& s) {
            {"ctx_train", s.ctx_train},
            {"eos_ids", s.eos_ids},
            {"bos_id", s.bos_id}};
+  // Written only where they differ from the defaults, so packages of the other archs keep the
+  // manifest (and fingerprint) they had before these fields existed.
+  if (std::find(s.attn.begin(), s.attn.end(), AttnKind::kMla) != s.attn.end())
+    j["mla"] = json{{"q_lora_rank", s.q_lora_rank},
+                    {"kv_lora_rank", s.kv_lora_rank},
+                    {"v_head_dim", s.v_head_dim}};
+  if (s.rope_scaling.kind == RopeScaling::kYarn) {
+    const RopeScaling& r = s.rope_scaling;
+    j["rope_scaling"] = json{{"type", "yarn"},
+                             {"factor", r.factor},
+                             {"orig_ctx", r.orig_ctx},
+                             {"beta_fast", r.beta_fast},
+                             {"beta_slow", r.beta_slow},
+                             {"mscale", r.mscale},
+                             {"mscale_all_dim", r.mscale_all_dim},
+                             {"attention_factor", r.attention_factor},
+                             {"truncate", r.truncate}};
+  }
+  if (s.router != RouterKind::kSoftmax || s.router_bias || s.n_group != 1 || s.topk_group != 1 ||
+      s.routed_scale != 1.0 || !s.shared_gate)
+    j["routing"] = json{{"scoring", s.router == RouterKind::kSigmoid ? "sigmoid" : "softmax"},
+                        {"bias", s.router_bias},
+                        {"n_group", s.n_group},
+                        {"topk_group", s.topk_group},
+                        {"scale", s.routed_scale},
+                        {"shared_gate", s.shared_gate}};
 }
 
 ModelSpec spec_from_json(const json& j, const std::string& where) {
@@ -184,6 +262,8 @@ ModelSpec spec_from_json(const json& j, const std::string& where) {
   for (const auto& a : field("attn")) {
     if (a == "full") s.attn.push_back(AttnKind::kFull);
     else if (a == "linear") s.attn.push_back(AttnKind::kLinear);
+    else if (a == "mla")
+      s.attn.push_back(AttnKind::kMla);
     else
       fail(ErrorKind::kFormat, "{}: model field 'attn' has unknown kind {}", where, json_brief(a));
   }
@@ -220,6 +300,73 @@ ModelSpec spec_from_json(const json& j, const std::string& where) {
     s.eos_ids.push_back(e.get<int>());
   }
   s.bos_id = get_int("bos_id");
+  // Optional sections (absent: the defaults); inside one, every field is required.
+  auto section = [&](const char* k) -> const json* {
+    if (!j.contains(k)) return nullptr;
+    if (!j[k].is_object())
+      fail(ErrorKind::kFormat, "{}: model field '{}' must be an object", where, k);
+    return &j[k];
+  };
+  auto sub = [&](const json& o, const char* sec, const char* k) -> const json& {
+    if (!o.contains(k))
+      fail(ErrorKind::kFormat, "{}: model field '{}.{}' is missing", where, sec, k);
+    return o[k];
+  };
+  auto sub_num = [&](const json& o, const char* sec, const char* k) {
+    const json& v = sub(o, sec, k);
+    if (!v.is_number())
+      fail(ErrorKind::kFormat, "{}: model field '{}.{}' must be a number", where, sec, k);
+    return v.get<double>();
+  };
+  auto sub_int = [&](const json& o, const char* sec, const char* k) {
+    const json& v = sub(o, sec, k);
+    if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() > (1ll << 30))
+      fail(ErrorKind::kFormat, "{}: model field '{}.{}' must be an integer in [0, 2^30], got {}",
+           where, sec, k, json_brief(v));
+    return v.get<int>();
+  };
+  auto sub_bool = [&](const json& o, const char* sec, const char* k) {
+    const json& v = sub(o, sec, k);
+    if (!v.is_boolean())
+      fail(ErrorKind::kFormat, "{}: model field '{}.{}' must be true or false", where, sec, k);
+    return v.get<bool>();
+  };
+  if (const json* m = section("mla")) {
+    s.q_lora_rank = sub_int(*m, "mla", "q_lora_rank");
+    s.kv_lora_rank = sub_int(*m, "mla", "kv_lora_rank");
+    s.v_head_dim = sub_int(*m, "mla", "v_head_dim");
+  }
+  if (const json* r = section("rope_scaling")) {
+    const json& type = sub(*r, "rope_scaling", "type");
+    if (type != "yarn")
+      fail(ErrorKind::kFormat, "{}: model field 'rope_scaling.type' is {} (only \"yarn\")", where,
+           json_brief(type));
+    RopeScaling& rs = s.rope_scaling;
+    rs.kind = RopeScaling::kYarn;
+    rs.factor = sub_num(*r, "rope_scaling", "factor");
+    rs.orig_ctx = sub_int(*r, "rope_scaling", "orig_ctx");
+    rs.beta_fast = sub_num(*r, "rope_scaling", "beta_fast");
+    rs.beta_slow = sub_num(*r, "rope_scaling", "beta_slow");
+    rs.mscale = sub_num(*r, "rope_scaling", "mscale");
+    rs.mscale_all_dim = sub_num(*r, "rope_scaling", "mscale_all_dim");
+    rs.attention_factor = sub_num(*r, "rope_scaling", "attention_factor");
+    rs.truncate = sub_bool(*r, "rope_scaling", "truncate");
+  }
+  if (const json* r = section("routing")) {
+    const json& sc = sub(*r, "routing", "scoring");
+    if (sc == "sigmoid")
+      s.router = RouterKind::kSigmoid;
+    else if (sc == "softmax")
+      s.router = RouterKind::kSoftmax;
+    else
+      fail(ErrorKind::kFormat, "{}: model field 'routing.scoring' is {} (softmax or sigmoid)",
+           where, json_brief(sc));
+    s.router_bias = sub_bool(*r, "routing", "bias");
+    s.n_group = sub_int(*r, "routing", "n_group");
+    s.topk_group = sub_int(*r, "routing", "topk_group");
+    s.routed_scale = sub_num(*r, "routing", "scale");
+    s.shared_gate = sub_bool(*r, "routing", "shared_gate");
+  }
   s.validate(where, SpecNaming::kPackage);
   return s;
 }

@@ -11,7 +11,9 @@
 
 namespace moeflux {
 
-enum class AttnKind : uint8_t { kLinear, kFull };  // Gated DeltaNet | softmax attention
+// Gated DeltaNet | softmax attention | multi-head latent attention (DeepSeek-V3: the KV cache
+// holds a compressed latent and one shared rope key per position).
+enum class AttnKind : uint8_t { kLinear, kFull, kMla };
 enum class FfnKind : uint8_t { kMoe, kDense };
 
 // Which file a spec came from, so validation errors name that file's own fields.
@@ -20,8 +22,26 @@ enum class SpecNaming {
   kHfConfig,  // HF config.json: "max_position_embeddings"
 };
 
+// How router logits become expert choices (engine/backend.h RouteParams says it exactly).
+enum class RouterKind : uint8_t {
+  kSoftmax,  // softmax over all experts, top-k
+  kSigmoid,  // sigmoid scores (+ a selection bias), group-limited top-k (DeepSeek-V3)
+};
+
+// RoPE frequency scaling. kNone: inv_freq[i] = theta^(-2i/rot_dim). kYarn: HF's
+// _compute_yarn_parameters (engine/rope.h computes both from these fields).
+struct RopeScaling {
+  enum Kind : uint8_t { kNone, kYarn } kind = kNone;
+  double factor = 1.0;
+  int orig_ctx = 0;  // original_max_position_embeddings
+  double beta_fast = 32.0, beta_slow = 1.0;
+  double mscale = 0.0, mscale_all_dim = 0.0;  // 0: absent
+  double attention_factor = 0.0;              // 0: absent (derived from factor and the mscales)
+  bool truncate = true;
+};
+
 struct ModelSpec {
-  std::string arch;  // qwen3_5_moe | qwen3_next | qwen3_moe | mixtral
+  std::string arch;  // qwen3_5_moe | qwen3_next | qwen3_moe | mixtral | deepseek_v3
   int vocab_size = 0;
   int hidden_size = 0;
   int n_layers = 0;
@@ -36,6 +56,15 @@ struct ModelSpec {
   bool qk_norm = false;
   int rope_dim = 0;  // leading dims of each head that RoPE rotates (rotate-half)
   double rope_theta = 10000.0;
+  RopeScaling rope_scaling;
+
+  // Multi-head latent attention (AttnKind::kMla). head_dim is the q/k head dim
+  // (qk_nope_head_dim + qk_rope_head_dim), rope_dim the rotated tail of it (qk_rope_head_dim:
+  // per head q is [nope | rope]); keys and values come from one latent of kv_lora_rank per
+  // position (kv_b_proj), values of v_head_dim. q_lora_rank 0: q = q_proj x, else
+  // q_b(norm(q_a x)). The converter stores rope dims in rotate-half order (HF's
+  // rope_interleave permuted away).
+  int q_lora_rank = 0, kv_lora_rank = 0, v_head_dim = 0;
 
   // Linear attention (Gated DeltaNet); k-heads are shared by lin_v_heads/lin_k_heads v-heads.
   int lin_k_heads = 0, lin_v_heads = 0, lin_k_dim = 0, lin_v_dim = 0, conv_kernel = 0;
@@ -43,7 +72,15 @@ struct ModelSpec {
   // Routed experts: softmax over n_experts, top_k, renormalised when norm_topk_prob.
   int n_experts = 0, top_k = 0, moe_ffn = 0;
   bool norm_topk_prob = true;
-  int shared_ffn = 0;  // shared expert intermediate size (0: none); gated by sigmoid(w.x)
+  // kSigmoid: scores sigmoid(logits) + the layer's moe_router_bias when router_bias (for the
+  // choice only); experts in n_group groups, the topk_group groups of largest top-2 sum kept;
+  // weights (renormalised when norm_topk_prob) times routed_scale.
+  RouterKind router = RouterKind::kSoftmax;
+  bool router_bias = false;
+  int n_group = 1, topk_group = 1;
+  double routed_scale = 1.0;
+  int shared_ffn = 0;       // shared expert intermediate size (0: none)
+  bool shared_gate = true;  // the shared expert's output is gated by sigmoid(w.x) (Qwen)
   int dense_ffn = 0;   // intermediate size of FfnKind::kDense layers
 
   bool tie_embeddings = false;
@@ -54,6 +91,10 @@ struct ModelSpec {
   int lin_qkv_dim() const { return 2 * lin_k_heads * lin_k_dim + lin_v_heads * lin_v_dim; }
   int lin_value_dim() const { return lin_v_heads * lin_v_dim; }
   int q_rows() const { return n_heads * head_dim * (attn_output_gate ? 2 : 1); }
+  int mla_nope_dim() const { return head_dim - rope_dim; }
+  // Floats per position of a layer's KV cache: K and V rows of full attention
+  // (2 * n_kv_heads * head_dim), the latent and rope key of MLA (kv_lora_rank + rope_dim).
+  int64_t kv_floats_per_pos(AttnKind a) const;
   int n_moe_layers() const;
 
   // Throws Error(kFormat) naming `where` and the field when a size is missing or inconsistent,

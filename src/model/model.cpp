@@ -26,6 +26,22 @@ Mat mat_view(const PackedTensor& t, const uint8_t* base) {
   return m;
 }
 
+Mat mat_rows(const Mat& m, int64_t r0, int64_t n) {
+  MF_CHECK(r0 >= 0 && n >= 0 && r0 + n <= m.rows);
+  Mat v = m;
+  v.rows = n;
+  const auto* base = static_cast<const uint8_t*>(m.data);
+  if (is_quant_dtype(m.dtype)) {
+    const int64_t wpr = m.cols * quant_bits(m.dtype) / 32, gpr = m.cols / m.group;
+    v.data = base + size_t(r0 * wpr) * sizeof(uint32_t);
+    v.scales = m.scales + r0 * gpr;
+    v.biases = m.biases + r0 * gpr;
+  } else {
+    v.data = base + size_t(r0 * m.cols) * dtype_size(m.dtype);
+  }
+  return v;
+}
+
 void mat_row_f32(const Mat& m, int64_t r, float* out) {
   if (is_quant_dtype(m.dtype)) {
     const int bits = quant_bits(m.dtype);
@@ -80,13 +96,22 @@ const std::map<std::string, MatField, std::less<>> kMatFields = {
     {"shexp_gate", &LayerWeights::sh_gate}, {"shexp_up", &LayerWeights::sh_up},
     {"shexp_down", &LayerWeights::sh_down}, {"shexp_router", &LayerWeights::sh_router},
     {"ffn_gate", &LayerWeights::ffn_gate},  {"ffn_up", &LayerWeights::ffn_up},
-    {"ffn_down", &LayerWeights::ffn_down},
+    {"ffn_down", &LayerWeights::ffn_down},  {"attn_q_a", &LayerWeights::q_a},
+    {"attn_q_b", &LayerWeights::q_b},       {"attn_kv_a", &LayerWeights::kv_a},
+    {"attn_k_b", &LayerWeights::k_b},       {"attn_v_b", &LayerWeights::v_b},
 };
 const std::map<std::string, VecField, std::less<>> kVecFields = {
-    {"attn_norm", &LayerWeights::attn_norm}, {"ffn_norm", &LayerWeights::ffn_norm},
-    {"attn_q_norm", &LayerWeights::q_norm},  {"attn_k_norm", &LayerWeights::k_norm},
-    {"lin_conv", &LayerWeights::conv},       {"lin_A_log", &LayerWeights::A_log},
-    {"lin_dt_bias", &LayerWeights::dt_bias}, {"lin_norm", &LayerWeights::lin_norm},
+    {"attn_norm", &LayerWeights::attn_norm},
+    {"ffn_norm", &LayerWeights::ffn_norm},
+    {"attn_q_norm", &LayerWeights::q_norm},
+    {"attn_k_norm", &LayerWeights::k_norm},
+    {"lin_conv", &LayerWeights::conv},
+    {"lin_A_log", &LayerWeights::A_log},
+    {"lin_dt_bias", &LayerWeights::dt_bias},
+    {"lin_norm", &LayerWeights::lin_norm},
+    {"attn_q_a_norm", &LayerWeights::q_a_norm},
+    {"attn_kv_a_norm", &LayerWeights::kv_a_norm},
+    {"moe_router_bias", &LayerWeights::router_bias},
 };
 
 }  // namespace

@@ -26,6 +26,8 @@ struct Mat {
 
 // A view of a package tensor whose bytes start at `base`.
 Mat mat_view(const PackedTensor& t, const uint8_t* base);
+// Rows [r0, r0 + n) of m as a matrix of its own (the same memory).
+Mat mat_rows(const Mat& m, int64_t r0, int64_t n);
 // Row r of m as f32 (dequantised for q8/q4/q2), out: [m.cols].
 void mat_row_f32(const Mat& m, int64_t r, float* out);
 
@@ -38,6 +40,13 @@ struct LayerWeights {
   Mat q, k, v, o;
   const float* q_norm = nullptr;  // [head_dim] or null
   const float* k_norm = nullptr;
+  // multi-head latent attention (q is `q` above when q_lora_rank is 0, `o` the output)
+  Mat q_a, q_b;                      // [q_lora, H], [n_heads * head_dim, q_lora]
+  const float* q_a_norm = nullptr;   // [q_lora]
+  Mat kv_a;                          // [kv_lora + rope_dim, H]: latent, then the rope key
+  const float* kv_a_norm = nullptr;  // [kv_lora]
+  Mat k_b;  // [n_heads * kv_lora, nope]: per head, kv_b_proj's key rows transposed
+  Mat v_b;  // [n_heads * v_head_dim, kv_lora]: per head, kv_b_proj's value rows
   // linear attention (Gated DeltaNet)
   Mat lin_qkv, lin_z, lin_b, lin_a, lin_out;
   const float* conv = nullptr;     // [qkv_dim, conv_kernel]
@@ -46,6 +55,7 @@ struct LayerWeights {
   const float* lin_norm = nullptr;  // [v_dim]
   // MoE
   Mat router;  // [E, H] f32
+  const float* router_bias = nullptr;      // [E] selection bias (sigmoid routing) or null
   Mat sh_gate, sh_up, sh_down, sh_router;  // shared expert; sh_router [1, H] f32
   int moe_index = -1;  // index of this layer's expert file
   // dense FFN

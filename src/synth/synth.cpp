@@ -110,6 +110,60 @@ ModelSpec full_attention(const std::string& arch, int vocab, int hidden, int lay
   return s;
 }
 
+// DeepSeek-V3 and Kimi K2 (DeepseekV3ForCausalLM): MLA in every layer, the first
+// `dense_layers` dense, then sigmoid-routed MoE with the correction bias, one shared expert;
+// YaRN (mscale = mscale_all_dim = 1).
+struct MlaShape {
+  int vocab, hidden, layers, dense_layers, dense_ffn;
+  int heads, q_lora, kv_lora, nope, rope, v_dim;
+  int experts, top_k, moe_ffn, shared, n_group, topk_group;
+  double routed_scale, theta, yarn_factor, beta_fast, beta_slow;
+  int orig_ctx, ctx;
+  std::vector<int> eos;
+  int bos;
+};
+
+ModelSpec mla_model(const MlaShape& m) {
+  ModelSpec s;
+  s.arch = "deepseek_v3";
+  s.vocab_size = m.vocab;
+  s.hidden_size = m.hidden;
+  s.n_layers = m.layers;
+  s.attn.assign(size_t(m.layers), AttnKind::kMla);
+  for (int i = 0; i < m.layers; i++)
+    s.ffn.push_back(i < m.dense_layers ? FfnKind::kDense : FfnKind::kMoe);
+  s.dense_ffn = m.dense_ffn;
+  s.rms_eps = 1e-6f;
+  s.n_heads = s.n_kv_heads = m.heads;
+  s.head_dim = m.nope + m.rope;
+  s.rope_dim = m.rope;
+  s.rope_theta = m.theta;
+  s.q_lora_rank = m.q_lora;
+  s.kv_lora_rank = m.kv_lora;
+  s.v_head_dim = m.v_dim;
+  s.rope_scaling.kind = RopeScaling::kYarn;
+  s.rope_scaling.factor = m.yarn_factor;
+  s.rope_scaling.orig_ctx = m.orig_ctx;
+  s.rope_scaling.beta_fast = m.beta_fast;
+  s.rope_scaling.beta_slow = m.beta_slow;
+  s.rope_scaling.mscale = s.rope_scaling.mscale_all_dim = 1.0;
+  s.n_experts = m.experts;
+  s.top_k = m.top_k;
+  s.moe_ffn = m.moe_ffn;
+  s.norm_topk_prob = true;
+  s.router = RouterKind::kSigmoid;
+  s.router_bias = true;
+  s.n_group = m.n_group;
+  s.topk_group = m.topk_group;
+  s.routed_scale = m.routed_scale;
+  s.shared_ffn = m.shared * m.moe_ffn;
+  s.shared_gate = false;
+  s.ctx_train = m.ctx;
+  s.eos_ids = m.eos;
+  s.bos_id = m.bos;
+  return s;
+}
+
 const std::vector<int> kQwen3Eos = {151645, 151643};   // <|im_end|>, <|endoftext|>
 const std::vector<int> kQwen35Eos = {248046, 248044};  // the same two in the 248k vocabulary
 
@@ -124,6 +178,8 @@ const std::vector<SynthPreset>& synth_presets() {
       {"qwen3.5-397b-a17b", "Qwen/Qwen3.5-397B-A17B", "qwen3_5_moe", 397, 17},
       {"qwen3-30b-a3b", "Qwen/Qwen3-30B-A3B", "qwen3_moe", 30.5, 3.3},
       {"mixtral-8x7b", "mistralai/Mixtral-8x7B-v0.1", "mixtral", 46.7, 12.9},
+      {"deepseek-v3-671b", "deepseek-ai/DeepSeek-V3", "deepseek_v3", 671, 37},
+      {"kimi-k2", "moonshotai/Kimi-K2-Instruct", "kimi_k2", 1000, 32},
   };
   return presets;
 }
@@ -167,6 +223,14 @@ ModelSpec synth_spec(const std::string& preset) {
   } else if (preset == "mixtral-8x7b") {
     s = full_attention("mixtral", 32000, 4096, 32, 32, 8, 128, 8, 2, 14336, 1e6, 1e-5f, 32768, {2},
                        1);
+  } else if (preset == "deepseek-v3-671b") {
+    // config.json without the MTP layer (num_hidden_layers 61; the checkpoint's layer 61).
+    s = mla_model({129280, 7168, 61, 3, 18432, 128,   1536, 512, 128, 64,   128,    256, 8,
+                   2048,   1,    8,  4, 2.5,   10000, 40,   32,  1,   4096, 163840, {1}, 0});
+  } else if (preset == "kimi-k2") {
+    s = mla_model({163840, 7168, 61,  1, 18432, 64,     1536,     512,   128,
+                   64,     128,  384, 8, 2048,  1,      1,        1,     2.827,
+                   50000,  32,   1,   1, 4096,  131072, {163585}, 163584});
   }
   s.validate("synth preset " + preset, SpecNaming::kPackage);
   return s;
@@ -298,6 +362,7 @@ Plan make_plan(const ModelSpec& s, const std::string& quant, int full_layers) {
     if (k == "embed") return {Init::kEmbed, kEmbedStd, -1};
     if (k == "lm_head") return mat(kLogitStd * in_h);
     if (k == "moe_router") return {Init::kRouter, in_h, t.layer};
+    if (k == "moe_router_bias") return mat(0.0);  // no selection bias: the skew alone
     if (k == "lin_conv") return {Init::kConv, 0.5 / std::sqrt(double(t.shape[1])), t.layer};
     if (k == "lin_A_log") return {Init::kALog, 0, t.layer};
     if (k == "lin_dt_bias") return {Init::kDtBias, 0, t.layer};
@@ -309,11 +374,14 @@ Plan make_plan(const ModelSpec& s, const std::string& quant, int full_layers) {
       return mat(block * o_gain / std::sqrt(in));
     }
     if (k == "lin_a") return mat(0.5 * in_h);
+    // MLA: inputs of unit RMS but not of width H (normed q/kv latents, per-head queries).
+    if (k == "attn_q_b" || k == "attn_k_b" || k == "attn_v_b") return mat(1 / std::sqrt(in));
     // Input: rms-normed heads times silu(z) (lin_out), silu(gate) * up (ffn_down).
     if (k == "lin_out" || k == "ffn_down") return mat(block / kSiluRms / std::sqrt(in));
     // Half the block's energy from the shared expert (gated by a sigmoid), half routed.
     if (k == "shexp_down")
-      return mat(block / std::sqrt(2.0) / (kSiluRms * kSigmoidRms) / std::sqrt(in));
+      return mat(block / std::sqrt(2.0) / (kSiluRms * (s.shared_gate ? kSigmoidRms : 1.0)) /
+                 std::sqrt(in));
     MF_CHECK(t.role == TensorRole::kMatrix || k == "shexp_router");
     return mat(in_h);
   };

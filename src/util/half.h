@@ -6,6 +6,26 @@
 
 namespace moeflux {
 
+// OCP FP8 E4M3 ("e4m3fn", torch.float8_e4m3fn): sign, 4 exponent bits (bias 7), 3 mantissa
+// bits; exponent 0 is subnormal (m/8 * 2^-6); no infinities; S.1111.111 is NaN; max 448.
+inline float e4m3_to_f32(uint8_t b) {
+  const uint32_t sign = uint32_t(b & 0x80u) << 24, exp = (b >> 3) & 0xfu, mant = b & 0x7u;
+  uint32_t u;
+  if (exp == 0xfu && mant == 0x7u) {
+    u = sign | 0x7fc00000u;  // NaN
+  } else if (exp == 0) {
+    // m/8 * 2^-6 = m * 2^-9, exact in f32
+    float f = float(mant) * 0x1.0p-9f;
+    std::memcpy(&u, &f, 4);
+    u |= sign;
+  } else {
+    u = sign | ((exp - 7 + 127) << 23) | (mant << 20);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
 inline float bf16_to_f32(uint16_t h) {
   uint32_t u = uint32_t(h) << 16;
   float f;

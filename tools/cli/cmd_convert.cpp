@@ -50,28 +50,60 @@ int cmd_convert(const std::string& in, const std::string& out, const std::string
 int cmd_inspect(const std::string& dir) {
   Manifest m = read_manifest(dir);
   const ModelSpec& s = m.spec;
-  int n_full = 0;
-  for (auto a : s.attn) n_full += a == AttnKind::kFull;
+  int n_full = 0, n_mla = 0;
+  for (auto a : s.attn) {
+    n_full += a == AttnKind::kFull;
+    n_mla += a == AttnKind::kMla;
+  }
   fmt::print("package     {}\n", dir);
   fmt::print("arch        {} (source {})\n", s.arch,
              m.provenance.value("source_model_type", std::string("?")));
-  fmt::print("layers      {} ({} full attention, {} linear attention; {} MoE, {} dense)\n",
-             s.n_layers, n_full, s.n_layers - n_full, s.n_moe_layers(),
-             s.n_layers - s.n_moe_layers());
+  if (n_mla)
+    fmt::print("layers      {} ({} multi-head latent attention; {} MoE, {} dense)\n", s.n_layers,
+               n_mla, s.n_moe_layers(), s.n_layers - s.n_moe_layers());
+  else
+    fmt::print("layers      {} ({} full attention, {} linear attention; {} MoE, {} dense)\n",
+               s.n_layers, n_full, s.n_layers - n_full, s.n_moe_layers(),
+               s.n_layers - s.n_moe_layers());
   std::string pattern;
-  for (int l = 0; l < s.n_layers; l++) pattern += s.attn[size_t(l)] == AttnKind::kFull ? 'F' : 'L';
+  for (int l = 0; l < s.n_layers; l++)
+    pattern += s.attn[size_t(l)] == AttnKind::kFull  ? 'F'
+               : s.attn[size_t(l)] == AttnKind::kMla ? 'M'
+                                                     : 'L';
   fmt::print("pattern     {}\n", pattern);
   fmt::print("hidden      {}, vocab {}, context {}\n", s.hidden_size, s.vocab_size, s.ctx_train);
-  if (n_full)
+  if (n_full && !n_mla)
     fmt::print("attention   {} q-heads / {} kv-heads x {}, rope dims {} theta {}, gate {}, qk-norm {}\n",
                s.n_heads, s.n_kv_heads, s.head_dim, s.rope_dim, s.rope_theta,
                s.attn_output_gate ? "yes" : "no", s.qk_norm ? "yes" : "no");
-  if (n_full < s.n_layers)
+  if (n_mla) {
+    fmt::print(
+        "mla         {} heads, q_lora {}, kv_lora {}, qk {} (nope {} + rope {}), v {}, rope "
+        "theta {}{}\n",
+        s.n_heads, s.q_lora_rank ? std::to_string(s.q_lora_rank) : "none (q_proj)", s.kv_lora_rank,
+        s.head_dim, s.mla_nope_dim(), s.rope_dim, s.v_head_dim, s.rope_theta,
+        s.rope_scaling.kind == RopeScaling::kYarn
+            ? fmt::format(", yarn x{} from {}", s.rope_scaling.factor, s.rope_scaling.orig_ctx)
+            : "");
+  }
+  {
+    // The KV cache the engine keeps per token (f32), and what the same entries take in bf16.
+    int64_t floats = 0;
+    for (auto a : s.attn) floats += s.kv_floats_per_pos(a);
+    if (floats)
+      fmt::print("kv cache    {} bytes per token (f32; {} in bf16)\n", floats * 4, floats * 2);
+  }
+  if (n_full + n_mla < s.n_layers)
     fmt::print("deltanet    {} k-heads x {} / {} v-heads x {}, conv {}\n", s.lin_k_heads,
                s.lin_k_dim, s.lin_v_heads, s.lin_v_dim, s.conv_kernel);
   if (s.n_moe_layers())
     fmt::print("experts     {} x ffn {}, top-{} ({}), shared ffn {}\n", s.n_experts, s.moe_ffn,
                s.top_k, s.norm_topk_prob ? "renormalised" : "not renormalised", s.shared_ffn);
+  if (s.n_moe_layers() && s.router == RouterKind::kSigmoid)
+    fmt::print(
+        "routing     sigmoid{}, {} groups (top {} kept), weights x {}{}\n",
+        s.router_bias ? " + correction bias" : "", s.n_group, s.topk_group, s.routed_scale,
+        s.shared_ffn ? (s.shared_gate ? ", gated shared expert" : ", ungated shared expert") : "");
   if (s.n_moe_layers() < s.n_layers) fmt::print("dense ffn   {}\n", s.dense_ffn);
   fmt::print("embeddings  {}\n", s.tie_embeddings ? "tied" : "separate lm_head");
 
