@@ -108,6 +108,31 @@ TEST(CachePolicy, TinyLfuAdmissionSurvivesAPromptScan) {
   EXPECT_EQ(r.decode_hits, 38u);
 }
 
+TEST(CachePolicy, PromptUsesCountByToken) {
+  // One layer, 8 experts, top-1, 2 slots. Decode alternates 0 and 1 four times each (counts
+  // 4 and 4); a 12-token prompt micro-batch routes 10 tokens to expert 2 and 2 to expert 3; then
+  // decode alternates 2 and 1 four times each.
+  std::vector<std::pair<int, std::vector<int>>> steps;
+  for (int i = 0; i < 8; i++) steps.push_back({0, {i % 2}});
+  std::vector<int> prompt(10, 2);
+  prompt.insert(prompt.end(), {3, 3});
+  steps.push_back({0, prompt});
+  for (int i = 0; i < 8; i++) steps.push_back({0, {i % 2 ? 1 : 2}});
+  const RoutingTrace t = make_trace(1, 8, 1, steps);
+  // Counted by token (the store's way): expert 2 has 10 uses > 4, so the prompt admits it in
+  // place of 0 (the older of the two 4s); 3 (2 uses) is not admitted. Hits: 6 in the first
+  // decode, 0 in the prompt, all 8 after.
+  const SimResult tok = simulate_cache(t, "tinylfu", 2);
+  EXPECT_EQ(tok.hits[0], 14u);
+  EXPECT_EQ(tok.decode_hits, 14u);
+  // Counted by request: the prompt is one use of 2, which is not admitted until its count
+  // passes 0's 4 (at its fourth decode request, itself a miss): the 1s hit, the 2s miss.
+  const SimResult req = simulate_cache(t, "tinylfu", 2, 32, UseCounting::kRequests);
+  EXPECT_EQ(req.hits[0], 10u);
+  EXPECT_EQ(req.decode_hits, 10u);
+  EXPECT_EQ(trace_uses(t)[8], (std::vector<uint32_t>{10, 2}));
+}
+
 TEST(CachePolicy, QuotasTakeFromTheLayerFurthestOverIts) {
   // Two layers, 4 slots (quota 2 each). Layer 0 fills all four while slots are free; then
   // layer 1's misses take layer 0's least recently used experts until layer 1 has its quota,

@@ -469,6 +469,7 @@ TEST(ExpertStore, HitsAreTheSimulatorsForEveryPolicy) {
     t.records.push_back(r);
   }
   const auto requests = trace_requests(t);
+  const auto uses = trace_uses(t);  // the token counts Session::moe passes (prompt records: > 1)
   for (const auto& name : cache_policy_names()) {
     for (size_t slots : {size_t(3), size_t(M * E / 4), size_t(M * E / 2)}) {
       ExpertStoreOptions o;
@@ -478,7 +479,7 @@ TEST(ExpertStore, HitsAreTheSimulatorsForEveryPolicy) {
       for (size_t i = 0; i < requests.size(); i++) {
         std::vector<int> experts;
         for (int key : requests[i]) experts.push_back(key % E);
-        auto b = store.fetch(t.records[i].moe_index, experts);
+        auto b = store.fetch(t.records[i].moe_index, experts, uses[i]);
         for (size_t j = 0; j < experts.size(); j++) b->next();
       }
       const SimResult sim = simulate_cache(t, name, slots);

@@ -65,7 +65,7 @@ class LruPolicy final : public Residency {
     on_.assign(n, 0);
     head_ = tail_ = -1;
   }
-  void access(int, bool) override {}
+  void access(int, bool, uint32_t) override {}
   int victim(int) override {
     const int k = tail_;
     if (k < 0) return -1;
@@ -128,7 +128,9 @@ class QuotaPolicy : public Residency {
     last_.assign(size_t(n_layers) * size_t(n_experts), 0);
   }
   void begin(int layer, size_t) override { tick_[size_t(layer)]++; }
-  void access(int key, bool) override { last_[size_t(key)] = tick_[size_t(layer_of(key))]; }
+  void access(int key, bool, uint32_t) override {
+    last_[size_t(key)] = tick_[size_t(layer_of(key))];
+  }
   int victim(int key) override {
     const int l = layer_of(key);
     int v = -1;
@@ -210,9 +212,9 @@ class LfuPolicy : public QuotaPolicy {
       for (size_t k = base; k < base + size_t(n_experts_); k++) freq_[k] /= 2;
     }
   }
-  void access(int key, bool hit) override {
-    QuotaPolicy::access(key, hit);
-    freq_[size_t(key)]++;
+  void access(int key, bool hit, uint32_t uses) override {
+    QuotaPolicy::access(key, hit, uses);
+    freq_[size_t(key)] += uses;
   }
 
  protected:
@@ -238,10 +240,10 @@ class LrfuPolicy final : public QuotaPolicy {
     QuotaPolicy::init(n_layers, n_experts, slots);
     crf_.assign(size_t(n_layers) * size_t(n_experts), 0.0);
   }
-  void access(int key, bool hit) override {
+  void access(int key, bool hit, uint32_t uses) override {
     const double now_crf = score(key);
-    QuotaPolicy::access(key, hit);
-    crf_[size_t(key)] = now_crf + 1.0;
+    QuotaPolicy::access(key, hit, uses);
+    crf_[size_t(key)] = now_crf + double(uses);
   }
 
  protected:
@@ -275,7 +277,7 @@ class BeladyPolicy final : public Residency {
     req_ = size_t(-1);
   }
   void begin(int, size_t) override { req_++; }
-  void access(int key, bool) override {
+  void access(int key, bool, uint32_t) override {
     const auto& o = occ_[size_t(key)];
     size_t& p = ptr_[size_t(key)];
     while (p < o.size() && o[p] <= req_) p++;
