@@ -9,8 +9,10 @@
 # stddev, hit rate, GB read per token) and $OUT/cache-bench.log (every command's output).
 # Environment: OUT (default build-cache-bench/out), LAYERS (default 40), SKEW (default 0.25:
 # the top 10% of experts take ~30% of selections), PROMPT (512), GEN (128), REPS (3), THREADS
-# (0: one per core), MOEFLUX_BIN (default: build it into build-cache-bench/build, CPU only),
-# WORK (where the packages go; default build-cache-bench).
+# (0: one per core), POLICIES (the policies also run at 25% on the skewed package; default
+# "lru lru-layer lfu lrfu"), MOEFLUX_BIN (default: build it into build-cache-bench/build, CPU
+# only), WORK (where the packages go; default build-cache-bench), SYNTH_ONLY=1 (write the
+# packages and stop).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -49,6 +51,7 @@ synth() {  # synth NAME SKEW
 }
 synth "l$LAYERS-uniform" 0
 synth "l$LAYERS-skew$SKEW" "$SKEW"
+[ "${SYNTH_ONLY:-0}" = 1 ] && exit 0
 
 md=$OUT/cache-bench.md
 {
@@ -87,6 +90,6 @@ for routing in uniform "skew$SKEW"; do
   bench "$pkg" "$routing" 0 default
   bench "$pkg" "$routing" 25% default
 done
-for policy in lru lru-layer lfu lrfu; do bench "l$LAYERS-skew$SKEW" "skew$SKEW" 25% "$policy"; done
+for policy in ${POLICIES-lru lru-layer lfu lrfu}; do bench "l$LAYERS-skew$SKEW" "skew$SKEW" 25% "$policy"; done
 say "== done in $(($(date +%s) - t0)) s"
 cat "$md"
