@@ -135,9 +135,9 @@ TEST(CachePolicy, PromptUsesCountByToken) {
 
 // The 128-expert, top-8 model's traces (tests/data/traces/moe128/SOURCE): what the default was
 // chosen for, as measured there (docs/2026-12-03-cache-policy.md): at 10/25/50% of the experts,
-// at least 8 points above LRU (measured 9.0 to 12.7), at most Belady; counting uses by token
-// beats counting by request on the decode trace (by 0.8 to 1.7 points) and brings the first 32
-// decodes after the 2,000-token prompt up (by 3.2 to 6.5 points).
+// at least 9.5 points above LRU (measured 10.0 to 12.8), at most Belady; counting uses by token
+// beats counting by request on the decode trace (by 0.4 to 1.0 points) and brings the first 32
+// decodes after the 2,000-token prompt up (by 2.8 to 9.7 points).
 TEST(CachePolicy, ShippedTracesOfThe128ExpertModel) {
   for (const char* name : {"decode", "chat"}) {
     const RoutingTrace t =
@@ -151,12 +151,12 @@ TEST(CachePolicy, ShippedTracesOfThe128ExpertModel) {
       const SimResult def = simulate_cache(t, "default", slots);
       const SimResult lru = simulate_cache(t, "lru", slots);
       const SimResult opt = simulate_cache(t, "belady", slots);
-      EXPECT_GE(def.hit_rate(), lru.hit_rate() + 0.08);
+      EXPECT_GE(def.hit_rate(), lru.hit_rate() + 0.095);
       EXPECT_LE(def.hit_rate(), opt.hit_rate());
       if (std::string(name) == "decode") {
         const SimResult req = simulate_cache(t, "default", slots, 32, UseCounting::kRequests);
         EXPECT_GT(def.hit_rate(), req.hit_rate());
-        EXPECT_GT(def.early_hit_rate(), req.early_hit_rate() + 0.03);
+        EXPECT_GT(def.early_hit_rate(), req.early_hit_rate() + 0.02);
       }
     }
   }

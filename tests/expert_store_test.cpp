@@ -73,6 +73,13 @@ const Config kConfigs[] = {
      .prefetch = true,
      .policy = "tinylfu"},
     {.name = "one_expert_lfu", .cache = CacheSize::kOneExpert, .policy = "lfu"},
+    {.name = "quarter_tinylfu_shared_prefetch",
+     .cache = CacheSize::kQuarter,
+     .prefetch = true,
+     .policy = "tinylfu-shared"},
+    {.name = "less_than_top_k_tinylfu_shared",
+     .cache = CacheSize::kTopKLessOne,
+     .policy = "tinylfu-shared"},
 };
 
 // Prefill of 6 tokens, then 8 one-token decodes (fixed tokens, so every config sees the same
