@@ -241,6 +241,23 @@ TEST(ChatTemplateTransformers, Qwen35Matches) {
   expect_matches_transformers("qwen3_5_moe");
 }
 
+// A second, independent rendering of the December 2023 Mixtral template: huggingface.js's Jinja
+// engine test (packages/jinja/test/e2e.test.js, TEST_CUSTOM_TEMPLATES
+// ["mistralai/Mixtral-8x7B-Instruct-v0.1"], commit 029db6ba; chat_templates/SOURCE), whose
+// template text is byte-identical to ours and whose expected string is copied here as it is.
+TEST(ChatTemplateMixtral, HuggingfaceJsRendering) {
+  ChatTemplate t = ChatTemplate::from_source(
+      read_text(data_path("chat_templates/mixtral_dec2023.jinja")),
+      Json{{"bos_token", "<s>"}, {"eos_token", "</s>"}}, "mixtral_dec2023");
+  Json messages = Json::array(
+      {{{"role", "user"}, {"content", "Hello, how are you?"}},
+       {{"role", "assistant"}, {"content", "I'm doing great. How can I help you today?"}},
+       {{"role", "user"}, {"content", "I'd like to show off how chat templating works!"}}});
+  EXPECT_EQ(t.render_json(messages, false, Json::object()),
+            "<s>[INST] Hello, how are you? [/INST]I'm doing great. How can I help you today?</s>"
+            "[INST] I'd like to show off how chat templating works! [/INST]");
+}
+
 // What the renderings do not check: the special tokens read from tokenizer_config.json, and
 // where a raise_exception() error points.
 TEST(ChatTemplateMixtral, TokensAndErrorLocation) {

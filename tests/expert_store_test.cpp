@@ -73,6 +73,13 @@ const Config kConfigs[] = {
      .prefetch = true,
      .policy = "tinylfu"},
     {.name = "one_expert_lfu", .cache = CacheSize::kOneExpert, .policy = "lfu"},
+    {.name = "quarter_tinylfu_shared_prefetch",
+     .cache = CacheSize::kQuarter,
+     .prefetch = true,
+     .policy = "tinylfu-shared"},
+    {.name = "less_than_top_k_tinylfu_shared",
+     .cache = CacheSize::kTopKLessOne,
+     .policy = "tinylfu-shared"},
 };
 
 // Prefill of 6 tokens, then 8 one-token decodes (fixed tokens, so every config sees the same
@@ -469,6 +476,7 @@ TEST(ExpertStore, HitsAreTheSimulatorsForEveryPolicy) {
     t.records.push_back(r);
   }
   const auto requests = trace_requests(t);
+  const auto uses = trace_uses(t);  // the token counts Session::moe passes (prompt records: > 1)
   for (const auto& name : cache_policy_names()) {
     for (size_t slots : {size_t(3), size_t(M * E / 4), size_t(M * E / 2)}) {
       ExpertStoreOptions o;
@@ -478,7 +486,7 @@ TEST(ExpertStore, HitsAreTheSimulatorsForEveryPolicy) {
       for (size_t i = 0; i < requests.size(); i++) {
         std::vector<int> experts;
         for (int key : requests[i]) experts.push_back(key % E);
-        auto b = store.fetch(t.records[i].moe_index, experts);
+        auto b = store.fetch(t.records[i].moe_index, experts, uses[i]);
         for (size_t j = 0; j < experts.size(); j++) b->next();
       }
       const SimResult sim = simulate_cache(t, name, slots);

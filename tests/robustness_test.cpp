@@ -924,11 +924,9 @@ TEST(RobustnessFuzz, SafetensorsMutations) {
   RecordProperty("seconds", fmt::format("{:.1f}", secs));
   EXPECT_GT(parsed, 0);
   EXPECT_GT(rejected, kIters / 2);
-  // No input may make the parser slow; a time bound says so only without sanitizers, whose
-  // slowdown (several times, more on a loaded machine) would make it a coin toss.
-#ifndef MF_TEST_ASAN
-  EXPECT_LT(secs, 20.0);
-#endif
+  // No time bound: whether an input makes the parser slow is fuzz_safetensors' question
+  // (scripts/fuzz.sh fails on an input slower than 60 s); a wall-clock bound here would depend
+  // on the machine's load. The seconds are recorded above.
 }
 
 TEST(RobustnessFuzz, ManifestMutations) {
@@ -988,10 +986,7 @@ TEST(RobustnessFuzz, ManifestMutations) {
   RecordProperty("seconds", fmt::format("{:.1f}", secs));
   EXPECT_GT(evaluated, 0);
   EXPECT_GT(rejected, kIters / 2);
-  // As above: a time bound only without sanitizers.
-#ifndef MF_TEST_ASAN
-  EXPECT_LT(secs, 20.0);
-#endif
+  // As above: slowness is fuzz_manifest's question, not a wall-clock bound's.
 }
 
 }  // namespace

@@ -219,11 +219,7 @@ TEST(Synth, TinyLoadsAndRuns) {
     o.preset = "tiny";
     return o;
   }());
-  // Writing the tiny preset is quick; a time bound says so only without sanitizers, whose
-  // slowdown would make it a coin toss.
-#ifndef MF_TEST_ASAN
-  EXPECT_LT(r.seconds, 20.0);
-#endif
+  // (r.seconds, the time it took, is a measurement: no wall-clock bound in a test, issue 19.)
   const Manifest m = read_manifest(pkg);  // the validator
   EXPECT_EQ(m.provenance["synth"]["preset"], "tiny");
   EXPECT_EQ(m.provenance["synth"]["seed"], 1);

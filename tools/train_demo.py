@@ -270,6 +270,10 @@ def main():
     ap.add_argument("--bench", type=int, default=0, help="time N steps of each experts implementation first")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--gen-tokens", type=int, default=80)
+    ap.add_argument("--no-eval", action="store_true",
+                    help="stop after saving the checkpoint and train_log.json: no float32 reference "
+                         "perplexity, expert load or generations (scripts/train-moe128.sh, where the "
+                         "GPU time goes to training)")
     a = ap.parse_args()
 
     import transformers
@@ -462,6 +466,12 @@ def main():
     log("saved " + hf_dir + ": " + ", ".join(f"{f} {s:,}" for f, s in sizes.items()))
     del model, opt
     torch.cuda.empty_cache()
+    if a.no_eval:
+        with open(os.path.join(a.out, "train_log.json"), "w") as f:
+            json.dump(run_info, f, indent=1)
+            f.write("\n")
+        log("done (--no-eval)")
+        return
 
     # 6. reference perplexity of the saved checkpoint, reloaded, in float32
     torch.backends.cuda.matmul.allow_tf32 = False

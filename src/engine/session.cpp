@@ -518,12 +518,18 @@ void Session::moe(int l, int T) {
   be_.download(sel.data(), ws_.ids, sel.size() * sizeof(int32_t));
   if (on_route_) on_route_(l, T, K, sel.data());
 
-  std::vector<char> chosen(static_cast<size_t>(E), 0);
-  for (int32_t e : sel) chosen[size_t(e)] = 1;
+  // The distinct experts, and how many tokens chose each: the cache policy counts uses by token,
+  // so a prompt micro-batch weighs an expert by how much of the text routed to it.
+  std::vector<uint32_t> chosen(static_cast<size_t>(E), 0);
+  for (int32_t e : sel) chosen[size_t(e)]++;
   std::vector<int> used;
+  std::vector<uint32_t> uses;
   for (int e = 0; e < E; e++)
-    if (chosen[size_t(e)]) used.push_back(e);
-  auto batch = store_.fetch(w.moe_index, used);
+    if (chosen[size_t(e)]) {
+      used.push_back(e);
+      uses.push_back(chosen[size_t(e)]);
+    }
+  auto batch = store_.fetch(w.moe_index, used, uses);
   score_prediction(w.moe_index, used);
   // While this layer's experts arrive: guess the next MoE layer's and start reading them.
   if (store_.options().prefetch) prefetch_next(l, T);

@@ -65,7 +65,7 @@ class LruPolicy final : public Residency {
     on_.assign(n, 0);
     head_ = tail_ = -1;
   }
-  void access(int, bool) override {}
+  void access(int, bool, uint32_t) override {}
   int victim(int) override {
     const int k = tail_;
     if (k < 0) return -1;
@@ -119,6 +119,12 @@ class LruPolicy final : public Residency {
 
 class QuotaPolicy : public Residency {
  public:
+  // shared = false: strict quotas (above). shared = true: each layer keeps between half and
+  // twice its equal share (no layer starved, none hoarding) and within those bounds the layers
+  // compete: a miss evicts the lowest-scored evictable key of any layer above its floor (of its
+  // own layer when that one is at its ceiling). Costs a scan of every layer's flags per miss
+  // (layers x experts bytes, 10k for the 35B-A3B shape).
+  explicit QuotaPolicy(bool shared = false) : shared_(shared) {}
   void init(int n_layers, int n_experts, size_t slots) override {
     Residency::init(n_layers, n_experts, slots);
     quota_.assign(size_t(n_layers), 0);
@@ -128,11 +134,29 @@ class QuotaPolicy : public Residency {
     last_.assign(size_t(n_layers) * size_t(n_experts), 0);
   }
   void begin(int layer, size_t) override { tick_[size_t(layer)]++; }
-  void access(int key, bool) override { last_[size_t(key)] = tick_[size_t(layer_of(key))]; }
+  void access(int key, bool, uint32_t) override {
+    last_[size_t(key)] = tick_[size_t(layer_of(key))];
+  }
   int victim(int key) override {
     const int l = layer_of(key);
     int v = -1;
-    if (count_[size_t(l)] >= quota_[size_t(l)]) {
+    if (shared_) {
+      const double share = double(slots_) / double(n_layers_);
+      if (count_[size_t(l)] >= 2 * share) {
+        v = lowest(l);
+      } else {
+        double best = 0;
+        for (int m = 0; m < n_layers_; m++) {
+          if (m != l && count_[size_t(m)] <= share / 2) continue;
+          const int c = lowest(m);
+          if (c >= 0 && (v < 0 || score(c) < best)) {
+            v = c;
+            best = score(c);
+          }
+        }
+      }
+      if (v < 0 || !admit(key, v)) return -1;
+    } else if (count_[size_t(l)] >= quota_[size_t(l)]) {
       // At its quota: the layer replaces one of its own, if the newcomer is admitted; with all
       // of its own pinned (a request larger than the quota) the newcomer goes uncached rather
       // than take from a layer within its share.
@@ -178,6 +202,7 @@ class QuotaPolicy : public Residency {
     }
     return best;
   }
+  bool shared_ = false;
   std::vector<int> quota_;
   std::vector<uint64_t> tick_;  // requests seen per layer: the clock of that layer
   std::vector<uint64_t> last_;  // per key: its layer's tick at its last access
@@ -194,8 +219,11 @@ class LruLayerPolicy final : public QuotaPolicy {
 // Frequencies of every key (resident or not), halved every `aging` requests of its layer.
 class LfuPolicy : public QuotaPolicy {
  public:
-  explicit LfuPolicy(bool admission) : admission_(admission) {}
-  const char* name() const override { return admission_ ? "tinylfu" : "lfu"; }
+  explicit LfuPolicy(bool admission, bool shared = false)
+      : QuotaPolicy(shared), admission_(admission) {}
+  const char* name() const override {
+    return shared_ ? "tinylfu-shared" : admission_ ? "tinylfu" : "lfu";
+  }
   void init(int n_layers, int n_experts, size_t slots) override {
     QuotaPolicy::init(n_layers, n_experts, slots);
     freq_.assign(size_t(n_layers) * size_t(n_experts), 0);
@@ -210,9 +238,9 @@ class LfuPolicy : public QuotaPolicy {
       for (size_t k = base; k < base + size_t(n_experts_); k++) freq_[k] /= 2;
     }
   }
-  void access(int key, bool hit) override {
-    QuotaPolicy::access(key, hit);
-    freq_[size_t(key)]++;
+  void access(int key, bool hit, uint32_t uses) override {
+    QuotaPolicy::access(key, hit, uses);
+    freq_[size_t(key)] += uses;
   }
 
  protected:
@@ -238,10 +266,10 @@ class LrfuPolicy final : public QuotaPolicy {
     QuotaPolicy::init(n_layers, n_experts, slots);
     crf_.assign(size_t(n_layers) * size_t(n_experts), 0.0);
   }
-  void access(int key, bool hit) override {
+  void access(int key, bool hit, uint32_t uses) override {
     const double now_crf = score(key);
-    QuotaPolicy::access(key, hit);
-    crf_[size_t(key)] = now_crf + 1.0;
+    QuotaPolicy::access(key, hit, uses);
+    crf_[size_t(key)] = now_crf + double(uses);
   }
 
  protected:
@@ -275,7 +303,7 @@ class BeladyPolicy final : public Residency {
     req_ = size_t(-1);
   }
   void begin(int, size_t) override { req_++; }
-  void access(int key, bool) override {
+  void access(int key, bool, uint32_t) override {
     const auto& o = occ_[size_t(key)];
     size_t& p = ptr_[size_t(key)];
     while (p < o.size() && o[p] <= req_) p++;
@@ -314,7 +342,7 @@ class BeladyPolicy final : public Residency {
 }  // namespace
 
 std::vector<std::string> cache_policy_names() {
-  return {"lru", "lru-layer", "lfu", "lrfu", "tinylfu"};
+  return {"lru", "lru-layer", "lfu", "lrfu", "tinylfu", "tinylfu-shared"};
 }
 
 std::string resolve_cache_policy_name(const std::string& name) {
@@ -327,6 +355,7 @@ std::unique_ptr<CachePolicy> make_cache_policy(const std::string& name_in) {
   if (name == "lru-layer") return std::make_unique<LruLayerPolicy>();
   if (name == "lfu") return std::make_unique<LfuPolicy>(false);
   if (name == "tinylfu") return std::make_unique<LfuPolicy>(true);
+  if (name == "tinylfu-shared") return std::make_unique<LfuPolicy>(true, true);
   if (name == "lrfu") return std::make_unique<LrfuPolicy>();
   std::string all;
   for (const auto& n : cache_policy_names()) all += (all.empty() ? "" : ", ") + n;

@@ -5,7 +5,9 @@
 // A key is one expert of one MoE layer: moe_index * n_experts + expert. The cache is `slots`
 // equal slots. The caller (store or simulator) drives a policy the way a fetch goes:
 //   begin(layer, n)         a request of n distinct experts of one layer starts;
-//   access(key, hit)        for every expert of it, hit or miss, before any slot changes hands;
+//   access(key, hit, uses)  for every expert of it, hit or miss, before any slot changes hands;
+//                           `uses` = how many of the request's tokens chose it (1 in decode,
+//                           up to the micro-batch's size in a prompt);
 //   pin(key)                each hit: pinned while the request uses it (never a victim);
 //   victim(key)             for each miss when no slot is free: the unpinned resident key to
 //                           evict for `key`, or -1 to leave `key` uncached (read into a buffer
@@ -20,13 +22,20 @@
 //   lru        one LRU list over all keys (the store's policy before 2026-12-03);
 //   lru-layer  per-layer quotas (slots / layers each, a layer under its quota takes from the
 //              layer furthest over it), LRU inside a layer;
-//   lfu        per-layer quotas, least frequently used inside a layer, counts halved every
-//              `aging` requests of the layer (so yesterday's favourites fade);
+//   lfu        per-layer quotas, least frequently used inside a layer; a key's count is its
+//              uses by token (a prompt micro-batch adds how many of its tokens chose the
+//              expert, a decode step 1), halved every `aging` requests of the layer (so
+//              yesterday's favourites fade);
 //   lrfu       per-layer quotas, combined recency and frequency: score = sum over past uses of
 //              2^(-lambda * age in requests of the layer);
 //   tinylfu    lfu's counts with TinyLFU admission: a miss evicts the layer's least frequent
 //              expert only if it is used more often than that victim, so a prompt's scan
-//              (every expert touched once) does not push out decode's regulars.
+//              (every expert touched by a few tokens) does not push out decode's regulars,
+//              while the experts most of the prompt routed to come in with the counts to stay;
+//   tinylfu-shared  tinylfu with shared quotas: each layer keeps between half and twice its
+//              equal share of the slots, and within those bounds a miss evicts the least used
+//              evictable expert of any layer (subject to the same admission). The default:
+//              hits the most at 10% of the experts and recovers fastest after a prompt.
 //   belady     (cache-sim only) Belady's MIN with bypass: evicts the key whose next use is
 //              furthest away, or leaves the missed key uncached when it is that key. The upper
 //              bound for any policy on a trace.
@@ -47,7 +56,7 @@ class CachePolicy {
   // Before anything else: n_layers x n_experts keys, `slots` cache slots.
   virtual void init(int n_layers, int n_experts, size_t slots);
   virtual void begin(int layer, size_t n_experts) { (void)layer, (void)n_experts; }
-  virtual void access(int key, bool hit) = 0;
+  virtual void access(int key, bool hit, uint32_t uses) = 0;
   virtual int victim(int key) = 0;
   virtual void insert(int key) = 0;
   virtual void pin(int key) = 0;
@@ -64,7 +73,7 @@ class CachePolicy {
 };
 
 // The store's policy when none is named: chosen by measurement (docs/2026-12-03-cache-policy.md).
-inline constexpr const char* kDefaultCachePolicy = "tinylfu";
+inline constexpr const char* kDefaultCachePolicy = "tinylfu-shared";
 
 // Names the store accepts (and "default"), in the order cache-sim lists them.
 std::vector<std::string> cache_policy_names();

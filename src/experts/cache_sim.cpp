@@ -45,9 +45,26 @@ std::vector<std::vector<int>> trace_requests(const RoutingTrace& t) {
   return out;
 }
 
+std::vector<std::vector<uint32_t>> trace_uses(const RoutingTrace& t) {
+  std::vector<std::vector<uint32_t>> out;
+  out.reserve(t.records.size());
+  std::vector<uint32_t> n(size_t(t.n_experts));
+  for (const TraceRecord& r : t.records) {
+    std::fill(n.begin(), n.end(), 0);
+    for (int e : r.experts) n[size_t(e)]++;
+    std::vector<uint32_t> u;
+    for (int e = 0; e < t.n_experts; e++)
+      if (n[size_t(e)]) u.push_back(n[size_t(e)]);
+    out.push_back(std::move(u));
+  }
+  return out;
+}
+
 SimResult simulate_cache(const RoutingTrace& t, const std::vector<std::vector<int>>& requests,
-                         CachePolicy& policy, size_t slots, int early_tokens) {
+                         const std::vector<std::vector<uint32_t>>& uses, CachePolicy& policy,
+                         size_t slots, int early_tokens) {
   MF_CHECK(requests.size() == t.records.size());
+  MF_CHECK(uses.empty() || uses.size() == requests.size());
   const size_t n_keys = size_t(t.n_moe_layers) * size_t(t.n_experts);
   slots = std::min(slots, n_keys);
   policy.init(t.n_moe_layers, t.n_experts, slots);
@@ -68,9 +85,10 @@ SimResult simulate_cache(const RoutingTrace& t, const std::vector<std::vector<in
     policy.begin(rec.moe_index, keys.size());
     misses.clear();
     uint64_t h = 0;
-    for (int k : keys) {
+    for (size_t j = 0; j < keys.size(); j++) {
+      const int k = keys[j];
       const bool hit = resident[size_t(k)];
-      policy.access(k, hit);
+      policy.access(k, hit, uses.empty() ? 1u : uses[i][j]);
       if (hit) {
         policy.pin(k);
         h++;
@@ -116,11 +134,13 @@ SimResult simulate_cache(const RoutingTrace& t, const std::vector<std::vector<in
 }
 
 SimResult simulate_cache(const RoutingTrace& t, const std::string& name, size_t slots,
-                         int early_tokens) {
+                         int early_tokens, UseCounting counting) {
   const std::vector<std::vector<int>> requests = trace_requests(t);
+  const std::vector<std::vector<uint32_t>> uses =
+      counting == UseCounting::kTokens ? trace_uses(t) : std::vector<std::vector<uint32_t>>{};
   std::unique_ptr<CachePolicy> p =
       name == "belady" ? make_belady_policy(requests) : make_cache_policy(name);
-  SimResult r = simulate_cache(t, requests, *p, slots, early_tokens);
+  SimResult r = simulate_cache(t, requests, uses, *p, slots, early_tokens);
   if (name == "default") r.policy = "default";
   return r;
 }

@@ -29,12 +29,22 @@ struct SimResult {
 
 // The requests a trace makes of the store: per record, its distinct keys, ascending.
 std::vector<std::vector<int>> trace_requests(const RoutingTrace& t);
+// Parallel to trace_requests: how many of the record's tokens chose each of those keys (what
+// Session::moe passes the store as `uses`).
+std::vector<std::vector<uint32_t>> trace_uses(const RoutingTrace& t);
+
+// How the policy is told a request's uses: kTokens as the store does (each key's token count),
+// kRequests one use per key and request (the store before 2026-12-03: a prompt micro-batch
+// counted as one use of each expert it touched, however many tokens chose it).
+enum class UseCounting { kTokens, kRequests };
 
 // `policy` is a store policy name, "default", or "belady".
 SimResult simulate_cache(const RoutingTrace& t, const std::string& policy, size_t slots,
-                         int early_tokens = 32);
-// Replays with a policy object (init is called here); `requests` = trace_requests(t).
+                         int early_tokens = 32, UseCounting counting = UseCounting::kTokens);
+// Replays with a policy object (init is called here); `requests` = trace_requests(t), `uses`
+// = trace_uses(t) or empty (one use each).
 SimResult simulate_cache(const RoutingTrace& t, const std::vector<std::vector<int>>& requests,
-                         CachePolicy& policy, size_t slots, int early_tokens = 32);
+                         const std::vector<std::vector<uint32_t>>& uses, CachePolicy& policy,
+                         size_t slots, int early_tokens = 32);
 
 }  // namespace moeflux

@@ -750,10 +750,12 @@ struct ExpertBatch::State {
   size_t taken = 0;
 };
 
-std::unique_ptr<ExpertBatch> ExpertStore::fetch(int moe_index, const std::vector<int>& experts) {
+std::unique_ptr<ExpertBatch> ExpertStore::fetch(int moe_index, const std::vector<int>& experts,
+                                                const std::vector<uint32_t>& uses) {
   Impl& m = *impl_;
   const int E = m.layout.count;
   MF_CHECK(moe_index >= 0 && size_t(moe_index) < m.fds.size());
+  MF_CHECK(uses.empty() || uses.size() == experts.size());
   auto st = std::make_unique<ExpertBatch::State>();
   st->store = &m;
   st->moe_index = moe_index;
@@ -771,7 +773,7 @@ std::unique_ptr<ExpertBatch> ExpertStore::fetch(int moe_index, const std::vector
     r.expert = e;
     const int s = m.slot_of[size_t(moe_index * E + e)];
     const bool hit = s >= 0 && m.slots[size_t(s)].state != Slot::kFailed;
-    m.policy->access(moe_index * E + e, hit);
+    m.policy->access(moe_index * E + e, hit, uses.empty() ? 1u : uses[i]);
     if (!hit) continue;  // a failed slot is retried below as a miss
     Slot& x = m.slots[size_t(s)];
     m.pin(s);

@@ -101,8 +101,10 @@ class ExpertStore {
   ExpertStore(const ExpertStore&) = delete;
   ExpertStore& operator=(const ExpertStore&) = delete;
 
-  // Starts bringing in `experts` (distinct ids) of MoE layer `moe_index`.
-  std::unique_ptr<ExpertBatch> fetch(int moe_index, const std::vector<int>& experts);
+  // Starts bringing in `experts` (distinct ids) of MoE layer `moe_index`. `uses[i]`: how many
+  // of the batch's tokens chose experts[i] (what the cache policy counts; empty: 1 each).
+  std::unique_ptr<ExpertBatch> fetch(int moe_index, const std::vector<int>& experts,
+                                     const std::vector<uint32_t>& uses = {});
   // Warms the cache with `experts` of MoE layer `moe_index` (no-op without a cache).
   void prefetch(int moe_index, const std::vector<int>& experts);
   // Records that of `scored` experts used by MoE layer `moe_index`, `hit` had been predicted.

@@ -45,8 +45,11 @@ size_t parse_budget(const std::string& b, size_t all) {
 }
 
 int cmd_cache_sim(const std::string& trace_path, const std::string& budgets,
-                  const std::string& policies, const std::string& output, int early) {
+                  const std::string& policies, const std::string& output, int early,
+                  const std::string& counting) {
   if (early < 1) fail(ErrorKind::kInvalidArgument, "--early: {} is not >= 1", early);
+  if (counting != "tokens" && counting != "requests")
+    fail(ErrorKind::kInvalidArgument, "--uses: '{}' is not tokens or requests", counting);
   if (output != "md" && output != "json")
     fail(ErrorKind::kInvalidArgument, "-o/--output: '{}' is not md or json", output);
   const std::vector<std::string> bl = split_list(budgets, "--budget");
@@ -56,6 +59,8 @@ int cmd_cache_sim(const std::string& trace_path, const std::string& budgets,
   const RoutingTrace t = RoutingTrace::load(trace_path);
   const size_t all = size_t(t.n_moe_layers) * size_t(t.n_experts);
   const std::vector<std::vector<int>> requests = trace_requests(t);
+  const std::vector<std::vector<uint32_t>> uses =
+      counting == "tokens" ? trace_uses(t) : std::vector<std::vector<uint32_t>>{};
 
   nlohmann::ordered_json js = nlohmann::ordered_json::array();
   if (output == "md") {
@@ -63,8 +68,9 @@ int cmd_cache_sim(const std::string& trace_path, const std::string& budgets,
     for (const auto& r : t.records) (r.phase == TraceRecord::kPrompt ? prompt : decode) += 1;
     fmt::print(
         "trace {}: {} ({} MoE layers x {} experts, top-{}), {} prompt and {} decode "
-        "layer evaluations; default policy: {}\n",
-        trace_path, t.model, t.n_moe_layers, t.n_experts, t.k, prompt, decode, kDefaultCachePolicy);
+        "layer evaluations; default policy: {}; uses counted per {}\n",
+        trace_path, t.model, t.n_moe_layers, t.n_experts, t.k, prompt, decode, kDefaultCachePolicy,
+        counting == "tokens" ? "token" : "request");
   }
   for (const auto& b : bl) {
     const size_t slots = parse_budget(b, all);
@@ -81,7 +87,7 @@ int cmd_cache_sim(const std::string& trace_path, const std::string& budgets,
     for (const auto& p : pl) {
       std::unique_ptr<CachePolicy> pol =
           p == "belady" ? make_belady_policy(requests) : make_cache_policy(p);
-      const SimResult r = simulate_cache(t, requests, *pol, slots, early);
+      const SimResult r = simulate_cache(t, requests, uses, *pol, slots, early);
       const std::string name = p == "default" ? fmt::format("default ({})", pol->name()) : p;
       if (output == "md") {
         fmt::print("| {} | {:.1f}% | {:.1f}% | {} |", name, 100 * r.hit_rate(),
@@ -111,7 +117,7 @@ int cmd_cache_sim(const std::string& trace_path, const std::string& budgets,
 
 Command add_cache_sim(CLI::App& app) {
   struct Args {
-    std::string trace, budgets = "10%,25%,50%", policies, output = "md";
+    std::string trace, budgets = "10%,25%,50%", policies, output = "md", uses = "tokens";
     int early = 32;
   };
   auto a = std::make_shared<Args>();
@@ -129,7 +135,13 @@ Command add_cache_sim(CLI::App& app) {
   c->add_option("-o,--output", a->output, "md or json (a list of {policy, budget, hit_rate, ...})");
   c->add_option("--early", a->early,
                 "also report decode hits over the first N decode tokens after each prompt");
-  return {c, [a] { return cmd_cache_sim(a->trace, a->budgets, a->policies, a->output, a->early); }};
+  c->add_option("--uses", a->uses,
+                "how a prompt micro-batch's uses reach the policy: tokens (each expert's token "
+                "count, as the store does) or requests (one use per expert and micro-batch, the "
+                "store before 2026-12-03)");
+  return {c, [a] {
+            return cmd_cache_sim(a->trace, a->budgets, a->policies, a->output, a->early, a->uses);
+          }};
 }
 
 }  // namespace moeflux::cli

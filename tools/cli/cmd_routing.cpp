@@ -189,6 +189,7 @@ int cmd_routing(ModelOptions mo, const RoutingArgs& a) {
 
   const size_t all = size_t(M) * size_t(E);
   const std::vector<std::vector<int>> requests = trace_requests(rt);
+  const std::vector<std::vector<uint32_t>> uses = trace_uses(rt);
   fmt::print("| cache (experts) | share of all | LRU hit rate | default ({}) hit rate |\n"
              "|---:|---:|---:|---:|\n",
              kDefaultCachePolicy);
@@ -197,8 +198,8 @@ int cmd_routing(ModelOptions mo, const RoutingArgs& a) {
     auto lru = make_cache_policy("lru");
     auto def = make_cache_policy("default");
     fmt::print("| {} | {}% | {:.1f}% | {:.1f}% |\n", slots, pct,
-               100.0 * simulate_cache(rt, requests, *lru, slots).hit_rate(),
-               100.0 * simulate_cache(rt, requests, *def, slots).hit_rate());
+               100.0 * simulate_cache(rt, requests, uses, *lru, slots).hit_rate(),
+               100.0 * simulate_cache(rt, requests, uses, *def, slots).hit_rate());
   }
   if (!a.trace.empty())
     fmt::print("\ntrace: {} ({} records)\n", a.trace, rt.records.size());

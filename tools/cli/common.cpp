@@ -25,7 +25,7 @@ void add_model_options(CLI::App* app, ModelOptions& o, bool model_required) {
                   "all, 0 (read every expert every time) or auto (half of free RAM)");
   app->add_option("--cache-policy", o.cache_policy,
                   "expert cache policy: default (" + std::string(kDefaultCachePolicy) +
-                      "), lru, lru-layer, lfu, lrfu, tinylfu (results do not change, hit rates do)");
+                      "), lru, lru-layer, lfu, lrfu, tinylfu, tinylfu-shared (results do not change, hit rates do)");
   app->add_option("--readers", o.readers, "expert reader threads (io_uring: queue depth)");
   app->add_flag("--direct-io", o.direct_io, "read experts with O_DIRECT (bypass the page cache)");
   app->add_option("--io", o.io, "expert reads: auto, pread or uring");
