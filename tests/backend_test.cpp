@@ -1313,6 +1313,20 @@ class BackendOps : public ::testing::TestWithParam<BackendKind> {
     const Outputs b = check(*three);
     expect_bits(std::string(GetParam().name) + ": threads 1 vs 3", a, b);
   }
+  // An op the backend named `missing_on` does not have yet (DeepSeek-V3's MLA ops on CUDA,
+  // issue 17): there it must refuse with kUnsupported and a message saying so, elsewhere run.
+  void run_unless_missing(const std::function<Outputs(Context&)>& check, const char* missing_on) {
+    if (std::string(GetParam().name) != missing_on) return run(check);
+    if (!GetParam().usable()) GTEST_SKIP() << GetParam().name << " does not run on this machine";
+    auto be = GetParam().make(1);
+    try {
+      check(*be);
+      ADD_FAILURE() << GetParam().name << " ran an op it is expected to refuse: update the test";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::kUnsupported) << e.what();
+      EXPECT_NE(std::string(e.what()).find("not implemented yet"), std::string::npos) << e.what();
+    }
+  }
 };
 
 TEST_P(BackendOps, Memory) {
@@ -1365,19 +1379,19 @@ TEST_P(BackendOps, Route) {
   run(check_route);
 }
 TEST_P(BackendOps, RouteGroups) {
-  run(check_route_groups);
+  run_unless_missing(check_route_groups, "cuda");
 }
 TEST_P(BackendOps, RopeFreq) {
-  run(check_rope_freq);
+  run_unless_missing(check_rope_freq, "cuda");
 }
 TEST_P(BackendOps, MatmulHeads) {
-  run(check_matmul_heads);
+  run_unless_missing(check_matmul_heads, "cuda");
 }
 TEST_P(BackendOps, CopyRows) {
-  run(check_copy_rows);
+  run_unless_missing(check_copy_rows, "cuda");
 }
 TEST_P(BackendOps, AttentionLatent) {
-  run(check_attention_latent);
+  run_unless_missing(check_attention_latent, "cuda");
 }
 TEST_P(BackendOps, MoeExperts) {
   run(check_moe_experts);
