@@ -16,7 +16,7 @@
 #   THREADS     thread counts, space-separated (default: nproc)
 #   LAYERS      model layers (default 8; 40 needs ~20 GB per model on disk and in RAM)
 #   ROUNDS      interleaved rounds (default 2), REPS runs per bench call (default 3)
-#   EXACT=1     also runs moeflux --exact (the f32-activation path)
+#   MODES       moeflux numerics to run, space-separated (default "exact int8": --exact, --int8)
 #   PYTHON      a python3 with numpy for synth_gguf.py (default python3; here /usr/bin/python3)
 #   WORK        build and model folder (default build-peer), OUT outputs (default $WORK/out)
 # Outputs (under $OUT): table.md, moeflux.jsonl, peer.jsonl, build.log, machine.txt.
@@ -80,14 +80,13 @@ fi
 
 : >"$OUT/moeflux.jsonl"
 : >"$OUT/peer.jsonl"
-modes=(fast)
-[ "${EXACT:-0}" = 1 ] && modes+=(exact)
+read -r -a modes <<<"${MODES:-exact int8}"
 for r in $(seq "$ROUNDS"); do
   for t in $THREADS; do
     for m in "${modes[@]}"; do
       echo "round $r, $t threads: moeflux ($m)..."
       "$mf" bench -m "$pkg" -p 512 -n 128 -r "$REPS" -t "$t" --expert-cache all -o json \
-        $([ "$m" = exact ] && echo --exact) 2>>"$log" |
+        "--$m" 2>>"$log" |
         python3 -c 'import json,sys; [print(json.dumps(dict(x, mode=sys.argv[1], round=int(sys.argv[2])))) for x in json.load(sys.stdin)]' "$m" "$r" \
         >>"$OUT/moeflux.jsonl"
     done

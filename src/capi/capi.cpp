@@ -201,7 +201,7 @@ mf_model_params mf_model_default_params(void) {
   p.io_readers = 4;
   p.direct_io = false;
   p.io_engine = MF_IO_AUTO;
-  p.exact = false;
+  p.exact = true;
   return p;
 }
 

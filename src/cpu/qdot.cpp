@@ -328,7 +328,7 @@ void qmatmul_scalar(const Mat& W, int64_t r0, int64_t r1, const QuantizedActs& x
 // left out is added back in the combine (kOffsetQ8).
 namespace avx2 {
 constexpr bool kOffsetQ8 = true;
-constexpr int kDecodeR = 4, kPrefillR = 2, kPrefillU = 4, kMaxRU = 8;
+constexpr int kDecodeR = 4, kPrefillR = 4, kPrefillU = 1, kMaxRU = 4;
 MF_DECODERS(MF_AVX2)
 MF_COMBINE(MF_AVX2)
 template <int Bits>
@@ -349,7 +349,7 @@ MF_DRIVER(MF_AVX2)
 // four u8 x s8 products into each int32 lane with no intermediate saturation.
 namespace vnni {
 constexpr bool kOffsetQ8 = false;
-constexpr int kDecodeR = 4, kPrefillR = 4, kPrefillU = 4, kMaxRU = 16;
+constexpr int kDecodeR = 4, kPrefillR = 4, kPrefillU = 1, kMaxRU = 4;
 MF_DECODERS(MF_VNNI)
 MF_COMBINE(MF_VNNI)
 template <int Bits>

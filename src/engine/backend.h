@@ -107,13 +107,14 @@ class ExpertMemory {
 // How a new context computes.
 struct ContextOptions {
   int threads = 0;  // CPU threads for its ops (0: one per core)
-  // false (the default of every front end): the CPU multiplies quantised (q8/q4/q2) weights by
-  // activations quantised to int8 per weight group (cpu/qdot.h: faster; each output still
-  // one fixed sequence of operations, so results stay bit-identical across thread counts,
-  // batch shapes, cache and prefetch, but differ from the exact path within the quantised
-  // tolerance). true: f32 activations throughout (cpu/matmul.h), what the oracle tests check.
-  // The CUDA backend is exact either way.
-  bool exact = false;
+  // true: f32 activations throughout (cpu/matmul.h), what the oracle tests check. false
+  // (--int8): the CPU multiplies quantised (q8/q4/q2) weights by activations quantised to int8
+  // per 32 columns (cpu/qdot.h; each output still one fixed sequence of operations, so results
+  // stay bit-identical across thread counts, batch shapes, cache and prefetch, but differ from
+  // the exact path within the quantised tolerance). Exact stays the default of every front end
+  // until the int8 kernels beat it (docs/2026-12-03-cpu-int8.md: today they do not). The CUDA
+  // backend is exact either way.
+  bool exact = true;
 };
 
 class Device {

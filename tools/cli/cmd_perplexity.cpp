@@ -163,7 +163,7 @@ Command add_perplexity(CLI::App& app) {
   p->add_option("--tokenizer", a->tokenizer, "tokenizer.json (default: the package's)");
   p->add_option("--kl-ref", a->kl_ref, "reference package: also report KL(ref || model)");
   p->add_flag("--kl-exact", a->kl_exact,
-              "also report KL(model run with --exact || model as run): the int8 path's quality");
+              "also report KL(model run with --exact || model as run), e.g. with --int8");
   p->add_option("--chunks", a->chunks, "at most this many windows (0: all)");
   return {p, [a] { return cmd_perplexity(a->mo, a->file, a->tokenizer, a->kl_ref, a->kl_exact, a->chunks); }};
 }

@@ -39,9 +39,10 @@ void add_model_options(CLI::App* app, ModelOptions& o, bool model_required) {
   app->add_option("--backend", o.backend,
                   "compute backend: auto (CUDA when built and a GPU is present, else CPU), cpu, "
                   "cuda");
-  app->add_flag("--exact", o.exact,
-                "CPU: f32 activations throughout (the reference numerics) instead of the default "
-                "int8 dot products on quantised weights (faster; within the quantised tolerance)");
+  app->add_flag("--exact,!--int8", o.exact,
+                "CPU numerics on quantised weights: --exact (default) f32 activations, the "
+                "reference; --int8 activations quantised to int8 per 32 columns and integer dot "
+                "products (within the quantised tolerance; not yet faster)");
   app->add_option("--ubatch", o.ubatch,
                   "prompt micro-batch in tokens: prompts are evaluated this many tokens at a time "
                   "(memory grows with it; results do not change)");
