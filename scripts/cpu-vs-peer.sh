@@ -19,6 +19,7 @@
 #   MODES       moeflux numerics to run, space-separated (default "exact int8": --exact, --int8)
 #   PYTHON      a python3 with numpy for synth_gguf.py (default python3; here /usr/bin/python3)
 #   WORK        build and model folder (default build-peer), OUT outputs (default $WORK/out)
+#   MOEFLUX_BIN a moeflux binary to use instead of building one (CUDA off, Release)
 # Outputs (under $OUT): table.md, moeflux.jsonl, peer.jsonl, build.log, machine.txt.
 # On the GPU machine, .device-deps is unpacked as in scripts/gpu-test.sh.
 set -euo pipefail
@@ -41,11 +42,14 @@ log=$OUT/build.log
 } | tee "$OUT/machine.txt"
 
 t0=$(date +%s)
-echo "building moeflux..."
-cmake -S . -B "$WORK/moeflux" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOEFLUX_TESTS=OFF \
-  -DMOEFLUX_BENCH=OFF -DMOEFLUX_CUDA=OFF "${prefix[@]}" >>"$log" 2>&1
-cmake --build "$WORK/moeflux" -j "$(nproc)" --target moeflux >>"$log" 2>&1
-mf=$WORK/moeflux/moeflux
+mf=${MOEFLUX_BIN:-}
+if [ -z "$mf" ]; then
+  echo "building moeflux..."
+  cmake -S . -B "$WORK/moeflux" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOEFLUX_TESTS=OFF \
+    -DMOEFLUX_BENCH=OFF -DMOEFLUX_CUDA=OFF "${prefix[@]}" >>"$log" 2>&1
+  cmake --build "$WORK/moeflux" -j "$(nproc)" --target moeflux >>"$log" 2>&1
+  mf=$WORK/moeflux/moeflux
+fi
 
 peer=$WORK/llama.cpp
 if [ ! -x "$peer/b/bin/llama-bench" ]; then
