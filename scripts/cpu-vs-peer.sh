@@ -20,6 +20,7 @@
 #   PYTHON      a python3 with numpy for synth_gguf.py (default python3; here /usr/bin/python3)
 #   WORK        build and model folder (default build-peer), OUT outputs (default $WORK/out)
 #   MOEFLUX_BIN a moeflux binary to use instead of building one (CUDA off, Release)
+#   PREPARE_ONLY=1  stop after the builds and the models (a second call then only benches)
 # Outputs (under $OUT): table.md, moeflux.jsonl, peer.jsonl, build.log, machine.txt.
 # On the GPU machine, .device-deps is unpacked as in scripts/gpu-test.sh.
 set -euo pipefail
@@ -81,6 +82,7 @@ if [ ! -f "$pkg/moeflux.json" ]; then
   rm -rf "$pkg"
   "$mf" synth -q --preset qwen3.5-35b-a3b --quant q4 --layers "$LAYERS" "$pkg" >>"$log" 2>&1
 fi
+[ "${PREPARE_ONLY:-0}" = 1 ] && { echo "prepared: $mf, $peer/b/bin/llama-bench, $pkg, $gguf"; exit 0; }
 
 : >"$OUT/moeflux.jsonl"
 : >"$OUT/peer.jsonl"
