@@ -120,7 +120,7 @@ for t, test, mode in keys:
     n_p, n_g = rows[0]["n_prompt"], rows[0]["n_gen"]
     peer_rows = [x for x in pe if x["n_threads"] == t and x["n_prompt"] == n_p and x["n_gen"] == n_g]
     theirs = stats([v for x in peer_rows for v in x["samples_ts"]]) if peer_rows else None
-    bw = max(x["memory_gbps"] for x in rows) * 1e9
+    bw = max(x["memory_gbps"] for x in mf if x["threads"] == t) * 1e9  # best seen at t threads
     # decode: the weights a token reads; prompt: every weight once per batch of n_prompt.
     floor = bw / rows[0]["weight_bytes_per_token"] if n_g else n_p * bw / rows[0]["size_bytes"]
     fmt = lambda s: f"{s[0]:.2f} ± {s[1]:.2f}"
