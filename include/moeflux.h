@@ -98,6 +98,10 @@ typedef struct mf_model_params {
                                   in [1, 256] */
   bool direct_io;              /* O_DIRECT reads of the expert files (bypass the page cache) */
   mf_io_engine io_engine;
+  bool exact;                  /* CPU numerics on quantised weights: true (default) f32
+                                  activations, the reference; false: activations quantised to
+                                  int8 and integer dot products, within the quantised tolerance.
+                                  Appended field: take it from mf_model_default_params() */
 } mf_model_params;
 
 typedef struct mf_session_params {

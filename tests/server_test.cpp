@@ -356,7 +356,7 @@ ExpertStore* ServerSlots::store_ = nullptr;
 Tokenizer* ServerSlots::tok_ = nullptr;
 
 TEST_F(ServerSlots, ReusedStateGivesTheTokensOfAFreshSession) {
-  server::SlotPool pool(*model_, *store_, 2, 1, 0, {});
+  server::SlotPool pool(*model_, *store_, 2, ContextOptions{1, false}, 0, {});
   SamplerParams sp;
   sp.temperature = 0.9f;
   sp.seed = 5;
@@ -393,7 +393,7 @@ TEST_F(ServerSlots, ReusedStateGivesTheTokensOfAFreshSession) {
 }
 
 TEST_F(ServerSlots, AcquirePicksTheLongestPrefixAndQueuesInOrder) {
-  server::SlotPool pool(*model_, *store_, 2, 1, 1, {});
+  server::SlotPool pool(*model_, *store_, 2, ContextOptions{1, false}, 1, {});
   SamplerParams sp;
   sp.temperature = 0;
   GenerateParams gp;

@@ -201,6 +201,7 @@ mf_model_params mf_model_default_params(void) {
   p.io_readers = 4;
   p.direct_io = false;
   p.io_engine = MF_IO_AUTO;
+  p.exact = true;
   return p;
 }
 
@@ -339,7 +340,8 @@ int mf_session_new(mf_model* model, const mf_session_params* params, mf_session*
     auto s = std::make_unique<mf_session>();
     s->model = model;
     // Each session its own context (its queue; on the CPU its own thread pool).
-    s->backend = model->device->context(p.threads >= 0 ? p.threads : model->params.threads);
+    s->backend = model->device->context(moeflux::ContextOptions{
+        p.threads >= 0 ? p.threads : model->params.threads, model->params.exact});
     s->session = std::make_unique<moeflux::Session>(*model->model, *s->backend, *model->store, sp);
     *out = s.release();
     return MF_OK;

@@ -14,6 +14,8 @@
 #include "cpu/deltanet.h"
 #include "cpu/kernels.h"
 #include "cpu/matmul.h"
+#include "cpu/qdot.h"
+#include "format/quant.h"
 #include "engine/backend.h"
 #include "util/error.h"
 #include "util/thread_pool.h"
@@ -26,12 +28,21 @@ inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
 inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
 
+// Matrices with fewer rows stay on the exact path in fast mode: the per-head gate projections
+// of Gated DeltaNet (rows = value heads), whose outputs go through exp and softplus into every
+// step of the recurrence. They are a negligible share of the bytes and time; on the trained
+// demo, q8, keeping them exact took the KL against --exact from 0.0067 to 0.0050
+// (docs/2026-12-03-cpu-int8.md).
+constexpr int64_t kQdotMinRows = 64;
+
 class CpuContext final : public Context {
  public:
-  CpuContext(Device& device, int threads) : device_(device), pool_(threads) {}
+  CpuContext(Device& device, const ContextOptions& o)
+      : device_(device), pool_(o.threads), exact_(o.exact) {}
 
   Device& device() override { return device_; }
   int threads() const override { return pool_.size(); }
+  bool exact() const override { return exact_; }
 
   // calloc (large blocks come zeroed from mmap and are committed only as they are written, so
   // RSS follows use), aligned to 256 bytes by hand: the block's own pointer is kept just before.
@@ -67,6 +78,16 @@ class CpuContext final : public Context {
   }
 
   void matmul(const Mat& W, const float* x, float* y, int T) override {
+    if (!exact_ && is_quant_dtype(W.dtype) && qdot_group_supported(W.group) &&
+        W.rows >= kQdotMinRows) {
+      // The int8 path (cpu/qdot.h): x quantised once per call, here on the calling thread,
+      // so every row split sees the same bytes.
+      quantize_acts(x, T, W.cols, W.group, quant_bits(W.dtype), qx_);
+      pool_.parallel_for(W.rows, [&](int64_t r0, int64_t r1) {
+        qmatmul_rows(W, r0, r1, qx_, y, W.rows);
+      }, 16);
+      return;
+    }
     // Rows split over threads in blocks of 16 (the kernels take rows 4 at a time); each
     // output's bits do not depend on the split or on T (cpu/matmul.h).
     pool_.parallel_for(W.rows, [&](int64_t r0, int64_t r1) {
@@ -485,6 +506,8 @@ class CpuContext final : public Context {
 
   Device& device_;
   ThreadPool pool_;
+  bool exact_;
+  QuantizedActs qx_;  // matmul's quantised activations (the fast path)
   int pos_ = 0;
   std::vector<float> moe_slots_, moe_x_, moe_g_, moe_u_, moe_y_, moe_r_;
   bool nonfinite_ = false;
@@ -526,7 +549,13 @@ class CpuDevice final : public Device {
   }
   ExpertMemory& expert_memory() override { return memory_; }
   std::unique_ptr<Context> context(int threads) override {
-    return std::make_unique<CpuContext>(*this, threads);
+    ContextOptions o;
+    o.threads = threads;
+    o.exact = true;
+    return context(o);
+  }
+  std::unique_ptr<Context> context(const ContextOptions& o) override {
+    return std::make_unique<CpuContext>(*this, o);
   }
 
  private:
@@ -541,5 +570,8 @@ Device& cpu_device() {
 }
 
 std::unique_ptr<Context> make_cpu_context(int threads) { return cpu_device().context(threads); }
+std::unique_ptr<Context> make_cpu_context(const ContextOptions& o) {
+  return cpu_device().context(o);
+}
 
 }  // namespace moeflux

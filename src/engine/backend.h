@@ -114,6 +114,19 @@ class ExpertMemory {
   virtual void write(uint8_t* dst, const uint8_t* host, size_t n) = 0;
 };
 
+// How a new context computes.
+struct ContextOptions {
+  int threads = 0;  // CPU threads for its ops (0: one per core)
+  // true: f32 activations throughout (cpu/matmul.h), what the oracle tests check. false
+  // (--int8): the CPU multiplies quantised (q8/q4/q2) weights by activations quantised to int8
+  // per 32 columns (cpu/qdot.h; each output still one fixed sequence of operations, so results
+  // stay bit-identical across thread counts, batch shapes, cache and prefetch, but differ from
+  // the exact path within the quantised tolerance). Exact stays the default of every front end
+  // until the int8 kernels beat it (docs/2026-12-03-cpu-int8.md: today they do not). The CUDA
+  // backend is exact either way.
+  bool exact = true;
+};
+
 class Device {
  public:
   virtual ~Device() = default;
@@ -123,8 +136,10 @@ class Device {
   // CUDA: uploaded once). The Model must outlive the returned weights. Thread-safe.
   virtual std::shared_ptr<const ModelWeights> bind(const Model& model) = 0;
   virtual ExpertMemory& expert_memory() = 0;
-  // A new context; `threads` CPU threads for its ops (0: one per core).
+  // A new context; `threads` CPU threads for its ops (0: one per core), exact numerics.
   virtual std::unique_ptr<Context> context(int threads) = 0;
+  // A new context as `o` says (a device with one numerics path ignores o.exact).
+  virtual std::unique_ptr<Context> context(const ContextOptions& o) { return context(o.threads); }
 };
 
 class Context {
@@ -133,6 +148,8 @@ class Context {
   virtual Device& device() = 0;
   const char* name() { return device().name(); }
   virtual int threads() const = 0;
+  // False when the context uses the fast int8 path (ContextOptions::exact).
+  virtual bool exact() const { return true; }
 
   // ---- Memory and copies ------------------------------------------------------------------
   // `bytes` of context memory, zeroed, aligned to 256 bytes; Error kOutOfMemory when there is
@@ -292,8 +309,9 @@ class Context {
 
 // The CPU device (a process-wide one: it holds nothing a context needs but the model views).
 Device& cpu_device();
-// A context of the CPU device with `threads` threads (0: one per core).
+// A context of the CPU device with `threads` threads (0: one per core), exact numerics.
 std::unique_ptr<Context> make_cpu_context(int threads);
+std::unique_ptr<Context> make_cpu_context(const ContextOptions& o);
 
 // Which backend a front end asked for (--backend, mf_model_params::backend).
 enum class BackendKind { kAuto, kCpu, kCuda };

@@ -172,7 +172,7 @@ struct Server::Impl {
         tmpl(std::move(tp)),
         eos_ids(std::move(eos)),
         opt(std::move(o)),
-        pool(m, st, opt.parallel, opt.threads_per_slot, opt.queue, opt.session),
+        pool(m, st, opt.parallel, ContextOptions{opt.threads_per_slot, opt.exact}, opt.queue, opt.session),
         created(unix_time()) {}
 
   const Model& model;

@@ -33,6 +33,7 @@ struct ServerOptions {
   int parallel = 1;     // slots
   int queue = 16;       // requests that may wait for a slot; beyond: 503
   int threads_per_slot = 0;  // CPU backend threads of each slot (0: one per core)
+  bool exact = true;         // ContextOptions::exact of each slot
   size_t max_body = size_t(8) << 20;  // request bytes; beyond: 413
   bool no_think = false;     // render chat templates with enable_thinking = false by default
   bool prompt_cache = true;  // reuse slot state across requests

@@ -47,7 +47,7 @@ SlotResult generate_on_slot(Slot& slot, const Tokenizer& tok, std::span<const in
   return out;
 }
 
-SlotPool::SlotPool(const Model& model, ExpertStore& store, int n_slots, int threads,
+SlotPool::SlotPool(const Model& model, ExpertStore& store, int n_slots, const ContextOptions& backend,
                    int max_queue, const SessionParams& params)
     : max_queue_(max_queue) {
   if (n_slots < 1) fail(ErrorKind::kInvalidArgument, "--parallel: {} is below 1", n_slots);
@@ -55,7 +55,7 @@ SlotPool::SlotPool(const Model& model, ExpertStore& store, int n_slots, int thre
   for (int i = 0; i < n_slots; i++) {
     auto s = std::make_unique<Slot>();
     s->id = i;
-    s->backend = store.memory().device().context(threads);  // the device the store serves
+    s->backend = store.memory().device().context(backend);  // the device the store serves
     s->session = std::make_unique<Session>(model, *s->backend, store, params);
     s->vocab_size = model.spec().vocab_size;
     slots_.push_back(std::move(s));

@@ -73,7 +73,7 @@ SlotResult generate_on_slot(Slot& slot, const Tokenizer& tok, std::span<const in
 class SlotPool {
  public:
   // `threads` per slot backend (0: one per core).
-  SlotPool(const Model& model, ExpertStore& store, int n_slots, int threads, int max_queue,
+  SlotPool(const Model& model, ExpertStore& store, int n_slots, const ContextOptions& backend, int max_queue,
            const SessionParams& params);
 
   // Takes a place (a slot or the queue); false when all are taken. Pair with leave().

@@ -6,7 +6,8 @@
 //
 // --kl-ref <package> also runs a reference package (e.g. the unquantised one) over the same
 // windows and reports the mean KL divergence KL(ref || this) over the scored positions, its
-// stderr, and how often both agree on the top token.
+// stderr, and how often both agree on the top token. --kl-exact takes the model itself as the
+// reference, run with --exact (the fast int8 path's quality). The reference always runs exact.
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -52,7 +53,7 @@ struct MeanErr {
 };
 
 int cmd_perplexity(const ModelOptions& mo, const std::string& file, const std::string& tok_path,
-                   const std::string& kl_ref, int max_windows) {
+                   const std::string& kl_ref, bool kl_exact, int max_windows) {
   const int ctx = mo.ctx > 0 ? mo.ctx : 512;
   if (ctx < 4) fail(ErrorKind::kInvalidArgument, "--ctx {}: need at least 4 tokens per window", ctx);
   Loaded L = open_model(mo);
@@ -82,8 +83,16 @@ int cmd_perplexity(const ModelOptions& mo, const std::string& file, const std::s
   Session session(*L.model, *L.backend, *L.store, sp);
   std::unique_ptr<Model> ref_model;
   std::unique_ptr<ExpertStore> ref_store;
+  std::unique_ptr<Context> ref_backend;  // before ref_session, which releases into it
   std::unique_ptr<Session> ref_session;
-  if (!kl_ref.empty()) {
+  if (!kl_ref.empty() && kl_exact)
+    fail(ErrorKind::kInvalidArgument, "--kl-ref and --kl-exact: give one reference");
+  if (kl_exact || !kl_ref.empty())
+    ref_backend = L.backend->device().context(ContextOptions{L.backend->threads(), true});
+  if (kl_exact) {
+    SessionParams rp = sp;
+    ref_session = std::make_unique<Session>(*L.model, *ref_backend, *L.store, rp);
+  } else if (!kl_ref.empty()) {
     ref_model = Model::load(kl_ref);
     if (ref_model->spec().vocab_size != s.vocab_size)
       fail(ErrorKind::kInvalidArgument, "--kl-ref {}: vocabulary {} differs from the model's {}",
@@ -91,7 +100,7 @@ int cmd_perplexity(const ModelOptions& mo, const std::string& file, const std::s
     ref_store = std::make_unique<ExpertStore>(*ref_model);
     SessionParams rp;
     rp.ctx = ctx;
-    ref_session = std::make_unique<Session>(*ref_model, *L.backend, *ref_store, rp);
+    ref_session = std::make_unique<Session>(*ref_model, *ref_backend, *ref_store, rp);
   }
 
   const int V = s.vocab_size, first = ctx / 2;
@@ -131,7 +140,7 @@ int cmd_perplexity(const ModelOptions& mo, const std::string& file, const std::s
              ppl * nll.stderr_(), windows, ctx, nll.n, nll.mean());
   if (ref_session)
     fmt::print("kl  = {:.6f} +/- {:.6f}  vs {} (same top token {:.2f}%)\n", kl.mean(), kl.stderr_(),
-               kl_ref, 100.0 * double(same_top) / double(kl.n));
+               kl_exact ? std::string("--exact") : kl_ref, 100.0 * double(same_top) / double(kl.n));
   fmt::print(stderr, "{:.1f} tokens/s evaluated; {}\n", double(windows) * ctx / secs,
              store_summary(*L.store, windows * ctx));
   if (mo.stats) print_store_stats(*L.store, stderr);
@@ -145,6 +154,7 @@ Command add_perplexity(CLI::App& app) {
     ModelOptions mo;
     std::string file, tokenizer, kl_ref;
     int chunks = 0;
+    bool kl_exact = false;
   };
   auto a = std::make_shared<Args>();
   auto* p = app.add_subcommand("perplexity", "perplexity of a text file (llama.cpp-style windows of --ctx, default 512)");
@@ -152,8 +162,10 @@ Command add_perplexity(CLI::App& app) {
   p->add_option("-f,--file", a->file, "text file")->required();
   p->add_option("--tokenizer", a->tokenizer, "tokenizer.json (default: the package's)");
   p->add_option("--kl-ref", a->kl_ref, "reference package: also report KL(ref || model)");
+  p->add_flag("--kl-exact", a->kl_exact,
+              "also report KL(model run with --exact || model as run), e.g. with --int8");
   p->add_option("--chunks", a->chunks, "at most this many windows (0: all)");
-  return {p, [a] { return cmd_perplexity(a->mo, a->file, a->tokenizer, a->kl_ref, a->chunks); }};
+  return {p, [a] { return cmd_perplexity(a->mo, a->file, a->tokenizer, a->kl_ref, a->kl_exact, a->chunks); }};
 }
 
 }  // namespace moeflux::cli

@@ -127,6 +127,7 @@ int cmd_serve(ServeFlags& f) {
   resolve_threads(f.threads_per_slot, "--threads-per-slot");
   f.so.threads_per_slot =
       f.threads_per_slot > 0 ? f.threads_per_slot : std::max(1, cores / f.so.parallel);
+  f.so.exact = f.mo.exact;
   f.so.session = session_params(f.mo);
   f.so.prompt_cache = !f.no_prompt_cache;
   f.so.model_name = !f.alias.empty() ? f.alias : fs::path(package).lexically_normal().filename().string();

@@ -39,6 +39,10 @@ void add_model_options(CLI::App* app, ModelOptions& o, bool model_required) {
   app->add_option("--backend", o.backend,
                   "compute backend: auto (CUDA when built and a GPU is present, else CPU), cpu, "
                   "cuda");
+  app->add_flag("--exact,!--int8", o.exact,
+                "CPU numerics on quantised weights: --exact (default) f32 activations, the "
+                "reference; --int8 activations quantised to int8 per 32 columns and integer dot "
+                "products (within the quantised tolerance; not yet faster)");
   app->add_option("--ubatch", o.ubatch,
                   "prompt micro-batch in tokens: prompts are evaluated this many tokens at a time "
                   "(memory grows with it; results do not change)");
@@ -91,7 +95,7 @@ Loaded open_model(const ModelOptions& o_in) {
                                             : parse_cache_size(o.expert_cache, all, "--expert-cache");
   Device& device = get_device(backend);
   so.memory = &device.expert_memory();
-  l.backend = device.context(o.threads);
+  l.backend = device.context(ContextOptions{o.threads, o.exact});
   l.store = std::make_unique<ExpertStore>(*l.model, so);
   // On a device whose expert memory the host cannot read (a GPU), experts that all fit are
   // loaded now and stay: a token then needs no host round trip per layer.

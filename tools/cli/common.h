@@ -32,6 +32,7 @@ struct ModelOptions {
   bool mmap = false;          // map resident.bin instead of reading it into memory
   int ubatch = 512;           // prompt micro-batch (SessionParams::ubatch)
   std::string backend = "auto";  // auto | cpu | cuda
+  bool exact = true;             // ContextOptions::exact (--exact / --int8)
 };
 
 // Adds -m (required unless `model_required` is false), -t, -c and the expert-store flags.
