@@ -351,6 +351,10 @@ bool Session::replay_decode() {
       throw;
     }
     decode_rec_ = be_.record_end();
+    if (!decode_rec_) {  // nothing recorded and nothing ran: this step and later ones as called
+      decode_ = DecodeReplay::kNever;
+      return false;
+    }
   }
   be_.replay(*decode_rec_);
   replayed_steps_++;
