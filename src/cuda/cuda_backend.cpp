@@ -2,7 +2,8 @@
 // the ops as launches of cuda/kernels.h on the context's stream. Host C++ against the CUDA
 // runtime API; the kernels live in the .cu files.
 //
-// Every op is queued and returns at once, except moe_experts, which waits twice (see there).
+// Every op is queued and returns at once, except moe_experts on the grouped path (experts not
+// all resident, or many slots), which waits twice (see there).
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -436,8 +437,8 @@ class CudaContext final : public Context {
     sync();
   }
 
-  // Few slots, every expert resident: two kernels reading the ids where route left them
-  // (moe.cu), no wait. Above kDirectSlots the grouped path reads each expert's weights once for
+  // Few slots, every expert resident: moe.cu's kernels read the ids where route left them, no
+  // wait. Above kDirectSlots the grouped path reads each expert's weights once for
   // all its tokens instead of once per slot.
   static constexpr int kDirectSlots = 64;
   // False when the layer's experts are not uniform enough for the typed kernels (mixed
