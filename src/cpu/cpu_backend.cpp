@@ -107,6 +107,19 @@ class CpuContext final : public Context {
     }
   }
 
+  // Rotate-half of one token's heads by the angles' cos/sin (rope and rope_freq).
+  static void rotate_half(float* row, int n_heads, int head_stride, int half, const float* cs,
+                          const float* sn) {
+    for (int h = 0; h < n_heads; h++) {
+      float* v = row + size_t(h) * head_stride;
+      for (int i = 0; i < half; i++) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * cs[i] - b * sn[i];
+        v[i + half] = b * cs[i] + a * sn[i];
+      }
+    }
+  }
+
   void rope(float* x, int T, int n_heads, int row_stride, int head_stride, int rot_dim,
             double theta) override {
     const int pos0 = pos_;
@@ -120,14 +133,7 @@ class CpuContext final : public Context {
         cs[size_t(i)] = float(std::cos(double(ang)));
         sn[size_t(i)] = float(std::sin(double(ang)));
       }
-      for (int h = 0; h < n_heads; h++) {
-        float* v = x + size_t(t) * row_stride + size_t(h) * head_stride;
-        for (int i = 0; i < half; i++) {
-          float a = v[i], b = v[i + half];
-          v[i] = a * cs[size_t(i)] - b * sn[size_t(i)];
-          v[i + half] = b * cs[size_t(i)] + a * sn[size_t(i)];
-        }
-      }
+      rotate_half(x + size_t(t) * row_stride, n_heads, head_stride, half, cs.data(), sn.data());
     }
   }
 
@@ -143,14 +149,7 @@ class CpuContext final : public Context {
         cs[size_t(i)] = float(std::cos(double(ang))) * cs_scale;
         sn[size_t(i)] = float(std::sin(double(ang))) * cs_scale;
       }
-      for (int h = 0; h < n_heads; h++) {
-        float* v = x + size_t(t) * row_stride + size_t(h) * head_stride;
-        for (int i = 0; i < half; i++) {
-          float a = v[i], b = v[i + half];
-          v[i] = a * cs[size_t(i)] - b * sn[size_t(i)];
-          v[i + half] = b * cs[size_t(i)] + a * sn[size_t(i)];
-        }
-      }
+      rotate_half(x + size_t(t) * row_stride, n_heads, head_stride, half, cs.data(), sn.data());
     }
   }
 
