@@ -15,7 +15,8 @@
 #   BENCH=1    also times the mat-vec/mat-mul kernels (moeflux_bench_cuda -> bench_matmul.md) and
 #              runs `moeflux bench` on CUDA on a synth qwen3.5-35b-a3b q4 of SYNTH_LAYERS layers
 #              (default 8; all experts resident) -> bench_model.md
-#   PROFILE=1  per-kernel device times of an 8-token decode under ncu -> profile.txt
+#   PROFILE=1  per-kernel device times of an 8-token decode and of a 512-token prefill under
+#              ncu -> profile.txt, profile_pp.txt
 #   TESTS=0    skips the tests
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -53,6 +54,11 @@ if [ "${PROFILE:-0}" = 1 ]; then
     ./build-gpu/moeflux bench -m "$pkg" --backend cuda -p 0 -n 8 -r 1 --no-floor \
     >"$OUT/profile.txt" 2>&1
   echo "profile exit $?"
+  # And of one 512-token prefill.
+  ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
+    ./build-gpu/moeflux bench -m "$pkg" --backend cuda -p 512 -n 0 -r 1 --no-floor \
+    >"$OUT/profile_pp.txt" 2>&1
+  echo "prefill profile exit $?"
 fi
 [ "${TESTS:-1}" = 0 ] && exit 0
 t0=$(date +%s)

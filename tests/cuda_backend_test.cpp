@@ -201,7 +201,10 @@ TEST_F(Cuda, EmbedAndMatmul) {
       s.ctx->embed(on(s, *E), s.put(tokens), 5, y);
       return s.get(y, 5 * 128);
     });
-    for (auto [rows, cols] : {std::pair{40, 192}, std::pair{129, 512}, std::pair{3, 64}}) {
+    // The last two take the kernels' other row splits: 4 rows per warp at T = 1 (many rows),
+    // and four warps per row with 2 rows each (few rows of many columns).
+    for (auto [rows, cols] : {std::pair{40, 192}, std::pair{129, 512}, std::pair{3, 64},
+                              std::pair{20000, 256}, std::pair{2048, 4096}}) {
       auto W = make_mat(dt, rows, cols, 200 + uint32_t(dt) + uint32_t(rows));
       for (int T : {1, 3, 17}) {
         const auto x = rand_vec(size_t(T * cols), 300 + uint32_t(T), -2, 2);
@@ -476,7 +479,7 @@ TEST_F(Cuda, MoeExpertsResidentSameBits) {
     auto sg = make_mat(dt, S, H, 5300), su = make_mat(dt, S, H, 5301), sd = make_mat(dt, H, S, 5302);
     auto sr = make_mat(DType::kF32, 1, H, 5303);
     for (int shared_kind : {0, 1, 2}) {  // none, no router, router
-      for (int T : {1, 3, 16, 40}) {  // T*K <= 64: moe.cu; above: grouped
+      for (int T : {1, 3, 16, 40, 130}) {  // T*K <= 64: per slot; above: grouped on the device
         std::mt19937 g(uint32_t(77 + T));
         std::vector<int32_t> ids;
         for (int t = 0; t < T; t++) {

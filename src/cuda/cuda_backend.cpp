@@ -2,8 +2,8 @@
 // the ops as launches of cuda/kernels.h on the context's stream. Host C++ against the CUDA
 // runtime API; the kernels live in the .cu files.
 //
-// Every op is queued and returns at once, except moe_experts on the grouped path (experts not
-// all resident, or many slots), which waits twice (see there).
+// Every op is queued and returns at once, except moe_experts on the host-grouped path (experts
+// not all resident), which waits twice (see there).
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -173,7 +173,7 @@ class CudaContext final : public Context {
     for (auto& [key, t] : expert_tables_) cudaFree(t.dev);
     for (void* p : retired_) cudaFree(p);
     for (void* p : {static_cast<void*>(pos_), static_cast<void*>(flag_), scratch_.p, slots_.p,
-                    xe_.p, g_.p, u_.p, y_.p, r_.p, slot_idx_.p, attn_.p})
+                    xe_.p, g_.p, u_.p, y_.p, r_.p, slot_idx_.p, list_.p, attn_.p})
       cudaFree(p);
     cudaStreamDestroy(stream_);
   }
@@ -360,16 +360,15 @@ class CudaContext final : public Context {
   // the slots are summed in choice order. Each slot is written by one expert only, so the
   // result does not depend on arrival order. A second wait at the end: the store may reuse a
   // slot's memory once this returns, so no queued kernel may still read it.
-  // TODO(perf): keep the ids on the device (a grouped kernel) so a decode step needs no wait
-  // and can be captured as a graph.
+  // With every expert resident moe_resident runs instead (no wait). TODO(perf): streamed
+  // experts (issue 14) need the ids on the host; the copies should overlap the hits' compute.
   void moe_experts(const float* xn, const int32_t* ids, const float* weights,
                    ExpertSource& experts, const SharedExpert* shared, float* out,
                    const MoeParams& p) override {
     const int T = p.T, K = p.k, H = p.hidden, I = p.inter;
     const int S = shared && shared->gate && *shared->gate ? shared->inter : 0;
     if (T <= 0) return;
-    if (experts.all_resident() && T * K <= kDirectSlots &&
-        moe_direct(xn, ids, weights, experts, shared, out, p, S))
+    if (experts.all_resident() && moe_resident(xn, ids, weights, experts, shared, out, p, S))
       return;
     ids_host_.resize(size_t(T) * K);
     download(ids_host_.data(), ids, ids_host_.size() * sizeof(int32_t));
@@ -437,15 +436,15 @@ class CudaContext final : public Context {
     sync();
   }
 
-  // Few slots, every expert resident: moe.cu's kernels read the ids where route left them, no
-  // wait. Above kDirectSlots the grouped path reads each expert's weights once for
-  // all its tokens instead of once per slot.
+  // Every expert resident: moe.cu's kernels read the ids where route left them, no wait. Up
+  // to kDirectSlots slots, a kernel per slot (decode); above, the slots grouped by expert on
+  // the device, each expert's weights read once per 8 of its slots (prefill).
   static constexpr int kDirectSlots = 64;
   // False when the layer's experts are not uniform enough for the typed kernels (mixed
-  // types or load widths): the grouped path runs instead.
-  bool moe_direct(const float* xn, const int32_t* ids, const float* weights,
-                  ExpertSource& experts, const SharedExpert* shared, float* out,
-                  const MoeParams& p, int S) {
+  // types, groups or load widths): the host-grouped path runs instead.
+  bool moe_resident(const float* xn, const int32_t* ids, const float* weights,
+                    ExpertSource& experts, const SharedExpert* shared, float* out,
+                    const MoeParams& p, int S) {
     const int T = p.T, K = p.k, H = p.hidden, I = p.inter;
     const ExpertTable& tab = expert_table(experts, H, I);
     if (!tab.uniform) return false;
@@ -473,8 +472,17 @@ class CudaContext final : public Context {
     a.ysh = fgrow(y_, size_t(T) * H);
     a.r = fgrow(r_, size_t(T));
     a.out = out;
-    if (!cuda::moe_direct(stream_, a)) return false;
-    check_launch("moe_direct");
+    if (T * K <= kDirectSlots) {
+      if (!cuda::moe_direct(stream_, a)) return false;
+      check_launch("moe_direct");
+      return true;
+    }
+    a.offsets = static_cast<int32_t*>(grow(slot_idx_, (size_t(a.E) + 1) * sizeof(int32_t)));
+    a.list = static_cast<int32_t*>(grow(list_, size_t(T) * K * sizeof(int32_t)));
+    a.slots = fgrow(slots_, size_t(T) * K * H);
+    a.hs_up = fgrow(xe_, size_t(T) * std::max(S, 1));
+    if (!cuda::moe_grouped(stream_, a)) return false;
+    check_launch("moe_grouped");
     return true;
   }
   // The device table of a resident layer's experts, made on first use (keyed by the source's
@@ -512,7 +520,8 @@ class CudaContext final : public Context {
       t.uniform &= m.gate.type == t.gate_up_type && m.up.type == t.gate_up_type &&
                    cuda::matvec_vec4(m.gate) == t.gate_up_vec4 &&
                    cuda::matvec_vec4(m.up) == t.gate_up_vec4 && m.down.type == t.down_type &&
-                   cuda::matvec_vec4(m.down) == t.down_vec4;
+                   cuda::matvec_vec4(m.down) == t.down_vec4 && m.gate.group == host[0].gate.group &&
+                   m.up.group == host[0].gate.group && m.down.group == host[0].down.group;
     }
     const size_t bytes = host.size() * sizeof(cuda::ExpertMats);
     if (it != expert_tables_.end()) retired_.push_back(it->second.dev);  // see grow()
@@ -613,7 +622,7 @@ class CudaContext final : public Context {
   cuda::NonfiniteFlag* flag_ = nullptr;  // device
   cuda::NonfiniteFlag flag_init_{};
   std::map<std::pair<double, int>, std::pair<std::vector<float>, float*>> inv_freq_;
-  Scratch scratch_, slots_, xe_, g_, u_, y_, r_, slot_idx_, attn_;
+  Scratch scratch_, slots_, xe_, g_, u_, y_, r_, slot_idx_, list_, attn_;
   std::map<const ExpertWeights*, ExpertTable> expert_tables_;
   std::vector<void*> retired_;  // replaced scratch and tables, freed with the context
   std::vector<int32_t> ids_host_, order_host_;

@@ -132,7 +132,7 @@ struct ExpertMats {
 struct MoeDirect {
   const ExpertMats* experts = nullptr;  // [E], device memory
   int E = 0;
-  // Every expert's gate and up have this type and matvec_vec4; every down likewise.
+  // Every expert's gate and up have this type, group and matvec_vec4; every down likewise.
   int gate_up_type = 0, down_type = 0;
   bool gate_up_vec4 = false, down_vec4 = false;
   const int32_t* ids = nullptr;    // [T, K]
@@ -147,6 +147,11 @@ struct MoeDirect {
   float* ysh = nullptr;  // scratch [T, H]
   float* r = nullptr;    // scratch [T]
   float* out = nullptr;  // [T, H]
+  // moe_grouped only:
+  int32_t* offsets = nullptr;  // scratch [E + 1]
+  int32_t* list = nullptr;     // scratch [T * K]
+  float* slots = nullptr;      // scratch [T * K, H]
+  float* hs_up = nullptr;      // scratch [T, S]
 };
 // out[t] = sum over j of weights[t, j] * down_e(silu(gate_e x_t) * up_e x_t), e = ids[t, j],
 // plus the shared expert's gated output, with no host wait. The same bits as the grouped path
@@ -154,6 +159,10 @@ struct MoeDirect {
 // [0, E) (never from route) makes its token's rows NaN. Returns false, launching nothing, when
 // the shared expert's gate and up differ in type or load width (the grouped path then runs).
 bool moe_direct(cudaStream_t s, const MoeDirect& a);
+// The same sums for many slots: the slots grouped by expert on the device, then each expert's
+// weights read once per 8 of its slots; no host wait. The same bits as moe_direct and the
+// grouped path, and the same refusal.
+bool moe_grouped(cudaStream_t s, const MoeDirect& a);
 
 // ---- position and checks ---------------------------------------------------------------------
 void set_int(cudaStream_t s, int* dst, int value);

@@ -1,6 +1,6 @@
 // Dequantising mat-vec / mat-mul and embedding rows, for every weight type. The row dot product
-// and its fixed order are matvec.cuh's; here one warp per row (four for small matrices), tokens
-// 8 per block in a batch (the weights are read once per 8 tokens).
+// and its fixed order are matvec.cuh's; here a warp takes 1, 2 or 4 rows (four warps share each
+// row of a small matrix), tokens 8 at a time in a batch (the weights read once per 8 tokens).
 // TODO(perf): prefill re-reads the weights once per 8 tokens; a tensor-core GEMM belongs here.
 #include "cuda/matvec.cuh"
 
@@ -8,40 +8,62 @@ namespace moeflux::cuda {
 
 namespace {
 
-template <int WT, int VEC, int TT, bool XV>  // XV: x rows 16-byte aligned, float4 loads
+// Rows per warp for a launch of `warps` row-warps at T = 1: more rows per warp load each x
+// element once for all of them (the x reads, not the weights, limited the one-row kernel), but
+// a matrix should still give the GPU a few waves of warps. Speed only: bits do not depend on it.
+int rows_per_warp(int64_t row_warps, int T) {
+  if (T > 1) return 4;
+  constexpr int64_t kEnough = 132 * 16;  // warps to fill an H100/H200 a few times over
+  if (row_warps >= 4 * kEnough) return 4;
+  if (row_warps >= 2 * kEnough) return 2;
+  return 1;
+}
+
+template <int WT, int VEC, int TT, int RR, bool XV>  // XV: x rows 16-byte aligned, float4 loads
 __global__ void __launch_bounds__(kWarps * 32)
     matmul_kernel(WMat W, int gshift, int ks, const float* __restrict__ x,
                   float* __restrict__ y, int T, int64_t y_stride) {
   const int warp = threadIdx.x >> 5;
-  const int64_t r = int64_t(blockIdx.x) * (kWarps / ks) + warp / ks;
-  __shared__ float part[kWarps][TT];
-  const bool active = r < W.rows;
-  if (!active && ks == 1) return;  // no barrier ahead when a warp has its row alone
+  const int64_t r0 = (int64_t(blockIdx.x) * (kWarps / ks) + warp / ks) * RR;
+  __shared__ float part[kWarps * RR * TT];
+  const bool active = r0 < W.rows;
+  if (!active && ks == 1) return;  // no barrier ahead when a warp has its rows alone
   const int t0 = blockIdx.y * TT;
-  const float* xt[TT];
+  const float* xt[1][TT];
 #pragma unroll
-  for (int tt = 0; tt < TT; tt++) xt[tt] = x + int64_t(min(t0 + tt, T - 1)) * W.cols;
-  float acc[TT];
-  if (row_sums<WT, VEC, TT, XV>(W, gshift, ks, r, active, xt, acc, part))
+  for (int tt = 0; tt < TT; tt++) xt[0][tt] = x + int64_t(min(t0 + tt, T - 1)) * W.cols;
+  RowRef rows[RR];
 #pragma unroll
-    for (int tt = 0; tt < TT; tt++)
-      if (t0 + tt < T) y[int64_t(t0 + tt) * y_stride + r] = acc[tt];
+  for (int i = 0; i < RR; i++) rows[i] = row_ref(W, min(r0 + i, W.rows - 1), gshift);
+  float acc[RR][TT];
+  if (rows_sums<WT, VEC, TT, RR, true, XV>(W.cols, gshift, ks, rows, active, xt, acc, part))
+#pragma unroll
+    for (int i = 0; i < RR; i++)
+#pragma unroll
+      for (int tt = 0; tt < TT; tt++)
+        if (r0 + i < W.rows && t0 + tt < T) y[int64_t(t0 + tt) * y_stride + r0 + i] = acc[i][tt];
+}
+
+template <int WT, int VEC, int TT, int RR, bool XV>
+void launch_rr(cudaStream_t s, const WMat& W, int gshift, int ks, const float* x, float* y,
+               int T, int64_t y_stride) {
+  const unsigned row_blocks = unsigned(ceil_div(W.rows, int64_t(kWarps / ks) * RR));
+  matmul_kernel<WT, VEC, TT, RR, XV><<<dim3(row_blocks, unsigned(ceil_div(T, TT))),
+                                       kWarps * 32, 0, s>>>(W, gshift, ks, x, y, T, y_stride);
 }
 
 template <int WT, int VEC, bool XV>
 void launch_vec(cudaStream_t s, const WMat& W, int gshift, const float* x, float* y, int T,
                 int64_t y_stride) {
-  const dim3 block(kWarps * 32);
   // Few rows of many words: 4 warps share a row, so small matrices still fill the GPU.
   const int ks = matvec_ks(W);
-  const unsigned row_blocks = unsigned(ceil_div(W.rows, kWarps / ks));
-  // T == 1 keeps one sum per lane (decode); a batch runs 8 tokens per block.
-  if (T == 1)
-    matmul_kernel<WT, VEC, 1, XV>
-        <<<dim3(row_blocks, 1), block, 0, s>>>(W, gshift, ks, x, y, T, y_stride);
-  else
-    matmul_kernel<WT, VEC, 8, XV><<<dim3(row_blocks, unsigned(ceil_div(T, 8))), block, 0, s>>>(
-        W, gshift, ks, x, y, T, y_stride);
+  // T == 1 keeps one sum per row (decode); a batch runs 8 tokens per warp.
+  if (T > 1) return launch_rr<WT, VEC, 8, 4, XV>(s, W, gshift, ks, x, y, T, y_stride);
+  switch (rows_per_warp(W.rows * ks, T)) {
+    case 4: return launch_rr<WT, VEC, 1, 4, XV>(s, W, gshift, ks, x, y, T, y_stride);
+    case 2: return launch_rr<WT, VEC, 1, 2, XV>(s, W, gshift, ks, x, y, T, y_stride);
+    default: return launch_rr<WT, VEC, 1, 1, XV>(s, W, gshift, ks, x, y, T, y_stride);
+  }
 }
 
 template <int WT, int VEC>
@@ -85,9 +107,12 @@ __global__ void embed_kernel(WMat E, const int32_t* __restrict__ tokens,
 }
 
 // blockIdx.x runs over the matrices' 4-row blocks in order; each block finds its matrix.
+// Rows per warp of matmul_n (its blocks take kWarps * kNRows rows of one matrix).
+constexpr int kNRows = 2;
+
 __global__ void __launch_bounds__(kWarps * 32) matmul_n_kernel(MatmulN a, const float* x) {
-  __shared__ float part[kWarps][1];
-  __shared__ float res[kWarps];
+  __shared__ float part[kWarps * kNRows];
+  __shared__ float res[kWarps * kNRows];
   int i = 0;
   while (i + 1 < a.n && int(blockIdx.x) >= a.first_block[i + 1]) i++;
   // A constant index into the parameter array keeps W in registers (a variable one makes a
@@ -100,9 +125,10 @@ __global__ void __launch_bounds__(kWarps * 32) matmul_n_kernel(MatmulN a, const 
     default: W = a.W[3]; break;
   }
   float* y = i == 0 ? a.y[0] : i == 1 ? a.y[1] : i == 2 ? a.y[2] : a.y[3];
-  const int64_t r0 = int64_t(int(blockIdx.x) - a.first_block[i]) * kWarps;
-  block_dot4(W, r0, x, res, part);
-  if (threadIdx.x < kWarps && r0 + threadIdx.x < W.rows) y[r0 + threadIdx.x] = res[threadIdx.x];
+  const int64_t r0 = int64_t(int(blockIdx.x) - a.first_block[i]) * (kWarps * kNRows);
+  block_rows<kNRows>(W, r0, x, res, part);
+  if (threadIdx.x < kWarps * kNRows && r0 + threadIdx.x < W.rows)
+    y[r0 + threadIdx.x] = res[threadIdx.x];
 }
 
 }  // namespace
@@ -137,7 +163,7 @@ void matmul_n(cudaStream_t s, const MatmulN& a, const float* x) {
   int blocks = 0;
   for (int i = 0; i < a.n; i++) {
     b.first_block[i] = blocks;
-    blocks += ceil_div(a.W[i].rows, kWarps);
+    blocks += ceil_div(a.W[i].rows, kWarps * kNRows);
   }
   if (blocks) matmul_n_kernel<<<unsigned(blocks), kWarps * 32, 0, s>>>(b, x);
 }
