@@ -468,7 +468,7 @@ class ResidentTable final : public ExpertSource {
 };
 
 TEST_F(Cuda, MoeExpertsResidentSameBits) {
-  const int E = 12, K = 4, H = 256, I = 128, S = 192;
+  const int E = 12, K = 6, H = 256, I = 128, S = 192;  // K + 1 > kDownSlots: two rounds
   for (DType dt : kTypes) {
     std::vector<std::unique_ptr<HostMat>> mats;
     for (int e = 0; e < E; e++) {
@@ -478,8 +478,11 @@ TEST_F(Cuda, MoeExpertsResidentSameBits) {
     }
     auto sg = make_mat(dt, S, H, 5300), su = make_mat(dt, S, H, 5301), sd = make_mat(dt, H, S, 5302);
     auto sr = make_mat(DType::kF32, 1, H, 5303);
-    for (int shared_kind : {0, 1, 2}) {  // none, no router, router
-      for (int T : {1, 3, 16, 40, 130}) {  // T*K <= 64: per slot; above: grouped on the device
+    // A shared expert of the routed experts' shape: the per-slot kernels take it as one more job.
+    auto fg = make_mat(dt, I, H, 5304), fu = make_mat(dt, I, H, 5305), fd = make_mat(dt, H, I, 5306);
+    // none, no router, router; 3, 4: of the routed shape, no router, router
+    for (int shared_kind : {0, 1, 2, 3, 4}) {
+      for (int T : {1, 3, 10, 40, 130}) {  // T*K <= 64: per slot; above: grouped on the device
         std::mt19937 g(uint32_t(77 + T));
         std::vector<int32_t> ids;
         for (int t = 0; t < T; t++) {
@@ -495,8 +498,11 @@ TEST_F(Cuda, MoeExpertsResidentSameBits) {
         for (int e = 0; e < E; e++)
           ew.push_back({on(s, *mats[size_t(3 * e)]), on(s, *mats[size_t(3 * e + 1)]),
                         on(s, *mats[size_t(3 * e + 2)])});
-        const Mat sgm = on(s, *sg), sum = on(s, *su), sdm = on(s, *sd), srm = on(s, *sr);
-        SharedExpert sh{&sgm, &sum, &sdm, shared_kind == 2 ? &srm : nullptr, S};
+        const bool routed_shape = shared_kind >= 3;
+        const Mat sgm = on(s, routed_shape ? *fg : *sg), sum = on(s, routed_shape ? *fu : *su),
+                  sdm = on(s, routed_shape ? *fd : *sd), srm = on(s, *sr);
+        SharedExpert sh{&sgm, &sum, &sdm, shared_kind == 2 || shared_kind == 4 ? &srm : nullptr,
+                        routed_shape ? I : S};
         const SharedExpert* shp = shared_kind ? &sh : nullptr;
         MoeParams p{T, K, H, I};
         const float *xd = s.put(x), *wd = s.put(w);
@@ -561,6 +567,28 @@ TEST_F(Cuda, FusedFormsSameBits) {
     for (size_t i = 0; i < ms.size(); i++)
       expect_bits(fmt::format("matmul_n {} [{}]", dtype_name(dt), ms[i].rows),
                   s.get(b[i], size_t(ms[i].rows)), s.get(a[i], size_t(ms[i].rows)));
+  }
+  // Mixed types in one call (the kernel that reads each block's type) and a shared expert
+  // router's single row.
+  {
+    std::vector<std::unique_ptr<HostMat>> hm;
+    hm.push_back(make_mat(DType::kQ4, 300, 2048, 6300));
+    hm.push_back(make_mat(DType::kF32, 1, 2048, 6301));
+    hm.push_back(make_mat(DType::kBF16, 77, 2048, 6302));
+    const float* xd = s.put(rand_vec(2048, 6303));
+    std::vector<Mat> ms;
+    std::vector<float*> a, b;
+    for (auto& h : hm) {
+      ms.push_back(on(s, *h));
+      a.push_back(s.zeros(size_t(h->m.rows)));
+      b.push_back(s.zeros(size_t(h->m.rows)));
+    }
+    const Mat* ptrs[] = {&ms[0], &ms[1], &ms[2]};
+    for (size_t i = 0; i < ms.size(); i++) s.ctx->matmul(ms[i], xd, a[i], 1);
+    s.ctx->matmul_n(ptrs, b.data(), 3, xd, 1);
+    for (size_t i = 0; i < ms.size(); i++)
+      expect_bits(fmt::format("matmul_n mixed [{}]", ms[i].rows), s.get(b[i], size_t(ms[i].rows)),
+                  s.get(a[i], size_t(ms[i].rows)));
   }
 }
 

@@ -455,6 +455,7 @@ class CudaContext final : public Context {
     a.gate_up_vec4 = tab.gate_up_vec4;
     a.down_type = tab.down_type;
     a.down_vec4 = tab.down_vec4;
+    a.first = tab.first;
     a.ids = ids;
     a.weights = weights;
     a.xn = xn;
@@ -493,6 +494,7 @@ class CudaContext final : public Context {
     bool uniform = false;
     int gate_up_type = 0, down_type = 0;
     bool gate_up_vec4 = false, down_vec4 = false;
+    cuda::ExpertMats first;  // expert 0's, host copy
   };
   const ExpertTable& expert_table(ExpertSource& experts, int H, int I) {
     const ExpertWeights* key = &experts.weights(0);
@@ -523,6 +525,7 @@ class CudaContext final : public Context {
                    cuda::matvec_vec4(m.down) == t.down_vec4 && m.gate.group == host[0].gate.group &&
                    m.up.group == host[0].gate.group && m.down.group == host[0].down.group;
     }
+    if (!host.empty()) t.first = host[0];
     const size_t bytes = host.size() * sizeof(cuda::ExpertMats);
     if (it != expert_tables_.end()) retired_.push_back(it->second.dev);  // see grow()
     t.dev = static_cast<cuda::ExpertMats*>(

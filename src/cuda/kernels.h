@@ -135,6 +135,7 @@ struct MoeDirect {
   // Every expert's gate and up have this type, group and matvec_vec4; every down likewise.
   int gate_up_type = 0, down_type = 0;
   bool gate_up_vec4 = false, down_vec4 = false;
+  ExpertMats first;  // expert 0's matrices (host copy: their form stands for every expert's)
   const int32_t* ids = nullptr;    // [T, K]
   const float* weights = nullptr;  // [T, K]
   const float* xn = nullptr;       // [T, H]
@@ -152,6 +153,7 @@ struct MoeDirect {
   int32_t* list = nullptr;     // scratch [T * K]
   float* slots = nullptr;      // scratch [T * K, H]
   float* hs_up = nullptr;      // scratch [T, S]
+  bool fuse_shared = false;    // set by moe_direct
 };
 // out[t] = sum over j of weights[t, j] * down_e(silu(gate_e x_t) * up_e x_t), e = ids[t, j],
 // plus the shared expert's gated output, with no host wait. The same bits as the grouped path

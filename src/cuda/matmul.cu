@@ -2,6 +2,8 @@
 // and its fixed order are matvec.cuh's; here a warp takes 1, 2 or 4 rows (four warps share each
 // row of a small matrix), tokens 8 at a time in a batch (the weights read once per 8 tokens).
 // TODO(perf): prefill re-reads the weights once per 8 tokens; a tensor-core GEMM belongs here.
+#include <cstdlib>
+
 #include "cuda/matvec.cuh"
 
 namespace moeflux::cuda {
@@ -58,7 +60,23 @@ void launch_vec(cudaStream_t s, const WMat& W, int gshift, const float* x, float
   // Few rows of many words: 4 warps share a row, so small matrices still fill the GPU.
   const int ks = matvec_ks(W);
   // T == 1 keeps one sum per row (decode); a batch runs 8 tokens per warp.
-  if (T > 1) return launch_rr<WT, VEC, 8, 4, XV>(s, W, gshift, ks, x, y, T, y_stride);
+  if (T > 1) {
+    // EXPERIMENT (not to land): MOEFLUX_CUDA_MM picks the batch tiling for q4/q8.
+    static const int variant = [] {
+      const char* e = getenv("MOEFLUX_CUDA_MM");
+      return e ? atoi(e) : 0;
+    }();
+    if constexpr (WT == kWQ4 || WT == kWQ8) {
+      switch (variant) {
+        case 1: return launch_rr<WT, VEC, 8, 2, XV>(s, W, gshift, ks, x, y, T, y_stride);
+        case 2: return launch_rr<WT, VEC, 16, 2, XV>(s, W, gshift, ks, x, y, T, y_stride);
+        case 3: return launch_rr<WT, VEC, 16, 1, XV>(s, W, gshift, ks, x, y, T, y_stride);
+        case 4: return launch_rr<WT, VEC, 4, 4, XV>(s, W, gshift, ks, x, y, T, y_stride);
+        default: break;
+      }
+    }
+    return launch_rr<WT, VEC, 8, 4, XV>(s, W, gshift, ks, x, y, T, y_stride);
+  }
   switch (rows_per_warp(W.rows * ks, T)) {
     case 4: return launch_rr<WT, VEC, 1, 4, XV>(s, W, gshift, ks, x, y, T, y_stride);
     case 2: return launch_rr<WT, VEC, 1, 2, XV>(s, W, gshift, ks, x, y, T, y_stride);
@@ -107,12 +125,14 @@ __global__ void embed_kernel(WMat E, const int32_t* __restrict__ tokens,
 }
 
 // blockIdx.x runs over the matrices' 4-row blocks in order; each block finds its matrix.
-// Rows per warp of matmul_n (its blocks take kWarps * kNRows rows of one matrix).
-constexpr int kNRows = 2;
+// Rows per warp of matmul_n: its blocks take kWarps * RR rows of one matrix.
+constexpr int kNRowsTyped = 4;  // every matrix of one type and load width: typed kernels
+constexpr int kNRowsAny = 2;    // else the type is read per block (every variant inlined)
 
+template <int RR, int WT, int VEC, bool XV>  // WT < 0: the type read per block
 __global__ void __launch_bounds__(kWarps * 32) matmul_n_kernel(MatmulN a, const float* x) {
-  __shared__ float part[kWarps * kNRows];
-  __shared__ float res[kWarps * kNRows];
+  __shared__ float part[kWarps * RR];
+  __shared__ float res[kWarps * RR];
   int i = 0;
   while (i + 1 < a.n && int(blockIdx.x) >= a.first_block[i + 1]) i++;
   // A constant index into the parameter array keeps W in registers (a variable one makes a
@@ -125,10 +145,35 @@ __global__ void __launch_bounds__(kWarps * 32) matmul_n_kernel(MatmulN a, const 
     default: W = a.W[3]; break;
   }
   float* y = i == 0 ? a.y[0] : i == 1 ? a.y[1] : i == 2 ? a.y[2] : a.y[3];
-  const int64_t r0 = int64_t(int(blockIdx.x) - a.first_block[i]) * (kWarps * kNRows);
-  block_rows<kNRows>(W, r0, x, res, part);
-  if (threadIdx.x < kWarps * kNRows && r0 + threadIdx.x < W.rows)
+  const int64_t r0 = int64_t(int(blockIdx.x) - a.first_block[i]) * (kWarps * RR);
+  if constexpr (WT < 0)
+    block_rows<RR>(W, r0, x, res, part);
+  else
+    block_rows_t<WT, VEC, RR, XV>(W, matvec_ks(W), r0, x, res, part);
+  if (threadIdx.x < kWarps * RR && r0 + threadIdx.x < W.rows)
     y[r0 + threadIdx.x] = res[threadIdx.x];
+}
+
+template <int RR, int WT, int VEC, bool XV>
+void launch_n(cudaStream_t s, const MatmulN& a, const float* x) {
+  MatmulN b = a;
+  int blocks = 0;
+  for (int i = 0; i < a.n; i++) {
+    b.first_block[i] = blocks;
+    blocks += ceil_div(a.W[i].rows, kWarps * RR);
+  }
+  if (blocks) matmul_n_kernel<RR, WT, VEC, XV><<<unsigned(blocks), kWarps * 32, 0, s>>>(b, x);
+}
+
+template <int WT>
+void launch_n_typed(cudaStream_t s, const MatmulN& a, const float* x, bool vec4, bool xv) {
+  if (vec4) {
+    if (xv) launch_n<kNRowsTyped, WT, 4, true>(s, a, x);
+    else launch_n<kNRowsTyped, WT, 4, false>(s, a, x);
+  } else {
+    if (xv) launch_n<kNRowsTyped, WT, 1, true>(s, a, x);
+    else launch_n<kNRowsTyped, WT, 1, false>(s, a, x);
+  }
 }
 
 }  // namespace
@@ -159,13 +204,23 @@ void embed(cudaStream_t s, const WMat& E, const int32_t* tokens, int T, float* o
 }
 
 void matmul_n(cudaStream_t s, const MatmulN& a, const float* x) {
-  MatmulN b = a;
-  int blocks = 0;
-  for (int i = 0; i < a.n; i++) {
-    b.first_block[i] = blocks;
-    blocks += ceil_div(a.W[i].rows, kWarps * kNRows);
+  // The kernel's choices (load width, x loads) are block_rows_x's, made per matrix: typed
+  // kernels when every matrix makes the same ones.
+  bool same = a.n > 0;
+  const bool vec4 = a.n > 0 && matvec_vec4(a.W[0]);
+  const bool xv = a.n > 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && a.W[0].cols % 4 == 0;
+  for (int i = 0; i < a.n; i++)
+    same &= a.W[i].type == a.W[0].type && matvec_vec4(a.W[i]) == vec4 &&
+            (reinterpret_cast<uintptr_t>(x) % 16 == 0 && a.W[i].cols % 4 == 0) == xv;
+  if (!same) return launch_n<kNRowsAny, -1, 1, false>(s, a, x);
+  switch (a.W[0].type) {
+    case kWF32: return launch_n_typed<kWF32>(s, a, x, vec4, xv);
+    case kWBF16: return launch_n_typed<kWBF16>(s, a, x, vec4, xv);
+    case kWF16: return launch_n_typed<kWF16>(s, a, x, vec4, xv);
+    case kWQ8: return launch_n_typed<kWQ8>(s, a, x, vec4, xv);
+    case kWQ4: return launch_n_typed<kWQ4>(s, a, x, vec4, xv);
+    case kWQ2: return launch_n_typed<kWQ2>(s, a, x, vec4, xv);
   }
-  if (blocks) matmul_n_kernel<<<unsigned(blocks), kWarps * 32, 0, s>>>(b, x);
 }
 
 }  // namespace moeflux::cuda

@@ -58,74 +58,78 @@ __device__ __forceinline__ bool better(float sa, int a, float sb, int b) {
   return sa != sb ? sa > sb : a < b;
 }
 
-constexpr int kRouteThreads = 256;
+// The softmax's sum has the order of a 256-thread block_sum_double (thread i takes experts
+// i, i + 256, ... in turn; a xor tree per warp of 32; the 8 warp sums added in order), kept by
+// one warp standing for the 8: a token's route is one warp's work (a 256-thread block spent
+// most of its time at barriers).
+constexpr int kRouteThreads = 256;  // the threads of the sum's order
+constexpr int kRouteWarps = kRouteThreads / 32;
 
-// One block per token. Scores and probabilities in shared memory; k rounds of a block-wide
-// arg-best over the experts not yet taken (a strict total order, so the tree's shape cannot
-// change the winner). Softmax in double, rounded once, as the CPU.
-__global__ void __launch_bounds__(kRouteThreads)
+__global__ void __launch_bounds__(32)
     route_kernel(const float* __restrict__ logits, int E, int K, int scoring, bool norm,
                  const float* __restrict__ bias, float scale, int32_t* ids, float* weights) {
   extern __shared__ double rsm[];
-  double* prob = rsm;                                         // [E]
-  double* red = prob + E;                                     // [threads]
-  float* score = reinterpret_cast<float*>(red + blockDim.x);  // [E]
-  float* bs = score + E;                                      // [threads]
-  int* bi = reinterpret_cast<int*>(bs + blockDim.x);          // [threads]
-  int* chosen = bi + blockDim.x;                              // [K]
+  double* prob = rsm;                                             // [E]
+  float* score = reinterpret_cast<float*>(prob + E);              // [E]
+  int* chosen = reinterpret_cast<int*>(score + E);                // [K]
   unsigned char* taken = reinterpret_cast<unsigned char*>(chosen + K);  // [E]
-  const int t = blockIdx.x, tid = threadIdx.x;
+  const int t = blockIdx.x, lane = threadIdx.x;
   const float* lg = logits + int64_t(t) * E;
   double sum = 0;
   if (scoring == 0) {
     float mx = -INFINITY;
-    for (int e = tid; e < E; e += blockDim.x) mx = fmaxf(mx, lg[e]);
+    for (int e = lane; e < E; e += 32) mx = fmaxf(mx, lg[e]);  // max: any order
 #pragma unroll
     for (int off = 16; off >= 1; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    if ((tid & 31) == 0) bs[tid >> 5] = mx;
-    __syncthreads();
-    for (int w = 1; w < int(blockDim.x >> 5); w++) mx = fmaxf(mx, bs[w]);  // max: any order
-    mx = fmaxf(mx, bs[0]);
-    __syncthreads();
-    double part = 0;
-    for (int e = tid; e < E; e += blockDim.x) {
-      prob[e] = exp(double(lg[e]) - double(mx));
-      part += prob[e];
-      score[e] = lg[e];
+    double part[kRouteWarps];
+#pragma unroll
+    for (int w = 0; w < kRouteWarps; w++) part[w] = 0;
+    for (int base = 0; base < E; base += kRouteThreads)
+#pragma unroll
+      for (int w = 0; w < kRouteWarps; w++) {
+        const int e = base + w * 32 + lane;
+        if (e < E) {
+          prob[e] = exp(double(lg[e]) - double(mx));
+          part[w] += prob[e];
+          score[e] = lg[e];
+        }
+      }
+#pragma unroll
+    for (int w = 0; w < kRouteWarps; w++) {
+      double v = part[w];
+#pragma unroll
+      for (int off = 16; off >= 1; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+      v = __shfl_sync(0xffffffffu, v, 0);  // lane 0's, as block_sum_double keeps
+      sum = w == 0 ? v : sum + v;
     }
-    sum = block_sum_double(part, red);
   } else {
-    for (int e = tid; e < E; e += blockDim.x) {
+    for (int e = lane; e < E; e += 32) {
       prob[e] = 1.0 / (1.0 + exp(-double(lg[e])));
       score[e] = float(prob[e]) + (bias ? bias[e] : 0.0f);
     }
   }
-  for (int e = tid; e < E; e += blockDim.x) taken[e] = 0;
-  __syncthreads();
+  for (int e = lane; e < E; e += 32) taken[e] = 0;
+  __syncwarp();
   for (int j = 0; j < K; j++) {
     float best_s = 0;
     int best = -1;
-    for (int e = tid; e < E; e += blockDim.x)
+    for (int e = lane; e < E; e += 32)
       if (!taken[e] && better(score[e], e, best_s, best)) best_s = score[e], best = e;
-    // `better` is a strict total order, so any reduction tree finds the same expert: a
-    // shuffle tree per warp, then the warps' winners.
+    // `better` is a strict total order, so any reduction tree finds the same expert, and
+    // every lane ends with it.
 #pragma unroll
     for (int off = 16; off >= 1; off /= 2) {
       const float s2 = __shfl_xor_sync(0xffffffffu, best_s, off);
       const int i2 = __shfl_xor_sync(0xffffffffu, best, off);
       if (better(s2, i2, best_s, best)) best_s = s2, best = i2;
     }
-    if ((tid & 31) == 0) bs[tid >> 5] = best_s, bi[tid >> 5] = best;
-    __syncthreads();
-    if (tid == 0) {
-      for (int w = 1; w < int(blockDim.x >> 5); w++)
-        if (better(bs[w], bi[w], bs[0], bi[0])) bs[0] = bs[w], bi[0] = bi[w];
-      chosen[j] = bi[0];
-      taken[bi[0]] = 1;
+    if (lane == 0) {
+      chosen[j] = best;
+      taken[best] = 1;
     }
-    __syncthreads();
+    __syncwarp();
   }
-  if (tid != 0) return;
+  if (lane != 0) return;
   double top = 0;
   for (int j = 0; j < K; j++) top += prob[chosen[j]];
   for (int j = 0; j < K; j++) {
@@ -224,12 +228,10 @@ void silu_mul(cudaStream_t s, float* gate, const float* up, size_t n) {
 void route(cudaStream_t s, const float* logits, int T, int n_experts, int k, int scoring,
            bool norm_topk_prob, const float* bias, float scale, int32_t* ids, float* weights) {
   if (T <= 0) return;
-  const int th = kRouteThreads;
-  const size_t smem = size_t(n_experts + th) * sizeof(double) +
-                      size_t(n_experts + th) * sizeof(float) + size_t(th + k) * sizeof(int) +
-                      size_t(n_experts);
-  route_kernel<<<unsigned(T), unsigned(th), smem, s>>>(logits, n_experts, k, scoring,
-                                                       norm_topk_prob, bias, scale, ids, weights);
+  const size_t smem = size_t(n_experts) * sizeof(double) + size_t(n_experts) * sizeof(float) +
+                      size_t(k) * sizeof(int) + size_t(n_experts);
+  route_kernel<<<unsigned(T), 32, smem, s>>>(logits, n_experts, k, scoring, norm_topk_prob, bias,
+                                             scale, ids, weights);
 }
 
 void gather_slot_rows(cudaStream_t s, const float* src, const int32_t* slots, int n, int k,

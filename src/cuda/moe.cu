@@ -24,7 +24,7 @@ namespace {
 
 constexpr int kPairRows = 2;                     // gate/up row pairs per warp
 constexpr int kGateUpRows = kWarps * kPairRows;  // gate/up rows per block
-constexpr int kDownSlots = 4;                    // slots a warp's down row runs side by side
+constexpr int kDownSlots = 5;                    // slots a warp's down row runs side by side
 constexpr int kTile = 8;                         // slots per weight read (grouped)
 constexpr int kDownRows = 4;                     // down rows per warp (grouped)
 
@@ -61,27 +61,34 @@ __device__ inline void gate_up_block(const WMat& gate, const WMat& up, int64_t r
 }
 
 struct GateUpJob {
-  const ExpertMats* experts;  // routed: the table, with ids; null: the shared expert
+  const ExpertMats* experts;  // the routed experts' table
   const int32_t* ids;
   int E, K;
-  WMat sg, su;  // the shared expert's gate and up
+  int routed;     // jobs < routed: routed slots (t*K + j); the others: tokens of the shared expert
+  WMat sg, su;    // the shared expert's gate and up
+  WMat router;    // its router row (f32), when has_router: the shared jobs' first blocks
+  bool has_router;
+  float* r;       // [tokens] its router logits
   const float* xn;
-  int H, rows;  // rows of gate/up (I or S)
-  float* h;     // [jobs, rows]
+  int H, rows;    // rows of gate/up (I, or S when every job is shared)
+  float* h;       // [routed, rows]
+  float* hs;      // [jobs - routed, rows]
 };
 
-// blockIdx.y: the job (a routed slot t*K + j, or a token for the shared expert); blockIdx.x:
-// rows kGateUpRows*x..
+// blockIdx.y: the job; blockIdx.x: rows kGateUpRows*x..
 template <int WT, int VEC, bool XV>
 __global__ void __launch_bounds__(kWarps * 32) moe_gate_up_kernel(GateUpJob a) {
   __shared__ float part[kWarps * 2 * kPairRows];
   const int job = blockIdx.y, tid = threadIdx.x;
   const int64_t r0 = int64_t(blockIdx.x) * kGateUpRows;
   if (r0 >= a.rows) return;
-  float* out = a.h + int64_t(job) * a.rows;
   WMat gate, up;  // copies in registers: fields read through global memory would be reloaded
   const float* x;
-  if (a.experts) {
+  float* out;
+  const bool shared = job >= a.routed;
+  const int tok = job - a.routed;
+  if (!shared) {
+    out = a.h + int64_t(job) * a.rows;
     const int e = a.ids[job];
     if (e < 0 || e >= a.E) {  // never from route(); poisons the rows so the NaN check reports it
       if (tid < kGateUpRows && r0 + tid < a.rows) out[r0 + tid] = __int_as_float(0x7fc00000);
@@ -91,17 +98,26 @@ __global__ void __launch_bounds__(kWarps * 32) moe_gate_up_kernel(GateUpJob a) {
     up = a.experts[e].up;
     x = a.xn + int64_t(job / a.K) * a.H;
   } else {
+    out = a.hs + int64_t(tok) * a.rows;
     gate = a.sg;
     up = a.su;
-    x = a.xn + int64_t(job) * a.H;
+    x = a.xn + int64_t(tok) * a.H;
   }
   const float* const xt[1][1] = {{x}};
   gate_up_block<WT, VEC, 1, XV>(gate, up, r0, xt, part,
                                 [&](int64_t r, int, float v) { out[r] = v; });
+  if (shared && a.has_router && blockIdx.x == 0) {
+    // The router logit in the plain mat-vec's order (the whole block takes part).
+    __shared__ float res[kWarps];
+    __syncthreads();  // part is free
+    block_rows_x<kWF32, 1>(a.router, matvec_ks(a.router), 0, x, res, part);
+    if (tid == 0) a.r[tok] = res[0];
+  }
 }
 
 // blockIdx.y: the token; blockIdx.x: output rows kWarps*x.. (ks = 1: a row per warp; ks = 4:
-// a row per pass). A row's k slots run kDownSlots at a time (each its own expert and input).
+// a row per pass). A row's k slots run kDownSlots at a time (each its own expert and input),
+// and with fuse_shared the shared expert's down row as a (k+1)-th.
 template <int WT, int VEC, bool XV>
 __global__ void __launch_bounds__(kWarps * 32) moe_down_kernel(MoeDirect a) {
   __shared__ float part[kWarps * kDownSlots];
@@ -109,22 +125,31 @@ __global__ void __launch_bounds__(kWarps * 32) moe_down_kernel(MoeDirect a) {
   const WMat d0 = a.experts[0].down;  // every down has this shape, type and group
   const int ks = matvec_ks(d0), gshift = group_shift(d0);
   const int passes = ks == 1 ? 1 : kWarps;
+  const int items = a.K + (a.fuse_shared ? 1 : 0);
   for (int p = 0; p < passes; p++) {
     const int64_t r = int64_t(blockIdx.x) * kWarps + (ks == 1 ? warp : p);
     const bool active = r < a.H;
-    float s = 0.0f;
+    const int64_t rr = min(r, int64_t(a.H) - 1);
+    float s = 0.0f, ys = 0.0f;
     bool holder = false;
-    for (int j0 = 0; j0 < a.K; j0 += kDownSlots) {
+    for (int j0 = 0; j0 < items; j0 += kDownSlots) {
       RowRef rows[kDownSlots];
       const float* xt[kDownSlots][1];
       bool bad[kDownSlots];
 #pragma unroll
       for (int i = 0; i < kDownSlots; i++) {
-        const int slot = t * a.K + min(j0 + i, a.K - 1);
-        const int e = a.ids[slot];
-        bad[i] = e < 0 || e >= a.E;
-        rows[i] = row_ref(a.experts[bad[i] ? 0 : e].down, min(r, int64_t(a.H) - 1), gshift);
-        xt[i][0] = a.h + int64_t(slot) * a.I;
+        const int j = min(j0 + i, items - 1);
+        bad[i] = false;
+        if (j < a.K) {
+          const int slot = t * a.K + j;
+          const int e = a.ids[slot];
+          bad[i] = e < 0 || e >= a.E;
+          rows[i] = row_ref(a.experts[bad[i] ? 0 : e].down, rr, gshift);
+          xt[i][0] = a.h + int64_t(slot) * a.I;
+        } else {
+          rows[i] = row_ref(a.sh_down, rr, gshift);
+          xt[i][0] = a.hs + int64_t(t) * a.S;
+        }
       }
       float acc[kDownSlots][1];
       holder = rows_sums<WT, VEC, 1, kDownSlots, false, XV>(a.I, gshift, ks, rows, active, xt,
@@ -139,13 +164,15 @@ __global__ void __launch_bounds__(kWarps * 32) moe_down_kernel(MoeDirect a) {
             const float y = bad[i] ? __int_as_float(0x7fc00000) : acc[i][0];
             const float v = y * a.weights[t * a.K + j];
             s = j == 0 ? v : s + v;
+          } else if (j == a.K) {
+            ys = acc[i][0];
           }
         }
     }
     if (holder) {
       if (a.S > 0) {
         // As add_gated_rows.
-        const float ys = a.ysh[int64_t(t) * a.H + r];
+        if (!a.fuse_shared) ys = a.ysh[int64_t(t) * a.H + r];
         const float v = a.has_router ? ys * sigmoidf_(a.r[t]) : ys;
         s += v;
       }
@@ -288,23 +315,37 @@ bool shared_ok(const MoeDirect& a) {
   return a.sh_gate.type == a.sh_up.type && a.sh_gate.group == a.sh_up.group &&
          matvec_vec4(a.sh_gate) == matvec_vec4(a.sh_up);
 }
+// Same shape, type, group and load width: the kernels read both alike.
+bool same_form(const WMat& x, const WMat& y) {
+  return x.type == y.type && x.rows == y.rows && x.cols == y.cols && x.group == y.group &&
+         matvec_vec4(x) == matvec_vec4(y);
+}
 
 }  // namespace
 
-bool moe_direct(cudaStream_t s, const MoeDirect& a) {
+bool moe_direct(cudaStream_t s, const MoeDirect& a0) {
+  MoeDirect a = a0;
   if (a.T <= 0) return true;
   if (a.S > 0 && !shared_ok(a)) return false;
-  // The shared expert first (its down row and router logit are inputs of the down kernel).
-  if (a.S > 0) {
-    GateUpJob j{nullptr, nullptr, 0, 0, a.sh_gate, a.sh_up, a.xn, a.H, a.S, a.hs};
-    gate_up(s, j, a.T, a.sh_gate.type, matvec_vec4(a.sh_gate));
+  // The shared expert as one more job of the routed kernels when it has the routed experts'
+  // form (and its router row is f32); else its own launches first (its down row and router
+  // logit are inputs of the down kernel).
+  a.fuse_shared = a.S > 0 && same_form(a.sh_gate, a.first.gate) &&
+                  same_form(a.sh_up, a.first.up) && same_form(a.sh_down, a.first.down) &&
+                  (!a.has_router || (a.sh_router.type == kWF32 && a.sh_router.cols == a.H));
+  GateUpJob j{a.experts, a.ids, a.E, a.K, a.T * a.K, a.sh_gate, a.sh_up, a.sh_router,
+              a.has_router, a.r, a.xn, a.H, a.I, a.h, a.hs};
+  if (a.S > 0 && !a.fuse_shared) {
+    GateUpJob js = j;
+    js.routed = 0, js.rows = a.S, js.has_router = false;
+    gate_up(s, js, a.T, a.sh_gate.type, matvec_vec4(a.sh_gate));
     matmul(s, a.sh_down, a.hs, a.ysh, a.T, a.H);
     if (a.has_router) matmul(s, a.sh_router, a.xn, a.r, a.T, 1);
   }
-  GateUpJob j{a.experts, a.ids, a.E, a.K, {}, {}, a.xn, a.H, a.I, a.h};
-  gate_up(s, j, a.T * a.K, a.gate_up_type, a.gate_up_vec4);
+  if (!a.fuse_shared) j.has_router = false;
+  gate_up(s, j, a.T * a.K + (a.fuse_shared ? a.T : 0), a.gate_up_type, a.gate_up_vec4);
   const dim3 grid(unsigned(ceil_div(a.H, kWarps)), unsigned(a.T));
-  const bool xv = rows_aligned(a.h, a.I);
+  const bool xv = rows_aligned(a.h, a.I) && (!a.fuse_shared || rows_aligned(a.hs, a.S));
   MF_MOE_TYPES(moe_down_kernel, a.down_type, a.down_vec4, xv, grid, a)
   return true;
 }
