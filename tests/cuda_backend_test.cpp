@@ -369,6 +369,10 @@ TEST_F(Cuda, Route) {
           auto logits = rand_vec(size_t(T * E), 1400 + uint32_t(E + k), -4, 4);
           logits[3] = logits[7 % E];  // a tie
           logits[size_t(E) + 1] = NAN;
+          // Token 3: -0 and +0 are the best scores and equal: the lower index comes first.
+          for (int e = 0; e < E; e++) logits[size_t(3 * E + e)] = -std::fabs(logits[size_t(3 * E + e)]) - 0.5f;
+          logits[size_t(3 * E + 5)] = 0.0f;
+          logits[size_t(3 * E + 1)] = -0.0f;
           std::vector<int32_t> ids_cpu, ids_gpu;
           const std::string what =
               fmt::format("route_E{}_k{}_{}_norm{}", E, k, int(sc), int(norm));

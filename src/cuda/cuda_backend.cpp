@@ -438,7 +438,7 @@ class CudaContext final : public Context {
 
   // Every expert resident: moe.cu's kernels read the ids where route left them, no wait. Up
   // to kDirectSlots slots, a kernel per slot (decode); above, the slots grouped by expert on
-  // the device, each expert's weights read once per 8 of its slots (prefill).
+  // the device, each expert's weights read once per 4 of its slots (prefill).
   static constexpr int kDirectSlots = 64;
   // False when the layer's experts are not uniform enough for the typed kernels (mixed
   // types, groups or load widths): the host-grouped path runs instead.

@@ -162,7 +162,7 @@ struct MoeDirect {
 // the shared expert's gate and up differ in type or load width (the grouped path then runs).
 bool moe_direct(cudaStream_t s, const MoeDirect& a);
 // The same sums for many slots: the slots grouped by expert on the device, then each expert's
-// weights read once per 8 of its slots; no host wait. The same bits as moe_direct and the
+// weights read once per 4 of its slots; no host wait. The same bits as moe_direct and the
 // grouped path, and the same refusal.
 bool moe_grouped(cudaStream_t s, const MoeDirect& a);
 

@@ -57,12 +57,24 @@ __device__ __forceinline__ float small_uint_to_float(uint32_t q) {
 
 // Element j of a word: a quantised weight q * s + b, a product then a sum (format/quant.h's
 // dequantize_row); a float weight as it is stored (s, b unused).
+// A quantised code q is placed as the low byte of 2^23's bit pattern with one byte permute
+// (after splitting a q4/q2 word into bytes of codes, shared by the word's elements): the same
+// float 2^23 + q as small_uint_to_float, fewer integer instructions.
 template <int WT>
 __device__ __forceinline__ float word_element(uint32_t word, int j, float s, float b) {
   if constexpr (kQuant<WT>) {
-    constexpr int bits = WTraits<WT>::bits;
-    constexpr uint32_t mask = (1u << bits) - 1;
-    return __fadd_rn(__fmul_rn(small_uint_to_float((word >> (j * bits)) & mask), s), b);
+    uint32_t bytes;  // code j is byte `at` of it
+    int at;
+    if constexpr (WT == kWQ8) {
+      bytes = word, at = j;
+    } else if constexpr (WT == kWQ4) {  // even codes in word's low nibbles, odd in its high
+      bytes = (j & 1) ? (word >> 4) & 0x0F0F0F0Fu : word & 0x0F0F0F0Fu, at = j >> 1;
+    } else {  // q2: code j at bits 2j: byte j/4 of (word >> 2(j%4)) & 0x03030303
+      bytes = (word >> (2 * (j & 3))) & 0x03030303u, at = j >> 2;
+    }
+    const float q = __fsub_rn(__uint_as_float(__byte_perm(bytes, 0x4B000000u, 0x7540u | at)),
+                              8388608.0f);
+    return __fadd_rn(__fmul_rn(q, s), b);
   } else if constexpr (WT == kWF32) {
     return __uint_as_float(word);
   } else if constexpr (WT == kWBF16) {

@@ -49,96 +49,69 @@ __global__ void silu_mul_kernel(float* gate, const float* __restrict__ up, size_
   if (i < n) gate[i] = siluf_(gate[i]) * up[i];
 }
 
-// Best first, equal scores to the lower index, NaN last (cpu_backend.cpp's order).
-__device__ __forceinline__ bool better(float sa, int a, float sb, int b) {
-  if (b < 0) return a >= 0;
-  if (a < 0) return false;
-  const bool na = isnan(sa), nb = isnan(sb);
-  if (na || nb) return na == nb ? a < b : nb;
-  return sa != sb ? sa > sb : a < b;
+// The experts' order (cpu_backend.cpp's): best score first, equal scores to the lower index,
+// NaN last; -0 and +0 are equal scores. As one integer order: a larger key is better.
+__device__ __forceinline__ uint64_t route_key(float s, int e) {
+  const uint32_t u = __float_as_uint(s == 0.0f ? 0.0f : s);
+  const uint32_t o = isnan(s) ? 0u : (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return (uint64_t(o) << 32) | uint64_t(0xFFFFFFFFu - uint32_t(e));
 }
 
-// The softmax's sum has the order of a 256-thread block_sum_double (thread i takes experts
-// i, i + 256, ... in turn; a xor tree per warp of 32; the 8 warp sums added in order), kept by
-// one warp standing for the 8: a token's route is one warp's work (a 256-thread block spent
-// most of its time at barriers).
-constexpr int kRouteThreads = 256;  // the threads of the sum's order
-constexpr int kRouteWarps = kRouteThreads / 32;
+constexpr int kRouteThreads = 256;
 
-__global__ void __launch_bounds__(32)
+// One block per token. The k best are found by rank (how many keys beat each expert's; a
+// count stops at k), not by k rounds of argmax: one pass, no serial rounds.
+__global__ void __launch_bounds__(kRouteThreads)
     route_kernel(const float* __restrict__ logits, int E, int K, int scoring, bool norm,
                  const float* __restrict__ bias, float scale, int32_t* ids, float* weights) {
   extern __shared__ double rsm[];
-  double* prob = rsm;                                             // [E]
-  float* score = reinterpret_cast<float*>(prob + E);              // [E]
-  int* chosen = reinterpret_cast<int*>(score + E);                // [K]
-  unsigned char* taken = reinterpret_cast<unsigned char*>(chosen + K);  // [E]
-  const int t = blockIdx.x, lane = threadIdx.x;
+  double* prob = rsm;                                            // [E]
+  double* red = prob + E;                                        // [threads]
+  uint64_t* key = reinterpret_cast<uint64_t*>(red + blockDim.x);  // [E]
+  float* bs = reinterpret_cast<float*>(key + E);                  // [threads]
+  int* chosen = reinterpret_cast<int*>(bs + blockDim.x);          // [K]
+  const int t = blockIdx.x, tid = threadIdx.x;
   const float* lg = logits + int64_t(t) * E;
   double sum = 0;
   if (scoring == 0) {
     float mx = -INFINITY;
-    for (int e = lane; e < E; e += 32) mx = fmaxf(mx, lg[e]);  // max: any order
+    for (int e = tid; e < E; e += blockDim.x) mx = fmaxf(mx, lg[e]);
 #pragma unroll
     for (int off = 16; off >= 1; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    double part[kRouteWarps];
-#pragma unroll
-    for (int w = 0; w < kRouteWarps; w++) part[w] = 0;
-    for (int base = 0; base < E; base += kRouteThreads)
-#pragma unroll
-      for (int w = 0; w < kRouteWarps; w++) {
-        const int e = base + w * 32 + lane;
-        if (e < E) {
-          prob[e] = exp(double(lg[e]) - double(mx));
-          part[w] += prob[e];
-          score[e] = lg[e];
-        }
-      }
-#pragma unroll
-    for (int w = 0; w < kRouteWarps; w++) {
-      double v = part[w];
-#pragma unroll
-      for (int off = 16; off >= 1; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-      v = __shfl_sync(0xffffffffu, v, 0);  // lane 0's, as block_sum_double keeps
-      sum = w == 0 ? v : sum + v;
+    if ((tid & 31) == 0) bs[tid >> 5] = mx;
+    __syncthreads();
+    for (int w = 1; w < int(blockDim.x >> 5); w++) mx = fmaxf(mx, bs[w]);  // max: any order
+    mx = fmaxf(mx, bs[0]);
+    __syncthreads();
+    double part = 0;
+    for (int e = tid; e < E; e += blockDim.x) {
+      prob[e] = exp(double(lg[e]) - double(mx));
+      part += prob[e];
+      key[e] = route_key(lg[e], e);
     }
+    sum = block_sum_double(part, red);  // ends with a barrier
   } else {
-    for (int e = lane; e < E; e += 32) {
+    for (int e = tid; e < E; e += blockDim.x) {
       prob[e] = 1.0 / (1.0 + exp(-double(lg[e])));
-      score[e] = float(prob[e]) + (bias ? bias[e] : 0.0f);
+      key[e] = route_key(float(prob[e]) + (bias ? bias[e] : 0.0f), e);
     }
+    __syncthreads();
   }
-  for (int e = lane; e < E; e += 32) taken[e] = 0;
-  __syncwarp();
-  for (int j = 0; j < K; j++) {
-    float best_s = 0;
-    int best = -1;
-    for (int e = lane; e < E; e += 32)
-      if (!taken[e] && better(score[e], e, best_s, best)) best_s = score[e], best = e;
-    // `better` is a strict total order, so any reduction tree finds the same expert, and
-    // every lane ends with it.
-#pragma unroll
-    for (int off = 16; off >= 1; off /= 2) {
-      const float s2 = __shfl_xor_sync(0xffffffffu, best_s, off);
-      const int i2 = __shfl_xor_sync(0xffffffffu, best, off);
-      if (better(s2, i2, best_s, best)) best_s = s2, best = i2;
-    }
-    if (lane == 0) {
-      chosen[j] = best;
-      taken[best] = 1;
-    }
-    __syncwarp();
+  for (int e = tid; e < E; e += blockDim.x) {
+    const uint64_t k = key[e];
+    int rank = 0;
+    for (int e2 = 0; e2 < E && rank < K; e2++) rank += key[e2] > k;
+    if (rank < K) chosen[rank] = e;
   }
-  if (lane != 0) return;
+  __syncthreads();
+  if (tid >= K) return;
   double top = 0;
   for (int j = 0; j < K; j++) top += prob[chosen[j]];
-  for (int j = 0; j < K; j++) {
-    const int e = chosen[j];
-    ids[int64_t(t) * K + j] = e;
-    if (!weights) continue;
-    const double w = norm ? prob[e] / top : scoring == 0 ? prob[e] / sum : prob[e];
-    weights[int64_t(t) * K + j] = float(w) * scale;
-  }
+  const int e = chosen[tid];
+  ids[int64_t(t) * K + tid] = e;
+  if (!weights) return;
+  const double w = norm ? prob[e] / top : scoring == 0 ? prob[e] / sum : prob[e];
+  weights[int64_t(t) * K + tid] = float(w) * scale;
 }
 
 __global__ void gather_slot_rows_kernel(const float* __restrict__ src,
@@ -228,10 +201,12 @@ void silu_mul(cudaStream_t s, float* gate, const float* up, size_t n) {
 void route(cudaStream_t s, const float* logits, int T, int n_experts, int k, int scoring,
            bool norm_topk_prob, const float* bias, float scale, int32_t* ids, float* weights) {
   if (T <= 0) return;
-  const size_t smem = size_t(n_experts) * sizeof(double) + size_t(n_experts) * sizeof(float) +
-                      size_t(k) * sizeof(int) + size_t(n_experts);
-  route_kernel<<<unsigned(T), 32, smem, s>>>(logits, n_experts, k, scoring, norm_topk_prob, bias,
-                                             scale, ids, weights);
+  const int th = kRouteThreads;
+  const size_t smem = size_t(n_experts + th) * sizeof(double) +
+                      size_t(n_experts) * sizeof(uint64_t) + size_t(th) * sizeof(float) +
+                      size_t(k) * sizeof(int);
+  route_kernel<<<unsigned(T), unsigned(th), smem, s>>>(logits, n_experts, k, scoring,
+                                                       norm_topk_prob, bias, scale, ids, weights);
 }
 
 void gather_slot_rows(cudaStream_t s, const float* src, const int32_t* slots, int n, int k,

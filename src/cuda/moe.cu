@@ -10,8 +10,8 @@
 // Many slots (prefill), grouped on the device:
 //   group:   the slots of each expert (a counting sort; the order inside an expert's list is
 //            free: every slot's sums are its own);
-//   gate_up, down: per (expert, rows), that expert's slots 8 at a time, each weight read once
-//            per 8 slots; down writes each slot's row times its weight;
+//   gate_up, down: per (expert, rows), that expert's slots 4 at a time, each weight read once
+//            per 4 slots; down writes each slot's row times its weight;
 //   then sum_slots and the shared expert through the plain ops.
 // Every dot product is matvec.cuh's, and the element-wise steps are those of the host-grouped
 // path (cuda_backend.cpp: silu_mul, scatter, sum_slots, add_gated_rows) in the same order, so
@@ -25,7 +25,7 @@ namespace {
 constexpr int kPairRows = 2;                     // gate/up row pairs per warp
 constexpr int kGateUpRows = kWarps * kPairRows;  // gate/up rows per block
 constexpr int kDownSlots = 5;                    // slots a warp's down row runs side by side
-constexpr int kTile = 8;                         // slots per weight read (grouped)
+constexpr int kTile = 4;                         // slots per weight read (grouped)
 constexpr int kDownRows = 4;                     // down rows per warp (grouped)
 
 // silu(gate x)·(up x) for the block's kGateUpRows rows r0.. and TT token rows (ks = 1: warp w
