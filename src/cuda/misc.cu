@@ -59,8 +59,8 @@ __device__ __forceinline__ uint64_t route_key(float s, int e) {
 
 constexpr int kRouteThreads = 256;
 
-// One block per token. The k best are found by rank (how many keys beat each expert's; a
-// count stops at k), not by k rounds of argmax: one pass, no serial rounds.
+// One block per token. The k best are found by rank (how many keys beat each expert's), not
+// by k rounds of argmax: one pass, no serial rounds.
 __global__ void __launch_bounds__(kRouteThreads)
     route_kernel(const float* __restrict__ logits, int E, int K, int scoring, bool norm,
                  const float* __restrict__ bias, float scale, int32_t* ids, float* weights) {
@@ -98,9 +98,18 @@ __global__ void __launch_bounds__(kRouteThreads)
     __syncthreads();
   }
   for (int e = tid; e < E; e += blockDim.x) {
+    // Every key counted, four counts side by side: independent loads and short add chains
+    // (a count that stopped at k made one long dependent chain of the top experts' warps).
     const uint64_t k = key[e];
-    int rank = 0;
-    for (int e2 = 0; e2 < E && rank < K; e2++) rank += key[e2] > k;
+    int r0 = 0, r1 = 0, r2 = 0, r3 = 0, e2 = 0;
+    for (; e2 + 4 <= E; e2 += 4) {
+      r0 += key[e2] > k;
+      r1 += key[e2 + 1] > k;
+      r2 += key[e2 + 2] > k;
+      r3 += key[e2 + 3] > k;
+    }
+    for (; e2 < E; e2++) r0 += key[e2] > k;
+    const int rank = (r0 + r1) + (r2 + r3);
     if (rank < K) chosen[rank] = e;
   }
   __syncthreads();
