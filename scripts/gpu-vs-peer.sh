@@ -11,7 +11,8 @@
 # .device-deps (scripts/device-deps-env.sh).
 # Environment: OUT (results: side_by_side.md, logs.tar), PEER_SRC (default
 # .peer/llama-src.tar.xz), PEER_GGUF_PY (default .peer/synth_gguf.py), LAYERS (default 40),
-# WORK (default /tmp/peer: the models, ~40 GB at 40 layers), TESTS=0 skips the tests.
+# WORK (default /tmp/peer: the models, ~40 GB at 40 layers), TESTS=0 skips the tests, CHECKS=0
+# the demo model's checks (perplexity on CUDA and on the CPU, memcheck on a generation).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -48,6 +49,20 @@ if [ "${TESTS:-1}" = 1 ]; then
   ./build-gpu/tests/moeflux_tests --gtest_filter='*Cuda*:*cuda*' >"$WORK/tests.log" 2>&1
   say "tests exit $?: $(grep -E '^\[  (PASSED|FAILED) ' "$WORK/tests.log" | tr '\n' ' ')"
 fi
+if [ "${CHECKS:-1}" = 1 ]; then
+  # The demo model on CUDA against the CPU: perplexity over the first 16 windows of its
+  # validation text, and compute-sanitizer's memcheck on a 32-token generation.
+  say "demo checks"
+  for be in cuda cpu; do
+    "$mf" perplexity -m models/demo --backend "$be" -f tests/data/demo/valid.txt --ctx 512 \
+      --chunks 16 >"$WORK/ppl-$be.log" 2>&1
+  done
+  compute-sanitizer --tool memcheck --error-exitcode 3 "$mf" run -m models/demo --backend cuda \
+    -p "And it came to pass" -n 32 --temp 0 >"$WORK/memcheck.log" 2>&1
+  say "memcheck exit $?: $(grep -E 'ERROR SUMMARY' "$WORK/memcheck.log")"
+  say "perplexity cuda: $(grep -iE 'perplexity|ppl' "$WORK/ppl-cuda.log" | tail -1)"
+  say "perplexity cpu:  $(grep -iE 'perplexity|ppl' "$WORK/ppl-cpu.log" | tail -1)"
+fi
 say "synth ($L layers)"
 "$mf" synth -q --preset qwen3.5-35b-a3b --quant q4 --layers "$L" "$WORK/synth" >"$WORK/synth.log" 2>&1 ||
   { cat "$WORK/synth.log"; exit 1; }
@@ -83,4 +98,5 @@ bench_peer -p 2048 -n 0 -r 1 >>"$md"
 bench_peer -p 0 -n 128 -d 4096 -r 1 >>"$md"
 say "all done"
 cat "$md"
-tar -C "$WORK" -cf "$OUT/logs.tar" tests.log build.log llama-build.log gguf.log synth.log 2>/dev/null
+tar -C "$WORK" -cf "$OUT/logs.tar" tests.log build.log llama-build.log gguf.log synth.log \
+  ppl-cuda.log ppl-cpu.log memcheck.log 2>/dev/null
