@@ -221,6 +221,49 @@ TEST(GlmSpec, PackageJsonRoundTrip) {
   }
 }
 
+// The presets at the real sizes (config.json of zai-org/GLM-4.5 and GLM-4.5-Air, and the
+// Megatron arguments of their training scripts: 92 / 46 layers, 3 / 1 dense, hidden 5120 / 4096,
+// 96 q-heads and 8 kv-heads of 128, q/k norm on GLM-4.5 only, 160 / 128 experts top-8 of
+// 1536 / 1408, one shared expert, routed scale 2.5 / 1, rotary 0.5, theta 1e6); the KV cache
+// per token that `inspect` prints for them: 2 x 8 x 128 floats per layer.
+TEST(GlmPresets, RealShapesAndKvBytesPerToken) {
+  const ModelSpec g = synth_spec("glm-4.5"), a = synth_spec("glm-4.5-air");
+  EXPECT_EQ(g.arch, "glm4_moe");
+  EXPECT_EQ(g.n_layers, 92);
+  EXPECT_EQ(std::count(g.ffn.begin(), g.ffn.end(), FfnKind::kDense), 3);
+  EXPECT_EQ(g.hidden_size, 5120);
+  EXPECT_EQ(g.dense_ffn, 12288);
+  EXPECT_EQ(g.n_experts, 160);
+  EXPECT_EQ(g.moe_ffn, 1536);
+  EXPECT_TRUE(g.qk_norm);
+  EXPECT_EQ(g.routed_scale, 2.5);
+  EXPECT_EQ(a.n_layers, 46);
+  EXPECT_EQ(std::count(a.ffn.begin(), a.ffn.end(), FfnKind::kDense), 1);
+  EXPECT_EQ(a.hidden_size, 4096);
+  EXPECT_EQ(a.dense_ffn, 10944);
+  EXPECT_EQ(a.n_experts, 128);
+  EXPECT_EQ(a.moe_ffn, 1408);
+  EXPECT_FALSE(a.qk_norm);
+  EXPECT_EQ(a.routed_scale, 1.0);
+  for (const ModelSpec* s : {&g, &a}) {
+    EXPECT_EQ(s->vocab_size, 151552);
+    EXPECT_EQ(s->n_heads, 96);
+    EXPECT_EQ(s->n_kv_heads, 8);
+    EXPECT_EQ(s->head_dim, 128);
+    EXPECT_EQ(s->rope_dim, 64);
+    EXPECT_TRUE(s->qkv_bias);
+    EXPECT_EQ(s->top_k, 8);
+    EXPECT_EQ(s->shared_ffn, s->moe_ffn);
+  }
+  auto kv_bytes = [](const ModelSpec& s) {
+    int64_t f = 0;
+    for (auto k : s.attn) f += s.kv_floats_per_pos(k);
+    return f * 4;  // f32, as inspect prints first
+  };
+  EXPECT_EQ(kv_bytes(g), 753664);  // 92 x 2048 floats; 376,832 in bf16
+  EXPECT_EQ(kv_bytes(a), 376832);  // 46 x 2048 floats; 188,416 in bf16
+}
+
 // ---- The converter on a hand-built checkpoint ------------------------------------------------
 
 // glm_config()'s shape with random bf16 weights: layer 0 dense, layers 1-2 MoE, and an MTP
@@ -383,6 +426,21 @@ TEST(GlmConvert, BiasesNormsAndRoutingLandWhereTheEngineReadsThem) {
               c.values.at(fmt::format("model.layers.{}.mlp.gate.e_score_correction_bias", l)));
     EXPECT_TRUE(w.sh_gate);
     EXPECT_FALSE(w.sh_router) << "GLM's shared expert has no gate";
+  }
+
+  // It runs (head_dim 24: 12 rotary dims of 24, GQA 4/2), prompt and decode alike.
+  const std::vector<int32_t> toks = {3, 17, 250, 99, 4};
+  const RunResult run = run_tokens(d / "pkg", toks, 2);
+  ASSERT_EQ(run.logits.size(), toks.size() * 256);
+  for (float x : run.logits) ASSERT_TRUE(std::isfinite(x));
+  {
+    ExpertStore store(*m);
+    auto be = make_cpu_context(1);
+    Session one(*m, *be, store);
+    std::vector<float> last(256);
+    for (int32_t t : toks) one.eval(&t, 1, last.data(), false);
+    EXPECT_EQ(std::memcmp(last.data(), run.logits.data() + 4 * 256, 256 * sizeof(float)), 0)
+        << "one-token decode differs from the prompt's last position";
   }
 
   // transformers 5's fused expert spelling converts to the same package, byte for byte.
