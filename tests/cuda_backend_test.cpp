@@ -714,6 +714,24 @@ TEST_P(CudaOracle, LogitsMatchReference) {
 INSTANTIATE_TEST_SUITE_P(Fixtures, CudaOracle, ::testing::ValuesIn(cases()),
                          [](const auto& info) { return info.param.fixture + "_" + info.param.name; });
 
+// GLM-4.5's q/k/v biases are not bound on CUDA yet: a GLM package is refused with
+// kUnsupported naming them (not run with host pointers), and runs on the CPU instead.
+TEST_F(Cuda, GlmAttentionBiasesAreRefused) {
+  auto model = Model::load(converted_fixture("glm4_moe"));
+  try {
+    auto ctx = cuda_device().context(1);
+    ExpertStoreOptions o;
+    o.memory = &cuda_device().expert_memory();
+    ExpertStore store(*model, o);
+    Session s(*model, *ctx, store);
+    ADD_FAILURE() << "a package with q/k/v biases ran on CUDA";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::kUnsupported) << e.what();
+    EXPECT_NE(std::string(e.what()).find("q/k/v projection biases"), std::string::npos)
+        << e.what();
+  }
+}
+
 // A session that mixes batches and decode steps: prompt, decode (the graph is recorded at the
 // second step), a longer batch (which grows the context's scratch), decode again (replays the
 // graph), a rewind and decode. Every logit the same bits as with no expert cache (no graph),

@@ -18,7 +18,8 @@ std::vector<Case> all_cases() {
   std::vector<Case> out;
   for (const char* f :
        {"qwen3_5_moe", "qwen3_next", "qwen3_moe", "mixtral", "qwen3_5_moe_v2", "qwen3_5_moe_vl",
-        "qwen3_next_v2", "qwen3_moe_v2", "mixtral_v2", "deepseek_v3", "deepseek_v3_noqlora"}) {
+        "qwen3_next_v2", "qwen3_moe_v2", "mixtral_v2", "deepseek_v3", "deepseek_v3_noqlora",
+        "glm4_moe", "glm4_moe_noqknorm"}) {
     SafetensorsFile ref(fixture_dir(f) + "/reference.safetensors");
     for (const char* c : {"single", "short", "chunk"})
       if (ref.find(std::string("tokens_") + c)) out.push_back({f, c});

@@ -304,6 +304,9 @@ const std::map<std::string, std::string, std::less<>> kHfLayerNames = {
     {"attn_o", "self_attn.o_proj.weight"},
     {"attn_q_norm", "self_attn.q_norm.weight"},
     {"attn_k_norm", "self_attn.k_norm.weight"},
+    {"attn_q_bias", "self_attn.q_proj.bias"},  // GLM-4.5 (attention_bias)
+    {"attn_k_bias", "self_attn.k_proj.bias"},
+    {"attn_v_bias", "self_attn.v_proj.bias"},
     {"lin_qkv", "linear_attn.in_proj_qkv.weight"},
     {"lin_z", "linear_attn.in_proj_z.weight"},
     {"lin_b", "linear_attn.in_proj_b.weight"},
@@ -553,9 +556,10 @@ void Converter::check_leftovers() {
       skipped_vision++;
     } else if (name.starts_with("mtp.") || name.starts_with("model.mtp.")) {
       skipped_mtp++;
-    } else if (cfg_.spec.arch == "deepseek_v3" && name.starts_with(prefix_ + "layers.") &&
+    } else if ((cfg_.spec.arch == "deepseek_v3" || cfg_.spec.arch == "glm4_moe") &&
+               name.starts_with(prefix_ + "layers.") &&
                std::atoi(name.c_str() + prefix_.size() + 7) >= cfg_.spec.n_layers) {
-      skipped_mtp++;  // DeepSeek-V3 stores its MTP module as layer num_hidden_layers
+      skipped_mtp++;  // DeepSeek-V3 and GLM-4.5 store their MTP module as layer num_hidden_layers
     } else if ((name == "lm_head.weight" || name == lm_head_name_) && cfg_.spec.tie_embeddings) {
       report_.notes.push_back(name + " skipped: tie_word_embeddings uses the embedding");
     } else if (name.ends_with("rotary_emb.inv_freq")) {

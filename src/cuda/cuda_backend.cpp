@@ -644,6 +644,11 @@ class CudaDevice final : public Device {
   // the Model's weights onto the device copy; lm_head tied to embed stays tied.
   std::shared_ptr<const ModelWeights> bind(const Model& model) override {
     std::lock_guard<std::mutex> lock(mu_);
+    for (const LayerWeights& l : model.layers)
+      if (l.q_bias || l.k_bias || l.v_bias)
+        fail(ErrorKind::kUnsupported,
+             "CUDA backend: q/k/v projection biases (GLM-4.5 attention_bias) are not bound on "
+             "this backend yet; use --backend cpu");
     const PackedTensor* embed_t = model.manifest().find("embed");
     MF_CHECK(embed_t && model.embed.data);
     const uint8_t* host = static_cast<const uint8_t*>(model.embed.data) - embed_t->offset;

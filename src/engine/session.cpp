@@ -384,6 +384,9 @@ void Session::full_attention(int l, int T) {
   const Mat* proj[] = {&w.q, &w.k, &w.v};
   float* const outs[] = {q, k, v};
   be_.matmul_n(proj, outs, 3, ws_.xn, T);
+  if (w.q_bias) add_rows(q, w.q_bias, T, q_rows);  // GLM-4.5: before the q/k norm and RoPE
+  if (w.k_bias) add_rows(k, w.k_bias, T, kvd);
+  if (w.v_bias) add_rows(v, w.v_bias, T, kvd);
   if (w.q_norm) be_.rmsnorm(q, w.q_norm, q, T * nh, hd, qhs, s.rms_eps);
   if (w.k_norm) be_.rmsnorm(k, w.k_norm, k, T * nkv, hd, hd, s.rms_eps);
   if (s.rope_dim > 0) {
@@ -398,6 +401,11 @@ void Session::full_attention(int l, int T) {
   be_.attention(q, kc, vc, o, T, p);
   if (s.attn_output_gate) be_.mul_sigmoid_gate(o, q + hd, T, nh, hd, q_rows, qhs);
   be_.matmul(w.o, o, ws_.mix, T);
+}
+
+// y[t] += b for each of T rows of n floats (projection biases).
+void Session::add_rows(float* y, const float* b, int T, int n) {
+  for (int t = 0; t < T; t++) be_.add(y + size_t(t) * n, b, size_t(n));
 }
 
 // Multi-head latent attention in the absorbed form, for prompts and decode alike (so prefill

@@ -192,6 +192,7 @@ class Session {
   void alloc_workspace();
   void release_workspace();
   void full_attention(int l, int T);
+  void add_rows(float* y, const float* b, int T, int n);
   void mla_attention(int l, int T);
   void linear_attention(int l, int T);
   RouteParams route_params(const LayerWeights& w) const;

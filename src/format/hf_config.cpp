@@ -81,6 +81,26 @@ void add_ids(const json& v, std::vector<int>* out, const std::string& where, con
   }
 }
 
+// GLM-4.5 (transformers' Glm4MoeConfig, Glm4MoeAttention, Glm4MoeMoE), the fields beyond the
+// common ones; absent fields take Glm4MoeConfig's defaults. Attention: q/k/v biases when
+// attention_bias, q_norm/k_norm (RMSNorm over each head, eps rms_norm_eps) when use_qk_norm,
+// RoPE rotate-half on the first int(head_dim * partial_rotary_factor) dims of each head.
+// Routing is DeepSeek-V3's (Glm4MoeMoE.route_tokens_to_experts): sigmoid scores, the
+// e_score_correction_bias for the choice only, group-limited top-k, weights renormalised when
+// norm_topk_prob, times routed_scaling_factor; n_shared_experts ungated shared experts.
+void read_glm4_moe(const Fields& f, ModelSpec* s) {
+  s->qkv_bias = f.get_bool_or("attention_bias", false);
+  s->qk_norm = f.get_bool_or("use_qk_norm", false);
+  s->router = RouterKind::kSigmoid;
+  s->router_bias = true;
+  s->norm_topk_prob = f.get_bool_or("norm_topk_prob", true);
+  s->n_group = f.get_size_or("n_group", 1);
+  s->topk_group = f.get_size_or("topk_group", 1);
+  s->routed_scale = f.get_num_or("routed_scaling_factor", 1.0);
+  s->shared_ffn = f.get_size_or("n_shared_experts", 1) * s->moe_ffn;
+  s->shared_gate = false;
+}
+
 }  // namespace
 
 HfConfig read_hf_config(const std::string& dir) {
@@ -94,11 +114,11 @@ HfConfig read_hf_config(const std::string& dir) {
 
   static const std::set<std::string> kSupported = {"qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next",
                                                    "qwen3_moe",   "mixtral",          "deepseek_v3",
-                                                   "kimi_k2"};
+                                                   "kimi_k2",     "glm4_moe"};
   if (!kSupported.count(out.model_type))
     fail(ErrorKind::kUnsupported,
          "{}: model_type '{}' is not supported (supported: qwen3_5_moe, qwen3_5_moe_text, "
-         "qwen3_next, qwen3_moe, mixtral, deepseek_v3, kimi_k2)",
+         "qwen3_next, qwen3_moe, mixtral, deepseek_v3, kimi_k2, glm4_moe)",
          path, out.model_type);
 
   if (top.has("quantization_config")) {
@@ -148,6 +168,9 @@ HfConfig read_hf_config(const std::string& dir) {
   const bool hybrid = qwen35 || next;
   // Kimi K2 is the DeepSeek-V3 architecture (DeepseekV3ForCausalLM) under its own model_type.
   const bool ds = mt == "deepseek_v3" || mt == "kimi_k2";
+  // GLM-4.5 / 4.5-Air (Glm4MoeForCausalLM): GQA attention with q/k/v biases, optional q/k norm,
+  // partial rotary; DeepSeek-V3's routing (read_glm4_moe below).
+  const bool glm = mt == "glm4_moe";
   s.arch = qwen35 ? "qwen3_5_moe" : ds ? "deepseek_v3" : mt;
   out.norm_one_plus = hybrid;
   out.source_dtype = f.get_str_or("dtype", f.get_str_or("torch_dtype", top.get_str_or("dtype", "")));
@@ -155,7 +178,7 @@ HfConfig read_hf_config(const std::string& dir) {
   if (f.get_str_or("hidden_act", "silu") != "silu")
     fail(ErrorKind::kUnsupported, "{}: hidden_act '{}' is not supported (only silu)", where,
          f.get_str_or("hidden_act", ""));
-  if (f.get_bool_or("attention_bias", false))
+  if (!glm && f.get_bool_or("attention_bias", false))
     fail(ErrorKind::kUnsupported, "{}: attention_bias = true is not supported", where);
   if (f.has("sliding_window") && (mt == "mixtral" || f.get_bool_or("use_sliding_window", false)))
     fail(ErrorKind::kUnsupported,
@@ -197,7 +220,7 @@ HfConfig read_hf_config(const std::string& dir) {
   s.n_kv_heads = f.get_size_or("num_key_value_heads", s.n_heads);
   s.head_dim = f.get_size_or("head_dim", s.n_heads ? s.hidden_size / s.n_heads : 0);
   s.attn_output_gate = hybrid;
-  s.qk_norm = mt != "mixtral" && !ds;
+  s.qk_norm = mt != "mixtral" && !ds && !glm;
   if (ds) {
     // MLA: the q/k head is [nope | rope] (HF's config.head_dim is qk_rope_head_dim, not this).
     s.q_lora_rank = f.has("q_lora_rank") ? f.get_size("q_lora_rank") : 0;  // null: q_proj
@@ -211,7 +234,8 @@ HfConfig read_hf_config(const std::string& dir) {
                      : f.has("rope_scaling")  ? &(*cfg)["rope_scaling"]
                                               : nullptr;
   double theta = f.get_num_or("rope_theta", 10000.0);
-  double partial = f.get_num_or("partial_rotary_factor", 1.0);
+  // Glm4MoeConfig defaults partial_rotary_factor to 0.5 (its __post_init__); the others to 1.
+  double partial = f.get_num_or("partial_rotary_factor", glm ? 0.5 : 1.0);
   if (rope) {
     if (!rope->is_object())
       fail(ErrorKind::kFormat, "{}: field 'rope_parameters' must be an object", where);
@@ -259,7 +283,10 @@ HfConfig read_hf_config(const std::string& dir) {
 
   // Feed-forward.
   // Expert count: transformers 5 writes num_local_experts for qwen3_moe too.
-  s.n_experts = ds                     ? (f.has("n_routed_experts") ? f.get_size("n_routed_experts")
+  s.n_experts = glm ? (f.has("num_local_experts") && !f.has("n_routed_experts")
+                           ? f.get_size("num_local_experts")
+                           : f.get_size("n_routed_experts"))
+                : ds                   ? (f.has("n_routed_experts") ? f.get_size("n_routed_experts")
                                                                     : f.get_size("num_local_experts"))
                 : f.has("num_experts") ? f.get_size("num_experts")
                                        : f.get_size("num_local_experts");
@@ -288,6 +315,7 @@ HfConfig read_hf_config(const std::string& dir) {
     s.shared_ffn = f.get_size_or("n_shared_experts", 0) * s.moe_ffn;
     s.shared_gate = false;
   }
+  if (glm) read_glm4_moe(f, &s);
   std::vector<int> mlp_only;
   int sparse_step = 1;
   if (mt == "qwen3_moe" || next) {
@@ -296,7 +324,10 @@ HfConfig read_hf_config(const std::string& dir) {
     if (sparse_step <= 0)
       fail(ErrorKind::kFormat, "{}: field 'decoder_sparse_step' must be positive", where);
   }
-  const int first_dense = ds ? f.get_size_or("first_k_dense_replace", 0) : 0;
+  // Glm4MoeConfig's default is 1 dense layer; DeepSeek's reader has always taken 0.
+  const int first_dense = ds    ? f.get_size_or("first_k_dense_replace", 0)
+                          : glm ? f.get_size_or("first_k_dense_replace", 1)
+                                : 0;
   for (int i = 0; i < s.n_layers; i++) {
     bool dense = std::find(mlp_only.begin(), mlp_only.end(), i) != mlp_only.end() ||
                  s.n_experts == 0 || (i + 1) % sparse_step != 0 || i < first_dense;

@@ -62,6 +62,11 @@ std::vector<TensorSpec> resident_schema(const ModelSpec& s) {
         b.norm("attn_q_norm", hd);
         b.norm("attn_k_norm", hd);
       }
+      if (s.qkv_bias) {  // GLM-4.5
+        b.vec("attn_q_bias", {s.q_rows()});
+        b.vec("attn_k_bias", {kv});
+        b.vec("attn_v_bias", {kv});
+      }
     } else {
       const int64_t nv = s.lin_v_heads, qkv = s.lin_qkv_dim(), vd = s.lin_value_dim();
       b.mat("lin_qkv", qkv, H, C::kLinearAttn);  // [q all | k all | v all]

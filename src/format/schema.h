@@ -35,10 +35,10 @@ struct TensorSpec {
 
 // Every resident tensor of a package of `spec`, in file order: embed, each layer's tensors,
 // final_norm, lm_head. Optional tensors are listed only where the spec has them: attn_q_norm and
-// attn_k_norm with qk_norm, the shared expert (shexp_*) with shared_ffn > 0 (shexp_router with
-// shared_gate), moe_router_bias with router_bias, lm_head without tie_embeddings; MLA layers
-// have attn_q_a/attn_q_a_norm/attn_q_b (q_lora_rank > 0) or attn_q, then attn_kv_a,
-// attn_kv_a_norm, attn_k_b, attn_v_b, attn_o.
+// attn_k_norm with qk_norm, attn_{q,k,v}_bias with qkv_bias, the shared expert (shexp_*) with
+// shared_ffn > 0 (shexp_router with shared_gate), moe_router_bias with router_bias, lm_head
+// without tie_embeddings; MLA layers have attn_q_a/attn_q_a_norm/attn_q_b (q_lora_rank > 0) or
+// attn_q, then attn_kv_a, attn_kv_a_norm, attn_k_b, attn_v_b, attn_o.
 std::vector<TensorSpec> resident_schema(const ModelSpec& spec);
 
 // The parts of one expert record, in record order: gate [moe_ffn, H], up [moe_ffn, H],

@@ -35,7 +35,7 @@ const std::vector<std::string>& ModelSpec::known_archs() {
   // The normalised arch names convert and synth write (convert maps qwen3_5_moe_text onto
   // qwen3_5_moe); the runtime is arch-agnostic but refuses a name no converter produced.
   static const std::vector<std::string> archs = {"qwen3_5_moe", "qwen3_next", "qwen3_moe",
-                                                 "mixtral", "deepseek_v3"};
+                                                 "mixtral", "deepseek_v3", "glm4_moe"};
   return archs;
 }
 
@@ -121,6 +121,11 @@ void ModelSpec::validate(const std::string& where, SpecNaming naming) const {
     for (size_t i = 0; i < attn.size(); i++)
       need(attn[i] != AttnKind::kFull, kAttn, fmt::format("[{}] \"full\"", i),
            "mixes full attention with MLA layers (not supported)");
+  if (qkv_bias) {  // GLM-4.5: the biases belong to full (softmax) attention's q/k/v projections
+    const Field kQkvBias{"qkv_bias", "attention_bias"};
+    need(std::find(attn.begin(), attn.end(), AttnKind::kFull) != attn.end(), kQkvBias, "true",
+         "needs full-attention layers (q/k/v biases are for full attention only)");
+  }
   if (rope_scaling.kind == RopeScaling::kYarn)
     need(any_mla, kAttn, "[no MLA layer]", "YaRN rope scaling is implemented for MLA layers only");
   if (any_full && rope_scaling.kind == RopeScaling::kYarn) {
@@ -206,6 +211,7 @@ void to_json(json& j, const ModelSpec& s) {
     j["mla"] = json{{"q_lora_rank", s.q_lora_rank},
                     {"kv_lora_rank", s.kv_lora_rank},
                     {"v_head_dim", s.v_head_dim}};
+  if (s.qkv_bias) j["qkv_bias"] = true;  // GLM-4.5
   if (s.rope_scaling.kind == RopeScaling::kYarn) {
     const RopeScaling& r = s.rope_scaling;
     j["rope_scaling"] = json{{"type", "yarn"},
@@ -331,6 +337,7 @@ ModelSpec spec_from_json(const json& j, const std::string& where) {
       fail(ErrorKind::kFormat, "{}: model field '{}.{}' must be true or false", where, sec, k);
     return v.get<bool>();
   };
+  if (j.contains("qkv_bias")) s.qkv_bias = get_bool("qkv_bias");  // GLM-4.5 (absent: false)
   if (const json* m = section("mla")) {
     s.q_lora_rank = sub_int(*m, "mla", "q_lora_rank");
     s.kv_lora_rank = sub_int(*m, "mla", "kv_lora_rank");

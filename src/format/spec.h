@@ -41,7 +41,7 @@ struct RopeScaling {
 };
 
 struct ModelSpec {
-  std::string arch;  // qwen3_5_moe | qwen3_next | qwen3_moe | mixtral | deepseek_v3
+  std::string arch;  // qwen3_5_moe | qwen3_next | qwen3_moe | mixtral | deepseek_v3 | glm4_moe
   int vocab_size = 0;
   int hidden_size = 0;
   int n_layers = 0;
@@ -54,6 +54,9 @@ struct ModelSpec {
   int n_heads = 0, n_kv_heads = 0, head_dim = 0;
   bool attn_output_gate = false;
   bool qk_norm = false;
+  // GLM-4.5: q/k/v projections carry biases (attn_{q,k,v}_bias), added before the q/k norm and
+  // RoPE; o has none. moeflux.json field "qkv_bias", written only when true.
+  bool qkv_bias = false;
   int rope_dim = 0;  // leading dims of each head that RoPE rotates (rotate-half)
   double rope_theta = 10000.0;
   RopeScaling rope_scaling;

@@ -112,6 +112,9 @@ const std::map<std::string, VecField, std::less<>> kVecFields = {
     {"attn_q_a_norm", &LayerWeights::q_a_norm},
     {"attn_kv_a_norm", &LayerWeights::kv_a_norm},
     {"moe_router_bias", &LayerWeights::router_bias},
+    {"attn_q_bias", &LayerWeights::q_bias},
+    {"attn_k_bias", &LayerWeights::k_bias},
+    {"attn_v_bias", &LayerWeights::v_bias},
 };
 
 }  // namespace

@@ -40,6 +40,9 @@ struct LayerWeights {
   Mat q, k, v, o;
   const float* q_norm = nullptr;  // [head_dim] or null
   const float* k_norm = nullptr;
+  const float* q_bias = nullptr;  // [q rows], [kv_heads * head_dim] x2, or null (GLM-4.5)
+  const float* k_bias = nullptr;
+  const float* v_bias = nullptr;
   // multi-head latent attention (q is `q` above when q_lora_rank is 0, `o` the output)
   Mat q_a, q_b;                      // [q_lora, H], [n_heads * head_dim, q_lora]
   const float* q_a_norm = nullptr;   // [q_lora]

@@ -164,6 +164,54 @@ ModelSpec mla_model(const MlaShape& m) {
   return s;
 }
 
+// GLM-4.5 and GLM-4.5-Air (Glm4MoeForCausalLM): GQA full attention with q/k/v biases (and q/k
+// norm on GLM-4.5, not on Air), RoPE on half of each head (theta 1e6), the first `dense_layers`
+// dense, then DeepSeek-V3's sigmoid routing with the correction bias (one group) and one
+// shared expert. The MTP layer (num_nextn_predict_layers) is left out, as convert does.
+struct GlmShape {
+  int vocab, hidden, layers, dense_layers, dense_ffn;
+  int heads, kv_heads, head_dim;
+  bool qk_norm;
+  int experts, top_k, moe_ffn;
+  double routed_scale;
+  int ctx;
+  std::vector<int> eos;
+};
+
+ModelSpec glm_model(const GlmShape& m) {
+  ModelSpec s;
+  s.arch = "glm4_moe";
+  s.vocab_size = m.vocab;
+  s.hidden_size = m.hidden;
+  s.n_layers = m.layers;
+  s.attn.assign(size_t(m.layers), AttnKind::kFull);
+  for (int i = 0; i < m.layers; i++)
+    s.ffn.push_back(i < m.dense_layers ? FfnKind::kDense : FfnKind::kMoe);
+  s.dense_ffn = m.dense_ffn;
+  s.rms_eps = 1e-5f;
+  s.n_heads = m.heads;
+  s.n_kv_heads = m.kv_heads;
+  s.head_dim = m.head_dim;
+  s.qk_norm = m.qk_norm;
+  s.qkv_bias = true;
+  s.rope_dim = m.head_dim / 2;  // partial_rotary_factor 0.5
+  s.rope_theta = 1e6;
+  s.n_experts = m.experts;
+  s.top_k = m.top_k;
+  s.moe_ffn = m.moe_ffn;
+  s.norm_topk_prob = true;
+  s.router = RouterKind::kSigmoid;
+  s.router_bias = true;
+  s.routed_scale = m.routed_scale;
+  s.shared_ffn = m.moe_ffn;  // n_shared_experts 1
+  s.shared_gate = false;
+  s.ctx_train = m.ctx;
+  s.eos_ids = m.eos;
+  s.bos_id = -1;
+  return s;
+}
+const std::vector<int> kGlmEos = {151329, 151336, 151338};  // <|endoftext|>, <|user|>, <|observation|>
+
 const std::vector<int> kQwen3Eos = {151645, 151643};   // <|im_end|>, <|endoftext|>
 const std::vector<int> kQwen35Eos = {248046, 248044};  // the same two in the 248k vocabulary
 
@@ -180,6 +228,8 @@ const std::vector<SynthPreset>& synth_presets() {
       {"mixtral-8x7b", "mistralai/Mixtral-8x7B-v0.1", "mixtral", 46.7, 12.9},
       {"deepseek-v3-671b", "deepseek-ai/DeepSeek-V3", "deepseek_v3", 671, 37},
       {"kimi-k2", "moonshotai/Kimi-K2-Instruct", "kimi_k2", 1000, 32},
+      {"glm-4.5", "zai-org/GLM-4.5", "glm4_moe", 355, 32},
+      {"glm-4.5-air", "zai-org/GLM-4.5-Air", "glm4_moe", 106, 12},
   };
   return presets;
 }
@@ -231,6 +281,13 @@ ModelSpec synth_spec(const std::string& preset) {
     s = mla_model({163840, 7168, 61,  1, 18432, 64,     1536,     512,   128,
                    64,     128,  384, 8, 2048,  1,      1,        1,     2.827,
                    50000,  32,   1,   1, 4096,  131072, {163585}, 163584});
+  } else if (preset == "glm-4.5") {
+    // config.json without the MTP layer (num_hidden_layers 92; the checkpoint's layer 92).
+    s = glm_model({151552, 5120, 92, 3, 12288, 96, 8, 128, true, 160, 8, 1536, 2.5, 131072,
+                   kGlmEos});
+  } else if (preset == "glm-4.5-air") {
+    s = glm_model({151552, 4096, 46, 1, 10944, 96, 8, 128, false, 128, 8, 1408, 1.0, 131072,
+                   kGlmEos});
   }
   s.validate("synth preset " + preset, SpecNaming::kPackage);
   return s;
@@ -363,6 +420,8 @@ Plan make_plan(const ModelSpec& s, const std::string& quant, int full_layers) {
     if (k == "lm_head") return mat(kLogitStd * in_h);
     if (k == "moe_router") return {Init::kRouter, in_h, t.layer};
     if (k == "moe_router_bias") return mat(0.0);  // no selection bias: the skew alone
+    // GLM's q/k/v biases: small next to the projections' unit-RMS outputs.
+    if (k == "attn_q_bias" || k == "attn_k_bias" || k == "attn_v_bias") return mat(0.1);
     if (k == "lin_conv") return {Init::kConv, 0.5 / std::sqrt(double(t.shape[1])), t.layer};
     if (k == "lin_A_log") return {Init::kALog, 0, t.layer};
     if (k == "lin_dt_bias") return {Init::kDtBias, 0, t.layer};

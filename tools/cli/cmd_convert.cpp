@@ -73,9 +73,10 @@ int cmd_inspect(const std::string& dir) {
   fmt::print("pattern     {}\n", pattern);
   fmt::print("hidden      {}, vocab {}, context {}\n", s.hidden_size, s.vocab_size, s.ctx_train);
   if (n_full && !n_mla)
-    fmt::print("attention   {} q-heads / {} kv-heads x {}, rope dims {} theta {}, gate {}, qk-norm {}\n",
+    fmt::print("attention   {} q-heads / {} kv-heads x {}, rope dims {} theta {}, gate {}, qk-norm {}{}\n",
                s.n_heads, s.n_kv_heads, s.head_dim, s.rope_dim, s.rope_theta,
-               s.attn_output_gate ? "yes" : "no", s.qk_norm ? "yes" : "no");
+               s.attn_output_gate ? "yes" : "no", s.qk_norm ? "yes" : "no",
+               s.qkv_bias ? ", q/k/v bias yes" : "");  // GLM-4.5
   if (n_mla) {
     fmt::print(
         "mla         {} heads, q_lora {}, kv_lora {}, qk {} (nope {} + rope {}), v {}, rope "

@@ -17,6 +17,17 @@ only when named:
   deepseek_v3_noqlora  the other branches: q_proj (q_lora_rank null), rope_interleave False,
                        default rope, n_group 1, norm_topk_prob False, routed_scaling_factor 1.5,
                        2 shared experts, every layer MoE (first_k_dense_replace 0), tied.
+  glm4_moe             Glm4MoeForCausalLM (GLM-4.5 / 4.5-Air), 4 layers (layers 0-1 dense,
+                       first_k_dense_replace 2), hidden 64, 4 heads / 2 kv heads, head_dim 24
+                       (!= hidden / heads), partial rotary 0.5 (rotate-half on the first 12 dims),
+                       attention_bias (q/k/v), use_qk_norm; 16 experts in 4 groups, topk_group 2,
+                       top-4, routed_scaling_factor 2.5, norm_topk_prob, 1 shared expert, a random
+                       correction bias; one MTP layer (num_nextn_predict_layers 1) when this
+                       transformers builds it, so the checkpoint carries layer 4 for the
+                       converter to skip.
+  glm4_moe_noqknorm    the other branches: no q/k norm, 4 heads / 1 kv head, head_dim 16 (from
+                       hidden / heads), n_group 1, norm_topk_prob False, routed_scaling_factor
+                       1.5, 2 shared experts, layer 0 dense of 3, tied embeddings, no MTP.
 The router's e_score_correction_bias is a buffer, which randomize() (parameters only) does not
 touch: randomize_buffers() sets it from its own generator (positive, in [0, 0.3): selection
 changes while sigmoid score + bias stays > 0, where every transformers version agrees on the
@@ -88,6 +99,8 @@ def make(arch):
                     n_shared_experts=2, first_k_dense_replace=0, tie_word_embeddings=True,
                     rope_interleave=False, max_position_embeddings=4096,
                     rope_parameters={"rope_type": "default", "rope_theta": 50000.0})
+    elif arch in GLM_ARCHS:
+        return make_glm(arch)
     else:
         raise SystemExit(arch)
     try:
@@ -95,6 +108,53 @@ def make(arch):
     except TypeError:
         cfg._experts_implementation = "eager"
         model = M._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    return cfg, model
+
+GLM_ARCHS = ("glm4_moe", "glm4_moe_noqknorm")
+
+def make_glm(arch):
+    """GLM-4.5 fixtures (issue 17). Glm4MoeConfig reads partial_rotary_factor from
+    rope_parameters in transformers 5 (default 0.5); it is given in both places."""
+    from transformers.models.glm4_moe import Glm4MoeConfig as C, Glm4MoeForCausalLM as M
+    rope = {"rope_type": "default", "partial_rotary_factor": 0.5}
+    common = dict(vocab_size=1024, hidden_size=64, num_attention_heads=4, moe_intermediate_size=16,
+                  intermediate_size=48, n_routed_experts=16, rms_norm_eps=1e-5, attention_bias=True,
+                  hidden_act="silu", partial_rotary_factor=0.5, eos_token_id=1, bos_token_id=0,
+                  pad_token_id=None)
+    if arch == "glm4_moe":
+        kw = dict(common, num_hidden_layers=4, num_key_value_heads=2, head_dim=24, use_qk_norm=True,
+                  n_group=4, topk_group=2, num_experts_per_tok=4, routed_scaling_factor=2.5,
+                  norm_topk_prob=True, n_shared_experts=1, first_k_dense_replace=2,
+                  tie_word_embeddings=False, max_position_embeddings=4096,
+                  rope_parameters=dict(rope, rope_theta=1000000.0), num_nextn_predict_layers=1)
+    else:
+        kw = dict(common, num_hidden_layers=3, num_key_value_heads=1, use_qk_norm=False,
+                  n_group=1, topk_group=1, num_experts_per_tok=3, routed_scaling_factor=1.5,
+                  norm_topk_prob=False, n_shared_experts=2, first_k_dense_replace=1,
+                  tie_word_embeddings=True, max_position_embeddings=4096,
+                  rope_parameters=dict(rope, rope_theta=10000.0), num_nextn_predict_layers=0)
+    def build(kw):
+        cfg = C(**kw)
+        try:
+            model = M._from_config(cfg, attn_implementation="eager", experts_implementation="eager", dtype=torch.float32)
+        except TypeError:
+            cfg._experts_implementation = "eager"
+            model = M._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+        return cfg, model
+    try:
+        cfg, model = build(kw)
+    except Exception as e:  # a transformers without MTP layers: the fixture goes without them
+        if not kw.get("num_nextn_predict_layers"):
+            raise
+        print(f"{arch}: building with num_nextn_predict_layers=1 failed ({type(e).__name__}: {e}); without MTP")
+        cfg, model = build(dict(kw, num_nextn_predict_layers=0))
+    # What this transformers made of the config (the converter reads the saved config.json).
+    try:
+        print(arch, "head_dim", getattr(cfg, "head_dim", None), "rope_parameters", getattr(cfg, "rope_parameters", None),
+              "partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None),
+              "inv_freq", tuple(model.model.rotary_emb.inv_freq.shape), "layers", len(model.model.layers))
+    except Exception as e:
+        print(arch, "(config summary unavailable:", e, ")")
     return cfg, model
 
 @torch.no_grad()
@@ -111,6 +171,9 @@ def randomize(model):
             p.copy_(0.4 * torch.randn(shape, generator=g))
         elif "embed_tokens" in name:
             p.copy_(torch.randn(shape, generator=g))
+        elif name.endswith("_proj.bias") and len(shape) == 1:
+            # attention biases (GLM-4.5); no shared arch has them, so their output is unchanged
+            p.copy_(0.5 * torch.randn(shape, generator=g))
         else:
             fan_in = shape[-1] if len(shape) >= 2 else 1
             scale = 1.0 / math.sqrt(fan_in)
@@ -127,7 +190,7 @@ def randomize_buffers(model):
         if name.endswith("e_score_correction_bias"):
             b.copy_(0.3 * torch.rand(tuple(b.shape), generator=g))
 
-NEW_ARCHS = ("deepseek_v3", "deepseek_v3_noqlora")
+NEW_ARCHS = ("deepseek_v3", "deepseek_v3_noqlora") + GLM_ARCHS
 
 CASES = {
     "single": [7],
