@@ -644,11 +644,6 @@ class CudaDevice final : public Device {
   // the Model's weights onto the device copy; lm_head tied to embed stays tied.
   std::shared_ptr<const ModelWeights> bind(const Model& model) override {
     std::lock_guard<std::mutex> lock(mu_);
-    for (const LayerWeights& l : model.layers)
-      if (l.q_bias || l.k_bias || l.v_bias)
-        fail(ErrorKind::kUnsupported,
-             "CUDA backend: q/k/v projection biases (GLM-4.5 attention_bias) are not bound on "
-             "this backend yet; use --backend cpu");
     const PackedTensor* embed_t = model.manifest().find("embed");
     MF_CHECK(embed_t && model.embed.data);
     const uint8_t* host = static_cast<const uint8_t*>(model.embed.data) - embed_t->offset;
@@ -690,7 +685,8 @@ class CudaDevice final : public Device {
                      &l.q_b,     &l.kv_a,      &l.k_b,      &l.v_b})
         *m = mat(*m);
       for (const float** v : {&l.attn_norm, &l.ffn_norm, &l.q_norm, &l.k_norm, &l.conv, &l.A_log,
-                              &l.dt_bias, &l.lin_norm, &l.q_a_norm, &l.kv_a_norm, &l.router_bias})
+                              &l.dt_bias, &l.lin_norm, &l.q_a_norm, &l.kv_a_norm, &l.router_bias,
+                              &l.q_bias, &l.k_bias, &l.v_bias})
         *v = vec(*v);
     }
     std::shared_ptr<const ModelWeights> out(w, [dev](const ModelWeights* p) {
