@@ -4,6 +4,8 @@
 //
 //   moeflux_bench_qdot [--runs N] [--path scalar|avx2|avx512-vnni]
 //
+// --path avx2 (or scalar) also runs the exact path on AVX2 (scalar): a machine without AVX-512.
+//
 // Each figure: one warm-up, then the median of N runs (default 9) of the whole call, int8
 // including the activation quantisation; CPU time of the calling thread (CLOCK_THREAD_CPUTIME_ID:
 // on a shared machine, the time others hold the core is left out; their cache and memory
@@ -61,6 +63,8 @@ int run(int argc, char** argv) {
       set_qdot_path(p == "scalar" ? QdotPath::kScalar
                     : p == "avx2" ? QdotPath::kAvx2
                                   : QdotPath::kVnni);
+      // A machine without AVX-512 runs the exact path on AVX2 too.
+      if (p != "avx512-vnni") set_kernel_path(p == "scalar" ? KernelPath::kScalar : KernelPath::kAvx2);
     } else {
       std::fprintf(stderr, "usage: %s [--runs N] [--path scalar|avx2|avx512-vnni]\n", argv[0]);
       return 2;
