@@ -2,8 +2,9 @@
 // thread, on the shapes of a Qwen3.5-35B-A3B layer (expert gate/up 512 x 2048, down 2048 x 512,
 // an lm_head-like 32768 x 2048 q8) at T = 1 and T = 512, random weights and activations.
 //
-//   moeflux_bench_qdot [--runs N] [--path scalar|avx2|avx512-vnni]
+//   moeflux_bench_qdot [--runs N] [--path scalar|avx2|avx512-vnni] [--lm-head THREADS]
 //
+// --lm-head T: only the lm_head-sized case below, through CPU contexts of T threads.
 // --path avx2 (or scalar) also runs the exact path on AVX2 (scalar): a machine without AVX-512.
 //
 // Each figure: one warm-up, then the median of N runs (default 9) of the whole call, int8
@@ -19,7 +20,10 @@
 #include <string>
 #include <vector>
 
+#include <chrono>
+
 #include "cpu/matmul.h"
+#include "engine/backend.h"
 #include "cpu/qdot.h"
 #include "format/quant.h"
 #include "util/half.h"
@@ -52,6 +56,49 @@ double median_us(int runs, F&& f) {
   return t[t.size() / 2];
 }
 
+// An lm_head-sized q8 matrix (248320 x 2048, 0.5 GB: read from RAM) at T = 1 through CPU
+// contexts of `threads` threads, exact and int8 alternated `runs` times: wall-time median.
+void lm_head(int threads, int runs) {
+  const int64_t rows = 248320, cols = 2048;
+  const int group = 64;
+  std::vector<uint32_t> words(size_t(rows * cols / 4));
+  std::mt19937_64 rng(2);
+  for (auto& w : words) w = uint32_t(rng());
+  std::vector<uint16_t> sc(size_t(rows * cols / group), f32_to_bf16(0.01f)),
+      bi(sc.size(), f32_to_bf16(-1.2f));
+  Mat W;
+  W.dtype = DType::kQ8;
+  W.rows = rows;
+  W.cols = cols;
+  W.group = group;
+  W.data = words.data();
+  W.scales = sc.data();
+  W.biases = bi.data();
+  std::vector<float> x(static_cast<size_t>(cols)), y(static_cast<size_t>(rows));
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (auto& v : x) v = nd(rng);
+  ContextOptions oe, oi;
+  oe.threads = oi.threads = threads;
+  oi.exact = false;
+  auto ce = make_cpu_context(oe), ci = make_cpu_context(oi);
+  std::vector<double> te, ti;
+  for (int i = 0; i <= runs; i++)
+    for (int m = 0; m < 2; m++) {
+      Context& c = m ? *ci : *ce;
+      const auto a = std::chrono::steady_clock::now();
+      c.matmul(W, x.data(), y.data(), 1);
+      const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a).count();
+      if (i) (m ? ti : te).push_back(us);
+    }
+  std::sort(te.begin(), te.end());
+  std::sort(ti.begin(), ti.end());
+  const double gb = double(words.size()) * 4 / 1e3;
+  std::printf("lm_head 248320 x 2048 q8, T = 1, %d threads, wall median (min) of %d alternated runs: "
+              "exact %.0f us (%.0f) = %.1f GB/s, int8 %.0f us (%.0f) = %.1f GB/s\n",
+              threads, runs, te[te.size() / 2], te[0], gb / te[te.size() / 2], ti[ti.size() / 2],
+              ti[0], gb / ti[ti.size() / 2]);
+}
+
 int run(int argc, char** argv) {
   int runs = 9;
   for (int i = 1; i < argc; i++) {
@@ -65,8 +112,11 @@ int run(int argc, char** argv) {
                                   : QdotPath::kVnni);
       // A machine without AVX-512 runs the exact path on AVX2 too.
       if (p != "avx512-vnni") set_kernel_path(p == "scalar" ? KernelPath::kScalar : KernelPath::kAvx2);
+    } else if (a == "--lm-head" && i + 1 < argc) {
+      lm_head(std::atoi(argv[++i]), runs);
+      return 0;
     } else {
-      std::fprintf(stderr, "usage: %s [--runs N] [--path scalar|avx2|avx512-vnni]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--runs N] [--path scalar|avx2|avx512-vnni] [--lm-head THREADS]\n", argv[0]);
       return 2;
     }
   }
