@@ -23,8 +23,8 @@
 #include <chrono>
 
 #include "cpu/matmul.h"
-#include "engine/backend.h"
 #include "cpu/qdot.h"
+#include "engine/backend.h"
 #include "format/quant.h"
 #include "util/half.h"
 
@@ -87,16 +87,18 @@ void lm_head(int threads, int runs) {
       Context& c = m ? *ci : *ce;
       const auto a = std::chrono::steady_clock::now();
       c.matmul(W, x.data(), y.data(), 1);
-      const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a).count();
+      const double us =
+          std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a).count();
       if (i) (m ? ti : te).push_back(us);
     }
   std::sort(te.begin(), te.end());
   std::sort(ti.begin(), ti.end());
   const double gb = double(words.size()) * 4 / 1e3;
-  std::printf("lm_head 248320 x 2048 q8, T = 1, %d threads, wall median (min) of %d alternated runs: "
-              "exact %.0f us (%.0f) = %.1f GB/s, int8 %.0f us (%.0f) = %.1f GB/s\n",
-              threads, runs, te[te.size() / 2], te[0], gb / te[te.size() / 2], ti[ti.size() / 2],
-              ti[0], gb / ti[ti.size() / 2]);
+  std::printf(
+      "lm_head 248320 x 2048 q8, T = 1, %d threads, wall median (min) of %d alternated runs: "
+      "exact %.0f us (%.0f) = %.1f GB/s, int8 %.0f us (%.0f) = %.1f GB/s\n",
+      threads, runs, te[te.size() / 2], te[0], gb / te[te.size() / 2], ti[ti.size() / 2], ti[0],
+      gb / ti[ti.size() / 2]);
 }
 
 int run(int argc, char** argv) {
@@ -111,19 +113,22 @@ int run(int argc, char** argv) {
                     : p == "avx2" ? QdotPath::kAvx2
                                   : QdotPath::kVnni);
       // A machine without AVX-512 runs the exact path on AVX2 too.
-      if (p != "avx512-vnni") set_kernel_path(p == "scalar" ? KernelPath::kScalar : KernelPath::kAvx2);
+      if (p != "avx512-vnni")
+        set_kernel_path(p == "scalar" ? KernelPath::kScalar : KernelPath::kAvx2);
     } else if (a == "--lm-head" && i + 1 < argc) {
       lm_head(std::atoi(argv[++i]), runs);
       return 0;
     } else {
-      std::fprintf(stderr, "usage: %s [--runs N] [--path scalar|avx2|avx512-vnni] [--lm-head THREADS]\n", argv[0]);
+      std::fprintf(stderr,
+                   "usage: %s [--runs N] [--path scalar|avx2|avx512-vnni] [--lm-head THREADS]\n",
+                   argv[0]);
       return 2;
     }
   }
-  const Shape shapes[] = {{512, 2048, DType::kQ4, 1},    {2048, 512, DType::kQ4, 1},
-                          {4096, 2048, DType::kQ8, 1},   {32768, 2048, DType::kQ8, 1},
-                          {512, 2048, DType::kQ4, 16},   {512, 2048, DType::kQ4, 512},
-                          {2048, 512, DType::kQ4, 512},  {4096, 2048, DType::kQ8, 512}};
+  const Shape shapes[] = {{512, 2048, DType::kQ4, 1},   {2048, 512, DType::kQ4, 1},
+                          {4096, 2048, DType::kQ8, 1},  {32768, 2048, DType::kQ8, 1},
+                          {512, 2048, DType::kQ4, 16},  {512, 2048, DType::kQ4, 512},
+                          {2048, 512, DType::kQ4, 512}, {4096, 2048, DType::kQ8, 512}};
   std::printf("int8 path: %s, exact path: %s, one thread, median CPU time of %d runs\n\n",
               qdot_path_name(active_qdot_path()), kernel_path_name(active_kernel_path()), runs);
   std::printf("| matrix | T | exact us | int8 us | exact / int8 | int8 GB/s (T=1) or GMAC/s |\n");
@@ -150,7 +155,8 @@ int run(int argc, char** argv) {
     std::vector<float> x(size_t(s.T) * s.cols), y(size_t(s.T) * s.rows);
     for (auto& v : x) v = nd(rng);
     const int r = s.T > 16 ? std::max(1, runs / 3) : runs;
-    const double te = median_us(r, [&] { matmul_rows(W, 0, s.rows, x.data(), s.T, y.data(), s.rows); });
+    const double te =
+        median_us(r, [&] { matmul_rows(W, 0, s.rows, x.data(), s.T, y.data(), s.rows); });
     QuantizedActs xa;
     const double tq = median_us(r, [&] {
       quantize_acts(x.data(), s.T, s.cols, group, bits, xa);
@@ -159,7 +165,8 @@ int run(int argc, char** argv) {
     const double bytes = double(words.size()) * 4 + double(sc.size()) * 4;
     const double rate = s.T == 1 ? bytes / tq / 1e3 : double(s.rows) * s.cols * s.T / tq / 1e3;
     std::printf("| %lld x %lld %s | %d | %.0f | %.0f | %.2f | %.1f |\n", (long long)s.rows,
-                (long long)s.cols, std::string(dtype_name(s.dt)).c_str(), s.T, te, tq, te / tq, rate);
+                (long long)s.cols, std::string(dtype_name(s.dt)).c_str(), s.T, te, tq, te / tq,
+                rate);
     std::fflush(stdout);
   }
   return 0;
@@ -168,4 +175,6 @@ int run(int argc, char** argv) {
 }  // namespace
 }  // namespace moeflux
 
-int main(int argc, char** argv) { return moeflux::run(argc, argv); }
+int main(int argc, char** argv) {
+  return moeflux::run(argc, argv);
+}

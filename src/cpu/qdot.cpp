@@ -127,8 +127,9 @@ constexpr int kPanel = 16;
 #define MF_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define MF_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 // The code sources must inline into the kernels, or their 8 vectors go through memory.
-#define MF_VNNI_INLINE \
-  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) inline
+#define MF_VNNI_INLINE                                                                        \
+  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) \
+  inline
 
 // Per-thread scratch: the repacked codes [nb][8][16] u32 and the scales, biases [gpr][16].
 struct PanelScratch {
@@ -233,8 +234,10 @@ MF_AVX2 void repack_panel(const QView& w, int64_t r, int n, PanelScratch& ps) {
         long long q[8];
         for (int m = 0; m < 8; m++) std::memcpy(&q[m], rr[m] + o, 8);
         const __m256i idx = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-        const __m256i a = _mm256_permutevar8x32_epi32(_mm256_setr_epi64x(q[0], q[1], q[2], q[3]), idx);
-        const __m256i bq = _mm256_permutevar8x32_epi32(_mm256_setr_epi64x(q[4], q[5], q[6], q[7]), idx);
+        const __m256i a =
+            _mm256_permutevar8x32_epi32(_mm256_setr_epi64x(q[0], q[1], q[2], q[3]), idx);
+        const __m256i bq =
+            _mm256_permutevar8x32_epi32(_mm256_setr_epi64x(q[4], q[5], q[6], q[7]), idx);
         const __m256i d0 = _mm256_permute2x128_si256(a, bq, 0x20);  // dword 0 of rows 0..7
         const __m256i d1 = _mm256_permute2x128_si256(a, bq, 0x31);  // dword 1
         const __m256i m2 = _mm256_set1_epi8(0x03);
