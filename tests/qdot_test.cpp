@@ -124,7 +124,7 @@ TEST(Qdot, EveryPathGivesTheScalarBits) {
       continue;
     }
     for (const Case& c : kCases)
-      for (int T : {1, 2, 3, 4, 5, 9}) {
+      for (int T : {1, 2, 3, 4, 5, 9, 17}) {
         const QMat q = make_qmat(c.dt, c.rows, c.cols, c.group, rng);
         const std::vector<float> x = make_x(T, c.cols, rng);
         set_qdot_path(QdotPath::kScalar);

@@ -88,6 +88,10 @@ class CpuContext final : public Context {
       }, 16);
       return;
     }
+    matmul_exact(W, x, y, T);
+  }
+
+  void matmul_exact(const Mat& W, const float* x, float* y, int T) override {
     // Rows split over threads in blocks of 16 (the kernels take rows 4 at a time); each
     // output's bits do not depend on the split or on T (cpu/matmul.h).
     pool_.parallel_for(W.rows, [&](int64_t r0, int64_t r1) {

@@ -1,12 +1,14 @@
 // qmatmul_rows: the int8 dot-product path (numerics in qdot.h). Three paths: a scalar
-// reference, AVX2 (vpmaddubsw) and AVX-512 VNNI (vpdpbusd, on 256-bit vectors). Integer sums
-// are exact, so the paths need only share the float combine, which they do op for op.
+// reference, AVX2 (vpmaddubsw) and AVX-512 VNNI (vpdpbusd on zmm). Integer sums are exact, so
+// the paths need only share the float combine, which they do op for op (one fma chain per
+// output over the blocks, one over the groups for the bias, then one add).
 //
-// Layout of the work: the integer sum of each 32-column block (one ymm of codes, one of
-// activations) for R rows x U tokens is kept as 8 int32 partial sums per (row, token, block)
-// and reduced 8 blocks at a time when the float combine runs. The quantised
-// activations are stored with each 32-column block in the order the weight decoder yields
-// codes, so a q4 or q2 block is decoded with one shift and one mask, no shuffles.
+// Layout of the work (SIMD): rows in panels of 16, repacked so that each int32 lane of a
+// vector is one row (see "SIMD" below); the activations' 4 bytes of a step are broadcast, so
+// after a block's 8 steps the lanes hold the 16 rows' exact block sums and the float combine
+// costs 3 vector ops per 16 rows, token and 32-column block, with no horizontal reduction. The
+// quantised activations are stored with each 32-column block in the order the weight decoder
+// yields codes, so a q4 or q2 block is repacked with shifts and masks.
 #include "cpu/qdot.h"
 
 #pragma GCC diagnostic push
@@ -31,7 +33,7 @@ namespace moeflux {
 namespace {
 
 constexpr int kBlock = 32;   // columns per decoded block
-constexpr int kLanes8 = 8;   // float lanes of the combine
+constexpr int kLanes8 = 8;   // lanes of the activation sums
 
 // Column of position p (0..31) of a 32-column block, in the order the decoders yield codes.
 //  q8: in order. q4: byte k holds columns 2k (low nibble) and 2k+1, so the low nibbles of the
@@ -73,12 +75,6 @@ struct QView {
   const uint16_t* b_row(int64_t r) const { return biases + r * gpr; }
 };
 
-// Per-thread scratch of the SIMD drivers: 8 int32 partial sums per (row, token, block).
-int32_t* raw_scratch(size_t n) {
-  thread_local std::vector<int32_t> buf;
-  if (buf.size() < n) buf.resize(n);
-  return buf.data();
-}
 
 // ---------------------------------------------------------------------------------------------
 // Scalar reference.
@@ -88,276 +84,434 @@ inline int code_at(const uint8_t* row, int bits, int64_t c) {
   return (row[bit / 8] >> (bit % 8)) & ((1 << bits) - 1);
 }
 
-// The float combine of qdot.h from the blocks' integer sums.
-float combine_scalar(const int32_t* isum, int64_t nb, int bpg, const uint16_t* s,
-                     const uint16_t* b, const float* d, const float* xs) {
-  float acc[kLanes8] = {};
-  const int64_t padded = (nb + kLanes8 - 1) / kLanes8 * kLanes8;
-  for (int64_t k = 0; k < padded; k++) {
-    const bool in = k < nb;
-    const float fi = in ? float(isum[k]) : 0.0f;
-    const float sd = in ? bf16_to_f32(s[k / bpg]) * d[k] : 0.0f;
-    const float bb = in ? bf16_to_f32(b[k / bpg]) : 0.0f, xx = in ? xs[k] : 0.0f;
-    float& a = acc[k % kLanes8];
-    a = std::fma(fi, sd, a);
-    a = std::fma(bb, xx, a);
-  }
-  for (int j = 0; j < 4; j++) acc[j] = acc[j] + acc[j + 4];
-  for (int j = 0; j < 2; j++) acc[j] = acc[j] + acc[j + 2];
-  return acc[0] + acc[1];
-}
-
 void qmatmul_scalar(const Mat& W, int64_t r0, int64_t r1, const QuantizedActs& xa, float* y,
                     int64_t ys) {
   const QView w(W);
-  std::vector<int32_t> isum(size_t(w.nb));
   for (int64_t r = r0; r < r1; r++) {
     const uint8_t* row = w.row(r);
+    const uint16_t* s = w.s_row(r);
+    const uint16_t* b = w.b_row(r);
     for (int t = 0; t < xa.T; t++) {
       const int8_t* xq = xa.q.data() + size_t(t) * w.cols;
+      const float* d = xa.d.data() + size_t(t) * w.nb;
+      const float* gs = xa.gs.data() + size_t(t) * w.gpr;
+      float acc = 0.0f;
       for (int64_t k = 0; k < w.nb; k++) {
-        int32_t acc = 0;
+        int32_t isum = 0;
         for (int p = 0; p < kBlock; p++)
-          acc += code_at(row, w.bits, k * kBlock + block_col(w.bits, p)) *
-                 int32_t(xq[k * kBlock + p]);
-        isum[size_t(k)] = acc;
+          isum += code_at(row, w.bits, k * kBlock + block_col(w.bits, p)) *
+                  int32_t(xq[k * kBlock + p]);
+        const float sd = bf16_to_f32(s[k / w.bpg]) * d[k];
+        acc = std::fma(float(isum), sd, acc);
       }
-      y[t * ys + r] = combine_scalar(isum.data(), w.nb, w.bpg, w.s_row(r), w.b_row(r),
-                                     xa.d.data() + size_t(t) * w.nb,
-                                     xa.xs.data() + size_t(t) * w.nb);
+      float bacc = 0.0f;
+      for (int64_t g = 0; g < w.gpr; g++) bacc = std::fma(bf16_to_f32(b[g]), gs[g], bacc);
+      y[t * ys + r] = acc + bacc;
     }
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// SIMD: one template over the instruction set (AVX2 or VNNI), the weight format and the R x U
-// register block.
+// SIMD. Rows go in panels of kPanel = 16: a panel's codes are first repacked so that one
+// 64-byte vector holds, for one 4-position step j of one 32-column block k, the 4 codes of each
+// of the 16 rows (lane i = row i, as u8, in the decoder's position order 4j..4j+3); the scales
+// and biases of the panel become f32 [group][16 rows]. The kernel then broadcasts the 4
+// activation bytes of step j of a token to every lane and takes the dot product of all 16 rows
+// at once (vpdpbusd; vpmaddubsw + vpmaddwd on AVX2): after the 8 steps of a block each int32
+// lane is isum_k of its row, exact, and the float combine of qdot.h runs on 16 rows per
+// instruction: cvt, mul (s_g * d_k), fma. A panel is repacked once per call and serves every
+// token, so prefill pays the repack once per weight.
+
+constexpr int kPanel = 16;
 
 #define MF_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define MF_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+// The code sources must inline into the kernels, or their 8 vectors go through memory.
+#define MF_VNNI_INLINE                                                                        \
+  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) \
+  inline
 
-// Decoders: the 32 codes of columns [c, c+32) of a row as u8, in block_col order.
-// Q4: the block's 16 bytes in both halves; the high half shifted right by 4 (64-bit lanes:
-// bits of the next byte land above the nibble and the mask drops them).
-// Q2: the block's 8 bytes in all four qwords, qword j shifted right by 2j.
-#define MF_DECODERS(ATTR)                                                                   \
-  struct Q8Dec {                                                                            \
-    static constexpr int kBits = 8;                                                         \
-    ATTR static __m256i load(const uint8_t* row, int64_t c) {                               \
-      return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c));                 \
-    }                                                                                       \
-  };                                                                                        \
-  struct Q4Dec {                                                                            \
-    static constexpr int kBits = 4;                                                         \
-    ATTR static __m256i load(const uint8_t* row, int64_t c) {                               \
-      const __m256i v = _mm256_broadcastsi128_si256(                                        \
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c / 2)));                  \
-      return _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_set_epi64x(4, 4, 0, 0)),         \
-                              _mm256_set1_epi8(0x0f));                                      \
-    }                                                                                       \
-  };                                                                                        \
-  struct Q2Dec {                                                                            \
-    static constexpr int kBits = 2;                                                         \
-    ATTR static __m256i load(const uint8_t* row, int64_t c) {                               \
-      long long v;                                                                          \
-      std::memcpy(&v, row + c / 4, sizeof v);                                               \
-      return _mm256_and_si256(_mm256_srlv_epi64(_mm256_set1_epi64x(v),                      \
-                                                _mm256_set_epi64x(6, 4, 2, 0)),             \
-                              _mm256_set1_epi8(0x03));                                      \
-    }                                                                                       \
-  };
-
-// The combine of qdot.h on 8 blocks at a time (lanes = blocks k0..k0+7), then the lane tree.
-// raw: 8 int32 partial sums per block. qs: non-null when the integer sums lack 128 * sum(xq)
-// (q8 on AVX2: codes are taken as q - 128 there). The group parameters of 8 blocks are the
-// bf16 at k0 / bpg on, spread by `spread` (lane k takes k / bpg).
-#define MF_COMBINE(ATTR)                                                                    \
-  ATTR inline __m256i reduce8_epi32(const __m256i* v) {                                     \
-    const __m256i a01 = _mm256_hadd_epi32(v[0], v[1]), a23 = _mm256_hadd_epi32(v[2], v[3]); \
-    const __m256i a45 = _mm256_hadd_epi32(v[4], v[5]), a67 = _mm256_hadd_epi32(v[6], v[7]); \
-    const __m256i lo = _mm256_hadd_epi32(a01, a23), hi = _mm256_hadd_epi32(a45, a67);       \
-    return _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20),                        \
-                            _mm256_permute2x128_si256(lo, hi, 0x31));                       \
-  }                                                                                         \
-  /* 8 bf16 from p (only `avail` of them readable) as f32, spread. */                       \
-  ATTR inline __m256 params8(const uint16_t* p, int64_t avail, __m256i spread) {            \
-    __m128i h;                                                                              \
-    if (avail >= 8) {                                                                       \
-      h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));                             \
-    } else {                                                                                \
-      alignas(16) uint16_t t[8] = {};                                                       \
-      for (int64_t k = 0; k < avail; k++) t[k] = p[k];                                      \
-      h = _mm_load_si128(reinterpret_cast<const __m128i*>(t));                              \
-    }                                                                                       \
-    const __m256 v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));  \
-    return _mm256_permutevar8x32_ps(v, spread);                                             \
-  }                                                                                         \
-  ATTR float combine(const int32_t* raw, const QView& w, const uint16_t* s,                 \
-                     const uint16_t* b, const float* d, const float* xs, const int32_t* qs) { \
-    const int bpg = w.bpg;                                                                  \
-    const __m256i spread =                                                                  \
-        bpg == 1   ? _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)                              \
-        : bpg == 2 ? _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)                              \
-        : bpg == 4 ? _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1)                              \
-                   : _mm256_setzero_si256();                                                \
-    __m256 acc = _mm256_setzero_ps();                                                       \
-    const auto* rv = reinterpret_cast<const __m256i*>(raw);                                 \
-    for (int64_t k0 = 0; k0 < w.nb; k0 += kLanes8) {                                        \
-      const int n = int(std::min<int64_t>(kLanes8, w.nb - k0));                             \
-      __m256i v[8];                                                                         \
-      for (int k = 0; k < 8; k++)                                                           \
-        v[k] = k < n ? _mm256_loadu_si256(rv + k0 + k) : _mm256_setzero_si256();            \
-      __m256i is = reduce8_epi32(v);                                                        \
-      const int64_t g0 = k0 / bpg;                                                          \
-      __m256 sv = params8(s + g0, w.gpr - g0, spread);                                      \
-      const __m256 bv = params8(b + g0, w.gpr - g0, spread);                                \
-      __m256 dv, xv;                                                                        \
-      if (n == kLanes8) {                                                                   \
-        dv = _mm256_loadu_ps(d + k0);                                                       \
-        xv = _mm256_loadu_ps(xs + k0);                                                      \
-        if (qs)                                                                             \
-          is = _mm256_add_epi32(                                                            \
-              is, _mm256_slli_epi32(                                                        \
-                      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + k0)), 7));   \
-      } else {                                                                              \
-        /* past the last block: s = d = xs = 0 (qdot.h) */                                  \
-        alignas(32) float dt[8] = {}, xt[8] = {}, m[8] = {};                                \
-        alignas(32) int32_t qt[8] = {};                                                     \
-        for (int k = 0; k < n; k++) {                                                       \
-          dt[k] = d[k0 + k];                                                                \
-          xt[k] = xs[k0 + k];                                                               \
-          m[k] = 1.0f;                                                                      \
-          if (qs) qt[k] = qs[k0 + k];                                                       \
-        }                                                                                   \
-        dv = _mm256_load_ps(dt);                                                            \
-        xv = _mm256_load_ps(xt);                                                            \
-        sv = _mm256_mul_ps(sv, _mm256_load_ps(m));                                          \
-        if (qs)                                                                             \
-          is = _mm256_add_epi32(                                                            \
-              is, _mm256_slli_epi32(_mm256_load_si256(reinterpret_cast<__m256i*>(qt)), 7)); \
-      }                                                                                     \
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), _mm256_mul_ps(sv, dv), acc);            \
-      acc = _mm256_fmadd_ps(bv, xv, acc);                                                   \
-    }                                                                                       \
-    const __m128 c =                                                                        \
-        _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1)); /* +4 */    \
-    const __m128 e = _mm_add_ps(c, _mm_movehl_ps(c, c));                       /* +2 */    \
-    return _mm_cvtss_f32(_mm_add_ss(e, _mm_shuffle_ps(e, e, 1)));             /* +1 */    \
+// Per-thread scratch: the repacked codes [nb][8][16] u32 and the scales, biases [gpr][16].
+struct PanelScratch {
+  std::vector<uint32_t> codes;
+  std::vector<float> s, b;
+};
+PanelScratch& panel_scratch(int64_t nb, int64_t gpr) {
+  thread_local PanelScratch p;
+  if (p.codes.size() < size_t(nb) * 8 * kPanel) p.codes.resize(size_t(nb) * 8 * kPanel);
+  if (p.s.size() < size_t(gpr) * kPanel) {
+    p.s.resize(size_t(gpr) * kPanel);
+    p.b.resize(size_t(gpr) * kPanel);
   }
-
-// The driver: rows in panels whose packed bytes stay in L2 while every token block runs over
-// them; inside, R x U register blocks (tails with 1 row, fewer tokens).
-#define MF_DRIVER(ATTR)                                                                       \
-  template <class Q, int R, int U>                                                            \
-  ATTR void int_sums(const QView& w, int64_t r, const int8_t* xq, int32_t* raw) {             \
-    const int64_t nb = w.nb, n = w.cols;                                                      \
-    for (int64_t k = 0; k < nb; k++) {                                                        \
-      const int64_t c = k * kBlock;                                                           \
-      __m256i xv[U];                                                                          \
-      _Pragma("GCC unroll 32") for (int u = 0; u < U; u++) xv[u] =                            \
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + u * n + c));               \
-      _Pragma("GCC unroll 32") for (int i = 0; i < R; i++) {                                  \
-        const __m256i wv = Q::load(w.row(r + i), c);                                          \
-        _Pragma("GCC unroll 32") for (int u = 0; u < U; u++) _mm256_storeu_si256(             \
-            reinterpret_cast<__m256i*>(raw + ((i * U + u) * nb + k) * 8),                     \
-            dot<Q::kBits>(_mm256_setzero_si256(), wv, xv[u]));                                \
-      }                                                                                       \
-    }                                                                                         \
-  }                                                                                           \
-  template <class Q, int R, int U>                                                            \
-  ATTR void block(const QView& w, int64_t r, const QuantizedActs& xa, int t0, int32_t* raw,   \
-                  float* y, int64_t ys) {                                                     \
-    int_sums<Q, R, U>(w, r, xa.q.data() + size_t(t0) * w.cols, raw);                          \
-    const int32_t* qs = kOffsetQ8 && Q::kBits == 8 ? xa.qs.data() : nullptr;                  \
-    for (int i = 0; i < R; i++)                                                               \
-      for (int u = 0; u < U; u++) {                                                           \
-        const size_t o = size_t(t0 + u) * w.nb;                                               \
-        y[(t0 + u) * ys + r + i] =                                                            \
-            combine(raw + (i * U + u) * w.nb * 8, w, w.s_row(r + i), w.b_row(r + i),          \
-                    xa.d.data() + o, xa.xs.data() + o, qs ? qs + o : nullptr);                \
-      }                                                                                       \
-  }                                                                                           \
-  template <class Q, int R>                                                                   \
-  ATTR void block_u(int U, const QView& w, int64_t r, const QuantizedActs& xa, int t0,        \
-                    int32_t* raw, float* y, int64_t ys) {                                     \
-    switch (U) {                                                                              \
-      case 1: return block<Q, R, 1>(w, r, xa, t0, raw, y, ys);                                \
-      case 2: return block<Q, R, 2>(w, r, xa, t0, raw, y, ys);                                \
-      case 3: return block<Q, R, 3>(w, r, xa, t0, raw, y, ys);                                \
-      default: return block<Q, R, kPrefillU>(w, r, xa, t0, raw, y, ys);                       \
-    }                                                                                         \
-  }                                                                                           \
-  template <class Q>                                                                          \
-  ATTR void qmatmul(const Mat& W, int64_t r0, int64_t r1, const QuantizedActs& xa, float* y,  \
-                    int64_t ys) {                                                             \
-    const QView w(W);                                                                         \
-    const int T = xa.T;                                                                       \
-    int32_t* raw = raw_scratch(size_t(kMaxRU) * size_t(w.nb) * 8);                           \
-    if (T == 1) {                                                                             \
-      int64_t r = r0;                                                                         \
-      for (; r + kDecodeR <= r1; r += kDecodeR) block<Q, kDecodeR, 1>(w, r, xa, 0, raw, y, ys); \
-      for (; r < r1; r++) block<Q, 1, 1>(w, r, xa, 0, raw, y, ys);                            \
-      return;                                                                                 \
-    }                                                                                         \
-    const int64_t panel =                                                                     \
-        std::clamp<int64_t>((int64_t(128) << 10) / std::max<int64_t>(w.row_bytes, 1) /        \
-                                kPrefillR * kPrefillR, kPrefillR, 256);                       \
-    for (int64_t rp = r0; rp < r1; rp += panel) {                                             \
-      const int64_t rp1 = std::min(r1, rp + panel);                                           \
-      for (int t0 = 0; t0 < T; t0 += kPrefillU) {                                             \
-        const int U = std::min(kPrefillU, T - t0);                                            \
-        int64_t r = rp;                                                                       \
-        for (; r + kPrefillR <= rp1; r += kPrefillR)                                          \
-          block_u<Q, kPrefillR>(U, w, r, xa, t0, raw, y, ys);                                 \
-        for (; r < rp1; r++) block_u<Q, 1>(U, w, r, xa, t0, raw, y, ys);                      \
-      }                                                                                       \
-    }                                                                                         \
-  }                                                                                           \
-  ATTR void qmatmul_path(const Mat& W, int64_t r0, int64_t r1, const QuantizedActs& xa,       \
-                         float* y, int64_t ys) {                                              \
-    switch (W.dtype) {                                                                        \
-      case DType::kQ8: return qmatmul<Q8Dec>(W, r0, r1, xa, y, ys);                           \
-      case DType::kQ4: return qmatmul<Q4Dec>(W, r0, r1, xa, y, ys);                           \
-      default: return qmatmul<Q2Dec>(W, r0, r1, xa, y, ys);                                   \
-    }                                                                                         \
-  }
-
-// AVX2: u8 x s8 pairs by vpmaddubsw, then vpmaddwd by 1 into int32. A q8 code (up to 255)
-// times 127, twice, would saturate int16, so q8 codes are taken as ws = q - 128: |ws| (up to
-// 128, a valid u8) times xq with ws's sign, at most 2 * 128 * 127 per pair; the 128 * sum(xq)
-// left out is added back in the combine (kOffsetQ8).
-namespace avx2 {
-constexpr bool kOffsetQ8 = true;
-constexpr int kDecodeR = 4, kPrefillR = 4, kPrefillU = 1, kMaxRU = 4;
-MF_DECODERS(MF_AVX2)
-MF_COMBINE(MF_AVX2)
-template <int Bits>
-MF_AVX2 inline __m256i dot(__m256i acc, __m256i w, __m256i x) {
-  __m256i p;
-  if constexpr (Bits == 8) {
-    const __m256i ws = _mm256_xor_si256(w, _mm256_set1_epi8(char(0x80)));  // q - 128
-    p = _mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(x, ws));  // |ws|<=128 as u8
-  } else {
-    p = _mm256_maddubs_epi16(w, x);
-  }
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+  return p;
 }
-MF_DRIVER(MF_AVX2)
-}  // namespace avx2
 
-// AVX-512 VNNI on ymm (EVEX: 32 vector registers, so larger register blocks): vpdpbusd sums
-// four u8 x s8 products into each int32 lane with no intermediate saturation.
+// 4 x 4 transpose of dwords inside each 128-bit lane: y[m] lane L = row (m + 4L); out[j]
+// element 4L + e = dword j of y[e] lane L, i.e. of row 4L + e.
+MF_AVX2 inline void transpose4(const __m256i* y, __m256i* out) {
+  const __m256i t0 = _mm256_unpacklo_epi32(y[0], y[1]), t1 = _mm256_unpackhi_epi32(y[0], y[1]);
+  const __m256i t2 = _mm256_unpacklo_epi32(y[2], y[3]), t3 = _mm256_unpackhi_epi32(y[2], y[3]);
+  out[0] = _mm256_unpacklo_epi64(t0, t2);
+  out[1] = _mm256_unpackhi_epi64(t0, t2);
+  out[2] = _mm256_unpacklo_epi64(t1, t3);
+  out[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+
+MF_AVX2 inline __m256i load2x128(const uint8_t* lo, const uint8_t* hi) {
+  return _mm256_inserti128_si256(
+      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo))),
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(hi)), 1);
+}
+
+// The panel's scales and biases as f32 [group][16 rows] (lanes past n: 0). Two groups per
+// 32-bit gather (AVX2: two gathers of 8 lanes); bf16 -> f32 is a shift.
+MF_AVX2 void convert_params(const QView& w, int64_t r, int n, PanelScratch& ps) {
+  float* s = ps.s.data();
+  float* b = ps.b.data();
+  if (n < kPanel || w.gpr % 2) {
+    for (int i = 0; i < kPanel; i++) {
+      const uint16_t* sr = w.s_row(r + (i < n ? i : 0));
+      const uint16_t* br = w.b_row(r + (i < n ? i : 0));
+      for (int64_t g = 0; g < w.gpr; g++) {
+        s[g * kPanel + i] = i < n ? bf16_to_f32(sr[g]) : 0.0f;
+        b[g * kPanel + i] = i < n ? bf16_to_f32(br[g]) : 0.0f;
+      }
+    }
+    return;
+  }
+  // Lane i reads the 4 bytes at row (r + i)'s group g: index gpr * i, in units of 2 bytes.
+  const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                         _mm256_set1_epi32(int(w.gpr)));
+  const __m256i hi = _mm256_set1_epi32(int(0xffff0000u));
+  for (int h = 0; h < 2; h++) {
+    const uint16_t* s0 = w.s_row(r + 8 * h);
+    const uint16_t* b0 = w.b_row(r + 8 * h);
+    for (int64_t g = 0; g < w.gpr; g += 2) {
+      const __m256i sv = _mm256_i32gather_epi32(reinterpret_cast<const int*>(s0 + g), idx, 2);
+      const __m256i bv = _mm256_i32gather_epi32(reinterpret_cast<const int*>(b0 + g), idx, 2);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(s + g * kPanel + 8 * h),
+                          _mm256_slli_epi32(sv, 16));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(s + (g + 1) * kPanel + 8 * h),
+                          _mm256_and_si256(sv, hi));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(b + g * kPanel + 8 * h),
+                          _mm256_slli_epi32(bv, 16));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(b + (g + 1) * kPanel + 8 * h),
+                          _mm256_and_si256(bv, hi));
+    }
+  }
+}
+
+// Repacks rows [r, r + n) (n <= 16; lanes past n repeat row r with zero scale and bias, so
+// they stay finite and are never stored) into the scratch.
+MF_AVX2 void repack_panel(const QView& w, int64_t r, int n, PanelScratch& ps) {
+  const uint8_t* rows[kPanel];
+  for (int i = 0; i < kPanel; i++) rows[i] = w.row(r + (i < n ? i : 0));
+  uint32_t* out = ps.codes.data();
+  const int64_t blk_bytes = int64_t(kBlock) * w.bits / 8;
+  for (int64_t k = 0; k < w.nb; k++) {
+    const int64_t o = k * blk_bytes;
+    __m256i* dst = reinterpret_cast<__m256i*>(out + k * 8 * kPanel);
+    for (int h = 0; h < 2; h++) {  // lanes 8h .. 8h + 7
+      const uint8_t* const* rr = rows + 8 * h;
+      __m256i y[4], tj[4];
+      if (w.bits == 4) {
+        for (int m = 0; m < 4; m++) y[m] = load2x128(rr[m] + o, rr[m + 4] + o);
+        transpose4(y, tj);
+        const __m256i m4 = _mm256_set1_epi8(0x0f);
+        for (int j = 0; j < 4; j++) {
+          _mm256_storeu_si256(dst + 2 * j + h, _mm256_and_si256(tj[j], m4));
+          _mm256_storeu_si256(dst + 2 * (j + 4) + h,
+                              _mm256_and_si256(_mm256_srli_epi16(tj[j], 4), m4));
+        }
+      } else if (w.bits == 8) {
+        for (int half = 0; half < 2; half++) {
+          for (int m = 0; m < 4; m++)
+            y[m] = load2x128(rr[m] + o + 16 * half, rr[m + 4] + o + 16 * half);
+          transpose4(y, tj);
+          for (int j = 0; j < 4; j++) _mm256_storeu_si256(dst + 2 * (j + 4 * half) + h, tj[j]);
+        }
+      } else {  // 2 bits: 8 bytes a row; step j = dword (j % 2) >> 2 (j / 2), masked
+        long long q[8];
+        for (int m = 0; m < 8; m++) std::memcpy(&q[m], rr[m] + o, 8);
+        const __m256i idx = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+        const __m256i a =
+            _mm256_permutevar8x32_epi32(_mm256_setr_epi64x(q[0], q[1], q[2], q[3]), idx);
+        const __m256i bq =
+            _mm256_permutevar8x32_epi32(_mm256_setr_epi64x(q[4], q[5], q[6], q[7]), idx);
+        const __m256i d0 = _mm256_permute2x128_si256(a, bq, 0x20);  // dword 0 of rows 0..7
+        const __m256i d1 = _mm256_permute2x128_si256(a, bq, 0x31);  // dword 1
+        const __m256i m2 = _mm256_set1_epi8(0x03);
+        for (int j = 0; j < 8; j++) {
+          const __m256i v = (j % 2) ? d1 : d0;
+          _mm256_storeu_si256(dst + 2 * j + h,
+                              _mm256_and_si256(_mm256_srli_epi32(v, 2 * (j / 2)), m2));
+        }
+      }
+    }
+  }
+  convert_params(w, r, n, ps);
+}
+
+inline int32_t load_i32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// AVX-512 VNNI: 16 lanes in one zmm; U tokens share each code vector. The codes of a block
+// come from the scratch (ScratchSrc: a panel repacked once for many tokens) or, for a few
+// tokens (decode), are repacked in registers as they are used (DirectSrc, q8 and q4), which
+// saves the scratch's stores and loads.
 namespace vnni {
-constexpr bool kOffsetQ8 = false;
-constexpr int kDecodeR = 4, kPrefillR = 4, kPrefillU = 1, kMaxRU = 4;
-MF_DECODERS(MF_VNNI)
-MF_COMBINE(MF_VNNI)
-template <int Bits>
-MF_VNNI inline __m256i dot(__m256i acc, __m256i w, __m256i x) {
-  return _mm256_dpbusd_epi32(acc, w, x);
+constexpr int kU = 8;        // tokens per register block
+constexpr int kDirectT = 4;  // up to this many tokens, q8/q4 codes are repacked in registers
+
+struct ScratchSrc {
+  const __m512i* pk;
+  MF_VNNI_INLINE void block(int64_t k, __m512i* wv) const {
+    _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++) wv[j] = _mm512_loadu_si512(pk + k * 8 + j);
+  }
+};
+
+// 16 rows' 16 bytes at offset o: z[m] lane L = row m + 4L; then the 4 x 4 dword transpose in
+// each lane: t[j] element 4L + e = dword j of row 4L + e.
+MF_VNNI_INLINE void transpose16(const uint8_t* const* rows, int64_t o, __m512i* t) {
+  __m512i z[4];
+  _Pragma("GCC unroll 4") for (int m = 0; m < 4; m++) {
+    const auto ld = [&](int i) {
+      return _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[i] + o));
+    };
+    z[m] = _mm512_inserti32x4(
+        _mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(ld(m)), ld(m + 4), 1),
+                           ld(m + 8), 2),
+        ld(m + 12), 3);
+  }
+  const __m512i t0 = _mm512_unpacklo_epi32(z[0], z[1]), t1 = _mm512_unpackhi_epi32(z[0], z[1]);
+  const __m512i t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
+  t[0] = _mm512_unpacklo_epi64(t0, t2);
+  t[1] = _mm512_unpackhi_epi64(t0, t2);
+  t[2] = _mm512_unpacklo_epi64(t1, t3);
+  t[3] = _mm512_unpackhi_epi64(t1, t3);
 }
-MF_DRIVER(MF_VNNI)
+
+template <int Bits>
+struct DirectSrc {
+  const uint8_t* const* rows;
+  MF_VNNI_INLINE void block(int64_t k, __m512i* wv) const {
+    if constexpr (Bits == 4) {
+      __m512i t[4];
+      transpose16(rows, k * 16, t);
+      const __m512i m4 = _mm512_set1_epi8(0x0f);
+      _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {
+        wv[j] = _mm512_and_si512(t[j], m4);
+        wv[j + 4] = _mm512_and_si512(_mm512_srli_epi16(t[j], 4), m4);
+      }
+    } else {
+      transpose16(rows, k * 32, wv);
+      transpose16(rows, k * 32 + 16, wv + 4);
+    }
+  }
+};
+
+template <int U, class Src>
+MF_VNNI void kernel(const QView& w, const Src& src, const PanelScratch& ps,
+                    const QuantizedActs& xa, int t0, int n, float* y, int64_t r, int64_t ys) {
+  const int64_t nb = w.nb, cols = w.cols;
+  const int8_t* xq[U];
+  const float* d[U];
+  _Pragma("GCC unroll 16") for (int u = 0; u < U; u++) {
+    xq[u] = xa.q.data() + size_t(t0 + u) * cols;
+    d[u] = xa.d.data() + size_t(t0 + u) * nb;
+  }
+  __m512 acc[U];
+  _Pragma("GCC unroll 16") for (int u = 0; u < U; u++) acc[u] = _mm512_setzero_ps();
+  const float* sp = ps.s.data();  // the scales of block k's group
+  int kg = 0;                     // block k's index in its group
+  for (int64_t k = 0; k < nb; k++) {
+    __m512i wv[8];
+    src.block(k, wv);
+    __m512i ia[U];
+    _Pragma("GCC unroll 16") for (int u = 0; u < U; u++) ia[u] = _mm512_setzero_si512();
+    _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++) {
+      _Pragma("GCC unroll 16") for (int u = 0; u < U; u++) ia[u] = _mm512_dpbusd_epi32(
+          ia[u], wv[j], _mm512_set1_epi32(load_i32(xq[u] + k * kBlock + 4 * j)));
+    }
+    const __m512 sv = _mm512_loadu_ps(sp);
+    _Pragma("GCC unroll 16") for (int u = 0; u < U; u++) acc[u] = _mm512_fmadd_ps(
+        _mm512_cvtepi32_ps(ia[u]), _mm512_mul_ps(sv, _mm512_set1_ps(d[u][k])), acc[u]);
+    if (++kg == w.bpg) {
+      kg = 0;
+      sp += kPanel;
+    }
+  }
+  const __mmask16 m = __mmask16((1u << n) - 1);
+  for (int u = 0; u < U; u++) {
+    const float* gs = xa.gs.data() + size_t(t0 + u) * w.gpr;
+    __m512 bacc = _mm512_setzero_ps();
+    for (int64_t g = 0; g < w.gpr; g++)
+      bacc = _mm512_fmadd_ps(_mm512_loadu_ps(ps.b.data() + g * kPanel), _mm512_set1_ps(gs[g]),
+                             bacc);
+    _mm512_mask_storeu_ps(y + (t0 + u) * ys + r, m, _mm512_add_ps(acc[u], bacc));
+  }
+}
+
+// Every token of xa from t0 on, in register blocks of kU (tails: fewer).
+template <class Src>
+MF_VNNI void tokens(const QView& w, const Src& src, const PanelScratch& ps,
+                    const QuantizedActs& xa, int t0, int n, float* y, int64_t r, int64_t ys) {
+  const int T = xa.T;
+  for (; t0 + kU <= T; t0 += kU) kernel<kU>(w, src, ps, xa, t0, n, y, r, ys);
+  switch (T - t0) {
+    case 1: return kernel<1>(w, src, ps, xa, t0, n, y, r, ys);
+    case 2: return kernel<2>(w, src, ps, xa, t0, n, y, r, ys);
+    case 3: return kernel<3>(w, src, ps, xa, t0, n, y, r, ys);
+    case 4: return kernel<4>(w, src, ps, xa, t0, n, y, r, ys);
+    case 5: return kernel<5>(w, src, ps, xa, t0, n, y, r, ys);
+    case 6: return kernel<6>(w, src, ps, xa, t0, n, y, r, ys);
+    case 7: return kernel<7>(w, src, ps, xa, t0, n, y, r, ys);
+    default: return;
+  }
+}
+
+template <int Bits>
+MF_VNNI void qmatmul_bits(const QView& w, int64_t r0, int64_t r1, const QuantizedActs& xa,
+                          float* y, int64_t ys) {
+  PanelScratch& ps = panel_scratch(w.nb, w.gpr);
+  const ScratchSrc scratch{reinterpret_cast<const __m512i*>(ps.codes.data())};
+  for (int64_t r = r0; r < r1; r += kPanel) {
+    const int n = int(std::min<int64_t>(kPanel, r1 - r));
+    if constexpr (Bits == 2) {
+      repack_panel(w, r, n, ps);
+      tokens(w, scratch, ps, xa, 0, n, y, r, ys);
+    } else {
+      const uint8_t* rows[kPanel];
+      for (int i = 0; i < kPanel; i++) rows[i] = w.row(r + (i < n ? i : 0));
+      convert_params(w, r, n, ps);
+      const DirectSrc<Bits> direct{rows};
+      if (xa.T <= kDirectT) {
+        tokens(w, direct, ps, xa, 0, n, y, r, ys);
+      } else {
+        auto* out = reinterpret_cast<__m512i*>(ps.codes.data());
+        for (int64_t k = 0; k < w.nb; k++) {
+          __m512i wv[8];
+          direct.block(k, wv);
+          for (int j = 0; j < 8; j++) _mm512_storeu_si512(out + k * 8 + j, wv[j]);
+        }
+        tokens(w, scratch, ps, xa, 0, n, y, r, ys);
+      }
+    }
+  }
+}
+MF_VNNI void qmatmul(const Mat& W, int64_t r0, int64_t r1, const QuantizedActs& xa, float* y,
+                     int64_t ys) {
+  const QView w(W);
+  switch (w.bits) {
+    case 8: return qmatmul_bits<8>(w, r0, r1, xa, y, ys);
+    case 4: return qmatmul_bits<4>(w, r0, r1, xa, y, ys);
+    default: return qmatmul_bits<2>(w, r0, r1, xa, y, ys);
+  }
+}
 }  // namespace vnni
+
+// AVX2: the 16 lanes as two ymm halves. vpmaddubsw (u8 x s8 pairs into int16) then vpmaddwd
+// by 1 into int32. A q8 code (up to 255) times 127, twice, would saturate int16, so q8 codes
+// are taken as ws = q - 128: |ws| (up to 128, a valid u8) times xq with ws's sign, at most
+// 2 * 128 * 127 per pair; 128 * (the block's sum of xq) is added back to every lane before the
+// float combine, so the int32 isum_k is the same as on the other paths.
+namespace avx2 {
+constexpr int kU = 2;
+template <int Bits, int U>
+MF_AVX2 void kernel(const QView& w, const PanelScratch& ps, const QuantizedActs& xa, int t0,
+                    int n, float* y, int64_t r, int64_t ys) {
+  const int64_t nb = w.nb, cols = w.cols;
+  const auto* pk = reinterpret_cast<const __m256i*>(ps.codes.data());
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* xq[U];
+  const float* d[U];
+  const int32_t* qs[U];
+  for (int u = 0; u < U; u++) {
+    xq[u] = xa.q.data() + size_t(t0 + u) * cols;
+    d[u] = xa.d.data() + size_t(t0 + u) * nb;
+    qs[u] = xa.qs.data() + size_t(t0 + u) * nb;
+  }
+  __m256 acc[U][2];
+  for (int u = 0; u < U; u++) acc[u][0] = acc[u][1] = _mm256_setzero_ps();
+  const float* sp = ps.s.data();  // the scales of block k's group
+  int kg = 0;                     // block k's index in its group
+  for (int64_t k = 0; k < nb; k++) {
+    __m256i ia[U][2];
+    _Pragma("GCC unroll 16") for (int u = 0; u < U; u++) ia[u][0] = ia[u][1] =
+        _mm256_setzero_si256();
+    _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++) {
+      _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++) {
+        const __m256i wv = _mm256_loadu_si256(pk + (k * 8 + j) * 2 + h);
+        if constexpr (Bits == 8) {
+          const __m256i ws = _mm256_xor_si256(wv, _mm256_set1_epi8(char(0x80)));  // q - 128
+          const __m256i wa = _mm256_abs_epi8(ws);  // |ws| <= 128 as u8
+          _Pragma("GCC unroll 16") for (int u = 0; u < U; u++) {
+            const __m256i xv = _mm256_set1_epi32(load_i32(xq[u] + k * kBlock + 4 * j));
+            ia[u][h] = _mm256_add_epi32(
+                ia[u][h], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(xv, ws)),
+                                            ones));
+          }
+        } else {
+          _Pragma("GCC unroll 16") for (int u = 0; u < U; u++) {
+            const __m256i xv = _mm256_set1_epi32(load_i32(xq[u] + k * kBlock + 4 * j));
+            ia[u][h] = _mm256_add_epi32(
+                ia[u][h], _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones));
+          }
+        }
+      }
+    }
+    _Pragma("GCC unroll 16") for (int u = 0; u < U; u++) {
+      const __m256 dv = _mm256_set1_ps(d[u][k]);
+      __m256i off = _mm256_setzero_si256();
+      if constexpr (Bits == 8) off = _mm256_set1_epi32(qs[u][k] * 128);
+      _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++) acc[u][h] = _mm256_fmadd_ps(
+          _mm256_cvtepi32_ps(_mm256_add_epi32(ia[u][h], off)),
+          _mm256_mul_ps(_mm256_loadu_ps(sp + 8 * h), dv), acc[u][h]);
+    }
+    if (++kg == w.bpg) {
+      kg = 0;
+      sp += kPanel;
+    }
+  }
+  for (int u = 0; u < U; u++) {
+    const float* gs = xa.gs.data() + size_t(t0 + u) * w.gpr;
+    alignas(32) float out[kPanel];
+    for (int h = 0; h < 2; h++) {
+      __m256 bacc = _mm256_setzero_ps();
+      for (int64_t g = 0; g < w.gpr; g++)
+        bacc = _mm256_fmadd_ps(_mm256_loadu_ps(ps.b.data() + g * kPanel + 8 * h),
+                               _mm256_set1_ps(gs[g]), bacc);
+      _mm256_store_ps(out + 8 * h, _mm256_add_ps(acc[u][h], bacc));
+    }
+    std::memcpy(y + (t0 + u) * ys + r, out, size_t(n) * sizeof(float));
+  }
+}
+template <int Bits>
+MF_AVX2 void qmatmul_bits(const QView& w, int64_t r0, int64_t r1, const QuantizedActs& xa,
+                          float* y, int64_t ys) {
+  PanelScratch& ps = panel_scratch(w.nb, w.gpr);
+  const int T = xa.T;
+  for (int64_t r = r0; r < r1; r += kPanel) {
+    const int n = int(std::min<int64_t>(kPanel, r1 - r));
+    repack_panel(w, r, n, ps);
+    int t0 = 0;
+    for (; t0 + kU <= T; t0 += kU) kernel<Bits, kU>(w, ps, xa, t0, n, y, r, ys);
+    if (t0 < T) kernel<Bits, 1>(w, ps, xa, t0, n, y, r, ys);
+  }
+}
+MF_AVX2 void qmatmul(const Mat& W, int64_t r0, int64_t r1, const QuantizedActs& xa, float* y,
+                     int64_t ys) {
+  const QView w(W);
+  switch (w.bits) {
+    case 8: return qmatmul_bits<8>(w, r0, r1, xa, y, ys);
+    case 4: return qmatmul_bits<4>(w, r0, r1, xa, y, ys);
+    default: return qmatmul_bits<2>(w, r0, r1, xa, y, ys);
+  }
+}
+}  // namespace avx2
 
 // ---------------------------------------------------------------------------------------------
 // Dispatch.
@@ -376,9 +530,9 @@ QdotPath detect_path() {
 QmatmulFn path_fn(QdotPath p) {
   switch (p) {
     case QdotPath::kVnni:
-      return vnni::qmatmul_path;
+      return vnni::qmatmul;
     case QdotPath::kAvx2:
-      return avx2::qmatmul_path;
+      return avx2::qmatmul;
     default:
       return qmatmul_scalar;
   }
@@ -488,8 +642,10 @@ void quantize_acts(const float* x, int T, int64_t cols, int group, int bits, Qua
   out.d.resize(size_t(T) * size_t(blocks));
   out.xs.resize(size_t(T) * size_t(blocks));
   out.qs.resize(size_t(T) * size_t(blocks));
+  const int64_t groups = cols / group, bpg = group / kBlock;
+  out.gs.resize(size_t(T) * size_t(groups));
   const bool simd = active().path.load(std::memory_order_relaxed) != QdotPath::kScalar;
-  for (int t = 0; t < T; t++)
+  for (int t = 0; t < T; t++) {
     for (int64_t k = 0; k < blocks; k++) {
       const size_t o = size_t(t) * blocks + size_t(k);
       const float* xb = x + size_t(t) * cols + k * kBlock;
@@ -499,12 +655,17 @@ void quantize_acts(const float* x, int T, int64_t cols, int group, int bits, Qua
       else
         quantize_block_scalar(xb, bits, qb, out.d[o], out.xs[o], out.qs[o]);
     }
+    // The group sums of x: its blocks' xs, left to right.
+    const float* xs = out.xs.data() + size_t(t) * blocks;
+    for (int64_t g = 0; g < groups; g++) {
+      float sum = xs[g * bpg];
+      for (int64_t k = 1; k < bpg; k++) sum = sum + xs[g * bpg + k];
+      out.gs[size_t(t) * groups + size_t(g)] = sum;
+    }
+  }
 }
 
-bool qdot_group_supported(int group) {
-  const int bpg = group / kBlock;
-  return group > 0 && group % kBlock == 0 && (8 % bpg == 0 || bpg % 8 == 0);
-}
+bool qdot_group_supported(int group) { return group > 0 && group % kBlock == 0; }
 
 QdotPath best_qdot_path() {
   static const QdotPath best = detect_path();

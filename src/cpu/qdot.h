@@ -6,23 +6,24 @@
 //   * Weights as stored: group g of row r is w = q * s_g + b_g (format/quant.h), q unsigned.
 //   * Activations, per token and per block k of 32 columns: d_k = max|x| / 127, xq =
 //     nearbyint(x * (1 / d_k)) in [-127, 127] (0 when max|x| = 0), and xs_k = the sum of the
-//     32 x in f32 (8 lanes over c mod 8, then the tree below). quantize_acts does this once
-//     per token per matmul (scalar or AVX2, the same operations). Blocks of 32, not of the
-//     weight group: on the trained demo, q8 groups of 64 gave KL 0.0073 against --exact,
-//     blocks of 32 (llama.cpp's Q8_0/Q8_1 size) stay under 0.005 (docs/2026-12-03-cpu-int8.md).
+//     32 x in f32 (8 lanes over c mod 8, added j += j+4, j += j+2, j += j+1). quantize_acts
+//     does this once per token per matmul (scalar or AVX2, the same operations). Blocks of 32,
+//     not of the weight group: on the trained demo, q8 groups of 64 gave KL 0.0073 against
+//     --exact, blocks of 32 (llama.cpp's Q8_0/Q8_1 size) less (docs/2026-12-03-cpu-int8.md).
 //   * Per (row, token, block k in group g): isum_k = sum of q * xq, an exact int32 (any order).
-//     With 8 lane sums, lane j accumulates the blocks k = j (mod 8) in increasing k, each step
-//     acc = fma(float(isum_k), fl(s_g * d_k), acc); acc = fma(b_g, xs_k, acc). Blocks past
-//     the last (up to a multiple of 8) are taken with isum = s = d = b = xs = 0.
-//   * The 8 lanes are added in a fixed tree: j += j+4, j += j+2, j += j+1.
+//     One f32 chain over the blocks in increasing k: acc = 0, acc = fma(float(isum_k),
+//     fl(s_g * d_k), acc). The bias: xg_g = the group's xs_k added left to right (per token,
+//     in quantize_acts), bacc = 0, bacc = fma(b_g, xg_g, bacc) in increasing g. y = acc + bacc.
+//     (Version 2, 2026-12-03: the first definition's 8 block lanes needed a horizontal
+//     reduction per block on the SIMD paths; this one lets them keep one row per lane.)
 // Nothing here depends on T, the row range, the thread or the path: a token alone or in a
 // batch gives the same bits, for any thread count.
 //
 // Error against the exact path: only the activations are rounded (the weights are the
 // package's), |x - d*xq| <= d/2 per element, so |y_fast - y_exact| <= sum_k |s_g| * d_k / 2 *
 // sum_{c in k} |q_c| (+ f32 rounding). tests/qdot_test.cpp checks that bound.
-// Weight groups of 32 * m columns with m dividing 8 or a multiple of 8 (32, 64, 128, 256...);
-// CpuContext takes the exact path for any other (qdot_group_supported).
+// Weight groups of 32 * m columns (32, 64, 96, 128...); CpuContext takes the exact path for any
+// other (qdot_group_supported).
 #pragma once
 
 #include <cstdint>
@@ -42,6 +43,7 @@ struct QuantizedActs {
   std::vector<float> d;       // [T, blocks] scale
   std::vector<float> xs;      // [T, blocks] sum of x
   std::vector<int32_t> qs;    // [T, blocks] sum of xq (q8 on AVX2 adds 128 * it back)
+  std::vector<float> gs;      // [T, cols / group] sum of xs over the group's blocks
 };
 
 // True when weights of this group size can take the int8 path.

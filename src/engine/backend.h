@@ -121,9 +121,10 @@ struct ContextOptions {
   // (--int8): the CPU multiplies quantised (q8/q4/q2) weights by activations quantised to int8
   // per 32 columns (cpu/qdot.h; each output still one fixed sequence of operations, so results
   // stay bit-identical across thread counts, batch shapes, cache and prefetch, but differ from
-  // the exact path within the quantised tolerance). Exact stays the default of every front end
-  // until the int8 kernels beat it (docs/2026-12-03-cpu-int8.md: today they do not). The CUDA
-  // backend is exact either way.
+  // the exact path within the quantised tolerance; lm_head and the attention / linear
+  // attention output projections stay exact, Context::matmul_exact). Exact stays the default of
+  // every front end: int8 prefill is ~2x faster, decode not yet (docs/2026-12-03-cpu-int8.md).
+  // The CUDA backend is exact either way.
   bool exact = true;
 };
 
@@ -189,6 +190,14 @@ class Context {
   virtual void embed(const Mat& E, const int32_t* tokens, int T, float* out) = 0;
   // y[t, r] = sum_c W[r, c] * x[t, c]                            x: [T, W.cols]  y: [T, W.rows]
   virtual void matmul(const Mat& W, const float* x, float* y, int T) = 0;
+  // As matmul, but on the exact path in a context whose exact() is false: the output
+  // projections of attention and linear attention, whose inputs lose the most to int8
+  // activations (KL on the demo's q8, all 186 windows: 0.0053 with them int8, 0.0044 without),
+  // and lm_head (read from RAM at T = 1, where int8 gains nothing). A device with one numerics
+  // path: matmul.
+  virtual void matmul_exact(const Mat& W, const float* x, float* y, int T) {
+    matmul(W, x, y, T);
+  }
   // For each of `rows` rows of n floats at `stride`: y = x * rsqrt(mean(x^2) + eps) * w
   // (w null: no weight, 1). x == y allowed; floats between rows are not written.
   virtual void rmsnorm(const float* x, const float* w, float* y, int rows, int n, int stride,

@@ -279,7 +279,7 @@ void Session::forward(const int32_t* tokens, int T, float* logits, bool all_logi
       const size_t V = size_t(s.vocab_size);
       for (int r0 = 0; r0 < rows; r0 += kLogitRows) {
         const int n = std::min(kLogitRows, rows - r0);
-        be_.matmul(w_.lm_head, src + size_t(r0) * H, ws_.logits, n);
+        be_.matmul_exact(w_.lm_head, src + size_t(r0) * H, ws_.logits, n);
         be_.download_bytes_async(logits + size_t(r0) * V, ws_.logits,
                                  size_t(n) * V * sizeof(float));
         if (r0 + n < rows) be_.sync();  // before the next piece overwrites ws_.logits
@@ -342,7 +342,7 @@ bool Session::replay_decode() {
     }
     try {
       layers(1, [](int, const float*) {});
-      be_.matmul(w_.lm_head, ws_.xn, ws_.logits, 1);
+      be_.matmul_exact(w_.lm_head, ws_.xn, ws_.logits, 1);
     } catch (...) {
       try {
         be_.record_end();
@@ -400,7 +400,7 @@ void Session::full_attention(int l, int T) {
   AttentionParams p{nh, nkv, hd, q_rows, qhs, kvd, 1.0f / std::sqrt(float(hd))};
   be_.attention(q, kc, vc, o, T, p);
   if (s.attn_output_gate) be_.mul_sigmoid_gate(o, q + hd, T, nh, hd, q_rows, qhs);
-  be_.matmul(w.o, o, ws_.mix, T);
+  be_.matmul_exact(w.o, o, ws_.mix, T);
 }
 
 // y[t] += b for each of T rows of n floats (projection biases).
@@ -446,7 +446,7 @@ void Session::mla_attention(int l, int T) {
   AttentionParams p{nh, 1, row, nh * row, row, row, float(attention_scale(s)), L, row};
   be_.attention(ws_.qlat, cache, cache, ws_.olat, T, p);  // olat: [T, nh * L]
   be_.matmul_heads(w.v_b, nh, ws_.olat, nh * L, L, ws_.o, nh * vd, vd, T);
-  be_.matmul(w.o, ws_.o, ws_.mix, T);
+  be_.matmul_exact(w.o, ws_.o, ws_.mix, T);
 }
 
 void Session::linear_attention(int l, int T) {
@@ -464,7 +464,7 @@ void Session::linear_attention(int l, int T) {
   else
     be_.deltanet(ws_.conv, ws_.la, ws_.lb, state_b_[size_t(l)], ws_.core, T, p);
   be_.gated_rmsnorm(ws_.core, ws_.z, w.lin_norm, T * nv, s.lin_v_dim, s.rms_eps);
-  be_.matmul(w.lin_out, ws_.core, ws_.mix, T);
+  be_.matmul_exact(w.lin_out, ws_.core, ws_.mix, T);
 }
 
 namespace {

@@ -42,7 +42,8 @@ void add_model_options(CLI::App* app, ModelOptions& o, bool model_required) {
   app->add_flag("--exact,!--int8", o.exact,
                 "CPU numerics on quantised weights: --exact (default) f32 activations, the "
                 "reference; --int8 activations quantised to int8 per 32 columns and integer dot "
-                "products (within the quantised tolerance; not yet faster)");
+                "products (within the quantised tolerance: KL 0.004 on q8; prefill ~2x faster, "
+                "decode about the same)");
   app->add_option("--ubatch", o.ubatch,
                   "prompt micro-batch in tokens: prompts are evaluated this many tokens at a time "
                   "(memory grows with it; results do not change)");
