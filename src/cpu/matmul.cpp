@@ -33,6 +33,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "format/mxfp4.h"
 #include "format/quant.h"
 #include "util/error.h"
 #include "util/half.h"
@@ -1159,10 +1160,37 @@ const char* kernel_path_name(KernelPath p) {
   return "?";
 }
 
+namespace {
+
+// MXFP4 (gpt-oss's experts): blocks of rows are decoded exactly into f32 (format/mxfp4.h) and
+// multiplied by the active path's f32 kernel, so the result is the bits of the matrix's exact f32
+// copy, whatever the path, the row split or T (the matmul.h contract).
+void matmul_mxfp4_rows(const Mat& W, int64_t r0, int64_t r1, const float* x, int T, float* y,
+                       int64_t y_stride, MatmulFn fn) {
+  MF_CHECK(W.e8m0 && W.cols % kMxfp4Group == 0);
+  constexpr int64_t kRows = 16;
+  thread_local std::vector<float> buf;
+  if (buf.size() < size_t(kRows * W.cols)) buf.resize(size_t(kRows * W.cols));
+  const auto* packed = static_cast<const uint8_t*>(W.data);
+  const int64_t gpr = W.cols / kMxfp4Group;
+  for (int64_t r = r0; r < r1; r += kRows) {
+    const int64_t n = std::min(kRows, r1 - r);
+    for (int64_t i = 0; i < n; i++)
+      mxfp4_dequantize_row(packed + (r + i) * W.cols / 2, W.e8m0 + (r + i) * gpr, W.cols,
+                           buf.data() + i * W.cols);
+    const Mat f{DType::kF32, n, W.cols, buf.data()};
+    fn(f, 0, n, x, T, y + r, y_stride);
+  }
+}
+
+}  // namespace
+
 void matmul_rows(const Mat& W, int64_t r0, int64_t r1, const float* x, int T, float* y,
                  int64_t y_stride) {
   if (r0 >= r1 || T <= 0) return;
   MF_CHECK(r0 >= 0 && r1 <= W.rows);
+  if (W.dtype == DType::kMxfp4)
+    return matmul_mxfp4_rows(W, r0, r1, x, T, y, y_stride, active().fn.load(std::memory_order_relaxed));
   if (is_quant_dtype(W.dtype))
     MF_CHECK(W.group > 0 && W.group % 32 == 0 && W.cols % W.group == 0 && W.scales && W.biases);
   else
