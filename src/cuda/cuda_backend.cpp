@@ -60,6 +60,9 @@ cuda::WMat wmat(const Mat& m) {
     case DType::kQ8: w.type = cuda::kWQ8; break;
     case DType::kQ4: w.type = cuda::kWQ4; break;
     case DType::kQ2: w.type = cuda::kWQ2; break;
+    case DType::kMxfp4:  // gpt-oss's experts (issue 17)
+      fail(ErrorKind::kUnsupported,
+           "CUDA backend: mxfp4 weights (gpt-oss) are not implemented yet; use --backend cpu");
     default:
       fail(ErrorKind::kUnsupported, "CUDA backend: weights of dtype {} are not supported",
            dtype_name(m.dtype));
