@@ -765,6 +765,63 @@ TEST_F(OssSession, ThreadsDoNotChangeBits) {
   EXPECT_EQ(eval(a, toks), eval(b, toks));
 }
 
+// The CUDA backend has none of gpt-oss's new ops yet: each must refuse with kUnsupported and say
+// so, not compute something else (skipped where no GPU is usable).
+TEST(GptOssCuda, RefusesWhatItDoesNotImplement) {
+  try {
+    resolve_backend_kind(BackendKind::kCuda);
+  } catch (const Error& e) {
+    GTEST_SKIP() << "no usable CUDA device: " << e.what();
+  }
+  auto be = get_device(BackendKind::kCuda).context(1);
+  auto refused = [&](const char* what, const std::function<void()>& f) {
+    try {
+      f();
+      ADD_FAILURE() << what << ": ran";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::kUnsupported) << what << ": " << e.what();
+      EXPECT_NE(std::string(e.what()).find("not implemented yet"), std::string::npos) << e.what();
+    }
+  };
+  float* buf = be->alloc(4096);
+  refused("attention with sinks", [&] {
+    AttentionParams p{2, 1, 16, 32, 16, 16, 0.25f};
+    p.sinks = buf;
+    be->attention(buf, buf + 64, buf + 128, buf + 192, 1, p);
+    be->sync();
+  });
+  refused("attention with a window", [&] {
+    AttentionParams p{2, 1, 16, 32, 16, 16, 0.25f};
+    p.window = 4;
+    be->attention(buf, buf + 64, buf + 128, buf + 192, 1, p);
+    be->sync();
+  });
+  refused("experts with biases", [&] {
+    struct None : ExpertSource {
+      size_t size() const override { return 0; }
+      int id(size_t) const override { return 0; }
+      size_t next() override { return 0; }
+      const ExpertWeights& weights(size_t) const override { std::abort(); }
+    } src;
+    MoeParams mp;
+    mp.T = 1;
+    mp.k = 1;
+    mp.hidden = 32;
+    mp.inter = 32;
+    mp.swiglu_limit = 7.0f;
+    mp.swiglu_alpha = 1.702f;
+    be->moe_experts(buf, reinterpret_cast<const int32_t*>(buf + 512), buf + 600, src, nullptr,
+                    buf + 700, mp);
+    be->sync();
+  });
+  MxMat w(32, 64, 1);
+  refused("mxfp4 weights", [&] {
+    be->matmul(w.m, buf, buf + 1024, 1);
+    be->sync();
+  });
+  be->release(buf);
+}
+
 TEST(GptOssSynth, PresetsAtTheRealSizes) {
   for (const char* p : {"gpt-oss-20b", "gpt-oss-120b"}) {
     const ModelSpec s = synth_spec(p);
