@@ -64,6 +64,18 @@ TEST(Mxfp4, DecodesTheHandTable) {
   EXPECT_EQ(row[35], -32.0f);  // code 14: -4 x 8
   EXPECT_EQ(row[46], 48.0f);   // code 7: 6 x 8
   EXPECT_EQ(row[62], -48.0f);
+  // Every code under every finite scale: the value is exactly ldexp(e2m1, e - 127) (subnormal
+  // results included).
+  for (int e = 0; e < 255; e++) {
+    std::vector<uint8_t> pk(16), sc = {uint8_t(e)};
+    for (int j = 0; j < 16; j++) pk[size_t(j)] = uint8_t(j | ((15 - j) << 4));
+    std::vector<float> r(32);
+    mxfp4_dequantize_row(pk.data(), sc.data(), 32, r.data());
+    for (int j = 0; j < 16; j++) {
+      ASSERT_EQ(r[size_t(2 * j)], std::ldexp(want[j], e - 127)) << "e " << e << " code " << j;
+      ASSERT_EQ(r[size_t(2 * j + 1)], std::ldexp(want[15 - j], e - 127)) << "e " << e;
+    }
+  }
   // A NaN scale gives NaN elements.
   scales = {255, 127};
   mxfp4_dequantize_row(packed.data(), scales.data(), 64, row.data());

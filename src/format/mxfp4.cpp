@@ -22,10 +22,15 @@ void mxfp4_dequantize_row(const uint8_t* packed, const uint8_t* scales, int64_t 
       for (int i = 0; i < kMxfp4Group; i++) o[i] = std::numeric_limits<float>::quiet_NaN();
       continue;
     }
-    const int x = int(e) - 127;
+    // value x 2^(e - 127): the product is exact in f32 (the power of two is an f32, normal or
+    // subnormal, and the smallest result, 0.5 x 2^-127, is an f32 subnormal), so it equals
+    // ldexp; one 16-entry table per group.
+    const float scale = std::ldexp(1.0f, int(e) - 127);
+    float tab[16];
+    for (int c = 0; c < 16; c++) tab[c] = kE2m1Values[c] * scale;
     for (int j = 0; j < kMxfp4Group / 2; j++) {
-      o[2 * j] = std::ldexp(kE2m1Values[b[j] & 0xF], x);
-      o[2 * j + 1] = std::ldexp(kE2m1Values[b[j] >> 4], x);
+      o[2 * j] = tab[b[j] & 0xF];
+      o[2 * j + 1] = tab[b[j] >> 4];
     }
   }
 }
