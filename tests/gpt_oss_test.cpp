@@ -85,6 +85,39 @@ TEST(Mxfp4, DecodesTheHandTable) {
   EXPECT_EQ(row[33], -6.0f);
 }
 
+// --quant mxfp4's quantiser: the scale is the smallest power of two that brings the group's
+// max within 6; elements round to the nearest e2m1 value, ties to the even code; MXFP4 values
+// come back exactly.
+TEST(Mxfp4, QuantiserByHand) {
+  std::vector<float> w(64, 0.0f);
+  // group 0: max 3.0 -> 2^-1 (3 / 0.5 = 6); values / 0.5: 0.125 -> 0.25 tie (0 | 0.5) -> 0;
+  // 0.375 -> 0.75 tie (0.5 | 1) -> 1 (even code 2); 0.625 -> 1.25 tie (1 | 1.5) -> 1;
+  // 1.25 -> 2.5 tie (2 | 3) -> 2; 1.75 -> 3.5 tie (3 | 4) -> 4; 2.5 -> 5 tie (4 | 6) -> 4;
+  // -0.9 -> -1.8 -> -2; 3.0 -> 6.
+  const float in0[] = {0.125f, 0.375f, 0.625f, 1.25f, 1.75f, 2.5f, -0.9f, 3.0f};
+  const float want0[] = {0.0f, 0.5f, 0.5f, 1.0f, 2.0f, 2.0f, -1.0f, 3.0f};
+  for (int i = 0; i < 8; i++) w[size_t(i)] = in0[i];
+  // group 1: exact MXFP4 values under 2^3 (max 48): come back as they are
+  const float in1[] = {48.0f, -32.0f, 4.0f, 0.0f, -12.0f, 24.0f, 8.0f, -4.0f};
+  for (int i = 0; i < 8; i++) w[size_t(32 + i)] = in1[i];
+  std::vector<uint8_t> packed(32), scales(2);
+  mxfp4_quantize_rows(w.data(), 1, 64, packed.data(), scales.data());
+  EXPECT_EQ(scales[0], 126);  // 2^-1
+  EXPECT_EQ(scales[1], 130);  // 2^3
+  std::vector<float> back(64);
+  mxfp4_dequantize_row(packed.data(), scales.data(), 64, back.data());
+  for (int i = 0; i < 8; i++) {
+    EXPECT_EQ(back[size_t(i)], want0[i]) << i;
+    EXPECT_EQ(back[size_t(32 + i)], in1[i]) << i;
+  }
+  // An all-zero group: scale 2^0, zeros.
+  std::fill(w.begin(), w.end(), 0.0f);
+  mxfp4_quantize_rows(w.data(), 1, 64, packed.data(), scales.data());
+  EXPECT_EQ(scales[0], 127);
+  mxfp4_dequantize_row(packed.data(), scales.data(), 64, back.data());
+  for (float x : back) EXPECT_EQ(x, 0.0f);
+}
+
 // A random MXFP4 matrix in package layout.
 struct MxMat {
   std::vector<uint8_t> bytes;
@@ -613,6 +646,13 @@ TEST(GptOssConvert, Mxfp4AndBothBf16LayoutsComputeTheSameBits) {
   EXPECT_EQ(Model::load(d / "tr_q8")->manifest().experts.parts[0].dtype, DType::kQ8);
   const auto q8 = logits_of(d / "tr_q8", toks);
   EXPECT_EQ(argmax(q8.data() + q8.size() - 300, 300), argmax(a.data() + a.size() - 300, 300));
+  // --quant mxfp4 on the bf16 checkpoint: its experts are MXFP4 values, which the quantiser
+  // gives back exactly, so the logits are the MXFP4 import's, bit for bit.
+  o.quant = quant_recipe("mxfp4");
+  convert_checkpoint(d / "tr", d / "tr_mx", o);
+  EXPECT_EQ(Model::load(d / "tr_mx")->manifest().experts.parts[1].dtype, DType::kMxfp4);
+  const auto tm = logits_of(d / "tr_mx", toks);
+  EXPECT_EQ(std::memcmp(a.data(), tm.data(), a.size() * 4), 0) << "mxfp4 vs bf16 --quant mxfp4";
   o.quant = quant_recipe("q4");
   convert_checkpoint(d / "mx", d / "mx_q4", o);
   auto mq = Model::load(d / "mx_q4");

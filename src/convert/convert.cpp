@@ -38,8 +38,12 @@ QuantRecipe quant_recipe(const std::string& name) {
     for (C c : all) r.dtype[c] = DType::kQ4;
     r.dtype[C::kLmHead] = DType::kQ8;  // the output projection is the most sensitive matrix
     if (name == "q2") r.dtype[C::kExperts] = DType::kQ2;
+  } else if (name == "mxfp4") {
+    // gpt-oss's own layout: the routed experts MXFP4 (format/mxfp4.h), the rest as it is.
+    r.dtype[C::kExperts] = DType::kMxfp4;
   } else {
-    fail(ErrorKind::kInvalidArgument, "--quant: unknown recipe '{}' (none, q8, q4, q2)", name);
+    fail(ErrorKind::kInvalidArgument, "--quant: unknown recipe '{}' (none, q8, q4, q2, mxfp4)",
+         name);
   }
   return r;
 }
@@ -55,8 +59,10 @@ void override_recipe(QuantRecipe& r, const std::string& cls, const std::string& 
   else fail(ErrorKind::kInvalidArgument, "unknown tensor class '{}'", cls);
   DType t;
   const bool none = dtype == "none";
-  if (!none && (!dtype_from_name(dtype, &t) || !is_quant_dtype(t)))
-    fail(ErrorKind::kInvalidArgument, "--{}: '{}' is not one of q8, q4, q2, none", cls, dtype);
+  if (!none && (!dtype_from_name(dtype, &t) ||
+                !(is_quant_dtype(t) || (t == DType::kMxfp4 && cls == "experts"))))
+    fail(ErrorKind::kInvalidArgument, "--{}: '{}' is not one of q8, q4, q2, none{}", cls, dtype,
+         cls == "experts" ? ", mxfp4" : "");
   for (auto c : classes) {
     if (none) r.dtype.erase(c);
     else r.dtype[c] = t;
@@ -284,6 +290,15 @@ PackedTensor Converter::plan(const std::string& name, std::vector<int64_t> shape
       // Already quantised (MLX): imported as is whatever the recipe, never requantised.
       t.dtype = src.bits == 8 ? DType::kQ8 : src.bits == 4 ? DType::kQ4 : DType::kQ2;
       t.group = src.group;
+    } else if (want != opt_.quant.dtype.end() && want->second == DType::kMxfp4) {
+      // --quant mxfp4: quantised here (format/mxfp4.h mxfp4_quantize_rows)
+      if (src.cols % kMxfp4Group == 0) {
+        t.dtype = DType::kMxfp4;
+      } else {
+        t.dtype = float_dtype(src);
+        report_.notes.push_back(fmt::format("{}: input dimension {} is not a multiple of 32; kept {}",
+                                            name, src.cols, dtype_name(t.dtype)));
+      }
     } else if (want != opt_.quant.dtype.end()) {
       const int bits = quant_bits(want->second);
       for (int g : {opt_.quant.group, 128, 64, 32})
@@ -841,6 +856,18 @@ void Converter::write_tensor(FileWriter& w, const PackedTensor& t, const Source&
 
 void Converter::put_f32_rows(FileWriter& w, const PackedTensor& t, uint64_t base, int64_t out_row,
                              const float* data, int64_t n, int64_t cols) {
+  if (t.dtype == DType::kMxfp4) {  // --quant mxfp4
+    const uint64_t pr = uint64_t(cols / 2), sr = uint64_t(cols / kMxfp4Group);
+    buf_.resize(size_t(uint64_t(n) * (pr + sr)));
+    uint8_t* packed = buf_.data();
+    uint8_t* scales = buf_.data() + uint64_t(n) * pr;
+    mxfp4_quantize_rows(data, n, cols, packed, scales);
+    w.seek(base + uint64_t(out_row) * pr);
+    w.write(packed, uint64_t(n) * pr);
+    w.seek(base + uint64_t(t.shape[0]) * pr + uint64_t(out_row) * sr);
+    w.write(scales, uint64_t(n) * sr);
+    return;
+  }
   if (is_quant_dtype(t.dtype)) {
     const int bits = quant_bits(t.dtype);
     const QuantLayout ql = quant_layout(t.shape[0], cols, bits, t.group);

@@ -33,4 +33,12 @@ inline uint64_t mxfp4_bytes(int64_t rows, int64_t cols) {
 // Decodes one row of `cols` elements (cols % 32 == 0): packed [cols/2], scales [cols/32].
 void mxfp4_dequantize_row(const uint8_t* packed, const uint8_t* scales, int64_t cols, float* out);
 
+// Quantises rows of `cols` floats (cols % 32 == 0) to MXFP4 (`--quant mxfp4`): per group the
+// smallest scale 2^k with max|w| <= 6 * 2^k, then each element to the nearest e2m1 value of
+// w / 2^k, ties to the even code (the OCP spec's round-to-nearest-even); k in [-127, 127]; an
+// all-zero group gets k = 0. packed: [rows, cols/2], scales: [rows, cols/32]. A value that is
+// already an MXFP4 value under its group's scale comes back exactly.
+void mxfp4_quantize_rows(const float* w, int64_t rows, int64_t cols, uint8_t* packed,
+                         uint8_t* scales);
+
 }  // namespace moeflux

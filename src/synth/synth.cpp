@@ -391,6 +391,10 @@ PackedTensor plan_tensor(const TensorSpec& ts, const QuantRecipe& recipe) {
 Plan make_plan(const ModelSpec& s, const std::string& quant, int full_layers) {
   Plan p;
   p.recipe = quant_recipe(quant);
+  for (auto [c, d] : p.recipe.dtype)
+    if (d == DType::kMxfp4)
+      fail(ErrorKind::kUnsupported, "synth: --quant {}: MXFP4 weights are not generated (convert "
+           "can quantise to it)", quant);
   p.m.spec = s;
   const int64_t H = s.hidden_size;
   const double L = std::max(full_layers, s.n_layers);

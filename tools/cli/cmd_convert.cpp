@@ -188,9 +188,10 @@ Command add_convert(CLI::App& app) {
   for (const char* c : {"experts", "attn", "shared", "dense", "embed", "lm-head"}) qf.overrides[c];
   conv->add_option("--quant", qf.recipe,
                    "quantisation recipe: none, q8, q4 (experts/attention/shared/embedding q4, "
-                   "lm_head q8), q2 (experts q2, rest as q4)");
+                   "lm_head q8), q2 (experts q2, rest as q4), mxfp4 (experts MXFP4, the rest as "
+                   "it is: gpt-oss's own layout)");
   conv->add_option("--group", qf.group, "quantisation group size: 64 (default), 128 or 32");
-  conv->add_option("--experts", qf.overrides["experts"], "override the routed experts: q8|q4|q2|none");
+  conv->add_option("--experts", qf.overrides["experts"], "override the routed experts: q8|q4|q2|mxfp4|none");
   conv->add_option("--attn", qf.overrides["attn"], "override attention and linear attention");
   conv->add_option("--shared", qf.overrides["shared"], "override the shared expert");
   conv->add_option("--dense", qf.overrides["dense"], "override dense FFN layers");
