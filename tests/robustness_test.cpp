@@ -497,7 +497,7 @@ TEST(Robustness, CorruptedManifestNamesTheField) {
       // Impossible values name moeflux.json's own fields, not the HF config's.
       {[](json& m) { m["model"]["arch"] = "llama"; },
        {"model.arch = \"llama\" is not a known arch (qwen3_5_moe, qwen3_next, qwen3_moe, "
-        "mixtral, deepseek_v3, glm4_moe)"}},
+        "mixtral, deepseek_v3, glm4_moe, gpt_oss)"}},
       {[](json& m) { m["model"]["ctx_train"] = 0; }, {"model.ctx_train = 0 must be > 0"}},
       {[](json& m) { m["model"]["hidden_size"] = -1; }, {"model.hidden_size = -1 must be > 0"}},
       {[](json& m) { m["model"]["top_k"] = 17; },

@@ -42,7 +42,9 @@ const std::string& converted_fixture(const std::string& name) {
   std::lock_guard<std::mutex> lk(mu);
   auto it = done.find(name);
   if (it != done.end()) return it->second;
-  std::string out = root / name;
+  std::string flat = name;  // "gpt_oss/bf16": one directory under root
+  std::replace(flat.begin(), flat.end(), '/', '_');
+  std::string out = root / flat;
   ConvertOptions opt;
   opt.progress = false;
   convert_checkpoint(fixture_dir(name), out, opt);

@@ -11,6 +11,7 @@
 
 #include "convert/tiktoken.h"
 #include "format/hf_config.h"
+#include "format/mxfp4.h"
 #include "format/package.h"
 #include "format/quant.h"
 #include "format/safetensors.h"
@@ -37,8 +38,12 @@ QuantRecipe quant_recipe(const std::string& name) {
     for (C c : all) r.dtype[c] = DType::kQ4;
     r.dtype[C::kLmHead] = DType::kQ8;  // the output projection is the most sensitive matrix
     if (name == "q2") r.dtype[C::kExperts] = DType::kQ2;
+  } else if (name == "mxfp4") {
+    // gpt-oss's own layout: the routed experts MXFP4 (format/mxfp4.h), the rest as it is.
+    r.dtype[C::kExperts] = DType::kMxfp4;
   } else {
-    fail(ErrorKind::kInvalidArgument, "--quant: unknown recipe '{}' (none, q8, q4, q2)", name);
+    fail(ErrorKind::kInvalidArgument, "--quant: unknown recipe '{}' (none, q8, q4, q2, mxfp4)",
+         name);
   }
   return r;
 }
@@ -54,8 +59,10 @@ void override_recipe(QuantRecipe& r, const std::string& cls, const std::string& 
   else fail(ErrorKind::kInvalidArgument, "unknown tensor class '{}'", cls);
   DType t;
   const bool none = dtype == "none";
-  if (!none && (!dtype_from_name(dtype, &t) || !is_quant_dtype(t)))
-    fail(ErrorKind::kInvalidArgument, "--{}: '{}' is not one of q8, q4, q2, none", cls, dtype);
+  if (!none && (!dtype_from_name(dtype, &t) ||
+                !(is_quant_dtype(t) || (t == DType::kMxfp4 && cls == "experts"))))
+    fail(ErrorKind::kInvalidArgument, "--{}: '{}' is not one of q8, q4, q2, none{}", cls, dtype,
+         cls == "experts" ? ", mxfp4" : "");
   for (auto c : classes) {
     if (none) r.dtype.erase(c);
     else r.dtype[c] = t;
@@ -72,6 +79,7 @@ struct RowSlice {
   int64_t row0, n_rows;
   const TensorInfo* scales = nullptr;
   const TensorInfo* biases = nullptr;
+  int64_t row_step = 1;  // rows row0, row0 + step, ... (MXFP4 sources only: gpt-oss's gate/up)
 };
 
 struct Source {
@@ -89,6 +97,9 @@ struct Source {
   // name the checkpoint tensors it reads, for the dtype).
   int64_t rows = 0;
   std::function<void(float* out)> make;
+  // MXFP4 (gpt-oss): RowSlice::src the checkpoint's _blocks (u8 [.., rows, cols/32, 16]),
+  // RowSlice::scales its _scales (u8 [.., rows, cols/32]); copied as they are.
+  bool mxfp4 = false;
 };
 
 class Converter {
@@ -112,6 +123,11 @@ class Converter {
                  TensorClass cls);
   Source vec(const std::string& hf_name, int64_t n, Source::Kind kind);
   Source mla(const TensorSpec& t, const std::string& attn_prefix);
+  // gpt-oss: the router, its logit bias and the experts' biases (resident), and the experts,
+  // from the MXFP4 layout or the bf16 one.
+  Source gpt_oss_moe(const TensorSpec& t);
+  void plan_experts_gpt_oss(int l);
+  void write_mxfp4(FileWriter& w, const PackedTensor& t, const Source& src);
   // n rows from `row` of slice `sl` of `src` as f32 (float, or MLX-quantised, dequantised).
   void rows_f32(const Source& src, const RowSlice& sl, int64_t row, int64_t n, float* out);
   void plan_experts(int l);
@@ -267,10 +283,22 @@ PackedTensor Converter::plan(const std::string& name, std::vector<int64_t> shape
     t.dtype = DType::kF32;
   } else {
     auto want = opt_.quant.dtype.find(src.cls);
-    if (src.bits > 0) {
+    if (src.mxfp4) {
+      // MXFP4 (gpt-oss): imported as is whatever the recipe, never requantised.
+      t.dtype = DType::kMxfp4;
+    } else if (src.bits > 0) {
       // Already quantised (MLX): imported as is whatever the recipe, never requantised.
       t.dtype = src.bits == 8 ? DType::kQ8 : src.bits == 4 ? DType::kQ4 : DType::kQ2;
       t.group = src.group;
+    } else if (want != opt_.quant.dtype.end() && want->second == DType::kMxfp4) {
+      // --quant mxfp4: quantised here (format/mxfp4.h mxfp4_quantize_rows)
+      if (src.cols % kMxfp4Group == 0) {
+        t.dtype = DType::kMxfp4;
+      } else {
+        t.dtype = float_dtype(src);
+        report_.notes.push_back(fmt::format("{}: input dimension {} is not a multiple of 32; kept {}",
+                                            name, src.cols, dtype_name(t.dtype)));
+      }
     } else if (want != opt_.quant.dtype.end()) {
       const int bits = quant_bits(want->second);
       for (int g : {opt_.quant.group, 128, 64, 32})
@@ -304,7 +332,7 @@ const std::map<std::string, std::string, std::less<>> kHfLayerNames = {
     {"attn_o", "self_attn.o_proj.weight"},
     {"attn_q_norm", "self_attn.q_norm.weight"},
     {"attn_k_norm", "self_attn.k_norm.weight"},
-    {"attn_q_bias", "self_attn.q_proj.bias"},  // GLM-4.5 (attention_bias)
+    {"attn_q_bias", "self_attn.q_proj.bias"},  // GLM-4.5 (attention_bias), gpt-oss
     {"attn_k_bias", "self_attn.k_proj.bias"},
     {"attn_v_bias", "self_attn.v_proj.bias"},
     {"lin_qkv", "linear_attn.in_proj_qkv.weight"},
@@ -319,6 +347,8 @@ const std::map<std::string, std::string, std::less<>> kHfLayerNames = {
     {"ffn_gate", "mlp.gate_proj.weight"},
     {"ffn_up", "mlp.up_proj.weight"},
     {"ffn_down", "mlp.down_proj.weight"},
+    {"attn_o_bias", "self_attn.o_proj.bias"},  // gpt-oss
+    {"attn_sinks", "self_attn.sinks"},
 };
 // The same for the tensors of a MoE layer, after its MoE block (moe_prefix).
 const std::map<std::string, std::string, std::less<>> kHfMoeNames = {
@@ -353,6 +383,7 @@ Source Converter::source(const TensorSpec& t) {
     if (cfg_.spec.attn[size_t(t.layer)] == AttnKind::kMla && t.key.starts_with("attn_") &&
         t.key != "attn_norm")
       return mla(t, hp + "self_attn.");
+    if (cfg_.spec.arch == "gpt_oss" && t.key.starts_with("moe_")) return gpt_oss_moe(t);
     auto moe = kHfMoeNames.find(t.key);
     hf =
         moe != kHfMoeNames.end() ? moe_prefix(t.layer) + moe->second : hp + kHfLayerNames.at(t.key);
@@ -547,6 +578,169 @@ void Converter::plan_experts(int l) {
   expert_src_.push_back(std::move(experts));
 }
 
+// gpt-oss's resident MoE tensors: mlp.router.{weight,bias}; the experts' biases from
+// gate_up_proj_bias [E, 2I] (gate in the even columns, up in the odd ones: interleaved, as
+// transformers' GptOssExperts reads them) and down_proj_bias [E, H].
+Source Converter::gpt_oss_moe(const TensorSpec& t) {
+  const ModelSpec& s = cfg_.spec;
+  const int64_t E = s.n_experts, I = s.moe_ffn, H = s.hidden_size;
+  const std::string mp = moe_prefix(t.layer);
+  if (t.key == "moe_router") {
+    Source r = matrix(mp + "router.weight", E, H, t.cls);
+    r.kind = Source::kVectorF32;
+    return r;
+  }
+  if (t.key == "moe_router_logit_bias") return vec(mp + "router.bias", E, Source::kVectorF32);
+  if (t.key == "moe_down_bias") {
+    const TensorInfo& b = need(mp + "experts.down_proj_bias", {E, H});
+    Source out;
+    out.slices.push_back({&b, 0, E});
+    out.cols = H;
+    out.kind = Source::kVectorF32;
+    return out;
+  }
+  if (t.key == "moe_gate_bias" || t.key == "moe_up_bias") {
+    const TensorInfo& b = need(mp + "experts.gate_up_proj_bias", {E, 2 * I});
+    const int64_t odd = t.key == "moe_up_bias" ? 1 : 0;
+    Source out;
+    out.slices.push_back({&b, 0, E});
+    out.cols = I;
+    out.rows = E;
+    out.kind = Source::kVectorF32;
+    out.make = [&b, E, I, odd](float* dst) {
+      std::vector<float> row(size_t(2 * I));
+      for (int64_t e = 0; e < E; e++) {
+        to_f32(b.dtype, b.data + uint64_t(e * 2 * I) * dtype_size(b.dtype), row.data(), row.size());
+        for (int64_t i = 0; i < I; i++) dst[e * I + i] = row[size_t(2 * i + odd)];
+      }
+    };
+    return out;
+  }
+  fail(ErrorKind::kInternal, "gpt-oss: no source for '{}'", t.name);
+}
+
+// gpt-oss's experts. MXFP4 checkpoints (openai/gpt-oss-*): gate_up_proj_blocks [E, 2I, H/32,
+// 16] + _scales [E, 2I, H/32], rows interleaved (gate 2i, up 2i + 1), and down_proj_blocks
+// [E, H, I/32, 16] + _scales [E, H, I/32]: each expert's rows are copied as they are. bf16
+// checkpoints (what transformers saves unquantised): gate_up_proj [E, H, 2I] and down_proj
+// [E, I, H], the transposes of the [out, in] matrices (the orientation is read off gate_up's
+// shape; the [E, 2I, H] / [E, H, I] spelling is accepted too), made into gate/up/down in f32
+// and then stored by the recipe like any float weight.
+void Converter::plan_experts_gpt_oss(int l) {
+  const ModelSpec& s = cfg_.spec;
+  const int64_t H = s.hidden_size, I = s.moe_ffn, E = s.n_experts;
+  const auto X = TensorClass::kExperts;
+  const std::string mp = moe_prefix(l) + "experts.";
+  std::vector<std::array<Source, 3>> experts(static_cast<size_t>(E));
+  const TensorInfo* gu_blocks = ckpt_.find(mp + "gate_up_proj_blocks");
+  const TensorInfo* dn_blocks = ckpt_.find(mp + "down_proj_blocks");
+  if (gu_blocks || dn_blocks) {
+    // Both matrices must come as blocks + scales of the expected shapes, u8.
+    auto mx = [&](const std::string& base, int64_t rows, int64_t cols) {
+      const TensorInfo* b = ckpt_.find(base + "_blocks");
+      const TensorInfo* sc = ckpt_.find(base + "_scales");
+      if (!b) fail(ErrorKind::kFormat, "{}: MXFP4 checkpoint without tensor '{}_blocks'", hf_dir_, base);
+      if (!sc)
+        fail(ErrorKind::kFormat, "{}: tensor '{}' has no scales '{}_scales'", b->file, b->name, base);
+      if (cols % kMxfp4Group)
+        fail(ErrorKind::kFormat, "{}: tensor '{}': {} input columns are not whole MXFP4 groups of 32",
+             b->file, b->name, cols);
+      const std::vector<int64_t> bs = {E, rows, cols / kMxfp4Group, kMxfp4Group / 2};
+      const std::vector<int64_t> ss = {E, rows, cols / kMxfp4Group};
+      if (b->dtype != DType::kU8 || b->shape != bs)
+        fail(ErrorKind::kFormat, "{}: tensor '{}' is {} {}, expected U8 [{}] (MXFP4 blocks)",
+             b->file, b->name, dtype_st_name(b->dtype), b->shape_str(), fmt::join(bs, ", "));
+      if (sc->dtype != DType::kU8 || sc->shape != ss)
+        fail(ErrorKind::kFormat, "{}: tensor '{}' is {} {}, expected U8 [{}] (MXFP4 e8m0 scales)",
+             sc->file, sc->name, dtype_st_name(sc->dtype), sc->shape_str(), fmt::join(ss, ", "));
+      used_.insert(b->name);
+      used_.insert(sc->name);
+      Source src;
+      src.cols = cols;
+      src.cls = X;
+      src.mxfp4 = true;
+      src.slices.push_back({b, 0, 0, sc});
+      return src;
+    };
+    const Source gu = mx(mp + "gate_up_proj", 2 * I, H), dn = mx(mp + "down_proj", H, I);
+    auto part = [](Source src, int64_t row0, int64_t n, int64_t step) {
+      src.slices[0].row0 = row0;
+      src.slices[0].n_rows = n;
+      src.slices[0].row_step = step;
+      return src;
+    };
+    for (int64_t e = 0; e < E; e++)
+      experts[size_t(e)] = {part(gu, e * 2 * I, I, 2), part(gu, e * 2 * I + 1, I, 2),
+                            part(dn, e * H, H, 1)};
+  } else {
+    const TensorInfo* gu = ckpt_.find(mp + "gate_up_proj");
+    if (!gu) fail(ErrorKind::kFormat, "{}: missing tensor '{}gate_up_proj' (or its MXFP4 _blocks)", hf_dir_, mp);
+    const bool transposed = gu->shape == std::vector<int64_t>{E, H, 2 * I};
+    const TensorInfo& g = need(gu->name, transposed ? std::vector<int64_t>{E, H, 2 * I}
+                                                    : std::vector<int64_t>{E, 2 * I, H});
+    const TensorInfo& d = need(mp + "down_proj", transposed ? std::vector<int64_t>{E, I, H}
+                                                            : std::vector<int64_t>{E, H, I});
+    // Expert e's [rows, cols] = [out, in] matrix, element (r, c) at src[e][idx(r, c)].
+    auto made = [&](const TensorInfo& src, int64_t e, int64_t rows, int64_t cols,
+                    std::function<int64_t(int64_t, int64_t)> idx, int64_t block) {
+      Source out;
+      out.slices.push_back({&src, 0, 1});
+      out.cols = cols;
+      out.rows = rows;
+      out.cls = X;
+      out.make = [&src, e, rows, cols, idx, block](float* dst) {
+        std::vector<float> all(static_cast<size_t>(block));
+        to_f32(src.dtype, src.data + uint64_t(e * block) * dtype_size(src.dtype), all.data(), all.size());
+        for (int64_t r = 0; r < rows; r++)
+          for (int64_t c = 0; c < cols; c++) dst[r * cols + c] = all[size_t(idx(r, c))];
+      };
+      return out;
+    };
+    const int64_t gub = H * 2 * I, db = H * I;
+    for (int64_t e = 0; e < E; e++) {
+      auto gate = transposed ? std::function<int64_t(int64_t, int64_t)>(
+                                   [I](int64_t r, int64_t c) { return c * 2 * I + 2 * r; })
+                             : [H](int64_t r, int64_t c) { return (2 * r) * H + c; };
+      auto up = transposed ? std::function<int64_t(int64_t, int64_t)>(
+                                 [I](int64_t r, int64_t c) { return c * 2 * I + 2 * r + 1; })
+                           : [H](int64_t r, int64_t c) { return (2 * r + 1) * H + c; };
+      auto down = transposed ? std::function<int64_t(int64_t, int64_t)>(
+                                   [H](int64_t r, int64_t c) { return c * H + r; })
+                             : [I](int64_t r, int64_t c) { return r * I + c; };
+      experts[size_t(e)] = {made(g, e, I, H, gate, gub), made(g, e, I, H, up, gub),
+                            made(d, e, H, I, down, db)};
+    }
+  }
+  expert_src_.push_back(std::move(experts));
+}
+
+// MXFP4 in, MXFP4 out: each row's nibbles and e8m0 scales copied as they are (a scale of 255,
+// NaN in the MX spec, is refused naming the tensor).
+void Converter::write_mxfp4(FileWriter& w, const PackedTensor& t, const Source& src) {
+  MF_CHECK(t.dtype == DType::kMxfp4 && t.shape.size() == 2 && t.shape[1] == src.cols);
+  const uint64_t base = w.offset();
+  const int64_t cols = src.cols, rows = t.shape[0];
+  const uint64_t pr = uint64_t(cols / 2), sr = uint64_t(cols / kMxfp4Group);
+  int64_t out_row = 0;
+  for (const RowSlice& sl : src.slices) {
+    for (int64_t i = 0; i < sl.n_rows; i++, out_row++) {
+      const int64_t row = sl.row0 + i * sl.row_step;
+      MF_CHECK(uint64_t(row + 1) * pr <= sl.src->nbytes && uint64_t(row + 1) * sr <= sl.scales->nbytes);
+      const uint8_t* scales = sl.scales->data + uint64_t(row) * sr;
+      for (uint64_t g = 0; g < sr; g++)
+        if (scales[g] == 255)
+          fail(ErrorKind::kFormat, "{}: tensor '{}': e8m0 scale 255 (NaN) at row {}, group {}",
+               sl.scales->file, sl.scales->name, row, g);
+      w.seek(base + uint64_t(out_row) * pr);
+      w.write(sl.src->data + uint64_t(row) * pr, pr);
+      w.seek(base + uint64_t(rows) * pr + uint64_t(out_row) * sr);
+      w.write(scales, sr);
+    }
+  }
+  MF_CHECK(out_row == rows);
+  w.seek(base + t.nbytes);
+}
+
 void Converter::check_leftovers() {
   int skipped_vision = 0, skipped_mtp = 0;
   for (const auto& name : ckpt_.names()) {
@@ -607,6 +801,7 @@ void Converter::rows_f32(const Source& src, const RowSlice& sl, int64_t row, int
 // Writes `src` as package tensor `t` at the writer's current offset. Rows are processed one
 // slice at a time, so no tensor is held whole in memory (except one that is made, src.make).
 void Converter::write_tensor(FileWriter& w, const PackedTensor& t, const Source& src) {
+  if (src.mxfp4) return write_mxfp4(w, t, src);
   if (src.make) {
     const uint64_t at = w.offset();
     std::vector<float> all(size_t(src.rows * src.cols));
@@ -625,6 +820,7 @@ void Converter::write_tensor(FileWriter& w, const PackedTensor& t, const Source&
   int64_t out_row = 0;
   constexpr int64_t kChunkRows = 256;
   for (const auto& sl : src.slices) {
+    MF_CHECK(sl.row_step == 1);
     for (int64_t r0 = 0; r0 < sl.n_rows; r0 += kChunkRows) {
       const int64_t n = std::min(kChunkRows, sl.n_rows - r0), row = sl.row0 + r0;
       const TensorInfo& in = *sl.src;
@@ -661,6 +857,18 @@ void Converter::write_tensor(FileWriter& w, const PackedTensor& t, const Source&
 
 void Converter::put_f32_rows(FileWriter& w, const PackedTensor& t, uint64_t base, int64_t out_row,
                              const float* data, int64_t n, int64_t cols) {
+  if (t.dtype == DType::kMxfp4) {  // --quant mxfp4
+    const uint64_t pr = uint64_t(cols / 2), sr = uint64_t(cols / kMxfp4Group);
+    buf_.resize(size_t(uint64_t(n) * (pr + sr)));
+    uint8_t* packed = buf_.data();
+    uint8_t* scales = buf_.data() + uint64_t(n) * pr;
+    mxfp4_quantize_rows(data, n, cols, packed, scales);
+    w.seek(base + uint64_t(out_row) * pr);
+    w.write(packed, uint64_t(n) * pr);
+    w.seek(base + uint64_t(t.shape[0]) * pr + uint64_t(out_row) * sr);
+    w.write(scales, uint64_t(n) * sr);
+    return;
+  }
   if (is_quant_dtype(t.dtype)) {
     const int bits = quant_bits(t.dtype);
     const QuantLayout ql = quant_layout(t.shape[0], cols, bits, t.group);
@@ -710,7 +918,12 @@ ConvertReport Converter::run() {
     m_.resident.push_back(plan(t.name, t.shape, resident_src_.back()));
   }
   for (int l = 0; l < s.n_layers; l++)
-    if (s.ffn[size_t(l)] == FfnKind::kMoe) plan_experts(l);
+    if (s.ffn[size_t(l)] == FfnKind::kMoe) {
+      if (s.arch == "gpt_oss")
+        plan_experts_gpt_oss(l);
+      else
+        plan_experts(l);
+    }
   check_leftovers();
 
   uint64_t off = 0;

@@ -204,21 +204,24 @@ class CpuContext final : public Context {
       for (int64_t i = i0; i < i1; i++) {
         const int t = int(i / p.n_heads), h = int(i % p.n_heads), kvh = h / group;
         const int n = pos0 + t + 1;
+        // A sliding-window layer (gpt-oss) sees positions (pos - window, pos] only.
+        const int j0 = p.window > 0 ? std::max(0, n - p.window) : 0;
         const float* qv = q + size_t(t) * p.q_stride + size_t(h) * p.q_head_stride;
         sc.resize(size_t(n));
-        float mx = -INFINITY;
-        for (int j = 0; j < n; j++) {
+        float mx = p.sinks ? p.sinks[h] : -INFINITY;  // a sink joins the max and the sum
+        for (int j = j0; j < n; j++) {
           const float* kv = k + size_t(j) * p.kv_stride + size_t(kvh) * d;
           float s = dot_f32(qv, kv, d) * p.scale;
           sc[size_t(j)] = s;
           mx = std::max(mx, s);
         }
         float sum = 0;
-        for (int j = 0; j < n; j++) sum += (sc[size_t(j)] = std::exp(sc[size_t(j)] - mx));
+        for (int j = j0; j < n; j++) sum += (sc[size_t(j)] = std::exp(sc[size_t(j)] - mx));
+        if (p.sinks) sum += std::exp(p.sinks[h] - mx);
         const float inv = 1.0f / sum;
         float* o = out + size_t(t) * p.n_heads * vd + size_t(h) * vd;
         std::fill(o, o + vd, 0.0f);
-        for (int j = 0; j < n; j++) {
+        for (int j = j0; j < n; j++) {
           const float* vv = v + size_t(j) * vs + size_t(kvh) * vd;
           axpy(sc[size_t(j)] * inv, vv, o, vd);
         }
@@ -301,6 +304,15 @@ class CpuContext final : public Context {
   }
   void silu_mul(float* gate, const float* up, size_t n) override {
     for (size_t i = 0; i < n; i++) gate[i] = silu(gate[i]) * up[i];
+  }
+  // gpt-oss's expert activation, in HF's order: g = min(gate, limit), u = clamp(up, -limit,
+  // limit), gate = (u + 1) * (g * sigmoid(alpha * g)).
+  static void clamped_swiglu(float* gate, const float* up, size_t n, float limit, float alpha) {
+    for (size_t i = 0; i < n; i++) {
+      const float g = std::min(gate[i], limit);
+      const float u = std::clamp(up[i], -limit, limit);
+      gate[i] = (u + 1.0f) * (g * sigmoid(alpha * g));
+    }
   }
 
   void route(const float* logits, int T, const RouteParams& p, int32_t* ids,
@@ -430,8 +442,18 @@ class CpuContext final : public Context {
         std::memcpy(xe + size_t(r) * H, xn + size_t(rows[size_t(r)]) * H, size_t(H) * sizeof(float));
       matmul(ew.gate, xe, g, n);
       matmul(ew.up, xe, u, n);
-      silu_mul(g, u, size_t(n) * I);
+      const int e = experts.id(i);
+      if (p.gate_bias)  // gpt-oss: per-expert biases
+        for (int r = 0; r < n; r++) add(g + size_t(r) * I, p.gate_bias + size_t(e) * I, size_t(I));
+      if (p.up_bias)
+        for (int r = 0; r < n; r++) add(u + size_t(r) * I, p.up_bias + size_t(e) * I, size_t(I));
+      if (p.swiglu_limit > 0)
+        clamped_swiglu(g, u, size_t(n) * I, p.swiglu_limit, p.swiglu_alpha);
+      else
+        silu_mul(g, u, size_t(n) * I);
       matmul(ew.down, g, y, n);
+      if (p.down_bias)
+        for (int r = 0; r < n; r++) add(y + size_t(r) * H, p.down_bias + size_t(e) * H, size_t(H));
       for (int r = 0; r < n; r++) {
         float* d = slots + size_t(sl[size_t(r)]) * H;
         const float* src = y + size_t(r) * H;

@@ -33,6 +33,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "format/mxfp4.h"
 #include "format/quant.h"
 #include "util/error.h"
 #include "util/half.h"
@@ -1159,10 +1160,97 @@ const char* kernel_path_name(KernelPath p) {
   return "?";
 }
 
+namespace {
+
+// MXFP4 rows decoded with SIMD: per 32-group a 16-entry table (e2m1 value x scale, exact in f32
+// as in mxfp4_dequantize_row), each element a lookup by its nibble, so the bits are the scalar
+// decoder's. A NaN scale (255) group goes through the scalar decoder.
+MF_AVX512 void mxfp4_decode_row_512(const uint8_t* packed, const uint8_t* scales, int64_t cols,
+                                    float* out) {
+  const __m128i dup_lo = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  const __m128i dup_hi = _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+  const __m512i shifts = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+  const __m512i nib = _mm512_set1_epi32(15);
+  const __m512 values = _mm512_loadu_ps(kE2m1Values);
+  for (int64_t g = 0; g < cols / kMxfp4Group; g++) {
+    const uint8_t* b = packed + g * (kMxfp4Group / 2);
+    float* o = out + g * kMxfp4Group;
+    if (scales[g] == 255) {
+      mxfp4_dequantize_row(b, scales + g, kMxfp4Group, o);
+      continue;
+    }
+    const __m512 tab = _mm512_mul_ps(values, _mm512_set1_ps(std::ldexp(1.0f, int(scales[g]) - 127)));
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+    const __m512i i0 = _mm512_and_si512(
+        _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(bytes, dup_lo)), shifts), nib);
+    const __m512i i1 = _mm512_and_si512(
+        _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(bytes, dup_hi)), shifts), nib);
+    _mm512_storeu_ps(o, _mm512_permutexvar_ps(i0, tab));
+    _mm512_storeu_ps(o + 16, _mm512_permutexvar_ps(i1, tab));
+  }
+}
+
+MF_AVX2 void mxfp4_decode_row_256(const uint8_t* packed, const uint8_t* scales, int64_t cols,
+                                  float* out) {
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
+  const __m256i seven = _mm256_set1_epi32(7), eight = _mm256_set1_epi32(8);
+  const __m256 mags = _mm256_loadu_ps(kE2m1Values);
+  for (int64_t g = 0; g < cols / kMxfp4Group; g++) {
+    const uint8_t* b = packed + g * (kMxfp4Group / 2);
+    float* o = out + g * kMxfp4Group;
+    if (scales[g] == 255) {
+      mxfp4_dequantize_row(b, scales + g, kMxfp4Group, o);
+      continue;
+    }
+    // magnitudes x scale; the sign bit (code bit 3) flipped in: -v is the table's entry c + 8
+    const __m256 tab = _mm256_mul_ps(mags, _mm256_set1_ps(std::ldexp(1.0f, int(scales[g]) - 127)));
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+    for (int q = 0; q < 4; q++) {  // 8 elements from 4 bytes
+      const __m128i dup = _mm_setr_epi8(char(4 * q), char(4 * q), char(4 * q + 1), char(4 * q + 1),
+                                        char(4 * q + 2), char(4 * q + 2), char(4 * q + 3),
+                                        char(4 * q + 3), 0, 0, 0, 0, 0, 0, 0, 0);
+      const __m256i code = _mm256_and_si256(
+          _mm256_srlv_epi32(_mm256_cvtepu8_epi32(_mm_shuffle_epi8(bytes, dup)), shifts),
+          _mm256_set1_epi32(15));
+      const __m256 v = _mm256_permutevar8x32_ps(tab, _mm256_and_si256(code, seven));
+      const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(code, eight), 28);
+      _mm256_storeu_ps(o + 8 * q, _mm256_xor_ps(v, _mm256_castsi256_ps(sign)));
+    }
+  }
+}
+
+// MXFP4 (gpt-oss's experts): blocks of rows are decoded exactly into f32 (format/mxfp4.h) and
+// multiplied by the active path's f32 kernel, so the result is the bits of the matrix's exact f32
+// copy, whatever the path, the row split or T (the matmul.h contract).
+void matmul_mxfp4_rows(const Mat& W, int64_t r0, int64_t r1, const float* x, int T, float* y,
+                       int64_t y_stride, MatmulFn fn) {
+  MF_CHECK(W.e8m0 && W.cols % kMxfp4Group == 0);
+  constexpr int64_t kRows = 16;
+  thread_local std::vector<float> buf;
+  if (buf.size() < size_t(kRows * W.cols)) buf.resize(size_t(kRows * W.cols));
+  const auto* packed = static_cast<const uint8_t*>(W.data);
+  const int64_t gpr = W.cols / kMxfp4Group;
+  const KernelPath path = active_kernel_path();
+  auto decode = path == KernelPath::kAvx512 ? mxfp4_decode_row_512
+                : path == KernelPath::kAvx2 ? mxfp4_decode_row_256
+                                            : mxfp4_dequantize_row;
+  for (int64_t r = r0; r < r1; r += kRows) {
+    const int64_t n = std::min(kRows, r1 - r);
+    for (int64_t i = 0; i < n; i++)
+      decode(packed + (r + i) * W.cols / 2, W.e8m0 + (r + i) * gpr, W.cols, buf.data() + i * W.cols);
+    const Mat f{DType::kF32, n, W.cols, buf.data()};
+    fn(f, 0, n, x, T, y + r, y_stride);
+  }
+}
+
+}  // namespace
+
 void matmul_rows(const Mat& W, int64_t r0, int64_t r1, const float* x, int T, float* y,
                  int64_t y_stride) {
   if (r0 >= r1 || T <= 0) return;
   MF_CHECK(r0 >= 0 && r1 <= W.rows);
+  if (W.dtype == DType::kMxfp4)
+    return matmul_mxfp4_rows(W, r0, r1, x, T, y, y_stride, active().fn.load(std::memory_order_relaxed));
   if (is_quant_dtype(W.dtype))
     MF_CHECK(W.group > 0 && W.group % 32 == 0 && W.cols % W.group == 0 && W.scales && W.biases);
   else

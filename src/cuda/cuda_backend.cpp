@@ -60,6 +60,9 @@ cuda::WMat wmat(const Mat& m) {
     case DType::kQ8: w.type = cuda::kWQ8; break;
     case DType::kQ4: w.type = cuda::kWQ4; break;
     case DType::kQ2: w.type = cuda::kWQ2; break;
+    case DType::kMxfp4:  // gpt-oss's experts (issue 17)
+      fail(ErrorKind::kUnsupported,
+           "CUDA backend: mxfp4 weights (gpt-oss) are not implemented yet; use --backend cpu");
     default:
       fail(ErrorKind::kUnsupported, "CUDA backend: weights of dtype {} are not supported",
            dtype_name(m.dtype));
@@ -263,6 +266,10 @@ class CudaContext final : public Context {
   }
   void attention(const float* q, const float* k, const float* v, float* out, int T,
                  const AttentionParams& p) override {
+    if (p.sinks || p.window > 0)  // gpt-oss (issue 17)
+      fail(ErrorKind::kUnsupported,
+           "CUDA backend: attention with sinks or a sliding window (gpt-oss) is not "
+           "implemented yet; use --backend cpu");
     if ((p.v_dim && p.v_dim != p.head_dim) || (p.v_stride && p.v_stride != p.kv_stride))
       fail(ErrorKind::kUnsupported,
            "CUDA backend: attention with values of another width "
@@ -365,6 +372,10 @@ class CudaContext final : public Context {
   void moe_experts(const float* xn, const int32_t* ids, const float* weights,
                    ExpertSource& experts, const SharedExpert* shared, float* out,
                    const MoeParams& p) override {
+    if (p.gate_bias || p.up_bias || p.down_bias || p.swiglu_limit > 0)  // gpt-oss (issue 17)
+      fail(ErrorKind::kUnsupported,
+           "CUDA backend: experts with biases and the clamped SwiGLU (gpt-oss) are not "
+           "implemented yet; use --backend cpu");
     const int T = p.T, K = p.k, H = p.hidden, I = p.inter;
     const int S = shared && shared->gate && *shared->gate ? shared->inter : 0;
     if (T <= 0) return;
@@ -686,7 +697,8 @@ class CudaDevice final : public Device {
         *m = mat(*m);
       for (const float** v : {&l.attn_norm, &l.ffn_norm, &l.q_norm, &l.k_norm, &l.conv, &l.A_log,
                               &l.dt_bias, &l.lin_norm, &l.q_a_norm, &l.kv_a_norm, &l.router_bias,
-                              &l.q_bias, &l.k_bias, &l.v_bias})
+                              &l.q_bias, &l.k_bias, &l.v_bias, &l.o_bias, &l.sinks,
+                              &l.router_logit_bias, &l.gate_bias, &l.up_bias, &l.down_bias})
         *v = vec(*v);
     }
     std::shared_ptr<const ModelWeights> out(w, [dev](const ModelWeights* p) {

@@ -40,6 +40,12 @@ struct AttentionParams {
   // per kv head, v_stride floats between positions of v. 0: head_dim and kv_stride.
   int v_dim = 0;
   int v_stride = 0;
+  // gpt-oss. sinks: [n_heads] context memory, or null: head h's softmax also holds the logit
+  // sinks[h] (no value), i.e. with m = max(scores, sinks[h]) the weights are
+  // exp(s_j - m) / (sum_j exp(s_j - m) + exp(sinks[h] - m)). window > 0: the query at position
+  // p sees cache positions (p - window, p] only (a sliding-window layer); 0: [0, p].
+  const float* sinks = nullptr;
+  int window = 0;
 };
 
 struct DeltaNetParams {
@@ -68,6 +74,15 @@ struct RouteParams {
 struct MoeParams {
   int T = 0, k = 0;       // tokens, experts per token
   int hidden = 0, inter = 0;
+  // gpt-oss. Per-expert biases (context memory, rows indexed by expert id, or null):
+  // gate += gate_bias[e], up += up_bias[e] after their products, down's output += down_bias[e]
+  // before the routing weight. swiglu_limit > 0: the activation is
+  // (clamp(up, -limit, limit) + 1) * g * sigmoid(swiglu_alpha * g), g = min(gate, limit),
+  // instead of silu(gate) * up.
+  const float* gate_bias = nullptr;  // [n_experts, inter]
+  const float* up_bias = nullptr;    // [n_experts, inter]
+  const float* down_bias = nullptr;  // [n_experts, hidden]
+  float swiglu_limit = 0.0f, swiglu_alpha = 0.0f;
 };
 
 // The shared expert of a MoE layer (Qwen2-MoE style): y = sigmoid(router·x) · down(silu(gate

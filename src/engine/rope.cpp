@@ -38,8 +38,9 @@ std::vector<float> rope_inv_freq(const ModelSpec& s) {
   for (int i = 0; i < half; i++) {
     const float extrapolation = 1.0f / pos[size_t(i)];
     const float interpolation = 1.0f / (float(factor) * pos[size_t(i)]);
-    // ramp = clamp((arange(dim // 2) - low) / (high - low), 0, 1), float32
-    const float ramp = std::clamp((float(i) - float(low)) / (float(high) - float(low)), 0.0f, 1.0f);
+    // ramp = clamp((arange(dim // 2) - low) / (high - low), 0, 1) in float32, high - low a python
+    // float (double) rounded once (it matters when truncate is false: gpt-oss)
+    const float ramp = std::clamp((float(i) - float(low)) / float(high - low), 0.0f, 1.0f);
     const float extra_factor = 1.0f - ramp;
     inv[size_t(i)] = interpolation * (1.0f - extra_factor) + extrapolation * extra_factor;
   }

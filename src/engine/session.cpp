@@ -160,11 +160,11 @@ void Session::alloc_workspace() {
     w.qlat = f(U * nh * (L + R));
     w.olat = f(U * nh * L);
     w.o = f(U * nh * size_t(s.v_head_dim));
-    if (s.rope_scaling.kind != RopeScaling::kNone) {
-      const std::vector<float> inv = rope_inv_freq(s);
-      w.inv_freq = f(inv.size());
-      be_.upload(w.inv_freq, inv.data(), inv.size());
-    }
+  }
+  if ((mla || full) && s.rope_scaling.kind != RopeScaling::kNone) {
+    const std::vector<float> inv = rope_inv_freq(s);
+    w.inv_freq = f(inv.size());
+    be_.upload(w.inv_freq, inv.data(), inv.size());
   }
   if (linear) {
     const size_t C = size_t(s.lin_qkv_dim()), vd = size_t(s.lin_value_dim());
@@ -384,12 +384,16 @@ void Session::full_attention(int l, int T) {
   const Mat* proj[] = {&w.q, &w.k, &w.v};
   float* const outs[] = {q, k, v};
   be_.matmul_n(proj, outs, 3, ws_.xn, T);
-  if (w.q_bias) add_rows(q, w.q_bias, T, q_rows);  // GLM-4.5: before the q/k norm and RoPE
+  if (w.q_bias) add_rows(q, w.q_bias, T, q_rows);  // GLM-4.5, gpt-oss: before the q/k norm and RoPE
   if (w.k_bias) add_rows(k, w.k_bias, T, kvd);
   if (w.v_bias) add_rows(v, w.v_bias, T, kvd);
   if (w.q_norm) be_.rmsnorm(q, w.q_norm, q, T * nh, hd, qhs, s.rms_eps);
   if (w.k_norm) be_.rmsnorm(k, w.k_norm, k, T * nkv, hd, hd, s.rms_eps);
-  if (s.rope_dim > 0) {
+  if (s.rope_dim > 0 && ws_.inv_freq) {  // YaRN (gpt-oss)
+    const float cs = float(rope_cos_sin_scale(s));
+    be_.rope_freq(q, T, nh, q_rows, qhs, s.rope_dim, ws_.inv_freq, cs);
+    be_.rope_freq(k, T, nkv, kvd, hd, s.rope_dim, ws_.inv_freq, cs);
+  } else if (s.rope_dim > 0) {
     be_.rope(q, T, nh, q_rows, qhs, s.rope_dim, s.rope_theta);
     be_.rope(k, T, nkv, kvd, hd, s.rope_dim, s.rope_theta);
   }
@@ -398,9 +402,12 @@ void Session::full_attention(int l, int T) {
   be_.kv_append(kc, k, T, kvd);
   be_.kv_append(vc, v, T, kvd);
   AttentionParams p{nh, nkv, hd, q_rows, qhs, kvd, 1.0f / std::sqrt(float(hd))};
+  p.sinks = w.sinks;
+  if (s.is_sliding(l)) p.window = s.sliding_window;
   be_.attention(q, kc, vc, o, T, p);
   if (s.attn_output_gate) be_.mul_sigmoid_gate(o, q + hd, T, nh, hd, q_rows, qhs);
   be_.matmul_exact(w.o, o, ws_.mix, T);
+  if (w.o_bias) add_rows(ws_.mix, w.o_bias, T, s.hidden_size);
 }
 
 // y[t] += b for each of T rows of n floats (projection biases).
@@ -504,6 +511,7 @@ void Session::moe(int l, int T) {
   const int E = s.n_experts, K = top_k_;
 
   be_.matmul(w.router, ws_.xn, ws_.router, T);
+  if (w.router_logit_bias) add_rows(ws_.router, w.router_logit_bias, T, E);  // gpt-oss
   be_.route(ws_.router, T, route_params(w), ws_.ids, ws_.weights);
   SharedExpert shared;
   if (s.shared_ffn > 0) {
@@ -518,6 +526,11 @@ void Session::moe(int l, int T) {
   mp.k = K;
   mp.hidden = s.hidden_size;
   mp.inter = s.moe_ffn;
+  mp.gate_bias = w.gate_bias;  // gpt-oss (null elsewhere)
+  mp.up_bias = w.up_bias;
+  mp.down_bias = w.down_bias;
+  mp.swiglu_limit = float(s.swiglu_limit);
+  mp.swiglu_alpha = float(s.swiglu_alpha);
   const SharedExpert* sh = s.shared_ffn > 0 ? &shared : nullptr;
   if (const ExpertWeights* table = store_.resident(w.moe_index); table && !on_route_) {
     // Every expert resident: the ids stay where route left them (nothing to fetch or predict).
@@ -588,6 +601,7 @@ void Session::prefetch_next(int l, int T) {
   const int H = s.hidden_size, E = s.n_experts, K = top_k_;
   be_.rmsnorm(ws_.x, w.ffn_norm, ws_.xp, T, H, H, s.rms_eps);
   be_.matmul(w.router, ws_.xp, ws_.router, T);
+  if (w.router_logit_bias) add_rows(ws_.router, w.router_logit_bias, T, E);
   be_.route(ws_.router, T, route_params(w), ws_.ids_next, nullptr);
   std::vector<int32_t> guess(size_t(T) * K);
   be_.download(guess.data(), ws_.ids_next, guess.size() * sizeof(int32_t));

@@ -192,6 +192,8 @@ class Session {
   void alloc_workspace();
   void release_workspace();
   void full_attention(int l, int T);
+  // y[t] += b for T rows of n floats (the biases of GLM-4.5's and gpt-oss's projections and
+  // gpt-oss's router).
   void add_rows(float* y, const float* b, int T, int n);
   void mla_attention(int l, int T);
   void linear_attention(int l, int T);

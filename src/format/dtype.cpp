@@ -28,6 +28,7 @@ constexpr Entry kTable[] = {
     {DType::kQ4, 0, "", "q4"},
     {DType::kQ2, 0, "", "q2"},
     {DType::kF8E4M3, 1, "F8_E4M3", "f8_e4m3"},
+    {DType::kMxfp4, 0, "", "mxfp4"},
 };
 const Entry& entry(DType t) { return kTable[size_t(t)]; }
 }  // namespace

@@ -23,7 +23,8 @@ enum class DType : uint8_t {
   kQ8,
   kQ4,
   kQ2,
-  kF8E4M3
+  kF8E4M3,
+  kMxfp4  // packages only: OCP MXFP4 (format/mxfp4.h), gpt-oss's experts as the checkpoint has them
 };
 
 // Bytes per element (0 for the quantised dtypes: use format/quant.h for their sizes).

@@ -101,6 +101,34 @@ void read_glm4_moe(const Fields& f, ModelSpec* s) {
   s->shared_gate = false;
 }
 
+// gpt-oss (GptOssConfig): attention biases and sinks, sliding layers (layer_types
+// "sliding_attention", sliding_window), the router's logit bias, per-expert biases and the
+// clamped SwiGLU (swiglu_limit, swiglu_alpha; transformers' defaults 7.0 and 1.702).
+void read_gpt_oss_fields(const Fields& f, const json& cfg, ModelSpec& s) {
+  s.attn_bias = f.get_bool_or("attention_bias", true);
+  s.attn_sinks = true;
+  s.router_logit_bias = true;
+  s.expert_bias = true;
+  s.swiglu_limit = f.get_num_or("swiglu_limit", 7.0);
+  s.swiglu_alpha = f.get_num_or("swiglu_alpha", 1.702);
+  std::vector<uint8_t> sliding;
+  if (f.has("layer_types")) {
+    for (const auto& t : cfg["layer_types"]) sliding.push_back(t == "sliding_attention" ? 1 : 0);
+  } else {  // GptOssConfig's default: sliding, full, sliding, full, ...
+    for (int i = 0; i < s.n_layers; i++) sliding.push_back((i + 1) % 2 ? 1 : 0);
+  }
+  if (std::find(sliding.begin(), sliding.end(), 1) != sliding.end()) {
+    if (!f.has("sliding_window"))
+      fail(ErrorKind::kFormat, "{}: sliding_attention layers but no field 'sliding_window'",
+           f.where);
+    s.sliding_window = f.get_size("sliding_window");
+    if (s.sliding_window <= 0)
+      fail(ErrorKind::kFormat, "{}: field 'sliding_window' must be > 0, got {}", f.where,
+           s.sliding_window);
+    s.sliding = std::move(sliding);
+  }
+}
+
 }  // namespace
 
 HfConfig read_hf_config(const std::string& dir) {
@@ -114,11 +142,11 @@ HfConfig read_hf_config(const std::string& dir) {
 
   static const std::set<std::string> kSupported = {"qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next",
                                                    "qwen3_moe",   "mixtral",          "deepseek_v3",
-                                                   "kimi_k2",     "glm4_moe"};
+                                                   "kimi_k2",     "glm4_moe",         "gpt_oss"};
   if (!kSupported.count(out.model_type))
     fail(ErrorKind::kUnsupported,
          "{}: model_type '{}' is not supported (supported: qwen3_5_moe, qwen3_5_moe_text, "
-         "qwen3_next, qwen3_moe, mixtral, deepseek_v3, kimi_k2, glm4_moe)",
+         "qwen3_next, qwen3_moe, mixtral, deepseek_v3, kimi_k2, glm4_moe, gpt_oss)",
          path, out.model_type);
 
   if (top.has("quantization_config")) {
@@ -143,10 +171,14 @@ HfConfig read_hf_config(const std::string& dir) {
         out.fp8_block[0] = b[0].get<int>();
         out.fp8_block[1] = b[1].get<int>();
       }
+    } else if (method == "mxfp4" && out.model_type == "gpt_oss") {
+      // gpt-oss: the experts in MXFP4 (modules_to_not_convert names the rest, which is bf16).
+      out.mxfp4 = true;
     } else {
       fail(ErrorKind::kUnsupported,
            "{}: quantization_config quant_method '{}' is not supported "
-           "(fp8 block-quantised checkpoints are; MLX checkpoints use 'quantization')",
+           "(fp8 block-quantised checkpoints are, and gpt-oss's mxfp4; MLX checkpoints use "
+           "'quantization')",
            qf.where, method);
     }
   }
@@ -171,6 +203,7 @@ HfConfig read_hf_config(const std::string& dir) {
   // GLM-4.5 / 4.5-Air (Glm4MoeForCausalLM): GQA attention with q/k/v biases, optional q/k norm,
   // partial rotary; DeepSeek-V3's routing (read_glm4_moe below).
   const bool glm = mt == "glm4_moe";
+  const bool oss = mt == "gpt_oss";
   s.arch = qwen35 ? "qwen3_5_moe" : ds ? "deepseek_v3" : mt;
   out.norm_one_plus = hybrid;
   out.source_dtype = f.get_str_or("dtype", f.get_str_or("torch_dtype", top.get_str_or("dtype", "")));
@@ -178,9 +211,10 @@ HfConfig read_hf_config(const std::string& dir) {
   if (f.get_str_or("hidden_act", "silu") != "silu")
     fail(ErrorKind::kUnsupported, "{}: hidden_act '{}' is not supported (only silu)", where,
          f.get_str_or("hidden_act", ""));
-  if (!glm && f.get_bool_or("attention_bias", false))
+  if (!glm && !oss && f.get_bool_or("attention_bias", false))
     fail(ErrorKind::kUnsupported, "{}: attention_bias = true is not supported", where);
-  if (f.has("sliding_window") && (mt == "mixtral" || f.get_bool_or("use_sliding_window", false)))
+  if (!oss && f.has("sliding_window") &&
+      (mt == "mixtral" || f.get_bool_or("use_sliding_window", false)))
     fail(ErrorKind::kUnsupported,
          "{}: sliding-window attention (sliding_window = {}) is not supported", where,
          json_brief((*cfg)["sliding_window"]));
@@ -201,6 +235,7 @@ HfConfig read_hf_config(const std::string& dir) {
     for (size_t i = 0; i < lt.size(); i++) {
       if (lt[i] == "full_attention") s.attn.push_back(AttnKind::kFull);
       else if (lt[i] == "linear_attention" && hybrid) s.attn.push_back(AttnKind::kLinear);
+      else if (lt[i] == "sliding_attention" && oss) s.attn.push_back(AttnKind::kFull);
       else
         fail(ErrorKind::kUnsupported, "{}: layer_types[{}] = {} is not supported for {}", where, i,
              json_brief(lt[i]), mt);
@@ -220,7 +255,8 @@ HfConfig read_hf_config(const std::string& dir) {
   s.n_kv_heads = f.get_size_or("num_key_value_heads", s.n_heads);
   s.head_dim = f.get_size_or("head_dim", s.n_heads ? s.hidden_size / s.n_heads : 0);
   s.attn_output_gate = hybrid;
-  s.qk_norm = mt != "mixtral" && !ds && !glm;
+  s.qk_norm = mt != "mixtral" && !ds && !glm && !oss;
+  if (oss) read_gpt_oss_fields(f, *cfg, s);
   if (ds) {
     // MLA: the q/k head is [nope | rope] (HF's config.head_dim is qk_rope_head_dim, not this).
     s.q_lora_rank = f.has("q_lora_rank") ? f.get_size("q_lora_rank") : 0;  // null: q_proj
@@ -244,7 +280,7 @@ HfConfig read_hf_config(const std::string& dir) {
     theta = r.get_num_or("rope_theta", theta);
     partial = r.get_num_or("partial_rotary_factor", partial);
     std::string type = r.get_str_or("rope_type", r.get_str_or("type", "default"));
-    if (type == "yarn" && ds) {
+    if (type == "yarn" && (ds || oss)) {
       RopeScaling& rs = s.rope_scaling;
       rs.kind = RopeScaling::kYarn;
       rs.factor = r.get_num_or("factor", 0);
@@ -259,7 +295,7 @@ HfConfig read_hf_config(const std::string& dir) {
       rs.truncate = r.get_bool_or("truncate", true);
     } else if (type != "default") {
       fail(ErrorKind::kUnsupported, "{}: rope_type '{}' is not supported (only default{})", where,
-           type, ds ? " and yarn" : "");
+           type, ds || oss ? " and yarn" : "");
     }
   }
   s.rope_theta = theta;
@@ -290,9 +326,11 @@ HfConfig read_hf_config(const std::string& dir) {
                                                                     : f.get_size("num_local_experts"))
                 : f.has("num_experts") ? f.get_size("num_experts")
                                        : f.get_size("num_local_experts");
-  s.moe_ffn = mt == "mixtral" ? f.get_size("intermediate_size") : f.get_size("moe_intermediate_size");
+  s.moe_ffn = mt == "mixtral" || oss ? f.get_size("intermediate_size")
+                                     : f.get_size("moe_intermediate_size");
   s.top_k = f.get_size("num_experts_per_tok");
-  s.norm_topk_prob = (qwen35 || mt == "mixtral") ? true : f.get_bool_or("norm_topk_prob", next);
+  // gpt-oss: softmax over the k chosen logits, which is the renormalised top-k of the softmax.
+  s.norm_topk_prob = (qwen35 || mt == "mixtral" || oss) ? true : f.get_bool_or("norm_topk_prob", next);
   if (hybrid) s.shared_ffn = f.get_size("shared_expert_intermediate_size");
   if (ds) {
     // DeepseekV3TopkRouter + DeepseekV3MoE.route_tokens_to_experts: sigmoid scores, the

@@ -20,6 +20,9 @@ struct HfConfig {
   // weight_scale_inv per block of fp8_block[0] rows x fp8_block[1] columns (DeepSeek-V3).
   bool fp8 = false;
   int fp8_block[2] = {128, 128};
+  // quantization_config {quant_method: mxfp4} (gpt-oss): the experts are stored as
+  // <base>_blocks (e2m1 nibbles) and <base>_scales (e8m0 per 32), imported as they are.
+  bool mxfp4 = false;
 };
 
 // Reads <dir>/config.json and, when present, <dir>/generation_config.json (for EOS ids).

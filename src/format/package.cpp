@@ -6,6 +6,7 @@
 
 #include <algorithm>
 
+#include "format/mxfp4.h"
 #include "util/error.h"
 #include "util/json.h"
 #include "util/mapped_file.h"
@@ -23,6 +24,8 @@ int64_t PackedTensor::numel() const {
 uint64_t PackedTensor::expected_bytes() const {
   if (is_quant_dtype(dtype))
     return shape.size() == 2 ? quant_layout(shape[0], shape[1], quant_bits(dtype), group).total() : 0;
+  if (dtype == DType::kMxfp4)
+    return shape.size() == 2 && shape[1] % kMxfp4Group == 0 ? mxfp4_bytes(shape[0], shape[1]) : 0;
   return uint64_t(numel()) * dtype_size(dtype);
 }
 
@@ -77,7 +80,8 @@ struct Reader {
     t.nbytes = get_u64(j, "nbytes", c);
     std::string dt = get_str(j, "dtype", c);
     if (!dtype_from_name(dt, &t.dtype) ||
-        !((is_float_dtype(t.dtype) && t.dtype != DType::kF64) || is_quant_dtype(t.dtype)))
+        !((is_float_dtype(t.dtype) && t.dtype != DType::kF64) || is_quant_dtype(t.dtype) ||
+          t.dtype == DType::kMxfp4))
       fail(ErrorKind::kFormat, "{}: {}unsupported dtype '{}'", where, c, dt);
     const json& shape = field(j, "shape", c);
     if (!shape.is_array() || shape.empty() || shape.size() > 4)
@@ -99,6 +103,10 @@ struct Reader {
       if (t.shape.size() != 2 || !quantisable(t.shape[1], quant_bits(t.dtype), t.group))
         fail(ErrorKind::kFormat, "{}: {}{} with group_size {} does not fit shape [{}]", where, c, dt,
              t.group, fmt::join(t.shape, ", "));
+    } else if (t.dtype == DType::kMxfp4 &&
+               (t.shape.size() != 2 || t.shape[1] % kMxfp4Group != 0)) {
+      fail(ErrorKind::kFormat, "{}: {}mxfp4 needs a matrix of whole groups of 32, not shape [{}]",
+           where, c, fmt::join(t.shape, ", "));
     } else if (j.contains("quant") && !j["quant"].is_null()) {
       fail(ErrorKind::kFormat, "{}: {}field 'quant' must be null for dtype {}", where, c, dt);
     }

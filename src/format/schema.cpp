@@ -62,11 +62,13 @@ std::vector<TensorSpec> resident_schema(const ModelSpec& s) {
         b.norm("attn_q_norm", hd);
         b.norm("attn_k_norm", hd);
       }
-      if (s.qkv_bias) {  // GLM-4.5
+      if (s.qkv_bias || s.attn_bias) {  // GLM-4.5 (q/k/v), gpt-oss (q/k/v/o)
         b.vec("attn_q_bias", {s.q_rows()});
         b.vec("attn_k_bias", {kv});
         b.vec("attn_v_bias", {kv});
       }
+      if (s.attn_bias) b.vec("attn_o_bias", {H});
+      if (s.attn_sinks) b.vec("attn_sinks", {s.n_heads});
     } else {
       const int64_t nv = s.lin_v_heads, qkv = s.lin_qkv_dim(), vd = s.lin_value_dim();
       b.mat("lin_qkv", qkv, H, C::kLinearAttn);  // [q all | k all | v all]
@@ -88,6 +90,12 @@ std::vector<TensorSpec> resident_schema(const ModelSpec& s) {
     }
     b.add("moe_router", {s.n_experts, H}, TensorRole::kRouter);
     if (s.router_bias) b.vec("moe_router_bias", {s.n_experts});  // selection only
+    if (s.router_logit_bias) b.vec("moe_router_logit_bias", {s.n_experts});  // gpt-oss
+    if (s.expert_bias) {  // gpt-oss: every expert's biases, resident (small next to the experts)
+      b.vec("moe_gate_bias", {s.n_experts, s.moe_ffn});
+      b.vec("moe_up_bias", {s.n_experts, s.moe_ffn});
+      b.vec("moe_down_bias", {s.n_experts, H});
+    }
     if (s.shared_ffn > 0) {
       const int64_t S = s.shared_ffn;
       b.mat("shexp_gate", S, H, C::kSharedExpert);

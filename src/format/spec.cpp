@@ -35,7 +35,8 @@ const std::vector<std::string>& ModelSpec::known_archs() {
   // The normalised arch names convert and synth write (convert maps qwen3_5_moe_text onto
   // qwen3_5_moe); the runtime is arch-agnostic but refuses a name no converter produced.
   static const std::vector<std::string> archs = {"qwen3_5_moe", "qwen3_next", "qwen3_moe",
-                                                 "mixtral", "deepseek_v3", "glm4_moe"};
+                                                 "mixtral", "deepseek_v3", "glm4_moe",
+                                                 "gpt_oss"};
   return archs;
 }
 
@@ -77,7 +78,10 @@ void ModelSpec::validate(const std::string& where, SpecNaming naming) const {
       kScale{"routed_scale", "routed_scaling_factor"},
       kRsFactor{"rope_scaling.factor", "rope_scaling.factor"},
       kRsOrig{"rope_scaling.orig_ctx", "rope_scaling.original_max_position_embeddings"},
-      kRsBeta{"rope_scaling.beta_fast", "rope_scaling.beta_fast"};
+      kRsBeta{"rope_scaling.beta_fast", "rope_scaling.beta_fast"},
+      kSliding{"gpt_oss.sliding", "layer_types"},
+      kWindow{"gpt_oss.sliding_window", "sliding_window"},
+      kLimit{"gpt_oss.swiglu_limit", "swiglu_limit"}, kAlpha{"gpt_oss.swiglu_alpha", "swiglu_alpha"};
   const auto& archs = known_archs();
   need(std::find(archs.begin(), archs.end(), arch) != archs.end(), kArch,
        fmt::format("\"{}\"", arch),
@@ -126,8 +130,23 @@ void ModelSpec::validate(const std::string& where, SpecNaming naming) const {
     need(std::find(attn.begin(), attn.end(), AttnKind::kFull) != attn.end(), kQkvBias, "true",
          "needs full-attention layers (q/k/v biases are for full attention only)");
   }
+  // YaRN: MLA layers, and gpt-oss's full/sliding layers (the session rotates both with the
+  // scaled table; the other archs' converters never ask for it).
   if (rope_scaling.kind == RopeScaling::kYarn)
-    need(any_mla, kAttn, "[no MLA layer]", "YaRN rope scaling is implemented for MLA layers only");
+    need(any_mla || (any_full && arch == "gpt_oss"), kAttn, "[no MLA layer]",
+         "YaRN rope scaling is implemented for MLA layers (and gpt-oss) only");
+  if (!sliding.empty()) {
+    need(int(sliding.size()) == n_layers, kSliding, fmt::format("[{} entries]", sliding.size()),
+         fmt::format("must have one per layer ({})", ref(kLayers, n_layers)));
+    for (size_t i = 0; i < sliding.size() && i < attn.size(); i++)
+      need(!sliding[i] || attn[i] == AttnKind::kFull, kSliding, fmt::format("[{}]", i),
+           "marks a layer sliding that is not a full-attention layer");
+    need(sliding_window > 0, kWindow, sliding_window, "must be > 0 when a layer slides");
+  }
+  need(swiglu_limit >= 0 && std::isfinite(swiglu_limit), kLimit, swiglu_limit,
+       "must be a finite number >= 0 (0: plain SwiGLU)");
+  need(swiglu_limit == 0 || (swiglu_alpha > 0 && std::isfinite(swiglu_alpha)), kAlpha,
+       swiglu_alpha, "must be a finite number > 0 with a swiglu_limit");
   if (any_full && rope_scaling.kind == RopeScaling::kYarn) {
     need(rope_scaling.factor > 0 && std::isfinite(rope_scaling.factor), kRsFactor,
          rope_scaling.factor, "must be a finite number > 0");
@@ -232,6 +251,18 @@ void to_json(json& j, const ModelSpec& s) {
                         {"topk_group", s.topk_group},
                         {"scale", s.routed_scale},
                         {"shared_gate", s.shared_gate}};
+  if (s.has_gpt_oss_features()) {
+    json sl = json::array();
+    for (uint8_t v : s.sliding) sl.push_back(v != 0);
+    j["gpt_oss"] = json{{"attn_bias", s.attn_bias},
+                        {"attn_sinks", s.attn_sinks},
+                        {"sliding_window", s.sliding_window},
+                        {"sliding", sl},
+                        {"router_logit_bias", s.router_logit_bias},
+                        {"expert_bias", s.expert_bias},
+                        {"swiglu_limit", s.swiglu_limit},
+                        {"swiglu_alpha", s.swiglu_alpha}};
+  }
 }
 
 ModelSpec spec_from_json(const json& j, const std::string& where) {
@@ -373,6 +404,24 @@ ModelSpec spec_from_json(const json& j, const std::string& where) {
     s.topk_group = sub_int(*r, "routing", "topk_group");
     s.routed_scale = sub_num(*r, "routing", "scale");
     s.shared_gate = sub_bool(*r, "routing", "shared_gate");
+  }
+  if (const json* g = section("gpt_oss")) {
+    s.attn_bias = sub_bool(*g, "gpt_oss", "attn_bias");
+    s.attn_sinks = sub_bool(*g, "gpt_oss", "attn_sinks");
+    s.sliding_window = sub_int(*g, "gpt_oss", "sliding_window");
+    const json& sl = sub(*g, "gpt_oss", "sliding");
+    if (!sl.is_array())
+      fail(ErrorKind::kFormat, "{}: model field 'gpt_oss.sliding' must be an array", where);
+    for (const auto& v : sl) {
+      if (!v.is_boolean())
+        fail(ErrorKind::kFormat, "{}: model field 'gpt_oss.sliding' must hold true/false, got {}",
+             where, json_brief(v));
+      s.sliding.push_back(v.get<bool>() ? 1 : 0);
+    }
+    s.router_logit_bias = sub_bool(*g, "gpt_oss", "router_logit_bias");
+    s.expert_bias = sub_bool(*g, "gpt_oss", "expert_bias");
+    s.swiglu_limit = sub_num(*g, "gpt_oss", "swiglu_limit");
+    s.swiglu_alpha = sub_num(*g, "gpt_oss", "swiglu_alpha");
   }
   s.validate(where, SpecNaming::kPackage);
   return s;

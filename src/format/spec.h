@@ -41,7 +41,8 @@ struct RopeScaling {
 };
 
 struct ModelSpec {
-  std::string arch;  // qwen3_5_moe | qwen3_next | qwen3_moe | mixtral | deepseek_v3 | glm4_moe
+  std::string arch;  // qwen3_5_moe | qwen3_next | qwen3_moe | mixtral | deepseek_v3 | glm4_moe |
+                     // gpt_oss
   int vocab_size = 0;
   int hidden_size = 0;
   int n_layers = 0;
@@ -86,6 +87,23 @@ struct ModelSpec {
   bool shared_gate = true;  // the shared expert's output is gated by sigmoid(w.x) (Qwen)
   int dense_ffn = 0;   // intermediate size of FfnKind::kDense layers
 
+  // gpt-oss (GptOssForCausalLM; moeflux.json section "gpt_oss", written only when set):
+  // biases on the q/k/v/o projections (attn_{q,k,v,o}_bias); a learned logit per head that joins
+  // each attention softmax and takes its share of the mass (attn_sinks [n_heads]); layers with
+  // sliding[l] attend, at position p, to the keys of positions (p - sliding_window, p] only
+  // (full-attention layers otherwise); router logits W x + b (moe_router_logit_bias [E]), then
+  // the top-k of the logits and a softmax over those k; per-expert biases after the gate, up and
+  // down products (moe_gate_bias / moe_up_bias [E, I], moe_down_bias [E, H]); and when
+  // swiglu_limit > 0 the clamped SwiGLU act = (clamp(up, -limit, limit) + 1) * g * sigmoid(
+  // swiglu_alpha * g) with g = min(gate, limit), instead of silu(gate) * up.
+  bool attn_bias = false;
+  bool attn_sinks = false;
+  int sliding_window = 0;
+  std::vector<uint8_t> sliding;  // [n_layers] or empty (no sliding layer)
+  bool router_logit_bias = false;
+  bool expert_bias = false;
+  double swiglu_limit = 0.0, swiglu_alpha = 0.0;
+
   bool tie_embeddings = false;
   int ctx_train = 0;
   std::vector<int> eos_ids;
@@ -99,6 +117,11 @@ struct ModelSpec {
   // (2 * n_kv_heads * head_dim), the latent and rope key of MLA (kv_lora_rank + rope_dim).
   int64_t kv_floats_per_pos(AttnKind a) const;
   int n_moe_layers() const;
+  bool is_sliding(int layer) const { return !sliding.empty() && sliding[size_t(layer)]; }
+  bool has_gpt_oss_features() const {
+    return attn_bias || attn_sinks || !sliding.empty() || router_logit_bias || expert_bias ||
+           swiglu_limit > 0;
+  }
 
   // Throws Error(kFormat) naming `where` and the field when a size is missing or inconsistent,
   // or the arch is none of known_archs(). Fields are named as the file being read names them.

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <map>
 
+#include "format/mxfp4.h"
 #include "format/schema.h"
 #include "util/error.h"
 
@@ -22,6 +23,9 @@ Mat mat_view(const PackedTensor& t, const uint8_t* base) {
     m.scales = reinterpret_cast<const uint16_t*>(base + q.packed_bytes);
     m.biases = reinterpret_cast<const uint16_t*>(base + q.packed_bytes + q.scales_bytes);
     m.group = t.group;
+  } else if (t.dtype == DType::kMxfp4) {
+    m.e8m0 = base + mxfp4_packed_bytes(m.rows, m.cols);
+    m.group = kMxfp4Group;
   }
   return m;
 }
@@ -36,6 +40,9 @@ Mat mat_rows(const Mat& m, int64_t r0, int64_t n) {
     v.data = base + size_t(r0 * wpr) * sizeof(uint32_t);
     v.scales = m.scales + r0 * gpr;
     v.biases = m.biases + r0 * gpr;
+  } else if (m.dtype == DType::kMxfp4) {
+    v.data = base + size_t(r0 * m.cols / 2);
+    v.e8m0 = m.e8m0 + r0 * (m.cols / kMxfp4Group);
   } else {
     v.data = base + size_t(r0 * m.cols) * dtype_size(m.dtype);
   }
@@ -48,6 +55,9 @@ void mat_row_f32(const Mat& m, int64_t r, float* out) {
     const int64_t wpr = m.cols * bits / 32, gpr = m.cols / m.group;
     dequantize_row(static_cast<const uint32_t*>(m.data) + r * wpr, m.scales + r * gpr,
                    m.biases + r * gpr, m.cols, bits, m.group, out);
+  } else if (m.dtype == DType::kMxfp4) {
+    mxfp4_dequantize_row(static_cast<const uint8_t*>(m.data) + r * m.cols / 2,
+                         m.e8m0 + r * (m.cols / kMxfp4Group), m.cols, out);
   } else {
     to_f32(m.dtype, static_cast<const uint8_t*>(m.data) + size_t(r * m.cols) * dtype_size(m.dtype),
            out, size_t(m.cols));
@@ -115,6 +125,12 @@ const std::map<std::string, VecField, std::less<>> kVecFields = {
     {"attn_q_bias", &LayerWeights::q_bias},
     {"attn_k_bias", &LayerWeights::k_bias},
     {"attn_v_bias", &LayerWeights::v_bias},
+    {"attn_o_bias", &LayerWeights::o_bias},
+    {"attn_sinks", &LayerWeights::sinks},
+    {"moe_router_logit_bias", &LayerWeights::router_logit_bias},
+    {"moe_gate_bias", &LayerWeights::gate_bias},
+    {"moe_up_bias", &LayerWeights::up_bias},
+    {"moe_down_bias", &LayerWeights::down_bias},
 };
 
 }  // namespace

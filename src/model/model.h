@@ -13,7 +13,8 @@ namespace moeflux {
 
 // A row-major matrix [rows, cols] in package memory: f32, bf16, f16, or quantised (q8/q4/q2:
 // `data` is the packed u32 words [rows, cols*bits/32], with bf16 scales and biases
-// [rows, cols/group]; see format/quant.h).
+// [rows, cols/group]; see format/quant.h), or mxfp4 (`data` the e2m1 nibbles [rows, cols/2],
+// `e8m0` the scales [rows, cols/32]; format/mxfp4.h).
 struct Mat {
   DType dtype = DType::kF32;
   int64_t rows = 0, cols = 0;
@@ -21,6 +22,7 @@ struct Mat {
   const uint16_t* scales = nullptr;
   const uint16_t* biases = nullptr;
   int group = 0;
+  const uint8_t* e8m0 = nullptr;  // mxfp4: the scales [rows, cols/32] (`data`: the nibbles)
   explicit operator bool() const { return data != nullptr; }
 };
 
@@ -40,7 +42,7 @@ struct LayerWeights {
   Mat q, k, v, o;
   const float* q_norm = nullptr;  // [head_dim] or null
   const float* k_norm = nullptr;
-  const float* q_bias = nullptr;  // [q rows], [kv_heads * head_dim] x2, or null (GLM-4.5)
+  const float* q_bias = nullptr;  // [q rows], [kv_heads * head_dim] x2, or null (GLM-4.5, gpt-oss)
   const float* k_bias = nullptr;
   const float* v_bias = nullptr;
   // multi-head latent attention (q is `q` above when q_lora_rank is 0, `o` the output)
@@ -56,8 +58,15 @@ struct LayerWeights {
   const float* A_log = nullptr;    // [v_heads]
   const float* dt_bias = nullptr;  // [v_heads]
   const float* lin_norm = nullptr;  // [v_dim]
+  // gpt-oss: the output projection's bias, sinks (null when the arch has none)
+  const float* o_bias = nullptr;  // [H]
+  const float* sinks = nullptr;   // [n_heads]
   // MoE
   Mat router;  // [E, H] f32
+  const float* router_logit_bias = nullptr;  // [E] added to the logits (gpt-oss) or null
+  const float* gate_bias = nullptr;          // [E, I] per-expert biases (gpt-oss) or null
+  const float* up_bias = nullptr;            // [E, I]
+  const float* down_bias = nullptr;          // [E, H]
   const float* router_bias = nullptr;      // [E] selection bias (sigmoid routing) or null
   Mat sh_gate, sh_up, sh_down, sh_router;  // shared expert; sh_router [1, H] f32
   int moe_index = -1;  // index of this layer's expert file

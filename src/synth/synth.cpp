@@ -212,6 +212,43 @@ ModelSpec glm_model(const GlmShape& m) {
 }
 const std::vector<int> kGlmEos = {151329, 151336, 151338};  // <|endoftext|>, <|user|>, <|observation|>
 
+// gpt-oss (openai/gpt-oss-20b, -120b config.json): alternating sliding (128) and full layers,
+// attention biases and sinks, YaRN (factor 32 from 4096, truncate false), 32 or 128 experts of
+// 2880, top-4, the router's logit bias, per-expert biases and the clamped SwiGLU.
+ModelSpec gpt_oss_model(int layers, int experts) {
+  ModelSpec s;
+  s.arch = "gpt_oss";
+  s.vocab_size = 201088;
+  s.hidden_size = 2880;
+  s.n_layers = layers;
+  s.attn.assign(size_t(layers), AttnKind::kFull);
+  s.ffn.assign(size_t(layers), FfnKind::kMoe);
+  s.rms_eps = 1e-5f;
+  s.n_heads = 64;
+  s.n_kv_heads = 8;
+  s.head_dim = 64;
+  s.qk_norm = false;
+  s.rope_dim = 64;
+  s.rope_theta = 150000.0;
+  s.rope_scaling.kind = RopeScaling::kYarn;
+  s.rope_scaling.factor = 32.0;
+  s.rope_scaling.orig_ctx = 4096;
+  s.rope_scaling.truncate = false;
+  s.n_experts = experts;
+  s.top_k = 4;
+  s.moe_ffn = 2880;
+  s.norm_topk_prob = true;
+  s.attn_bias = s.attn_sinks = s.router_logit_bias = s.expert_bias = true;
+  s.sliding_window = 128;
+  for (int i = 0; i < layers; i++) s.sliding.push_back((i + 1) % 2 ? 1 : 0);
+  s.swiglu_limit = 7.0;
+  s.swiglu_alpha = 1.702;
+  s.ctx_train = 131072;
+  s.eos_ids = {200002, 199999, 200012};  // <|return|>, <|endoftext|>, <|call|>
+  s.bos_id = 199998;
+  return s;
+}
+
 const std::vector<int> kQwen3Eos = {151645, 151643};   // <|im_end|>, <|endoftext|>
 const std::vector<int> kQwen35Eos = {248046, 248044};  // the same two in the 248k vocabulary
 
@@ -230,6 +267,8 @@ const std::vector<SynthPreset>& synth_presets() {
       {"kimi-k2", "moonshotai/Kimi-K2-Instruct", "kimi_k2", 1000, 32},
       {"glm-4.5", "zai-org/GLM-4.5", "glm4_moe", 355, 32},
       {"glm-4.5-air", "zai-org/GLM-4.5-Air", "glm4_moe", 106, 12},
+      {"gpt-oss-20b", "openai/gpt-oss-20b", "gpt_oss", 21, 3.6},
+      {"gpt-oss-120b", "openai/gpt-oss-120b", "gpt_oss", 117, 5.1},
   };
   return presets;
 }
@@ -288,6 +327,10 @@ ModelSpec synth_spec(const std::string& preset) {
   } else if (preset == "glm-4.5-air") {
     s = glm_model({151552, 4096, 46, 1, 10944, 96, 8, 128, false, 128, 8, 1408, 1.0, 131072,
                    kGlmEos});
+  } else if (preset == "gpt-oss-20b") {
+    s = gpt_oss_model(24, 32);
+  } else if (preset == "gpt-oss-120b") {
+    s = gpt_oss_model(36, 128);
   }
   s.validate("synth preset " + preset, SpecNaming::kPackage);
   return s;
@@ -301,6 +344,7 @@ ModelSpec cut_layers(const ModelSpec& spec, int layers, const std::string& what)
   s.n_layers = layers;
   s.attn.resize(size_t(layers));
   s.ffn.resize(size_t(layers));
+  if (!s.sliding.empty()) s.sliding.resize(size_t(layers));
   return s;
 }
 
@@ -404,6 +448,10 @@ PackedTensor plan_tensor(const TensorSpec& ts, const QuantRecipe& recipe) {
 Plan make_plan(const ModelSpec& s, const std::string& quant, int full_layers) {
   Plan p;
   p.recipe = quant_recipe(quant);
+  for (auto [c, d] : p.recipe.dtype)
+    if (d == DType::kMxfp4)
+      fail(ErrorKind::kUnsupported, "synth: --quant {}: MXFP4 weights are not generated (convert "
+           "can quantise to it)", quant);
   p.m.spec = s;
   const int64_t H = s.hidden_size;
   const double L = std::max(full_layers, s.n_layers);
@@ -425,6 +473,12 @@ Plan make_plan(const ModelSpec& s, const std::string& quant, int full_layers) {
     if (k == "lin_conv") return {Init::kConv, 0.5 / std::sqrt(double(t.shape[1])), t.layer};
     if (k == "lin_A_log") return {Init::kALog, 0, t.layer};
     if (k == "lin_dt_bias") return {Init::kDtBias, 0, t.layer};
+    // gpt-oss's biases and sinks: small next to the products they are added to.
+    if (k == "attn_q_bias" || k == "attn_k_bias" || k == "attn_v_bias") return mat(0.1);
+    if (k == "attn_o_bias" || k == "moe_down_bias") return mat(0.1 * block);
+    if (k == "moe_gate_bias" || k == "moe_up_bias") return mat(0.1);
+    if (k == "attn_sinks") return mat(1.0);
+    if (k == "moe_router_logit_bias") return mat(0.0);  // the router's skew alone
     const double in = double(t.shape[1]);
     if (k == "attn_o") {
       // Input: softmax-weighted averages of unit-RMS values (smaller than 1), gated by

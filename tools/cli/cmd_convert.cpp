@@ -71,6 +71,18 @@ int cmd_inspect(const std::string& dir) {
                : s.attn[size_t(l)] == AttnKind::kMla ? 'M'
                                                      : 'L';
   fmt::print("pattern     {}\n", pattern);
+  if (s.has_gpt_oss_features()) {  // gpt-oss
+    int n_sliding = 0;
+    for (int l = 0; l < s.n_layers; l++) n_sliding += s.is_sliding(l);
+    fmt::print("gpt-oss     {} sliding-window layers (window {}), {} full; attention bias {}, "
+               "sinks {}; router bias {}, expert biases {}, clamped swiglu limit {} alpha {}\n",
+               n_sliding, s.sliding_window, s.n_layers - n_sliding, s.attn_bias ? "yes" : "no",
+               s.attn_sinks ? "yes" : "no", s.router_logit_bias ? "yes" : "no",
+               s.expert_bias ? "yes" : "no", s.swiglu_limit, s.swiglu_alpha);
+    if (s.rope_scaling.kind == RopeScaling::kYarn)
+      fmt::print("rope        yarn x{} from {} (truncate {})\n", s.rope_scaling.factor,
+                 s.rope_scaling.orig_ctx, s.rope_scaling.truncate ? "yes" : "no");
+  }
   fmt::print("hidden      {}, vocab {}, context {}\n", s.hidden_size, s.vocab_size, s.ctx_train);
   if (n_full && !n_mla)
     fmt::print("attention   {} q-heads / {} kv-heads x {}, rope dims {} theta {}, gate {}, qk-norm {}{}\n",
@@ -93,6 +105,16 @@ int cmd_inspect(const std::string& dir) {
     for (auto a : s.attn) floats += s.kv_floats_per_pos(a);
     if (floats)
       fmt::print("kv cache    {} bytes per token (f32; {} in bf16)\n", floats * 4, floats * 2);
+    if (floats && !s.sliding.empty()) {
+      // gpt-oss: the engine keeps every position of every layer; a sliding layer needs only
+      // its window's, so past the window a token costs only the full layers'.
+      int64_t full = 0;
+      for (int l = 0; l < s.n_layers; l++)
+        if (!s.is_sliding(l)) full += s.kv_floats_per_pos(s.attn[size_t(l)]);
+      fmt::print("            {} bytes per token in the full layers alone (f32; {} in bf16): what "
+                 "a token past the window needs once sliding layers keep only {} positions\n",
+                 full * 4, full * 2, s.sliding_window);
+    }
   }
   if (n_full + n_mla < s.n_layers)
     fmt::print("deltanet    {} k-heads x {} / {} v-heads x {}, conv {}\n", s.lin_k_heads,
@@ -167,9 +189,10 @@ Command add_convert(CLI::App& app) {
   for (const char* c : {"experts", "attn", "shared", "dense", "embed", "lm-head"}) qf.overrides[c];
   conv->add_option("--quant", qf.recipe,
                    "quantisation recipe: none, q8, q4 (experts/attention/shared/embedding q4, "
-                   "lm_head q8), q2 (experts q2, rest as q4)");
+                   "lm_head q8), q2 (experts q2, rest as q4), mxfp4 (experts MXFP4, the rest as "
+                   "it is: gpt-oss's own layout)");
   conv->add_option("--group", qf.group, "quantisation group size: 64 (default), 128 or 32");
-  conv->add_option("--experts", qf.overrides["experts"], "override the routed experts: q8|q4|q2|none");
+  conv->add_option("--experts", qf.overrides["experts"], "override the routed experts: q8|q4|q2|mxfp4|none");
   conv->add_option("--attn", qf.overrides["attn"], "override attention and linear attention");
   conv->add_option("--shared", qf.overrides["shared"], "override the shared expert");
   conv->add_option("--dense", qf.overrides["dense"], "override dense FFN layers");

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Renders the official Mixtral and Qwen3.5 chat templates with transformers' own machinery.
+"""Renders the official Mixtral, Qwen3.5 and gpt-oss chat templates with transformers' own machinery.
 
 Reads tests/data/chat_templates/conversations.json (the templates, their special tokens and the
 conversations) and writes tests/data/chat_templates/<name>.renderings.json: for each case the
@@ -13,9 +13,14 @@ trim_blocks/lstrip_blocks, raise_exception, tojson, strftime_now). Its keyword a
 ones apply_chat_template passes: the tokenizer's special tokens (bos_token, eos_token, ...) and
 then the caller's extra kwargs (enable_thinking, add_vision_id, ...), with tools/documents named.
 
+A template with "fixed_date" in conversations.json (gpt-oss: its system message prints
+strftime_now("%Y-%m-%d")) is rendered with strftime_now pinned to that day; the rendering records
+it, and the C++ test compares with the date its own strftime_now gives put in its place.
+
 Usage: python3 tools/refs/render_chat_templates.py [DATA_DIR [OUT_DIR]]
   DATA_DIR defaults to tests/data, OUT_DIR to DATA_DIR/chat_templates.
 """
+import datetime
 import json
 import os
 import sys
@@ -33,11 +38,20 @@ def load_template(path):
         return f.read()
 
 
-def render_case(template, special_tokens, case):
+def fixed_strftime_now(date):
+    """strftime_now pinned to one day (gpt-oss's template prints "Current date: ..."): passed as a
+    render variable, it shadows the environment's global of the same name, as any variable does."""
+    day = datetime.datetime.strptime(date, "%Y-%m-%d")
+    return lambda fmt: day.strftime(fmt)
+
+
+def render_case(template, special_tokens, case, fixed_date=None):
     kwargs = dict(case.get("kwargs", {}))
     tools = kwargs.pop("tools", None)
     documents = kwargs.pop("documents", None)
     template_kwargs = {**special_tokens, **kwargs}
+    if fixed_date:
+        template_kwargs["strftime_now"] = fixed_strftime_now(fixed_date)
     out = {
         "name": case["name"],
         "messages": case["messages"],
@@ -69,7 +83,10 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     for t in spec["templates"]:
         template = load_template(os.path.join(data_dir, t["template"]))
-        results = [render_case(template, t["special_tokens"], c) for c in t["cases"]]
+        fixed_date = t.get("fixed_date")
+        results = [render_case(template, t["special_tokens"], c, fixed_date) for c in t["cases"]]
+        if fixed_date:  # the pinned date must have reached every rendering
+            assert all(fixed_date in r["text"] for r in results if "text" in r), t["name"]
         doc = {
             "template": t["template"],
             "special_tokens": t["special_tokens"],
@@ -77,6 +94,9 @@ def main():
             % (transformers.__version__, jinja2.__version__),
             "cases": results,
         }
+        if fixed_date:
+            doc["fixed_date"] = fixed_date
+
         path = os.path.join(out_dir, t["name"] + ".renderings.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1, ensure_ascii=False)
