@@ -590,25 +590,11 @@ ModelSpec small_mla_spec() {
   return s;
 }
 
-class MlaSession : public ::testing::Test {
+class MlaSession : public SynthSessionTest {
  protected:
   void SetUp() override {
-    SynthOptions o;
-    o.quant = "none";
-    o.progress = false;
-    o.seed = 5;
-    synth_package(small_mla_spec(), dir_ / "pkg", o);
-    model_ = Model::load(dir_ / "pkg");
-    store_ = std::make_unique<ExpertStore>(*model_);
+    synth_and_load(small_mla_spec(), 5);
   }
-  std::vector<float> eval(Session& s, const std::vector<int32_t>& toks) {
-    std::vector<float> l(size_t(model_->spec().vocab_size));
-    s.eval(toks.data(), int(toks.size()), l.data(), false);
-    return l;
-  }
-  TempDir dir_;
-  std::unique_ptr<Model> model_;
-  std::unique_ptr<ExpertStore> store_;
 };
 
 TEST_F(MlaSession, PrefillEqualsDecodeAndCacheIsTheLatent) {

@@ -482,7 +482,7 @@ TEST(GlmConvert, MissingOrUnexpectedBiasesAreNamed) {
 
 // ---- A session on a small random GLM package -------------------------------------------------
 
-class GlmSession : public ::testing::Test {
+class GlmSession : public SynthSessionTest {
  protected:
   void SetUp() override {
     ModelSpec s = read_config(glm_config()).spec;
@@ -493,22 +493,8 @@ class GlmSession : public ::testing::Test {
     s.head_dim = 32;
     s.rope_dim = 16;
     s.validate("small GLM", SpecNaming::kPackage);
-    SynthOptions o;
-    o.quant = "none";
-    o.progress = false;
-    o.seed = 7;
-    synth_package(s, dir_ / "pkg", o);
-    model_ = Model::load(dir_ / "pkg");
-    store_ = std::make_unique<ExpertStore>(*model_);
+    synth_and_load(s, 7);
   }
-  std::vector<float> eval(Session& s, const std::vector<int32_t>& toks) {
-    std::vector<float> l(size_t(model_->spec().vocab_size));
-    s.eval(toks.data(), int(toks.size()), l.data(), false);
-    return l;
-  }
-  TempDir dir_;
-  std::unique_ptr<Model> model_;
-  std::unique_ptr<ExpertStore> store_;
 };
 
 TEST_F(GlmSession, PrefillEqualsDecodeAndThreadsDoNotChangeBits) {

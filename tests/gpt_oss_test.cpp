@@ -784,25 +784,11 @@ ModelSpec small_oss_spec() {
   return s;
 }
 
-class OssSession : public ::testing::Test {
+class OssSession : public SynthSessionTest {
  protected:
   void SetUp() override {
-    SynthOptions o;
-    o.quant = "none";
-    o.progress = false;
-    o.seed = 9;
-    synth_package(small_oss_spec(), dir_ / "pkg", o);
-    model_ = Model::load(dir_ / "pkg");
-    store_ = std::make_unique<ExpertStore>(*model_);
+    synth_and_load(small_oss_spec(), 9);
   }
-  std::vector<float> eval(Session& s, const std::vector<int32_t>& toks) {
-    std::vector<float> l(size_t(model_->spec().vocab_size));
-    s.eval(toks.data(), int(toks.size()), l.data(), false);
-    return l;
-  }
-  TempDir dir_;
-  std::unique_ptr<Model> model_;
-  std::unique_ptr<ExpertStore> store_;
 };
 
 TEST_F(OssSession, PrefillEqualsDecodePastTheWindow) {

@@ -33,16 +33,16 @@ std::vector<Case> all_cases() {
         "glm4_moe", "glm4_moe_noqknorm"}) {
     SafetensorsFile ref(fixture_dir(f) + "/reference.safetensors");
     for (const char* c : {"single", "short", "chunk"})
-      if (ref.find(std::string("tokens_") + c)) out.push_back({f, c});
+      if (ref.find(std::string("tokens_") + c)) out.push_back({f, c, ""});
   }
   for (const char* f : kGptOssFixtures) {
-    // Made on the GPU machine (tools/refs/make_fixtures_gpt_oss.py, DEVICE_READY.md); until they
-    // are copied in, OracleFixtures.GptOssPresent fails and these cases are not listed.
+    // Made on the GPU machine (tools/refs/make_fixtures_gpt_oss.py); without them
+    // OracleFixtures.GptOssPresent fails and these cases are not listed.
     if (!std::filesystem::exists(fixture_dir(f) + "/reference.safetensors")) continue;
     SafetensorsFile ref(fixture_dir(f) + "/reference.safetensors");
     for (const char* c : {"single", "short", "chunk"})
       if (ref.find(std::string("tokens_") + c)) {
-        out.push_back({f, c});
+        out.push_back({f, c, ""});
         out.push_back({f, c, std::string(f) + "/bf16"});
       }
   }

@@ -13,6 +13,7 @@
 #include <mutex>
 #include <sstream>
 
+#include "synth/synth.h"
 #include "util/error.h"
 
 namespace moeflux::test {
@@ -184,6 +185,22 @@ std::string read_file(const std::string& path) {
   std::stringstream ss;
   ss << f.rdbuf();
   return ss.str();
+}
+
+void SynthSessionTest::synth_and_load(const ModelSpec& spec, uint64_t seed) {
+  SynthOptions o;
+  o.quant = "none";
+  o.progress = false;
+  o.seed = seed;
+  synth_package(spec, dir_ / "pkg", o);
+  model_ = Model::load(dir_ / "pkg");
+  store_ = std::make_unique<ExpertStore>(*model_);
+}
+
+std::vector<float> SynthSessionTest::eval(Session& s, const std::vector<int32_t>& toks) {
+  std::vector<float> l(size_t(model_->spec().vocab_size));
+  s.eval(toks.data(), int(toks.size()), l.data(), false);
+  return l;
 }
 
 }  // namespace moeflux::test

@@ -70,6 +70,18 @@ class TempDir {
   std::string path_;
 };
 
+// A test on a small random package: synth_and_load writes `spec` (f32 weights, no quantisation)
+// with `seed` into a temporary directory and loads it with an expert store; eval gives the
+// last position's logits of one evaluation.
+class SynthSessionTest : public ::testing::Test {
+ protected:
+  void synth_and_load(const ModelSpec& spec, uint64_t seed);
+  std::vector<float> eval(Session& s, const std::vector<int32_t>& toks);
+  TempDir dir_;
+  std::unique_ptr<Model> model_;
+  std::unique_ptr<ExpertStore> store_;
+};
+
 // Converts a fixture once per test process and returns the package path.
 const std::string& converted_fixture(const std::string& name);
 
