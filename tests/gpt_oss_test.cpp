@@ -243,6 +243,7 @@ TEST(GptOssOps, AttentionWithSinksAndASlidingWindow) {
                 << "window " << window << " sinks " << with_sinks << " t " << t << " h " << h;
           }
         }
+      for (float* x : {dq, dk, dv, ds, out}) be->release(x);
     }
   }
 }
