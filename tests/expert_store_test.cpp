@@ -306,6 +306,81 @@ TEST(ExpertStore, ArrivalOrderCoversEveryRequestOnce) {
   ::close(fd);
 }
 
+// Slot memory the store must treat as a GPU's: not host-visible, so every expert goes
+// through host memory (a staging buffer or the host tier) and write(). It is host memory all
+// the same, so the CPU context computes from the slots.
+class DeviceLikeMemory final : public ExpertMemory {
+ public:
+  Device& device() override { return cpu_device(); }
+  uint8_t* alloc(size_t bytes) override {
+    return static_cast<uint8_t*>(std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096));
+  }
+  void release(uint8_t* p, size_t) override { std::free(p); }
+  bool host_visible() const override { return false; }
+  void write(uint8_t* dst, const uint8_t* host, size_t n) override {
+    writes++;
+    std::memcpy(dst, host, n);
+  }
+  uint8_t* host_alloc(size_t bytes, const char* what) override {
+    host_bytes += bytes;
+    return ExpertMemory::host_alloc(bytes, what);
+  }
+  std::atomic<int> writes{0};
+  std::atomic<uint64_t> host_bytes{0};
+};
+
+// The host tier in front of slots a device owns: logits are the uncached run's bit for bit for
+// any split of budgets between slots and host tier, prefetch on or off, on repeated runs.
+TEST(ExpertStore, HostTierChangesNoBit) {
+  for (const std::string arch : {"qwen3_5_moe", "mixtral"}) {
+    SCOPED_TRACE(arch);
+    auto model = Model::load(converted_fixture(arch));
+    ExpertStoreOptions ref_opt;
+    ref_opt.cache_bytes = 0;
+    ExpertStore ref_store(*model, ref_opt);
+    const std::vector<float> ref = run_sequence(*model, ref_store);
+    const int64_t stride = int64_t(model->manifest().experts.stride);
+    const int64_t all = int64_t(all_expert_bytes(*model));
+    struct Split {
+      int64_t slots, host;
+      bool prefetch;
+    };
+    for (const Split& sp : {Split{0, 0, false}, Split{0, all, false}, Split{0, all / 4, true},
+                            Split{stride, all, true}, Split{all / 4, all / 4, false},
+                            Split{all / 4, 2 * stride, true}, Split{all, all, false}}) {
+      SCOPED_TRACE(testing::Message() << "slots " << sp.slots << " host " << sp.host
+                                      << " prefetch " << sp.prefetch);
+      DeviceLikeMemory mem;
+      ExpertStoreOptions o;
+      o.memory = &mem;
+      o.cache_bytes = sp.slots;
+      o.host_cache_bytes = sp.host;
+      o.prefetch = sp.prefetch;
+      ExpertStore store(*model, o);
+      for (int rep = 0; rep < 2; rep++) {
+        const std::vector<float> got = run_sequence(*model, store);
+        ASSERT_EQ(got.size(), ref.size());
+        ASSERT_EQ(std::memcmp(got.data(), ref.data(), ref.size() * sizeof(float)), 0)
+            << "repetition " << rep;
+      }
+      const ExpertStats st = store.stats();
+      EXPECT_EQ(st.host_cache_bytes, uint64_t(sp.host / stride * stride));
+      // Every expert that reached a slot or a batch's buffer was copied there, once.
+      EXPECT_EQ(st.total.bytes_copied, uint64_t(mem.writes) * store.expert_bytes());
+      EXPECT_GT(mem.writes, 0);
+      if (sp.host == 0) {
+        EXPECT_EQ(st.total.host_hits, 0u);
+      }
+      if (sp.host >= all && sp.slots < all) {
+        // The host tier keeps everything: the second run read nothing.
+        EXPECT_GT(st.total.host_hits, 0u);
+        EXPECT_EQ(st.total.bytes_read,
+                  uint64_t(st.host_cached) * store.expert_bytes());
+      }
+    }
+  }
+}
+
 // Fails the reads chosen by `fail_if`, otherwise reads the file.
 class FaultyReader : public ExpertReader {
  public:
@@ -341,13 +416,22 @@ TEST(ExpertStore, ReadErrorsAreErrorsNeverWrongOutput) {
   ExpertStore ref_store(*model, clean);
   const std::vector<float> ref = run_sequence(*model, ref_store);
 
-  for (int64_t cache : {int64_t(0), int64_t(1) << 30}) {
-    SCOPED_TRACE(cache);
+  // The last two: slots a device owns, with a host tier that holds every expert (a failed
+  // read must not stay there either) and one that holds two.
+  DeviceLikeMemory mem;
+  const int64_t all = int64_t(all_expert_bytes(*model));
+  for (auto [cache, host] : {std::pair{int64_t(0), int64_t(-1)}, std::pair{int64_t(1) << 30, int64_t(-1)},
+                             std::pair{int64_t(0), all}, std::pair{all / 4, int64_t(2 * model->manifest().experts.stride)}}) {
+    SCOPED_TRACE(testing::Message() << "cache " << cache << " host tier " << host);
     std::atomic<bool> broken{true};
     const uint64_t stride = model->manifest().experts.stride;
     ExpertStoreOptions o;
     o.cache_bytes = cache;
     o.prefetch = cache > 0;
+    if (host >= 0) {
+      o.memory = &mem;
+      o.host_cache_bytes = host;
+    }
     // Every read of file 2 (MoE layer 2) fails while `broken`.
     o.reader = std::make_shared<FaultyReader>(*model, [&](int file, uint64_t off) {
       return broken && file == 2 && off / stride < 1000;

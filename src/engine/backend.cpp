@@ -1,12 +1,24 @@
 #include "engine/backend.h"
 
+#include <cstdlib>
+
 #include "util/error.h"
+#include "util/progress.h"
 
 #ifdef MOEFLUX_HAVE_CUDA
 #include "cuda/cuda_device.h"
 #endif
 
 namespace moeflux {
+
+uint8_t* ExpertMemory::host_alloc(size_t bytes, const char* what) {
+  constexpr size_t kAlign = 4096;
+  void* p = std::aligned_alloc(kAlign, (bytes + kAlign - 1) / kAlign * kAlign);
+  if (!p) fail(ErrorKind::kOutOfMemory, "out of host memory for {}: {} wanted", what, format_bytes(bytes));
+  return static_cast<uint8_t*>(p);
+}
+
+void ExpertMemory::host_release(uint8_t* p, size_t) { std::free(p); }
 
 BackendKind parse_backend_kind(const std::string& text, const std::string& what) {
   if (text == "auto") return BackendKind::kAuto;

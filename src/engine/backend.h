@@ -127,6 +127,12 @@ class ExpertMemory {
   virtual bool host_visible() const = 0;
   // Copies n bytes of host memory into slot memory; complete when it returns.
   virtual void write(uint8_t* dst, const uint8_t* host, size_t n) = 0;
+  // Host memory that write() copies from fastest, for the store's staging buffers and its
+  // host tier when the slots are not host-visible (CUDA: pinned, so a copy is one DMA at the
+  // link's speed instead of staged through the driver's bounce buffers). Aligned to 4 KiB;
+  // throws Error kOutOfMemory naming `what`. The default is plain aligned host memory.
+  virtual uint8_t* host_alloc(size_t bytes, const char* what);
+  virtual void host_release(uint8_t* p, size_t bytes);
 };
 
 // How a new context computes.

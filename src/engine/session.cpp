@@ -42,7 +42,7 @@ void check_params(const ModelSpec& s, const SessionParams& params, Context& cont
     fail(ErrorKind::kInvalidArgument, "DeltaNet chunk size {} < 1", params.deltanet_chunk);
   if (params.ubatch < 1)
     fail(ErrorKind::kInvalidArgument, "micro-batch size (ubatch) {} < 1", params.ubatch);
-  if (&store.memory() != &context.device().expert_memory())
+  if (&store.memory().device() != &context.device())  // whose ops read the slots
     fail(ErrorKind::kInvalidArgument, "the expert store keeps its experts in another device's "
          "memory than the session's ({})", context.name());
 }

@@ -15,6 +15,7 @@
 #include <deque>
 #include <fstream>
 #include <functional>
+#include <list>
 #include <mutex>
 #include <numeric>
 #include <thread>
@@ -80,6 +81,13 @@ class PreadReader final : public ExpertReader {
  private:
   const std::vector<int>& fds_;
   const std::vector<std::string>& paths_;
+};
+
+// Reads nothing: the store's copy-only jobs (a slot miss found in the host tier) run their
+// `done` on a ThreadReadQueue of these.
+class NoRead final : public ExpertReader {
+ public:
+  void read(int, uint64_t, uint64_t, uint8_t*) override {}
 };
 
 // A pool of threads, each running blocking reads through an ExpertReader.
@@ -325,6 +333,9 @@ void ExpertLayerStats::add(const ExpertLayerStats& o) {
   predicted += o.predicted;
   predicted_hit += o.predicted_hit;
   scored += o.scored;
+  host_hits += o.host_hits;
+  bytes_copied += o.bytes_copied;
+  copy_seconds += o.copy_seconds;
 }
 
 // A cache slot holds one expert record. Slots with no pins and a finished read sit on the LRU
@@ -372,10 +383,28 @@ struct ExpertStore::Impl {
   // private buffers of batches (expert memory), reused
   std::vector<uint8_t*> spare;
   // Expert memory the device reads (ExpertMemory): files are read into it directly when it is
-  // host-visible, else into host staging buffers and copied in (staging under its own lock).
+  // host-visible, else into host memory (a staging buffer or a host-tier slot) and copied in.
+  // The staging buffers and the host tier are under their own lock.
   ExpertMemory* memory = nullptr;
   std::mutex staging_mu;
   std::vector<uint8_t*> staging;
+  // The host tier (ExpertStoreOptions::host_cache_bytes): slots of host memory keyed like the
+  // cache's; a slot is pinned while a read fills it or a copy reads it, and sits on the LRU
+  // list (front = most recent) while ready and unpinned.
+  struct HostSlot {
+    int key = -1;
+    int pins = 0;
+    bool ready = false;
+    bool listed = false;
+    std::list<int>::iterator at;
+  };
+  uint8_t* host_arena = nullptr;
+  size_t host_arena_bytes = 0;
+  std::vector<HostSlot> hslots;
+  std::vector<int> hslot_of;  // key -> host slot or -1
+  std::vector<int> hfree;
+  std::list<int> hlru;
+  std::unique_ptr<ReadQueue> copy_queue;  // copy-only jobs (host-tier hits)
   int reads_in_flight = 0;
   // stats
   std::vector<ExpertLayerStats> stats;
@@ -440,6 +469,41 @@ struct ExpertStore::Impl {
     if (!memory->host_visible()) return memory->alloc(layout.stride);
     return host_buffer();
   }
+  uint8_t* hslot_mem(int h) const { return host_arena + size_t(h) * layout.stride; }
+  // staging_mu held: a host slot to fill (free, else the least recently used), or -1.
+  int take_hslot() {
+    if (!hfree.empty()) {
+      const int h = hfree.back();
+      hfree.pop_back();
+      return h;
+    }
+    if (hlru.empty()) return -1;
+    const int h = hlru.back();
+    hlru.pop_back();
+    HostSlot& x = hslots[size_t(h)];
+    hslot_of[size_t(x.key)] = -1;
+    x = HostSlot{};
+    return h;
+  }
+  void hpin(int h) {
+    HostSlot& x = hslots[size_t(h)];
+    if (x.listed) hlru.erase(x.at);
+    x.listed = false;
+    x.pins++;
+  }
+  void hunpin(int h) {
+    HostSlot& x = hslots[size_t(h)];
+    if (--x.pins > 0) return;
+    if (x.ready) {
+      hlru.push_front(h);
+      x.at = hlru.begin();
+      x.listed = true;
+    } else {  // its read failed: nothing of it stays
+      hslot_of[size_t(x.key)] = -1;
+      x = HostSlot{};
+      hfree.push_back(h);
+    }
+  }
   uint8_t* host_buffer() const {
     void* p = std::aligned_alloc(kFileAlign, layout.stride);
     if (!p)
@@ -452,43 +516,84 @@ struct ExpertStore::Impl {
     else memory->release(p, layout.stride);
   }
 
-  // Starts the read of expert `e` of layer `li` into `dst`; `finish` runs under mu.
+  // Starts bringing expert `e` of layer `li` into `dst`; `finish` runs under mu. Host-visible
+  // memory is read into directly. Otherwise the expert's bytes come from the host tier when
+  // it holds them (a copy, no read), else they are read into a host-tier slot (kept there) or
+  // a staging buffer, and copied into dst before the read counts as done (dst is pinned and
+  // not ready until then, so nothing reads it meanwhile).
   void start_read(int li, int e, uint8_t* dst, std::function<void(const std::string&)> finish) {
     reads_in_flight++;
-    // Not host-visible: read into a staging buffer, copied into dst before the read counts as
-    // done (dst is pinned and not ready until then, so nothing reads it meanwhile).
-    uint8_t* stage = nullptr;
+    enum Mode { kDirect, kStage, kHostFill, kHostHit } mode = kDirect;
+    uint8_t* src = dst;
+    int h = -1;
     if (!memory->host_visible()) {
+      const int key = li * layout.count + e;
       std::lock_guard<std::mutex> g(staging_mu);
-      if (!staging.empty()) {
-        stage = staging.back();
+      mode = kStage;
+      if (!hslots.empty()) {
+        h = hslot_of[size_t(key)];
+        if (h >= 0 && hslots[size_t(h)].ready) {
+          mode = kHostHit;
+          hpin(h);
+        } else if (h < 0 && (h = take_hslot()) >= 0) {  // (one still loading: staged instead)
+          mode = kHostFill;
+          hslots[size_t(h)].key = key;
+          hslot_of[size_t(key)] = h;
+          hpin(h);
+        } else {
+          h = -1;
+        }
+      }
+      if (h >= 0) {
+        src = hslot_mem(h);
+      } else if (!staging.empty()) {
+        src = staging.back();
         staging.pop_back();
+      } else {
+        src = nullptr;
       }
     }
-    if (!memory->host_visible() && !stage) stage = host_buffer();
-    Job job{li, uint64_t(e) * layout.stride, read_len, stage ? stage : dst,
-            [this, li, dst, stage, finish = std::move(finish)](std::string err, double secs) {
-              if (stage) {
-                if (err.empty()) {
-                  try {
-                    memory->write(dst, stage, layout.bytes);
-                  } catch (const std::exception& ex) {
-                    err = ex.what();
-                  }
+    if (mode == kStage && !src) src = memory->host_alloc(layout.stride, "an expert staging buffer");
+    Job job{li, uint64_t(e) * layout.stride, read_len, src,
+            [this, li, dst, src, h, mode, finish = std::move(finish)](std::string err, double secs) {
+              const bool read_ok = err.empty();
+              double copy_secs = 0;
+              if (mode != kDirect && read_ok) {
+                const auto t0 = Clock::now();
+                try {
+                  memory->write(dst, src, layout.bytes);
+                } catch (const std::exception& ex) {
+                  err = ex.what();
                 }
+                copy_secs = seconds_since(t0);
+              }
+              if (mode != kDirect) {
                 std::lock_guard<std::mutex> g(staging_mu);
-                staging.push_back(stage);
+                if (mode == kStage) {
+                  staging.push_back(src);
+                } else {
+                  if (mode == kHostFill && read_ok) hslots[size_t(h)].ready = true;
+                  hunpin(h);
+                }
               }
               // Notified under the lock: the store's destructor may run as soon as it is released.
               std::lock_guard<std::mutex> g(mu);
               ExpertLayerStats& st = stats[size_t(li)];
-              st.read_seconds += secs;
-              if (err.empty()) st.bytes_read += layout.bytes;
+              if (mode == kHostHit) {
+                st.host_hits++;
+              } else {
+                st.read_seconds += secs;
+                if (read_ok) st.bytes_read += layout.bytes;
+              }
+              if (mode != kDirect && err.empty()) {
+                st.bytes_copied += layout.bytes;
+                st.copy_seconds += copy_secs;
+              }
               finish(err);
               reads_in_flight--;
               cv.notify_all();
             }};
-    queue->submit(std::move(job));
+    (mode == kHostHit ? copy_queue : queue)->submit(std::move(job));
   }
   // Reads into cache slot s (loading, pinned once for the read itself).
   void start_slot_read(int li, int e, int s) {
@@ -599,11 +704,27 @@ ExpertStore::ExpertStore(const Model& model, ExpertStoreOptions options)
     }
     m.slots.resize(n_slots);
     for (size_t s = n_slots; s-- > 0;) m.free_slots.push_back(int(s));
+    if (!m.memory->host_visible()) {
+      if (opt_.host_cache_bytes < 0)
+        fail(ErrorKind::kInvalidArgument, "host cache: {} bytes is negative", opt_.host_cache_bytes);
+      const size_t n_host =
+          L.stride ? size_t(std::min(uint64_t(opt_.host_cache_bytes), all) / L.stride) : 0;
+      if (n_host) {
+        m.host_arena = m.memory->host_alloc(n_host * L.stride, "the host expert cache");
+        m.host_arena_bytes = n_host * L.stride;
+        m.hslots.resize(n_host);
+        for (size_t h = n_host; h-- > 0;) m.hfree.push_back(int(h));
+        m.hslot_of.assign(size_t(L.count) * L.layers.size(), -1);
+        m.copy_queue = std::make_unique<ThreadReadQueue>(std::make_shared<NoRead>(), opt_.readers);
+      }
+    }
     m.policy->init(int(L.layers.size()), L.count, n_slots);
     m.slot_of.assign(size_t(L.count) * L.layers.size(), -1);
     m.stats.resize(L.layers.size());
   } catch (...) {
     m.queue.reset();
+    if (m.arena) m.memory->release(m.arena, m.arena_bytes);
+    m.arena = nullptr;
     close_all();
     throw;
   }
@@ -616,8 +737,10 @@ ExpertStore::~ExpertStore() {
     m.cv.wait(g, [&] { return m.reads_in_flight == 0; });
   }
   m.queue.reset();
+  m.copy_queue.reset();
   for (uint8_t* p : m.spare) m.free_spare(p);
-  for (uint8_t* p : m.staging) std::free(p);
+  for (uint8_t* p : m.staging) m.memory->host_release(p, m.layout.stride);
+  if (m.host_arena) m.memory->host_release(m.host_arena, m.host_arena_bytes);
   if (m.arena) m.memory->release(m.arena, m.arena_bytes);
   for (int f : m.fds) ::close(f);
 }
@@ -639,6 +762,9 @@ ExpertStats ExpertStore::stats() const {
   s.cache_bytes = m.arena_bytes;
   s.cache_slots = m.slots.size();
   for (const Slot& x : m.slots) s.cached += x.state == Slot::kReady;
+  s.host_cache_bytes = m.host_arena_bytes;
+  std::lock_guard<std::mutex> h(m.staging_mu);
+  for (const auto& x : m.hslots) s.host_cached += x.ready;
   return s;
 }
 
@@ -658,6 +784,14 @@ void ExpertStore::drop_cache() {
     m.slot_of[size_t(x.key)] = -1;
     x = Slot{};
     m.free_slots.push_back(int(s));
+  }
+  std::lock_guard<std::mutex> h(m.staging_mu);  // no read in flight: no host slot is pinned
+  m.hlru.clear();
+  m.hfree.clear();
+  for (size_t i = m.hslots.size(); i-- > 0;) {
+    if (m.hslots[i].key >= 0) m.hslot_of[size_t(m.hslots[i].key)] = -1;
+    m.hslots[i] = Impl::HostSlot{};
+    m.hfree.push_back(int(i));
   }
 }
 
@@ -896,16 +1030,19 @@ const ExpertWeights& ExpertBatch::weights(size_t i) const {
 
 // ---------------------------------------------------------------------------------------------
 
+uint64_t host_memory_available() {
+  std::ifstream f("/proc/meminfo");
+  std::string key, unit;
+  uint64_t kb = 0;
+  while (f >> key >> kb >> unit)
+    if (key == "MemAvailable:") return kb * 1024;
+  return 0;
+}
+
 int64_t default_cache_bytes(const Model& model) {
   const ExpertLayout& L = model.manifest().experts;
   const uint64_t all = L.stride * uint64_t(L.count) * L.layers.size();
-  uint64_t avail = 0;
-  std::ifstream f("/proc/meminfo");
-  std::string key;
-  uint64_t kb = 0;
-  std::string unit;
-  while (f >> key >> kb >> unit)
-    if (key == "MemAvailable:") avail = kb * 1024;
+  const uint64_t avail = host_memory_available();
   if (avail == 0) return int64_t(std::min<uint64_t>(all, uint64_t(1) << 30));
   const uint64_t resident = model.manifest().resident_bytes;
   const uint64_t room = avail > resident ? (avail - resident) / 2 : 0;

@@ -59,6 +59,12 @@ struct ExpertStoreOptions {
   // Where cache slots live: the memory of the device the sessions run on
   // (Device::expert_memory()); null: host memory (the CPU device's).
   ExpertMemory* memory = nullptr;
+  // The host tier, used when the slots are not host-visible (a GPU): this many bytes of the
+  // device's fastest host memory (ExpertMemory::host_alloc: pinned on CUDA) keep the experts
+  // read most recently, so a slot miss found there is one copy and no read. It holds what
+  // was read whatever the slots hold (least recently used goes first). 0: none; every slot
+  // miss is read, through a staging buffer.
+  int64_t host_cache_bytes = 0;
 };
 
 // Per MoE layer (and summed): what the store did.
@@ -74,6 +80,11 @@ struct ExpertLayerStats {
   uint64_t predicted = 0;      // experts predicted for this layer (prefetch calls)
   uint64_t scored = 0;         // used experts that had a prediction
   uint64_t predicted_hit = 0;  // of those, predicted: recall = predicted_hit / scored
+  // Slots not host-visible (a GPU): misses (and prefetch reads) found in the host tier, and
+  // the copies from host memory into slots.
+  uint64_t host_hits = 0;
+  uint64_t bytes_copied = 0;
+  double copy_seconds = 0;  // summed time of copies (over threads)
 
   void add(const ExpertLayerStats& o);
 };
@@ -82,6 +93,7 @@ struct ExpertStats {
   ExpertLayerStats total;
   std::vector<ExpertLayerStats> layers;  // per MoE layer (expert file order)
   uint64_t cache_bytes = 0, cache_slots = 0, cached = 0;
+  uint64_t host_cache_bytes = 0, host_cached = 0;  // the host tier
   double hit_rate() const {
     return total.requests ? double(total.hits) / double(total.requests) : 0.0;
   }
@@ -140,6 +152,8 @@ class ExpertStore {
   std::unique_ptr<Impl> impl_;
 };
 
+// MemAvailable from /proc/meminfo in bytes (0 when it cannot be read).
+uint64_t host_memory_available();
 // Default cache budget: what fits in half of MemAvailable after the resident weights, capped at
 // all experts.
 int64_t default_cache_bytes(const Model& model);

@@ -81,7 +81,15 @@ std::string Metrics::render(int slots, int slots_busy, int queued,
       double(t.bytes_read));
   one("expert_stall_seconds_total", "counter", "Seconds the forward pass waited for experts.",
       t.stall_seconds);
+  one("expert_host_tier_hits_total", "counter",
+      "Cache misses found in the host tier (GPU): copied, not read.", double(t.host_hits));
+  one("expert_bytes_copied_total", "counter", "Bytes copied from host memory into GPU expert slots.",
+      double(t.bytes_copied));
+  one("expert_copy_seconds_total", "counter", "Summed seconds of those copies (over threads).",
+      t.copy_seconds);
   one("expert_cache_bytes", "gauge", "Expert cache budget in bytes.", double(store.cache_bytes));
+  one("expert_host_cache_bytes", "gauge", "Host tier budget in bytes (GPU).",
+      double(store.host_cache_bytes));
   one("expert_cache_cached", "gauge", "Experts in the cache now.", double(store.cached));
   one("expert_cache_hit_ratio", "gauge", "Expert cache hits / requests.", store.hit_rate());
   return s;

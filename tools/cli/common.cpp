@@ -23,6 +23,11 @@ void add_model_options(CLI::App* app, ModelOptions& o, bool model_required) {
   app->add_option("--expert-cache", o.expert_cache,
                   "expert cache budget: bytes (2GiB, 512MiB), a share of all experts (25%), "
                   "all, 0 (read every expert every time) or auto (half of free RAM)");
+  app->add_option("--host-cache", o.host_cache,
+                  "with a GPU backend and experts that do not all fit in --expert-cache: pinned "
+                  "host memory keeping the experts read most recently (a GPU miss found there is "
+                  "one copy and no read); same forms as --expert-cache; auto: half of free RAM, "
+                  "at most all experts");
   app->add_option("--cache-policy", o.cache_policy,
                   "expert cache policy: default (" + std::string(kDefaultCachePolicy) +
                       "), lru, lru-layer, lfu, lrfu, tinylfu, tinylfu-shared (results do not change, hit rates do)");
@@ -96,6 +101,12 @@ Loaded open_model(const ModelOptions& o_in) {
                                             : parse_cache_size(o.expert_cache, all, "--expert-cache");
   Device& device = get_device(backend);
   so.memory = &device.expert_memory();
+  if (!so.memory->host_visible() && uint64_t(so.cache_bytes) < all)
+    so.host_cache_bytes = o.host_cache == "auto"
+                              ? default_cache_bytes(*l.model)
+                              : parse_cache_size(o.host_cache, all, "--host-cache");
+  else if (o.host_cache != "auto")
+    parse_cache_size(o.host_cache, all, "--host-cache");  // checked, unused
   l.backend = device.context(ContextOptions{o.threads, o.exact});
   l.store = std::make_unique<ExpertStore>(*l.model, so);
   // On a device whose expert memory the host cannot read (a GPU), experts that all fit are
@@ -121,6 +132,11 @@ std::string store_summary(const ExpertStore& store, int tokens) {
   if (tokens > 0) s += fmt::format(" ({:.3f} GB/token)", double(t.bytes_read) / 1e9 / tokens);
   if (t.read_seconds > 0)
     s += fmt::format(", {:.2f} GB/s per reader", double(t.bytes_read) / 1e9 / t.read_seconds);
+  if (st.host_cache_bytes)
+    s += fmt::format(", {} host-tier hits", t.host_hits);
+  if (t.copy_seconds > 0)
+    s += fmt::format(", {} copied at {:.1f} GB/s per copy", format_bytes(t.bytes_copied),
+                     double(t.bytes_copied) / 1e9 / t.copy_seconds);
   s += fmt::format(", stall {:.0f} ms", t.stall_seconds * 1e3);
   if (t.scored) s += fmt::format(", prefetch recall {:.1f}%", 100.0 * st.recall());
   return s;
@@ -131,17 +147,23 @@ void print_store_stats(const ExpertStore& store, std::FILE* out) {
   fmt::print(out, "expert store: {} (readers {}), cache {} = {} slots ({}), {} cached\n",
              store.io_name(), store.options().readers, format_bytes(st.cache_bytes),
              st.cache_slots, store.policy_name(), st.cached);
-  fmt::print(out, "{:>5} {:>8} {:>8} {:>8} {:>7} {:>11} {:>9} {:>9} {:>9} {:>8}\n", "layer",
-             "requests", "hits", "misses", "hit%", "read", "read ms", "stall ms", "pf reads",
-             "recall%");
+  if (st.host_cache_bytes)
+    fmt::print(out, "host tier: {} = {} experts, {} cached\n", format_bytes(st.host_cache_bytes),
+               st.host_cache_bytes / std::max<uint64_t>(store.expert_stride(), 1), st.host_cached);
+  fmt::print(out, "{:>5} {:>8} {:>8} {:>8} {:>7} {:>11} {:>9} {:>9} {:>9} {:>8} {:>9} {:>11} {:>8}\n",
+             "layer", "requests", "hits", "misses", "hit%", "read", "read ms", "stall ms",
+             "pf reads", "recall%", "host hits", "copied", "copy GB/s");
   auto line = [&](const std::string& name, const ExpertLayerStats& l) {
-    fmt::print(out, "{:>5} {:>8} {:>8} {:>8} {:>7.1f} {:>11} {:>9.1f} {:>9.1f} {:>9} {:>8}\n",
+    fmt::print(out, "{:>5} {:>8} {:>8} {:>8} {:>7.1f} {:>11} {:>9.1f} {:>9.1f} {:>9} {:>8} {:>9} {:>11} {:>8}\n",
                name, l.requests, l.hits, l.misses,
                l.requests ? 100.0 * double(l.hits) / double(l.requests) : 0.0,
                format_bytes(l.bytes_read), l.read_seconds * 1e3, l.stall_seconds * 1e3,
                l.prefetch_reads,
                l.scored ? fmt::format("{:.1f}", 100.0 * double(l.predicted_hit) / double(l.scored))
-                        : std::string("-"));
+                        : std::string("-"),
+               l.host_hits, format_bytes(l.bytes_copied),
+               l.copy_seconds > 0 ? fmt::format("{:.1f}", double(l.bytes_copied) / 1e9 / l.copy_seconds)
+                                  : std::string("-"));
   };
   for (size_t i = 0; i < st.layers.size(); i++) line(std::to_string(i), st.layers[i]);
   line("all", st.total);
