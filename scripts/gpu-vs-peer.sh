@@ -13,12 +13,6 @@
 # .peer/llama-src.tar.xz), PEER_GGUF_PY (default .peer/synth_gguf.py), LAYERS (default 40),
 # WORK (default /tmp/peer: the models, ~40 GB at 40 layers), TESTS=0 skips the tests, CHECKS=0
 # the demo model's checks (perplexity on CUDA and on the CPU, memcheck on a generation).
-# BENCHES (default "resident"): which benchmarks, any of
-#   resident  every expert in GPU memory, beside llama.cpp with every layer on the GPU;
-#   offload   experts streamed from host RAM (issue 14): our GPU expert cache at 25%, 10% and 0
-#             of expert bytes with a pinned host tier of all experts, beside llama.cpp with
-#             -ncmoe (the expert tensors of the first N of L layers kept in host RAM, N = 3L/4:
-#             25% of expert bytes on the GPU) and with -ot exps=CPU, both -t 16.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -87,38 +81,22 @@ say "peer built; benchmarks"
 bench_ours() {
   echo; echo "\$ moeflux bench $*"; echo
   "$mf" bench -m "$WORK/synth" --backend cuda "$@" 2>"$WORK/last-bench.err" || tail -5 "$WORK/last-bench.err"
-  cat "$WORK/last-bench.err" >>"$WORK/bench-stderr.log"
 }
 bench_peer() {
   echo; echo "\$ llama-bench $*"; echo
   "$peer" -m "$WORK/q35.gguf" -ngl 99 -o md "$@" 2>"$WORK/last-peer.err" || tail -5 "$WORK/last-peer.err"
 }
-BENCHES=${BENCHES:-resident}
-if [[ " $BENCHES " == *" resident "* ]]; then
-  bench_ours -p 512 -n 128 -r 3 >>"$md"
-  say "ours done"
-  bench_peer -p 512 -n 128 -r 3 >>"$md"
-  say "peer done"
-  # Longer prompts and a deep context: one timed run each (a 4096-token prefill precedes every
-  # depth run, warm-up included).
-  bench_ours -p 2048 -n 0 -r 1 --no-floor >>"$md"
-  bench_ours -p 0 -n 128 -d 4096 -r 1 --no-floor >>"$md"
-  bench_peer -p 2048 -n 0 -r 1 >>"$md"
-  bench_peer -p 0 -n 128 -d 4096 -r 1 >>"$md"
-fi
-if [[ " $BENCHES " == *" offload "* ]]; then
-  # The expert files are read once into the page cache first, so both sides start from RAM.
-  cat "$WORK"/synth/experts/*.bin >/dev/null
-  for share in 25% 10% 0; do
-    bench_ours -p 512 -n 128 -r 3 --expert-cache "$share" --host-cache all --stats >>"$md"
-    say "ours, expert cache $share, done"
-  done
-  bench_peer -p 512 -n 128 -r 3 -t 16 -ncmoe $((L * 3 / 4)) >>"$md"
-  say "peer -ncmoe done"
-  bench_peer -p 512 -n 128 -r 3 -t 16 -ot exps=CPU >>"$md"
-  say "peer exps=CPU done"
-fi
+bench_ours -p 512 -n 128 -r 3 >>"$md"
+say "ours done"
+bench_peer -p 512 -n 128 -r 3 >>"$md"
+say "peer done"
+# Longer prompts and a deep context: one timed run each (a 4096-token prefill precedes every
+# depth run, warm-up included).
+bench_ours -p 2048 -n 0 -r 1 --no-floor >>"$md"
+bench_ours -p 0 -n 128 -d 4096 -r 1 --no-floor >>"$md"
+bench_peer -p 2048 -n 0 -r 1 >>"$md"
+bench_peer -p 0 -n 128 -d 4096 -r 1 >>"$md"
 say "all done"
 cat "$md"
 tar -C "$WORK" -cf "$OUT/logs.tar" tests.log build.log llama-build.log gguf.log synth.log \
-  ppl-cuda.log ppl-cpu.log memcheck.log bench-stderr.log 2>/dev/null
+  ppl-cuda.log ppl-cpu.log memcheck.log 2>/dev/null

@@ -622,6 +622,7 @@ TEST(ExpertStore, CliStatsAndBadFlags) {
   for (const auto& [flags, what] : std::vector<std::pair<std::string, std::string>>{
            {"--cache-policy fifo", "--cache-policy"},
            {"--expert-cache 12parsecs", "--expert-cache"},
+           {"--host-cache 3furlongs", "--host-cache"},  // checked on a CPU too, where it is unused
            {"--readers 0", "--readers"},
            {"--io floppy", "--io"}}) {
     r = run_cli(fmt::format("eval -m {} --tokens 1,2 {}", pkg, flags));

@@ -17,7 +17,6 @@
 
 #include "cuda/cuda_device.h"
 #include "cuda/kernels.h"
-#include "experts/expert_store.h"
 #include "util/error.h"
 #include "util/progress.h"
 
@@ -149,23 +148,6 @@ class CudaExpertMemory final : public ExpertMemory {
           "expert upload");
     check(cudaStreamSynchronize(cudaStreamPerThread), "expert upload");
   }
-  // Pinned (page-locked, portable): copies from it are DMA at the link's speed (measured on
-  // the H200 machine: 50 GB/s in 1.77 MB pieces vs 18 from pageable memory).
-  uint8_t* host_alloc(size_t bytes, const char* what) override {
-    check(cudaSetDevice(ordinal_), "cudaSetDevice");
-    void* p = nullptr;
-    const cudaError_t e = cudaHostAlloc(&p, std::max<size_t>(bytes, 1), cudaHostAllocPortable);
-    if (e != cudaSuccess) {
-      cudaGetLastError();
-      fail(ErrorKind::kOutOfMemory,
-           "cannot pin {} of host memory for {}: {} ({} available); a smaller --host-cache helps",
-           format_bytes(bytes), what, cudaGetErrorString(e), format_bytes(host_memory_available()));
-    }
-    return static_cast<uint8_t*>(p);
-  }
-  void host_release(uint8_t* p, size_t) override {
-    if (p) cudaFreeHost(p);
-  }
 
  private:
   Device& device_;
@@ -194,8 +176,7 @@ class CudaContext final : public Context {
     for (auto& [key, t] : expert_tables_) cudaFree(t.dev);
     for (void* p : retired_) cudaFree(p);
     for (void* p : {static_cast<void*>(pos_), static_cast<void*>(flag_), scratch_.p, slots_.p,
-                    xe_.p, g_.p, u_.p, y_.p, r_.p, slot_idx_.p, list_.p, attn_.p,
-                    stream_table_.p})
+                    xe_.p, g_.p, u_.p, y_.p, r_.p, slot_idx_.p, list_.p, attn_.p})
       cudaFree(p);
     cudaStreamDestroy(stream_);
   }
@@ -380,42 +361,14 @@ class CudaContext final : public Context {
     check_launch("route");
   }
 
-  // A table of experts on the device, as moe.cu's kernels read it, and whether its experts
-  // share types and load widths.
-  struct ExpertTable {
-    cuda::ExpertMats* dev = nullptr;
-    size_t n = 0;
-    bool uniform = false;
-    int gate_up_type = 0, down_type = 0;
-    bool gate_up_vec4 = false, down_vec4 = false;
-    cuda::ExpertMats first;  // the first expert's, host copy
-    void set_form(const cuda::ExpertMats& m) {
-      first = m;
-      gate_up_type = m.gate.type;
-      gate_up_vec4 = cuda::matvec_vec4(m.gate);
-      down_type = m.down.type;
-      down_vec4 = cuda::matvec_vec4(m.down);
-    }
-    // m has the types, load widths and groups of `first` (what the typed kernels assume).
-    bool same_form(const cuda::ExpertMats& m) const {
-      return m.gate.type == gate_up_type && m.up.type == gate_up_type &&
-             cuda::matvec_vec4(m.gate) == gate_up_vec4 && cuda::matvec_vec4(m.up) == gate_up_vec4 &&
-             m.down.type == down_type && cuda::matvec_vec4(m.down) == down_vec4 &&
-             m.gate.group == first.gate.group && m.up.group == first.gate.group &&
-             m.down.group == first.down.group;
-    }
-  };
-
   // The host orders the work: it reads the [T, k] ids (one wait), groups the (token, choice)
   // slots by expert, uploads that list once, and then per expert as it arrives gathers its
   // tokens' rows, runs gate/up/down over them and scatters the weighted rows into their slots;
   // the slots are summed in choice order. Each slot is written by one expert only, so the
   // result does not depend on arrival order. A second wait at the end: the store may reuse a
   // slot's memory once this returns, so no queued kernel may still read it.
-  // That path is the fallback. With every expert resident moe_resident runs (no wait); with
-  // streamed experts moe_streamed: once all have arrived, the same kernels over a table of
-  // where they are, so a layer gives the same bits whatever the cache held.
-  // TODO(perf, issue 14): start the hits' compute while the misses are still being copied.
+  // With every expert resident moe_resident runs instead (no wait). TODO(perf): streamed
+  // experts (issue 14) need the ids on the host; the copies should overlap the hits' compute.
   void moe_experts(const float* xn, const int32_t* ids, const float* weights,
                    ExpertSource& experts, const SharedExpert* shared, float* out,
                    const MoeParams& p) override {
@@ -426,12 +379,8 @@ class CudaContext final : public Context {
     const int T = p.T, K = p.k, H = p.hidden, I = p.inter;
     const int S = shared && shared->gate && *shared->gate ? shared->inter : 0;
     if (T <= 0) return;
-    bool arrived = false;  // every expert of the source already taken (moe_streamed)
-    if (experts.all_resident()) {
-      if (moe_resident(xn, ids, weights, expert_table(experts, H, I), shared, out, p, S)) return;
-    } else if (moe_streamed(xn, ids, weights, experts, shared, out, p, S, &arrived)) {
+    if (experts.all_resident() && moe_resident(xn, ids, weights, experts, shared, out, p, S))
       return;
-    }
     ids_host_.resize(size_t(T) * K);
     download(ids_host_.data(), ids, ids_host_.size() * sizeof(int32_t));
     const size_t n_req = experts.size();
@@ -466,7 +415,7 @@ class CudaContext final : public Context {
     float* u = fgrow(u_, size_t(T) * F);
     float* y = fgrow(y_, size_t(T) * H);
     for (size_t done = 0; done < n_req; done++) {
-      const size_t i = arrived ? done : experts.next();
+      const size_t i = experts.next();
       const int n = count[i];
       if (n == 0) continue;
       const ExpertWeights& ew = experts.weights(i);
@@ -505,13 +454,14 @@ class CudaContext final : public Context {
   // False when the layer's experts are not uniform enough for the typed kernels (mixed
   // types, groups or load widths): the host-grouped path runs instead.
   bool moe_resident(const float* xn, const int32_t* ids, const float* weights,
-                    const ExpertTable& tab, const SharedExpert* shared, float* out,
+                    ExpertSource& experts, const SharedExpert* shared, float* out,
                     const MoeParams& p, int S) {
     const int T = p.T, K = p.k, H = p.hidden, I = p.inter;
+    const ExpertTable& tab = expert_table(experts, H, I);
     if (!tab.uniform) return false;
     cuda::MoeDirect a;
     a.experts = tab.dev;
-    a.E = int(tab.n);
+    a.E = int(experts.size());
     a.gate_up_type = tab.gate_up_type;
     a.gate_up_vec4 = tab.gate_up_vec4;
     a.down_type = tab.down_type;
@@ -547,51 +497,16 @@ class CudaContext final : public Context {
     check_launch("moe_grouped");
     return true;
   }
-  // Streamed experts (the store's slots): waits for every one (the stall is the store's to
-  // count; a failed read throws naming it), then runs moe_resident over a table indexed by
-  // expert id that lists only the requested experts (no slot routes to another). The table
-  // is uploaded per call (~170 bytes an expert, from pageable memory: reusable at once) and
-  // read before the sync at the end, after which the batch may unpin the slots.
-  // *arrived: every expert has been taken (true unless a read failed).
-  bool moe_streamed(const float* xn, const int32_t* ids, const float* weights,
-                    ExpertSource& experts, const SharedExpert* shared, float* out,
-                    const MoeParams& p, int S, bool* arrived) {
-    const size_t n = experts.size();
-    for (size_t k = 0; k < n; k++) experts.next();
-    *arrived = true;
-    int max_id = -1;
-    for (size_t i = 0; i < n; i++) max_id = std::max(max_id, experts.id(i));
-    if (max_id < 0) return false;
-    std::vector<cuda::ExpertMats>& host = stream_table_host_;
-    host.assign(size_t(max_id) + 1, cuda::ExpertMats{});
-    ExpertTable t;
-    t.n = host.size();
-    t.uniform = true;
-    for (size_t i = 0; i < n; i++) {
-      const int e = experts.id(i);
-      check_expert_shape(experts.weights(i), e, p.hidden, p.inter);
-      const ExpertWeights& w = experts.weights(i);
-      host[size_t(e)] = {wmat(w.gate), wmat(w.up), wmat(w.down)};
-      if (i == 0) t.set_form(host[size_t(e)]);
-      t.uniform &= t.same_form(host[size_t(e)]);
-    }
-    if (!t.uniform) return false;
-    const size_t bytes = host.size() * sizeof(cuda::ExpertMats);
-    t.dev = static_cast<cuda::ExpertMats*>(grow(stream_table_, bytes));
-    upload_bytes(t.dev, host.data(), bytes);
-    if (!moe_resident(xn, ids, weights, t, shared, out, p, S)) return false;
-    sync();
-    return true;
-  }
-  static void check_expert_shape(const ExpertWeights& w, int e, int H, int I) {
-    if (w.gate.rows != I || w.gate.cols != H || w.up.rows != I || w.up.cols != H ||
-        w.down.rows != H || w.down.cols != I)
-      fail(ErrorKind::kInternal, "moe_experts: expert {} has gate [{}, {}], up [{}, {}], down "
-           "[{}, {}]; the layer's shape is hidden {}, inter {}", e, w.gate.rows, w.gate.cols,
-           w.up.rows, w.up.cols, w.down.rows, w.down.cols, H, I);
-  }
   // The device table of a resident layer's experts, made on first use (keyed by the source's
-  // table, which load_all keeps for good).
+  // table, which load_all keeps for good), and whether its experts share types and load widths.
+  struct ExpertTable {
+    cuda::ExpertMats* dev = nullptr;
+    size_t n = 0;
+    bool uniform = false;
+    int gate_up_type = 0, down_type = 0;
+    bool gate_up_vec4 = false, down_vec4 = false;
+    cuda::ExpertMats first;  // expert 0's, host copy
+  };
   const ExpertTable& expert_table(ExpertSource& experts, int H, int I) {
     const ExpertWeights* key = &experts.weights(0);
     auto it = expert_tables_.find(key);
@@ -602,11 +517,26 @@ class CudaContext final : public Context {
     t.uniform = true;
     for (size_t e = 0; e < host.size(); e++) {
       const ExpertWeights& w = experts.weights(e);
-      check_expert_shape(w, int(e), H, I);
+      if (w.gate.rows != I || w.gate.cols != H || w.up.rows != I || w.up.cols != H ||
+          w.down.rows != H || w.down.cols != I)
+        fail(ErrorKind::kInternal, "moe_experts: expert {} has gate [{}, {}], up [{}, {}], down "
+             "[{}, {}]; the layer's shape is hidden {}, inter {}", e, w.gate.rows, w.gate.cols,
+             w.up.rows, w.up.cols, w.down.rows, w.down.cols, H, I);
       host[e] = {wmat(w.gate), wmat(w.up), wmat(w.down)};
-      if (e == 0) t.set_form(host[e]);
-      t.uniform &= t.same_form(host[e]);
+      const cuda::ExpertMats& m = host[e];
+      if (e == 0) {
+        t.gate_up_type = m.gate.type;
+        t.gate_up_vec4 = cuda::matvec_vec4(m.gate);
+        t.down_type = m.down.type;
+        t.down_vec4 = cuda::matvec_vec4(m.down);
+      }
+      t.uniform &= m.gate.type == t.gate_up_type && m.up.type == t.gate_up_type &&
+                   cuda::matvec_vec4(m.gate) == t.gate_up_vec4 &&
+                   cuda::matvec_vec4(m.up) == t.gate_up_vec4 && m.down.type == t.down_type &&
+                   cuda::matvec_vec4(m.down) == t.down_vec4 && m.gate.group == host[0].gate.group &&
+                   m.up.group == host[0].gate.group && m.down.group == host[0].down.group;
     }
+    if (!host.empty()) t.first = host[0];
     const size_t bytes = host.size() * sizeof(cuda::ExpertMats);
     if (it != expert_tables_.end()) retired_.push_back(it->second.dev);  // see grow()
     t.dev = static_cast<cuda::ExpertMats*>(
@@ -706,11 +636,10 @@ class CudaContext final : public Context {
   cuda::NonfiniteFlag* flag_ = nullptr;  // device
   cuda::NonfiniteFlag flag_init_{};
   std::map<std::pair<double, int>, std::pair<std::vector<float>, float*>> inv_freq_;
-  Scratch scratch_, slots_, xe_, g_, u_, y_, r_, slot_idx_, list_, attn_, stream_table_;
+  Scratch scratch_, slots_, xe_, g_, u_, y_, r_, slot_idx_, list_, attn_;
   std::map<const ExpertWeights*, ExpertTable> expert_tables_;
   std::vector<void*> retired_;  // replaced scratch and tables, freed with the context
   std::vector<int32_t> ids_host_, order_host_;
-  std::vector<cuda::ExpertMats> stream_table_host_;  // moe_streamed's table, host side
 };
 
 // ---- The device -------------------------------------------------------------------------------
@@ -834,46 +763,6 @@ double cuda_copy_bandwidth() {
   cudaFree(a);
   cudaFree(b);
   return 2.0 * double(n) / (double(best) * 1e-3) / 1e9;
-}
-
-double cuda_upload_bandwidth(size_t piece) {
-  cuda_device();
-  const size_t n = size_t(256) << 20;
-  piece = std::clamp<size_t>(piece, 4096, n);
-  void* d = device_alloc(n, "the bandwidth probe", "use bench --no-floor");
-  void* h = nullptr;
-  if (cudaHostAlloc(&h, n, cudaHostAllocDefault) != cudaSuccess) {
-    cudaGetLastError();
-    cudaFree(d);
-    fail(ErrorKind::kOutOfMemory, "cannot pin 256 MiB of host memory for the bandwidth probe; "
-         "use bench --no-floor");
-  }
-  std::memset(h, 1, n);
-  cudaStream_t s;
-  check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
-  cudaEvent_t e0, e1;
-  check(cudaEventCreate(&e0), "cudaEventCreate");
-  check(cudaEventCreate(&e1), "cudaEventCreate");
-  float best = 0;
-  const size_t pieces = n / piece;
-  for (int i = 0; i < 4; i++) {  // the first one warms up
-    check(cudaEventRecord(e0, s), "cudaEventRecord");
-    for (size_t k = 0; k < pieces; k++)
-      check(cudaMemcpyAsync(static_cast<char*>(d) + k * piece, static_cast<char*>(h) + k * piece,
-                            piece, cudaMemcpyHostToDevice, s),
-            "bandwidth probe");
-    check(cudaEventRecord(e1, s), "cudaEventRecord");
-    check(cudaEventSynchronize(e1), "cudaEventSynchronize");
-    float ms = 0;
-    check(cudaEventElapsedTime(&ms, e0, e1), "cudaEventElapsedTime");
-    if (i > 0 && (best == 0 || ms < best)) best = ms;
-  }
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
-  cudaStreamDestroy(s);
-  cudaFreeHost(h);
-  cudaFree(d);
-  return double(pieces * piece) / (double(best) * 1e-3) / 1e9;
 }
 
 Device& cuda_device() {

@@ -17,8 +17,5 @@ bool cuda_usable(std::string* why);
 // GPU memory bandwidth in GB/s as a device-to-device copy of 1 GiB measures it (bytes read plus
 // bytes written over the time; best of 3): the floor `bench` reports on CUDA.
 double cuda_copy_bandwidth();
-// Pinned host-to-device bandwidth in GB/s, copies of `piece` bytes (an expert's) back to back
-// over 256 MiB, best of 3: the PCIe floor `bench` reports when experts are streamed.
-double cuda_upload_bandwidth(size_t piece);
 
 }  // namespace moeflux

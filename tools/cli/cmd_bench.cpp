@@ -201,7 +201,7 @@ int cmd_bench(const ModelOptions& mo, std::vector<int> prompts, std::vector<int>
   }
 
   const double wbytes = weight_bytes_per_token(model);
-  double mem_bw = 0, disk_bw = 0, copy_bw = 0;
+  double mem_bw = 0, disk_bw = 0;
   const auto& ex = model.manifest().experts;
   const uint64_t all_experts = ex.stride * uint64_t(ex.count) * ex.layers.size();
   if (!no_floor) {
@@ -216,10 +216,6 @@ int cmd_bench(const ModelOptions& mo, std::vector<int> prompts, std::vector<int>
       fmt::print(stderr, "bench: measuring expert read bandwidth ({}, {} readers)...\n",
                  store.io_name(), mo.readers);
       disk_bw = measure_expert_read_bandwidth(model, mo);
-#ifdef MOEFLUX_HAVE_CUDA
-      // Streamed into GPU memory: every slot miss also crosses the link.
-      if (!store.memory().host_visible()) copy_bw = cuda_upload_bandwidth(store.expert_bytes());
-#endif
     }
   }
 
@@ -247,12 +243,10 @@ int cmd_bench(const ModelOptions& mo, std::vector<int> prompts, std::vector<int>
     const bool decode = r.test.gen > 0;
     const double gbs = decode ? wbytes * mean / 1e9 : 0.0;
     double floor = 0;
-    const double copied_per_tok = r.tokens ? double(r.stats.total.bytes_copied) / r.tokens : 0.0;
     if (decode && mem_bw > 0) {
       const double mem_t = wbytes / (mem_bw * 1e9);
       const double disk_t = disk_bw > 0 ? read_per_tok / (disk_bw * 1e9) : 0.0;
-      const double copy_t = copy_bw > 0 ? copied_per_tok / (copy_bw * 1e9) : 0.0;
-      floor = 1.0 / std::max({mem_t, disk_t, copy_t});
+      floor = 1.0 / std::max(mem_t, disk_t);
     }
     const double hit = r.stats.hit_rate();
     if (output == "md") {
@@ -281,11 +275,6 @@ int cmd_bench(const ModelOptions& mo, std::vector<int> prompts, std::vector<int>
                     {"expert_hit_rate", hit},
                     {"expert_bytes_read_per_token", read_per_tok},
                     {"stall_seconds", r.stats.total.stall_seconds},
-                    {"host_cache_bytes", store.stats().host_cache_bytes},
-                    {"expert_host_hits", r.stats.total.host_hits},
-                    {"expert_bytes_copied_per_token", copied_per_tok},
-                    {"copy_seconds", r.stats.total.copy_seconds},
-                    {"upload_gbps", copy_bw},
                     {"prefetch_recall", r.stats.recall()},
                     {"weight_bytes_per_token", wbytes},
                     {"achieved_gbps", gbs},
@@ -301,19 +290,7 @@ int cmd_bench(const ModelOptions& mo, std::vector<int> prompts, std::vector<int>
                mem_bw,
                std::string(L.backend->name()) == "cuda" ? " (GPU copy, read + write)" : "");
     if (disk_bw > 0) fmt::print("; expert reads {:.2f} GB/s ({})", disk_bw, store.io_name());
-    if (copy_bw > 0) {
-      fmt::print("; host to GPU {:.1f} GB/s (pinned, expert-sized copies); host tier {}",
-                 copy_bw, format_bytes(store.stats().host_cache_bytes));
-      for (const Result& r : results)
-        if (r.tokens)
-          fmt::print("; {}: {:.3f} GB copied/token, {:.1f}% of misses from the host tier", r.test.name,
-                     double(r.stats.total.bytes_copied) / 1e9 / r.tokens,
-                     r.stats.total.misses ? 100.0 * double(r.stats.total.host_hits) /
-                                                double(r.stats.total.misses)
-                                          : 0.0);
-    }
-    fmt::print("; floor = 1 / max(weights / memory, expert bytes read / expert reads{})\n",
-               copy_bw > 0 ? ", expert bytes copied / host to GPU" : "");
+    fmt::print("; floor = 1 / max(weights / memory, expert bytes read / expert reads)\n");
   }
   if (mo.stats) print_store_stats(store, stderr);
   return 0;

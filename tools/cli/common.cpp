@@ -27,7 +27,7 @@ void add_model_options(CLI::App* app, ModelOptions& o, bool model_required) {
                   "with a GPU backend and experts that do not all fit in --expert-cache: pinned "
                   "host memory keeping the experts read most recently (a GPU miss found there is "
                   "one copy and no read); same forms as --expert-cache; auto: half of free RAM, "
-                  "at most all experts");
+                  "at most all experts; default 0 (none)");
   app->add_option("--cache-policy", o.cache_policy,
                   "expert cache policy: default (" + std::string(kDefaultCachePolicy) +
                       "), lru, lru-layer, lfu, lrfu, tinylfu, tinylfu-shared (results do not change, hit rates do)");
@@ -106,7 +106,7 @@ Loaded open_model(const ModelOptions& o_in) {
                               ? default_cache_bytes(*l.model)
                               : parse_cache_size(o.host_cache, all, "--host-cache");
   else if (o.host_cache != "auto")
-    parse_cache_size(o.host_cache, all, "--host-cache");  // checked, unused
+    parse_cache_size(o.host_cache, all, "--host-cache");  // checked; unused on this device
   l.backend = device.context(ContextOptions{o.threads, o.exact});
   l.store = std::make_unique<ExpertStore>(*l.model, so);
   // On a device whose expert memory the host cannot read (a GPU), experts that all fit are

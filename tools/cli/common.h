@@ -22,7 +22,7 @@ struct ModelOptions {
   int threads = 0;    // 0: one per core
   int ctx = 0;        // 0: min(trained context, 4096)
   std::string expert_cache = "auto";  // bytes ("2GiB"), "25%" of all experts, "all", "0", "auto"
-  std::string host_cache = "auto";    // the host tier (GPU): same forms
+  std::string host_cache = "0";       // the host tier (GPU): same forms, or auto
   int readers = 4;
   bool direct_io = false;
   std::string io = "auto";  // auto | pread | uring
