@@ -167,7 +167,7 @@ TEST(Mxfp4, MatmulIsTheBitsOfItsF32Copy) {
 }
 
 // Not a check: one expert matrix of gpt-oss's size (2880 x 2880) times one token, MXFP4 vs bf16,
-// on one thread (--gtest_also_run_disabled_tests --gtest_filter='*Mxfp4Speed*').
+// on one thread, every SIMD path (--gtest_also_run_disabled_tests --gtest_filter='*Mxfp4Speed*').
 TEST(Mxfp4, DISABLED_Mxfp4Speed) {
   const int64_t R = 2880, C = 2880;
   MxMat w(R, C, 1);
@@ -175,17 +175,22 @@ TEST(Mxfp4, DISABLED_Mxfp4Speed) {
   for (size_t i = 0; i < bf.size(); i++) bf[i] = f32_to_bf16(w.f32[i]);
   const Mat b{DType::kBF16, R, C, bf.data()};
   std::vector<float> x(static_cast<size_t>(C), 0.5f), y(static_cast<size_t>(R));
-  for (const Mat* m : {static_cast<const Mat*>(&w.m), &b}) {
-    matmul_rows(*m, 0, R, x.data(), 1, y.data(), R);
-    const int n = 50;
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < n; i++) matmul_rows(*m, 0, R, x.data(), 1, y.data(), R);
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / n;
-    const double bytes = m->dtype == DType::kMxfp4 ? double(mxfp4_bytes(R, C)) : double(R * C * 2);
-    std::printf("[speed] %-6s %s: %.3f ms per mat-vec, %.2f GB/s of weights\n",
-                std::string(dtype_name(m->dtype)).c_str(), kernel_path_name(active_kernel_path()),
-                s * 1e3, bytes / s / 1e9);
+  for (KernelPath p : {KernelPath::kAvx2, KernelPath::kAvx512}) {
+    if (!kernel_path_supported(p)) continue;
+    set_kernel_path(p);
+    for (const Mat* m : {static_cast<const Mat*>(&w.m), &b}) {
+      matmul_rows(*m, 0, R, x.data(), 1, y.data(), R);
+      const int n = 50;
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int i = 0; i < n; i++) matmul_rows(*m, 0, R, x.data(), 1, y.data(), R);
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / n;
+      const double bytes = m->dtype == DType::kMxfp4 ? double(mxfp4_bytes(R, C)) : double(R * C * 2);
+      std::printf("[speed] %-6s %s: %.3f ms per mat-vec, %.2f GB/s of weights\n",
+                  std::string(dtype_name(m->dtype)).c_str(), kernel_path_name(active_kernel_path()),
+                  s * 1e3, bytes / s / 1e9);
+    }
   }
+  set_kernel_path(KernelPath::kAuto);
 }
 
 // ---- ops against double references ------------------------------------------------------------

@@ -250,6 +250,11 @@ TEST_P(SynthShapes, ReducedPresetRunsSanely) {
   o.quant = quant;
   o.full_layers = synth_spec(preset).n_layers;
   synth_package(s, tmp / "pkg", o);
+  if (quant == "mxfp4") {  // gpt-oss's own form: the experts MXFP4, everything else bf16
+    const Manifest m = read_manifest(tmp / "pkg");
+    for (const auto& part : m.experts.parts) EXPECT_EQ(part.dtype, DType::kMxfp4) << part.name;
+    for (const auto& t : m.resident) EXPECT_NE(t.dtype, DType::kMxfp4) << t.name;
+  }
   check_runs_sanely(tmp / "pkg", preset + " --layers 4, reduced widths, " + quant);
   // The depth the scales are sized for: the whole model's, run to its end.
   TempDir tmp2;
@@ -263,7 +268,8 @@ INSTANTIATE_TEST_SUITE_P(Presets, SynthShapes,
                                            std::tuple{"qwen3-next-80b-a3b", "q4"},
                                            std::tuple{"qwen3-30b-a3b", "q8"},
                                            std::tuple{"qwen3.5-397b-a17b", "q2"},
-                                           std::tuple{"qwen3.5-35b-a3b", "none"}),
+                                           std::tuple{"qwen3.5-35b-a3b", "none"},
+                                           std::tuple{"gpt-oss-20b", "mxfp4"}),
                          [](const auto& info) {
                            std::string n = std::get<0>(info.param) + "_" + std::get<1>(info.param);
                            for (auto& c : n)

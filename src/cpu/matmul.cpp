@@ -48,25 +48,29 @@ constexpr int kLanes = 16;
 // unrolled for their accumulators to live in registers, and -O2 does not do it by itself.
 
 // The rows of a weight matrix, whatever its dtype. Row r of a quantised matrix: words
-// data + r*words_per_row, scales/biases + r*groups_per_row.
+// data + r*words_per_row, scales/biases + r*groups_per_row. MXFP4 reads as a 4-bit quantised
+// matrix with groups of 32 (its nibbles are packed LSB-first like q4's codes) whose group
+// parameter is the e8m0 scale (e8m0 + r*groups_per_row) instead of a bf16 scale and bias.
 struct WeightView {
   DType dtype;
-  int bits;  // 8/4/2 for quantised, 0 for float dtypes
+  int bits;  // 8/4/2 for quantised, 4 for mxfp4, 0 for float dtypes
   int group;
   int64_t cols;
   const void* data;
   const uint16_t* scales;
   const uint16_t* biases;
+  const uint8_t* e8m0;
   int64_t words_per_row, groups_per_row;
 
   explicit WeightView(const Mat& W)
       : dtype(W.dtype),
-        bits(is_quant_dtype(W.dtype) ? quant_bits(W.dtype) : 0),
-        group(W.group),
+        bits(is_quant_dtype(W.dtype) ? quant_bits(W.dtype) : W.dtype == DType::kMxfp4 ? 4 : 0),
+        group(W.dtype == DType::kMxfp4 ? kMxfp4Group : W.group),
         cols(W.cols),
         data(W.data),
         scales(W.scales),
-        biases(W.biases) {
+        biases(W.biases),
+        e8m0(W.dtype == DType::kMxfp4 ? W.e8m0 : nullptr) {
     words_per_row = bits ? cols * bits / 32 : 0;
     groups_per_row = bits ? cols / group : 0;
   }
@@ -77,6 +81,7 @@ struct WeightView {
   }
   const uint16_t* s_row(int64_t r) const { return scales + r * groups_per_row; }
   const uint16_t* b_row(int64_t r) const { return biases + r * groups_per_row; }
+  const uint8_t* e_row(int64_t r) const { return e8m0 + r * groups_per_row; }
 };
 
 // Exact f32 values of one row (dequantize_row for quantised dtypes: the definition).
@@ -91,6 +96,10 @@ void widen_row_scalar(const WeightView& w, int64_t r, float* out) {
     case DType::kF16:
       for (int64_t c = 0; c < w.cols; c++) out[c] = f16_to_f32(w.u16_row(r)[c]);
       return;
+    case DType::kMxfp4:
+      mxfp4_dequantize_row(static_cast<const uint8_t*>(w.data) + r * w.cols / 2, w.e_row(r), w.cols,
+                           out);
+      return;
     default:
       dequantize_row(w.q_row(r), w.s_row(r), w.b_row(r), w.cols, w.bits, w.group, out);
   }
@@ -102,6 +111,11 @@ void widen_row_scalar(const WeightView& w, int64_t r, float* out) {
 // (bf16_to_f32 was ~9% of decode time).
 void prefetch_group_params(const WeightView& wv, int64_t r, int64_t r1) {
   if (r >= r1) return;
+  if (wv.e8m0) {
+    const auto* e = reinterpret_cast<const char*>(wv.e_row(r));
+    for (int64_t o = 0; o < (r1 - r) * wv.groups_per_row; o += 64) _mm_prefetch(e + o, _MM_HINT_T0);
+    return;
+  }
   const auto* s = reinterpret_cast<const char*>(wv.s_row(r));
   const auto* b = reinterpret_cast<const char*>(wv.b_row(r));
   const int64_t bytes = (r1 - r) * wv.groups_per_row * int64_t(sizeof(uint16_t));
@@ -175,6 +189,16 @@ struct GroupParams {
   const float* s;
   const float* b;
 };
+
+// e8m0 scale bytes as f32 (e8m0_scale's bits): 2^(e - 127) is the f32 with exponent field e
+// for e in [1, 254]; e = 0 is the subnormal 2^-127; 255 is NaN.
+void e8m0_to_f32(const uint8_t* e, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; i++) {
+    const uint32_t v = e[i];
+    const uint32_t bits = v == 0 ? 0x00400000u : v == 255 ? 0x7fc00000u : v << 23;
+    std::memcpy(out + i, &bits, sizeof bits);
+  }
+}
 
 // Stream drivers take rows in blocks of this many for one GroupParams conversion.
 constexpr int64_t kParamRows = 64;
@@ -260,6 +284,23 @@ struct Q2x16 {
     const __m512i sh = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     return _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi32(int(p[uint64_t(c) / 16])), sh),
                                  g.table);
+  }
+};
+
+// MXFP4 as Q4x16 reads q4: the same nibble order and lane permutation, the group's table the 16
+// e2m1 values times its scale (exact in f32, as mxfp4_dequantize_row makes them); `s` is the
+// scale as f32 (e8m0_to_f32), b unused.
+struct Mx4x16 {
+  static constexpr int kBits = 4;
+  static constexpr bool kPermuted = true;
+  struct Group {
+    __m512 table;
+  };
+  MF_AVX512 static Group group(float s, float) {
+    return {_mm512_mul_ps(_mm512_loadu_ps(kE2m1Values), _mm512_set1_ps(s))};
+  }
+  MF_AVX512 static __m512 weights(const uint32_t* p, int64_t c, const Group& g) {
+    return Q4x16::weights(p, c, Q4x16::Group{g.table});
   }
 };
 
@@ -384,6 +425,10 @@ MF_AVX512 void bf16_to_f32_512(const uint16_t* in, int64_t n, float* out) {
 MF_AVX512 GroupParams group_params_512(const WeightView& wv, int64_t r, int64_t rows) {
   const int64_t n = rows * wv.groups_per_row;
   float* out = scratch(kParamScratch, size_t(2 * n));
+  if (wv.e8m0) {
+    e8m0_to_f32(wv.e_row(r), n, out);
+    return {out, out};
+  }
   bf16_to_f32_512(wv.s_row(r), n, out);
   bf16_to_f32_512(wv.b_row(r), n, out + n);
   return {out, out + n};
@@ -685,6 +730,8 @@ MF_AVX512 void matmul_avx512(const Mat& W, int64_t r0, int64_t r1, const float* 
       return matmul_quant_512<Q8x16>(wv, r0, r1, x, T, y, ys);
     case DType::kQ4:
       return matmul_quant_512<Q4x16>(wv, r0, r1, x, T, y, ys);
+    case DType::kMxfp4:
+      return matmul_quant_512<Mx4x16>(wv, r0, r1, x, T, y, ys);
     default:
       return matmul_quant_512<Q2x16>(wv, r0, r1, x, T, y, ys);
   }
@@ -767,6 +814,31 @@ struct Q2x8 {
     const __m256i sh1 = _mm256_set_epi32(30, 28, 26, 24, 22, 20, 18, 16);
     lo = _mm256_permutevar8x32_ps(g.table, _mm256_srlv_epi32(w, sh0));
     hi = _mm256_permutevar8x32_ps(g.table, _mm256_srlv_epi32(w, sh1));
+  }
+};
+
+// MXFP4: per group the 8 magnitudes times the scale; code bit 3 flips the sign in (code 8 is
+// -0, as in mxfp4_dequantize_row). `s` is the scale as f32 (e8m0_to_f32), b unused.
+struct Mx4x8 {
+  static constexpr int kBits = 4;
+  struct Group {
+    __m256 mags;
+  };
+  MF_AVX2 static Group group(float s, float) {
+    return {_mm256_mul_ps(_mm256_loadu_ps(kE2m1Values), _mm256_set1_ps(s))};
+  }
+  MF_AVX2 static __m256 decode8(uint32_t word, const Group& g) {
+    const __m256i sh = _mm256_set_epi32(28, 24, 20, 16, 12, 8, 4, 0);
+    const __m256i code = _mm256_srlv_epi32(_mm256_set1_epi32(int(word)), sh);
+    const __m256 v = _mm256_permutevar8x32_ps(g.mags, code);  // reads bits 0-2
+    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(code, _mm256_set1_epi32(8)), 28);
+    return _mm256_xor_ps(v, _mm256_castsi256_ps(sign));
+  }
+  MF_AVX2 static void weights(const uint32_t* p, int64_t c, const Group& g, __m256& lo,
+                              __m256& hi) {
+    const uint32_t* w = p + uint64_t(c) / 8;
+    lo = decode8(w[0], g);
+    hi = decode8(w[1], g);
   }
 };
 
@@ -898,6 +970,10 @@ MF_AVX2 void bf16_to_f32_256(const uint16_t* in, int64_t n, float* out) {
 MF_AVX2 GroupParams group_params_256(const WeightView& wv, int64_t r, int64_t rows) {
   const int64_t n = rows * wv.groups_per_row;
   float* out = scratch(kParamScratch, size_t(2 * n));
+  if (wv.e8m0) {
+    e8m0_to_f32(wv.e_row(r), n, out);
+    return {out, out};
+  }
   bf16_to_f32_256(wv.s_row(r), n, out);
   bf16_to_f32_256(wv.b_row(r), n, out + n);
   return {out, out + n};
@@ -1067,6 +1143,8 @@ MF_AVX2 void matmul_avx2(const Mat& W, int64_t r0, int64_t r1, const float* x, i
       return matmul_quant_256<Q8x8>(wv, r0, r1, x, T, y, ys);
     case DType::kQ4:
       return matmul_quant_256<Q4x8>(wv, r0, r1, x, T, y, ys);
+    case DType::kMxfp4:
+      return matmul_quant_256<Mx4x8>(wv, r0, r1, x, T, y, ys);
     default:
       return matmul_quant_256<Q2x8>(wv, r0, r1, x, T, y, ys);
   }
@@ -1160,98 +1238,13 @@ const char* kernel_path_name(KernelPath p) {
   return "?";
 }
 
-namespace {
-
-// MXFP4 rows decoded with SIMD: per 32-group a 16-entry table (e2m1 value x scale, exact in f32
-// as in mxfp4_dequantize_row), each element a lookup by its nibble, so the bits are the scalar
-// decoder's. A NaN scale (255) group goes through the scalar decoder.
-MF_AVX512 void mxfp4_decode_row_512(const uint8_t* packed, const uint8_t* scales, int64_t cols,
-                                    float* out) {
-  const __m128i dup_lo = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-  const __m128i dup_hi = _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
-  const __m512i shifts = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
-  const __m512i nib = _mm512_set1_epi32(15);
-  const __m512 values = _mm512_loadu_ps(kE2m1Values);
-  for (int64_t g = 0; g < cols / kMxfp4Group; g++) {
-    const uint8_t* b = packed + g * (kMxfp4Group / 2);
-    float* o = out + g * kMxfp4Group;
-    if (scales[g] == 255) {
-      mxfp4_dequantize_row(b, scales + g, kMxfp4Group, o);
-      continue;
-    }
-    const __m512 tab = _mm512_mul_ps(values, _mm512_set1_ps(std::ldexp(1.0f, int(scales[g]) - 127)));
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
-    const __m512i i0 = _mm512_and_si512(
-        _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(bytes, dup_lo)), shifts), nib);
-    const __m512i i1 = _mm512_and_si512(
-        _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(bytes, dup_hi)), shifts), nib);
-    _mm512_storeu_ps(o, _mm512_permutexvar_ps(i0, tab));
-    _mm512_storeu_ps(o + 16, _mm512_permutexvar_ps(i1, tab));
-  }
-}
-
-MF_AVX2 void mxfp4_decode_row_256(const uint8_t* packed, const uint8_t* scales, int64_t cols,
-                                  float* out) {
-  const __m256i shifts = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
-  const __m256i seven = _mm256_set1_epi32(7), eight = _mm256_set1_epi32(8);
-  const __m256 mags = _mm256_loadu_ps(kE2m1Values);
-  for (int64_t g = 0; g < cols / kMxfp4Group; g++) {
-    const uint8_t* b = packed + g * (kMxfp4Group / 2);
-    float* o = out + g * kMxfp4Group;
-    if (scales[g] == 255) {
-      mxfp4_dequantize_row(b, scales + g, kMxfp4Group, o);
-      continue;
-    }
-    // magnitudes x scale; the sign bit (code bit 3) flipped in: -v is the table's entry c + 8
-    const __m256 tab = _mm256_mul_ps(mags, _mm256_set1_ps(std::ldexp(1.0f, int(scales[g]) - 127)));
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
-    for (int q = 0; q < 4; q++) {  // 8 elements from 4 bytes
-      const __m128i dup = _mm_setr_epi8(char(4 * q), char(4 * q), char(4 * q + 1), char(4 * q + 1),
-                                        char(4 * q + 2), char(4 * q + 2), char(4 * q + 3),
-                                        char(4 * q + 3), 0, 0, 0, 0, 0, 0, 0, 0);
-      const __m256i code = _mm256_and_si256(
-          _mm256_srlv_epi32(_mm256_cvtepu8_epi32(_mm_shuffle_epi8(bytes, dup)), shifts),
-          _mm256_set1_epi32(15));
-      const __m256 v = _mm256_permutevar8x32_ps(tab, _mm256_and_si256(code, seven));
-      const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(code, eight), 28);
-      _mm256_storeu_ps(o + 8 * q, _mm256_xor_ps(v, _mm256_castsi256_ps(sign)));
-    }
-  }
-}
-
-// MXFP4 (gpt-oss's experts): blocks of rows are decoded exactly into f32 (format/mxfp4.h) and
-// multiplied by the active path's f32 kernel, so the result is the bits of the matrix's exact f32
-// copy, whatever the path, the row split or T (the matmul.h contract).
-void matmul_mxfp4_rows(const Mat& W, int64_t r0, int64_t r1, const float* x, int T, float* y,
-                       int64_t y_stride, MatmulFn fn) {
-  MF_CHECK(W.e8m0 && W.cols % kMxfp4Group == 0);
-  constexpr int64_t kRows = 16;
-  thread_local std::vector<float> buf;
-  if (buf.size() < size_t(kRows * W.cols)) buf.resize(size_t(kRows * W.cols));
-  const auto* packed = static_cast<const uint8_t*>(W.data);
-  const int64_t gpr = W.cols / kMxfp4Group;
-  const KernelPath path = active_kernel_path();
-  auto decode = path == KernelPath::kAvx512 ? mxfp4_decode_row_512
-                : path == KernelPath::kAvx2 ? mxfp4_decode_row_256
-                                            : mxfp4_dequantize_row;
-  for (int64_t r = r0; r < r1; r += kRows) {
-    const int64_t n = std::min(kRows, r1 - r);
-    for (int64_t i = 0; i < n; i++)
-      decode(packed + (r + i) * W.cols / 2, W.e8m0 + (r + i) * gpr, W.cols, buf.data() + i * W.cols);
-    const Mat f{DType::kF32, n, W.cols, buf.data()};
-    fn(f, 0, n, x, T, y + r, y_stride);
-  }
-}
-
-}  // namespace
-
 void matmul_rows(const Mat& W, int64_t r0, int64_t r1, const float* x, int T, float* y,
                  int64_t y_stride) {
   if (r0 >= r1 || T <= 0) return;
   MF_CHECK(r0 >= 0 && r1 <= W.rows);
   if (W.dtype == DType::kMxfp4)
-    return matmul_mxfp4_rows(W, r0, r1, x, T, y, y_stride, active().fn.load(std::memory_order_relaxed));
-  if (is_quant_dtype(W.dtype))
+    MF_CHECK(W.e8m0 && W.cols % kMxfp4Group == 0);
+  else if (is_quant_dtype(W.dtype))
     MF_CHECK(W.group > 0 && W.group % 32 == 0 && W.cols % W.group == 0 && W.scales && W.biases);
   else
     MF_CHECK(W.dtype == DType::kF32 || W.dtype == DType::kBF16 || W.dtype == DType::kF16);

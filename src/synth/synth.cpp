@@ -15,6 +15,7 @@
 #include <map>
 #include <numeric>
 
+#include "format/mxfp4.h"
 #include "format/quant.h"
 #include "format/schema.h"
 #include "text/tokenizer.h"
@@ -432,7 +433,9 @@ PackedTensor plan_tensor(const TensorSpec& ts, const QuantRecipe& recipe) {
   t.dtype = matrix ? DType::kBF16 : DType::kF32;
   if (matrix) {
     auto want = recipe.dtype.find(ts.cls);
-    if (want != recipe.dtype.end()) {
+    if (want != recipe.dtype.end() && want->second == DType::kMxfp4) {
+      if (t.shape[1] % kMxfp4Group == 0) t.dtype = DType::kMxfp4;  // as convert: else bf16
+    } else if (want != recipe.dtype.end()) {
       for (int g : {recipe.group, 128, 64, 32})
         if (quantisable(t.shape[1], quant_bits(want->second), g)) {
           t.dtype = want->second;
@@ -448,10 +451,6 @@ PackedTensor plan_tensor(const TensorSpec& ts, const QuantRecipe& recipe) {
 Plan make_plan(const ModelSpec& s, const std::string& quant, int full_layers) {
   Plan p;
   p.recipe = quant_recipe(quant);
-  for (auto [c, d] : p.recipe.dtype)
-    if (d == DType::kMxfp4)
-      fail(ErrorKind::kUnsupported, "synth: --quant {}: MXFP4 weights are not generated (convert "
-           "can quantise to it)", quant);
   p.m.spec = s;
   const int64_t H = s.hidden_size;
   const double L = std::max(full_layers, s.n_layers);
@@ -589,9 +588,21 @@ Segment f32_values(uint64_t offset, uint64_t size, std::function<float(uint64_t)
 }
 
 // A matrix of std `sigma` as package tensor `t` at `offset`, in packed form when quantised.
+// MXFP4: uniform random codes (e2m1 values of RMS sqrt(68.5 / 8) = 2.93) under one e8m0 scale,
+// the power of two nearest sigma / 2.93.
 void add_matrix(std::vector<Segment>& segs, const PackedTensor& t, uint64_t offset, uint64_t key,
                 double sigma, bool common_channel = false, double common = 0) {
   const int64_t rows = t.shape[0], cols = t.shape[1];
+  if (t.dtype == DType::kMxfp4) {
+    MF_CHECK(!common_channel);
+    const int k = int(std::lround(std::log2(sigma / std::sqrt(68.5 / 8))));
+    const uint8_t e = uint8_t(std::clamp(127 + k, 0, 254));
+    const uint64_t packed = mxfp4_packed_bytes(rows, cols);
+    segs.push_back(random_bytes(offset, packed, key));
+    segs.push_back({offset + packed, mxfp4_bytes(rows, cols) - packed,
+                    [e](uint64_t, uint64_t n, uint8_t* dst) { std::memset(dst, e, n); }});
+    return;
+  }
   if (!is_quant_dtype(t.dtype)) {
     MF_CHECK(t.dtype == DType::kBF16);
     segs.push_back(bf16_uniform(offset, t.nbytes, key, sigma, common_channel ? cols : 0, common));

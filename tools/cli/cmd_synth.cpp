@@ -97,7 +97,8 @@ Command add_synth(CLI::App& app) {
                 "keep the first N layers (default: all; the layer pattern is kept)");
   c->add_option("--quant", a->quant,
                 "quantisation recipe as convert's: none, q8, q4 (default: experts/attention/"
-                "shared/embedding q4, lm_head q8), q2");
+                "shared/embedding q4, lm_head q8), q2, mxfp4 (experts MXFP4, the rest bf16: "
+                "gpt-oss as released)");
   c->add_option("--seed", a->seed, "random seed (the same seed writes the same bytes)");
   c->add_option("--routing-skew", a->skew,
                 "expert popularity: the expert of rank r gets router logit offset -S*ln(r) "
