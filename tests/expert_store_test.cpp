@@ -100,6 +100,14 @@ std::vector<float> run_sequence(const Model& model, ExpertStore& store) {
   return out;
 }
 
+// run_sequence on a store with no cache: what every configuration must give, bit for bit.
+std::vector<float> uncached_sequence(const Model& model) {
+  ExpertStoreOptions o;
+  o.cache_bytes = 0;
+  ExpertStore store(model, o);
+  return run_sequence(model, store);
+}
+
 // "" when `file` opens with O_DIRECT, else why not.
 std::string direct_io_error(const std::string& file) {
   int fd = ::open(file.c_str(), O_RDONLY | O_DIRECT);
@@ -214,10 +222,7 @@ TEST(ExpertStore, ResidentExpertsChangeNoBit) {
   for (const std::string arch : {"qwen3_5_moe", "qwen3_next", "mixtral", "qwen3_moe"}) {
     SCOPED_TRACE(arch);
     auto model = Model::load(converted_fixture(arch));
-    ExpertStoreOptions ref_opt;
-    ref_opt.cache_bytes = 0;
-    ExpertStore ref_store(*model, ref_opt);
-    const std::vector<float> ref = run_sequence(*model, ref_store);
+    const std::vector<float> ref = uncached_sequence(*model);
 
     ExpertStoreOptions o;
     o.cache_bytes = int64_t(all_expert_bytes(*model));
@@ -335,10 +340,7 @@ TEST(ExpertStore, HostTierChangesNoBit) {
   for (const std::string arch : {"qwen3_5_moe", "mixtral"}) {
     SCOPED_TRACE(arch);
     auto model = Model::load(converted_fixture(arch));
-    ExpertStoreOptions ref_opt;
-    ref_opt.cache_bytes = 0;
-    ExpertStore ref_store(*model, ref_opt);
-    const std::vector<float> ref = run_sequence(*model, ref_store);
+    const std::vector<float> ref = uncached_sequence(*model);
     const int64_t stride = int64_t(model->manifest().experts.stride);
     const int64_t all = int64_t(all_expert_bytes(*model));
     struct Split {
@@ -411,10 +413,7 @@ class FaultyReader : public ExpertReader {
 
 TEST(ExpertStore, ReadErrorsAreErrorsNeverWrongOutput) {
   auto model = Model::load(converted_fixture("qwen3_5_moe"));
-  ExpertStoreOptions clean;
-  clean.cache_bytes = 0;
-  ExpertStore ref_store(*model, clean);
-  const std::vector<float> ref = run_sequence(*model, ref_store);
+  const std::vector<float> ref = uncached_sequence(*model);
 
   // The last two: slots a device owns, with a host tier that holds every expert (a failed
   // read must not stay there either) and one that holds two.

@@ -128,9 +128,9 @@ class ExpertMemory {
   // Copies n bytes of host memory into slot memory; complete when it returns.
   virtual void write(uint8_t* dst, const uint8_t* host, size_t n) = 0;
   // Host memory that write() copies from fastest, for the store's staging buffers and its
-  // host tier when the slots are not host-visible (CUDA: pinned, so a copy is one DMA at the
-  // link's speed instead of staged through the driver's bounce buffers). Aligned to 4 KiB;
-  // throws Error kOutOfMemory naming `what`. The default is plain aligned host memory.
+  // host tier when the slots are not host-visible (on a GPU: page-locked memory, so that a
+  // copy is one DMA at the link's speed; the CUDA device does not override it yet). Aligned
+  // to 4 KiB; throws Error kOutOfMemory naming `what`. The default is plain aligned memory.
   virtual uint8_t* host_alloc(size_t bytes, const char* what);
   virtual void host_release(uint8_t* p, size_t bytes);
 };

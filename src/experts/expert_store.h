@@ -60,7 +60,7 @@ struct ExpertStoreOptions {
   // (Device::expert_memory()); null: host memory (the CPU device's).
   ExpertMemory* memory = nullptr;
   // The host tier, used when the slots are not host-visible (a GPU): this many bytes of the
-  // device's fastest host memory (ExpertMemory::host_alloc: pinned on CUDA) keep the experts
+  // device's fastest host memory (ExpertMemory::host_alloc) keep the experts
   // read most recently, so a slot miss found there is one copy and no read. It holds what
   // was read whatever the slots hold (least recently used goes first). 0: none; every slot
   // miss is read, through a staging buffer.

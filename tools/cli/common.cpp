@@ -24,7 +24,7 @@ void add_model_options(CLI::App* app, ModelOptions& o, bool model_required) {
                   "expert cache budget: bytes (2GiB, 512MiB), a share of all experts (25%), "
                   "all, 0 (read every expert every time) or auto (half of free RAM)");
   app->add_option("--host-cache", o.host_cache,
-                  "with a GPU backend and experts that do not all fit in --expert-cache: pinned "
+                  "with a GPU backend and experts that do not all fit in --expert-cache: "
                   "host memory keeping the experts read most recently (a GPU miss found there is "
                   "one copy and no read); same forms as --expert-cache; auto: half of free RAM, "
                   "at most all experts; default 0 (none)");
